@@ -1,0 +1,3 @@
+from pypool.cli import main
+
+raise SystemExit(main())
