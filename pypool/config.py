@@ -1,0 +1,843 @@
+"""PgCat-compatible configuration: TOML in, frozen dataclasses out.
+
+pypool reads PgCat's ``pgcat.toml`` format unchanged, so a user can replace
+PgCat with pypool without touching their file.  The file is parsed with
+:mod:`tomllib` and every value is checked by hand: a wrong type, a missing
+required key or an impossible value raises :class:`ConfigError`, whose
+message names the file, the dotted key, what was expected and what was given
+(never the value of a password).
+
+Defaults are PgCat's *code* defaults (the ``#[serde(default = ...)]``
+functions in PgCat's ``src/config.rs``), not the example values shown in its
+``pgcat.toml`` / ``CONFIG.md``, because the code defaults are what PgCat does
+when a key is absent.  Settings that pypool adds are marked "pypool addition".
+
+Keys are handled in three ways:
+
+* keys pypool implements are type-checked and land in the dataclasses;
+* PgCat keys pypool does not implement (sharding, plugins, auth_query, TCP
+  keepalive tuning, ...) are accepted and produce one warning each,
+  "PgCat setting not supported by pypool, ignored";
+* keys nobody knows produce a warning "unknown key, ignored", as PgCat
+  silently ignores unknown keys.
+
+Warnings are collected in :attr:`Config.warnings`; the caller decides whether
+to log them or (``pypool config check``) print them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+import types
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import tomli_w
+
+__all__ = [
+    "ConfigError",
+    "ServerAddress",
+    "Shard",
+    "User",
+    "Pool",
+    "General",
+    "Config",
+    "load_config",
+    "parse_config",
+    "dump_config",
+    "default_config_dict",
+    "POOL_MODES",
+    "ROLES",
+    "DEFAULT_ROLES",
+    "LOAD_BALANCING_MODES",
+    "CLIENT_AUTH_METHODS",
+    "CLIENT_TLS_MODES",
+]
+
+
+# --------------------------------------------------------------------------
+# Defaults
+# --------------------------------------------------------------------------
+# PgCat code defaults (src/config.rs, General::default_* / Pool::default_*).
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 5432  # General::default_port(); PgCat's docs/example file say 6432
+DEFAULT_WORKER_THREADS = 4
+DEFAULT_CONNECT_TIMEOUT_MS = 1000
+DEFAULT_IDLE_TIMEOUT_MS = 600_000  # 10 minutes
+DEFAULT_SERVER_LIFETIME_MS = 3_600_000  # 1 hour
+DEFAULT_HEALTHCHECK_TIMEOUT_MS = 1000
+DEFAULT_HEALTHCHECK_DELAY_MS = 30_000
+DEFAULT_BAN_TIME_S = 60  # seconds, like PgCat
+DEFAULT_SHUTDOWN_TIMEOUT_MS = 60_000
+DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS = 0  # 0 = off
+DEFAULT_PROMETHEUS_EXPORTER_PORT = 9930
+DEFAULT_POOL_MODE = "transaction"
+DEFAULT_DEFAULT_ROLE = "any"
+DEFAULT_LOAD_BALANCING_MODE = "random"
+DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE = 0
+
+# pypool additions (PgCat has no equivalent).
+# How long a client waits for a free server connection before it gets an
+# error.  PgCat has no separate setting for this; 5 s is pypool's choice.
+DEFAULT_CHECKOUT_TIMEOUT_MS = 5000
+DEFAULT_CLIENT_AUTH_METHOD = "scram-sha-256"
+DEFAULT_CLIENT_TLS_MODE = "allow"
+DEFAULT_MAX_CLIENT_CONN = 0  # 0 = unlimited
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # bytes; larger messages are refused
+
+# Accepted spellings -> canonical value.  Matching is case-insensitive
+# (PgCat accepts e.g. "transaction" and "Transaction").
+POOL_MODES: Mapping[str, str] = types.MappingProxyType(
+    {"transaction": "transaction", "session": "session"}
+)
+ROLES: Mapping[str, str] = types.MappingProxyType({"primary": "primary", "replica": "replica"})
+DEFAULT_ROLES: Mapping[str, str] = types.MappingProxyType(
+    {"any": "any", "replica": "replica", "primary": "primary"}
+)
+LOAD_BALANCING_MODES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "random": "random",
+        "loc": "loc",
+        "least_outstanding_connections": "loc",  # PgCat's long spelling
+        "round_robin": "round_robin",  # pypool addition
+    }
+)
+CLIENT_AUTH_METHODS: Mapping[str, str] = types.MappingProxyType(
+    {"scram-sha-256": "scram-sha-256", "md5": "md5"}
+)
+CLIENT_TLS_MODES: Mapping[str, str] = types.MappingProxyType(
+    {"disable": "disable", "allow": "allow", "require": "require"}
+)
+
+# PgCat settings pypool accepts but does not implement: each one present in a
+# file gives a "not supported by pypool, ignored" warning.
+_UNSUPPORTED_TOP = frozenset({"plugins"})
+_UNSUPPORTED_GENERAL = frozenset(
+    {
+        "tcp_keepalives_idle",
+        "tcp_keepalives_count",
+        "tcp_keepalives_interval",
+        "tcp_user_timeout",
+        "dns_cache_enabled",
+        "dns_max_ttl",
+        "server_round_robin",
+        "autoreload",
+        "admin_auth_type",
+        "validate_config",
+        "auth_query",
+        "auth_query_user",
+        "auth_query_password",
+    }
+)
+_UNSUPPORTED_POOL = frozenset(
+    {
+        "sharding_function",
+        "automatic_sharding_key",
+        "sharding_key_regex",
+        "shard_id_regex",
+        "regex_search_limit",
+        "default_shard",
+        "auth_query",
+        "auth_query_user",
+        "auth_query_password",
+        "cleanup_server_connections",
+        "log_client_parameter_status_changes",
+        "plugins",
+    }
+)
+_UNSUPPORTED_USER = frozenset({"auth_type"})
+_UNSUPPORTED_SHARD = frozenset({"mirrors"})
+
+# Values of these keys are never echoed in an error or a warning.
+_SECRET_KEYS = frozenset({"password", "server_password", "admin_password", "auth_query_password"})
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+class ConfigError(Exception):
+    """A configuration file that cannot be used.
+
+    ``str(e)`` is ``"<file>: <dotted.key>: <what was expected, what was given>"``
+    (or ``"<file>: <reason>"`` when no single key is at fault).  The parts are
+    also available as :attr:`path`, :attr:`key` and :attr:`reason`.
+    """
+
+    def __init__(self, path: str, key: str | None, reason: str) -> None:
+        self.path = path
+        self.key = key
+        self.reason = reason
+        text = f"{path}: {key}: {reason}" if key else f"{path}: {reason}"
+        super().__init__(text)
+
+
+# --------------------------------------------------------------------------
+# Dataclasses
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerAddress:
+    host: str
+    port: int
+    role: str  # "primary" | "replica"
+
+
+@dataclass(frozen=True)
+class Shard:
+    database: str
+    servers: tuple[ServerAddress, ...]
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    password: str = field(repr=False)
+    pool_size: int
+    min_pool_size: int = 0
+    pool_mode: str | None = None  # overrides the pool's mode when set
+    statement_timeout: int = 0  # ms, 0 = off
+    server_username: str | None = None  # towards PostgreSQL, if different
+    server_password: str | None = field(default=None, repr=False)
+    connect_timeout: int | None = None  # ms overrides of the pool's values
+    idle_timeout: int | None = None
+    server_lifetime: int | None = None
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    pool_mode: str = DEFAULT_POOL_MODE
+    default_role: str = DEFAULT_DEFAULT_ROLE
+    query_parser_enabled: bool = False
+    query_parser_read_write_splitting: bool = False
+    query_parser_max_length: int | None = None
+    primary_reads_enabled: bool = False
+    load_balancing_mode: str = DEFAULT_LOAD_BALANCING_MODE
+    # ms; the pool's own value when set, otherwise general's
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT_MS
+    server_lifetime: int = DEFAULT_SERVER_LIFETIME_MS
+    checkout_timeout: int = DEFAULT_CHECKOUT_TIMEOUT_MS
+    max_replica_lag_ms: int | None = None  # pypool addition, None = off
+    read_only_functions: tuple[str, ...] = ()  # pypool addition, lower-case names
+    prepared_statements_cache_size: int = DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE
+    users: Mapping[str, User] = field(
+        default_factory=lambda: types.MappingProxyType({}), hash=False
+    )
+    shards: tuple[Shard, ...] = ()
+
+    def primary(self) -> ServerAddress | None:
+        """The primary of shard 0, or None if that shard has only replicas."""
+        if not self.shards:
+            return None
+        for server in self.shards[0].servers:
+            if server.role == "primary":
+                return server
+        return None
+
+    def replicas(self) -> tuple[ServerAddress, ...]:
+        """The replicas of shard 0, in file order."""
+        if not self.shards:
+            return ()
+        return tuple(s for s in self.shards[0].servers if s.role == "replica")
+
+
+@dataclass(frozen=True)
+class General:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    workers: int = DEFAULT_WORKER_THREADS  # PgCat's worker_threads
+    connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS
+    idle_timeout: int = DEFAULT_IDLE_TIMEOUT_MS
+    server_lifetime: int = DEFAULT_SERVER_LIFETIME_MS
+    checkout_timeout: int = DEFAULT_CHECKOUT_TIMEOUT_MS  # pypool addition
+    healthcheck_timeout: int = DEFAULT_HEALTHCHECK_TIMEOUT_MS
+    healthcheck_delay: int = DEFAULT_HEALTHCHECK_DELAY_MS
+    ban_time: int = DEFAULT_BAN_TIME_S  # seconds
+    shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT_MS
+    idle_client_in_transaction_timeout: int = DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS
+    enable_prometheus_exporter: bool = False
+    prometheus_exporter_port: int = DEFAULT_PROMETHEUS_EXPORTER_PORT
+    admin_username: str = "admin"
+    admin_password: str = field(default="admin", repr=False)
+    client_auth_method: str = DEFAULT_CLIENT_AUTH_METHOD  # pypool addition
+    log_client_connections: bool = False
+    log_client_disconnections: bool = False
+    tls_certificate: str | None = None
+    tls_private_key: str | None = None
+    client_tls_mode: str = DEFAULT_CLIENT_TLS_MODE  # pypool addition
+    server_tls: bool = False
+    verify_server_certificate: bool = False
+    max_client_conn: int = DEFAULT_MAX_CLIENT_CONN  # pypool addition, 0 = unlimited
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # pypool addition, bytes
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    general: General
+    pools: Mapping[str, Pool] = field(hash=False)
+    warnings: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and parse a PgCat-format TOML file.
+
+    Raises :class:`ConfigError` for an unreadable file, a TOML syntax error
+    (with its line and column) or an invalid setting.
+    """
+    spath = os.fspath(path)
+    try:
+        with open(spath, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(spath, None, f"cannot read config file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            spath, None, f"config file is not valid UTF-8 (byte offset {exc.start})"
+        ) from None
+    return parse_config(text, spath)
+
+
+def parse_config(text: str, path: str = "<string>") -> Config:
+    """Parse PgCat-format TOML text; ``path`` is only used in messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's messages carry "(at line L, column C)" and never echo the
+        # offending text, so no secret can leak through here.
+        raise ConfigError(path, None, f"invalid TOML: {exc}") from None
+    return _build(_Ctx(path), data)
+
+
+# One scalar as tomli-w writes it: a basic string, a number or a boolean.
+_TOML_SCALAR = r'(?:"(?:[^"\\\n]|\\.)*"|[-+0-9.eE_xob]+|true|false)'
+# A multi-line array whose elements are all scalars, e.g. one server entry.
+_MULTILINE_SCALAR_ARRAY = re.compile(
+    r"\[\n((?:[ \t]+" + _TOML_SCALAR + r",\n)+)[ \t]*\]"
+)
+
+
+def dump_config(cfg_dict: dict) -> str:
+    """Serialise a PgCat-format config dict (e.g. from :func:`default_config_dict`) to TOML.
+
+    tomli-w writes every nested array over several lines; arrays of plain
+    scalars (the ``[host, port, role]`` server entries) are folded back onto
+    one line so the output reads like a hand-written pgcat.toml.
+    """
+    text = tomli_w.dumps(cfg_dict)
+
+    def fold(match: re.Match[str]) -> str:
+        items = [line.strip().rstrip(",") for line in match.group(1).splitlines()]
+        return "[" + ", ".join(items) + "]"
+
+    return _MULTILINE_SCALAR_ARRAY.sub(fold, text)
+
+
+def default_config_dict(env: Mapping[str, str]) -> dict:
+    """A PgCat-format config dict for the local cluster, from Compose ``.env`` names.
+
+    Used by ``pypool config init``.  Variables (default in brackets):
+    POSTGRESQL_USERNAME (postgres), POSTGRESQL_PASSWORD (mysecretpassword),
+    POSTGRESQL_DATABASE (postgres), PGCAT_PORT (6432) and PG1_PORT / PG2_PORT /
+    PG3_PORT (5433 / 5434 / 5435) for the primary and two replicas, all on
+    127.0.0.1.
+    """
+    username = env.get("POSTGRESQL_USERNAME") or "postgres"
+    password = env.get("POSTGRESQL_PASSWORD") or "mysecretpassword"
+    database = env.get("POSTGRESQL_DATABASE") or "postgres"
+    listen_port = _env_port(env, "PGCAT_PORT", 6432)
+    ports = [
+        _env_port(env, "PG1_PORT", 5433),
+        _env_port(env, "PG2_PORT", 5434),
+        _env_port(env, "PG3_PORT", 5435),
+    ]
+    host = "127.0.0.1"
+    return {
+        "general": {
+            "host": host,
+            "port": listen_port,
+            "enable_prometheus_exporter": True,
+            "prometheus_exporter_port": DEFAULT_PROMETHEUS_EXPORTER_PORT,
+            "admin_username": "admin_user",
+            "admin_password": "admin_pass",
+        },
+        "pools": {
+            database: {
+                "pool_mode": "transaction",
+                "default_role": "any",
+                "query_parser_enabled": True,
+                "query_parser_read_write_splitting": True,
+                "primary_reads_enabled": False,
+                "users": {
+                    "0": {
+                        "username": username,
+                        "password": password,
+                        "pool_size": 10,
+                        "min_pool_size": 0,
+                    }
+                },
+                "shards": {
+                    "0": {
+                        "database": database,
+                        "servers": [
+                            [host, ports[0], "primary"],
+                            [host, ports[1], "replica"],
+                            [host, ports[2], "replica"],
+                        ],
+                    }
+                },
+            }
+        },
+    }
+
+
+def _env_port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    text = raw.strip()
+    if not re.fullmatch(r"[0-9]+", text) or not 1 <= int(text) <= 65535:
+        raise ConfigError("environment", name, f"expected a port number 1..65535, got {_quote(text)}")
+    return int(text)
+
+
+# --------------------------------------------------------------------------
+# Parsing machinery
+# --------------------------------------------------------------------------
+_MISSING: Any = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_text(parts: Iterable[str]) -> str:
+    """Dotted key as TOML would write it: ``pools."my.db".users.0``."""
+    return ".".join(p if _BARE_KEY.fullmatch(p) else json.dumps(p) for p in parts)
+
+
+def _quote(text: str, limit: int = 80) -> str:
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "an empty string" if value == "" else "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date/time"
+
+
+def _describe(value: Any, secret: bool = False) -> str:
+    """What was given, for an error message.  Secrets are described by type only."""
+    kind = _kind(value)
+    if secret or isinstance(value, (list, dict)) or value == "":
+        return kind
+    if isinstance(value, bool):
+        return f"{'true' if value else 'false'} ({kind})"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return f"{_quote(value)} ({kind})"
+    return f"{value!r} ({kind})"
+
+
+class _Ctx:
+    """Per-parse state: the file name (for messages) and the warnings so far."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+
+    def error(self, parts: Iterable[str], reason: str) -> ConfigError:
+        return ConfigError(self.path, _key_text(parts) or None, reason)
+
+    def warn(self, parts: Iterable[str], reason: str) -> None:
+        self.warnings.append(f"{self.path}: {_key_text(parts)}: {reason}")
+
+
+class _Table:
+    """A TOML table being read: typed getters plus unknown-key bookkeeping."""
+
+    def __init__(self, ctx: _Ctx, parts: tuple[str, ...], data: dict) -> None:
+        self.ctx = ctx
+        self.parts = parts
+        self.data = data
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> tuple[str, ...]:
+        return self.parts + (name,)
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return self.ctx.error(self.key(name), reason)
+
+    def raw(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.data.get(name, _MISSING)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def _missing(self, name: str, what: str) -> ConfigError:
+        return self.error(name, f"required key is missing (expected {what})")
+
+    def _wrong(self, name: str, what: str, value: Any) -> ConfigError:
+        return self.error(name, f"expected {what}, got {_describe(value, name in _SECRET_KEYS)}")
+
+    # -- scalar getters --------------------------------------------------
+    def string(self, name: str, default: Any = _MISSING, *, nonempty: bool = True) -> Any:
+        what = "a non-empty string" if nonempty else "a string"
+        value = self.raw(name)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self._missing(name, what)
+            return default
+        if not isinstance(value, str) or (nonempty and value == ""):
+            raise self._wrong(name, what, value)
+        return value
+
+    def integer(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        minimum: int = 0,
+        maximum: int | None = None,
+    ) -> Any:
+        if maximum is not None:
+            what = f"an integer {minimum}..{maximum}"
+        elif minimum == 1:
+            what = "a positive integer"
+        elif minimum == 0:
+            what = "a non-negative integer"
+        else:
+            what = f"an integer >= {minimum}"
+        value = self.raw(name)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self._missing(name, what)
+            return default
+        # bool is a subclass of int in Python; TOML true/false is not a number.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._wrong(name, what, value)
+        if value < minimum or (maximum is not None and value > maximum):
+            raise self._wrong(name, what, value)
+        return value
+
+    def port(self, name: str, default: Any = _MISSING) -> Any:
+        return self.integer(name, default, minimum=1, maximum=65535)
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.raw(name)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self._missing(name, "true or false")
+            return default
+        if not isinstance(value, bool):
+            raise self._wrong(name, "true or false (a TOML boolean, unquoted)", value)
+        return value
+
+    def choice(self, name: str, choices: Mapping[str, str], default: Any = _MISSING) -> Any:
+        what = "one of " + ", ".join(_quote(c) for c in dict.fromkeys(choices.values()))
+        value = self.raw(name)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise self._missing(name, what)
+            return default
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise self._wrong(name, what, value)
+        return choices[value.lower()]
+
+    def table(self, name: str, *, required: bool = True) -> dict | None:
+        value = self.raw(name)
+        if value is _MISSING:
+            if required:
+                raise self._missing(name, "a table")
+            return None
+        if not isinstance(value, dict):
+            raise self._wrong(name, "a table", value)
+        return value
+
+    # -- bookkeeping -----------------------------------------------------
+    def finish(self, unsupported: frozenset[str] = frozenset(), silent: Iterable[str] = ()) -> None:
+        """Warn about every key that was not read."""
+        quiet = set(silent)
+        for name in self.data:
+            if name in self.seen or name in quiet:
+                continue
+            if name in unsupported:
+                self.ctx.warn(self.key(name), "PgCat setting not supported by pypool, ignored")
+            else:
+                self.ctx.warn(self.key(name), "unknown key, ignored")
+
+
+def _build(ctx: _Ctx, data: dict) -> Config:
+    top = _Table(ctx, (), data)
+    general_data = top.table("general")
+    general_tbl = _Table(ctx, ("general",), general_data)
+    general = _parse_general(general_tbl)
+    legacy_ps_size = _legacy_prepared_statements_size(general_tbl)
+    general_tbl.finish(_UNSUPPORTED_GENERAL)
+
+    pools_data = top.table("pools")
+    pools: dict[str, Pool] = {}
+    for name, pool_data in pools_data.items():
+        parts = ("pools", name)
+        if not isinstance(pool_data, dict):
+            raise ctx.error(parts, f"expected a table, got {_describe(pool_data)}")
+        if name == "":
+            raise ctx.error(parts, "expected a non-empty pool name")
+        pools[name] = _parse_pool(_Table(ctx, parts, pool_data), name, general, legacy_ps_size)
+    if not pools:
+        ctx.warn(("pools",), "no pools configured; no client can connect")
+
+    # `path` is written by PgCat itself (it overwrites it with the real path).
+    top.finish(_UNSUPPORTED_TOP, silent=("path",))
+    return Config(
+        path=ctx.path,
+        general=general,
+        pools=types.MappingProxyType(pools),
+        warnings=tuple(ctx.warnings),
+    )
+
+
+def _parse_general(t: _Table) -> General:
+    general = General(
+        host=t.string("host", DEFAULT_HOST),
+        port=t.port("port", DEFAULT_PORT),
+        workers=t.integer("worker_threads", DEFAULT_WORKER_THREADS, minimum=1),
+        connect_timeout=t.integer("connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS),
+        idle_timeout=t.integer("idle_timeout", DEFAULT_IDLE_TIMEOUT_MS),
+        server_lifetime=t.integer("server_lifetime", DEFAULT_SERVER_LIFETIME_MS),
+        checkout_timeout=t.integer("checkout_timeout", DEFAULT_CHECKOUT_TIMEOUT_MS),
+        healthcheck_timeout=t.integer("healthcheck_timeout", DEFAULT_HEALTHCHECK_TIMEOUT_MS),
+        healthcheck_delay=t.integer("healthcheck_delay", DEFAULT_HEALTHCHECK_DELAY_MS),
+        ban_time=t.integer("ban_time", DEFAULT_BAN_TIME_S),
+        shutdown_timeout=t.integer("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_MS),
+        idle_client_in_transaction_timeout=t.integer(
+            "idle_client_in_transaction_timeout", DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS
+        ),
+        enable_prometheus_exporter=t.boolean("enable_prometheus_exporter", False),
+        prometheus_exporter_port=t.port("prometheus_exporter_port", DEFAULT_PROMETHEUS_EXPORTER_PORT),
+        # PgCat has no default for these two: the keys are required.
+        admin_username=t.string("admin_username"),
+        admin_password=t.string("admin_password"),
+        client_auth_method=t.choice(
+            "client_auth_method", CLIENT_AUTH_METHODS, DEFAULT_CLIENT_AUTH_METHOD
+        ),
+        log_client_connections=t.boolean("log_client_connections", False),
+        log_client_disconnections=t.boolean("log_client_disconnections", False),
+        tls_certificate=t.string("tls_certificate", None),
+        tls_private_key=t.string("tls_private_key", None),
+        client_tls_mode=t.choice("client_tls_mode", CLIENT_TLS_MODES, DEFAULT_CLIENT_TLS_MODE),
+        server_tls=t.boolean("server_tls", False),
+        verify_server_certificate=t.boolean("verify_server_certificate", False),
+        max_client_conn=t.integer("max_client_conn", DEFAULT_MAX_CLIENT_CONN),
+        max_message_size=t.integer("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, minimum=1024),
+    )
+    if general.tls_certificate is not None and general.tls_private_key is None:
+        raise t.error(
+            "tls_private_key",
+            "required key is missing (expected a file path, because tls_certificate is set)",
+        )
+    if general.tls_private_key is not None and general.tls_certificate is None:
+        t.ctx.warn(t.key("tls_private_key"), "ignored, because tls_certificate is not set")
+    if general.client_tls_mode == "require" and general.tls_certificate is None:
+        raise t.error(
+            "client_tls_mode",
+            'expected "disable" or "allow" when tls_certificate is not set, got "require"',
+        )
+    return general
+
+
+def _legacy_prepared_statements_size(t: _Table) -> int | None:
+    """Older PgCat releases configured prepared statements in [general].
+
+    ``general.prepared_statements`` (bool) and
+    ``general.prepared_statements_cache_size`` are honoured as the default for
+    pools that do not set ``prepared_statements_cache_size`` themselves.
+    """
+    enabled = t.boolean("prepared_statements", None)
+    size = t.integer("prepared_statements_cache_size", None)
+    if enabled is False:
+        return 0
+    return size
+
+
+def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | None) -> Pool:
+    query_parser_enabled = t.boolean("query_parser_enabled", False)
+    rw_splitting = t.boolean("query_parser_read_write_splitting", False)
+    if rw_splitting and not query_parser_enabled:
+        # PgCat refuses this combination too.
+        raise t.error(
+            "query_parser_read_write_splitting",
+            "expected false unless query_parser_enabled is true, got true",
+        )
+    ps_default = legacy_ps_size if legacy_ps_size is not None else DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE
+
+    functions_raw = t.raw("read_only_functions")
+    read_only_functions: tuple[str, ...] = ()
+    if functions_raw is not _MISSING:
+        if not isinstance(functions_raw, list):
+            raise t._wrong("read_only_functions", "an array of function names", functions_raw)
+        names: list[str] = []
+        for i, item in enumerate(functions_raw):
+            if not isinstance(item, str) or not item.strip():
+                raise t.ctx.error(
+                    t.key("read_only_functions") + (str(i),),
+                    f"expected a non-empty function name, got {_describe(item)}",
+                )
+            names.append(item.strip().lower())
+        read_only_functions = tuple(dict.fromkeys(names))
+
+    pool = Pool(
+        name=name,
+        pool_mode=t.choice("pool_mode", POOL_MODES, DEFAULT_POOL_MODE),
+        default_role=t.choice("default_role", DEFAULT_ROLES, DEFAULT_DEFAULT_ROLE),
+        query_parser_enabled=query_parser_enabled,
+        query_parser_read_write_splitting=rw_splitting,
+        query_parser_max_length=t.integer("query_parser_max_length", None, minimum=1),
+        primary_reads_enabled=t.boolean("primary_reads_enabled", False),
+        load_balancing_mode=t.choice(
+            "load_balancing_mode", LOAD_BALANCING_MODES, DEFAULT_LOAD_BALANCING_MODE
+        ),
+        # PgCat lets a pool override these general values.
+        connect_timeout=t.integer("connect_timeout", general.connect_timeout),
+        idle_timeout=t.integer("idle_timeout", general.idle_timeout),
+        server_lifetime=t.integer("server_lifetime", general.server_lifetime),
+        checkout_timeout=t.integer("checkout_timeout", general.checkout_timeout),
+        max_replica_lag_ms=t.integer("max_replica_lag_ms", None, minimum=1),
+        read_only_functions=read_only_functions,
+        prepared_statements_cache_size=t.integer("prepared_statements_cache_size", ps_default),
+        users=_parse_users(t),
+        shards=_parse_shards(t),
+    )
+    t.finish(_UNSUPPORTED_POOL)
+    return pool
+
+
+def _parse_users(pool: _Table) -> Mapping[str, User]:
+    users_data = pool.table("users")
+    users: dict[str, User] = {}
+    for index, user_data in users_data.items():
+        parts = pool.key("users") + (index,)
+        if not isinstance(user_data, dict):
+            raise pool.ctx.error(parts, f"expected a table, got {_describe(user_data)}")
+        u = _Table(pool.ctx, parts, user_data)
+        username = u.string("username")
+        password = u.string("password")
+        pool_size = u.integer("pool_size", minimum=1)
+        min_pool_size = u.integer("min_pool_size", 0)
+        if min_pool_size > pool_size:
+            raise u.error(
+                "min_pool_size",
+                f"expected an integer 0..{pool_size} (at most pool_size), got {min_pool_size}",
+            )
+        user = User(
+            username=username,
+            password=password,
+            pool_size=pool_size,
+            min_pool_size=min_pool_size,
+            pool_mode=u.choice("pool_mode", POOL_MODES, None),
+            statement_timeout=u.integer("statement_timeout", 0),
+            server_username=u.string("server_username", None),
+            server_password=u.string("server_password", None),
+            connect_timeout=u.integer("connect_timeout", None),
+            idle_timeout=u.integer("idle_timeout", None),
+            server_lifetime=u.integer("server_lifetime", None),
+        )
+        u.finish(_UNSUPPORTED_USER)
+        if username in users:
+            raise u.error("username", f"expected a username unique in the pool, got {_quote(username)} twice")
+        users[username] = user
+    if not users:
+        pool.ctx.warn(pool.key("users"), "no users configured; no client can log in to this pool")
+    return types.MappingProxyType(users)
+
+
+def _parse_shards(pool: _Table) -> tuple[Shard, ...]:
+    shards_data = pool.table("shards")
+    numbered: list[tuple[int, Shard]] = []
+    for index, shard_data in shards_data.items():
+        parts = pool.key("shards") + (index,)
+        if not re.fullmatch(r"[0-9]+", index):
+            raise pool.ctx.error(parts, f"expected a shard number (0, 1, ...) as the key, got {_quote(index)}")
+        if not isinstance(shard_data, dict):
+            raise pool.ctx.error(parts, f"expected a table, got {_describe(shard_data)}")
+        s = _Table(pool.ctx, parts, shard_data)
+        database = s.string("database")
+        servers = _parse_servers(s)
+        s.finish(_UNSUPPORTED_SHARD)
+        numbered.append((int(index), Shard(database=database, servers=servers)))
+
+    if not numbered:
+        raise pool.error("shards", "expected at least one shard with servers, got an empty table")
+    numbered.sort(key=lambda item: item[0])
+    numbers = [n for n, _ in numbered]
+    if len(set(numbers)) != len(numbers):
+        raise pool.error("shards", "expected each shard number once (e.g. \"0\" and \"00\" collide)")
+    if numbers != list(range(len(numbers))):
+        pool.ctx.warn(
+            pool.key("shards"),
+            f"shard numbers should be 0, 1, 2, ... in order; got {numbers}, used in that order",
+        )
+    if len(numbered) > 1:
+        pool.ctx.warn(
+            pool.key("shards"),
+            "sharding is not supported by pypool; only the first shard is used",
+        )
+    return tuple(shard for _, shard in numbered)
+
+
+def _parse_servers(s: _Table) -> tuple[ServerAddress, ...]:
+    raw = s.raw("servers")
+    what = 'an array of [host, port, role] entries, e.g. [["127.0.0.1", 5432, "primary"]]'
+    if raw is _MISSING:
+        raise s._missing("servers", what)
+    if not isinstance(raw, list):
+        raise s._wrong("servers", what, raw)
+    servers: list[ServerAddress] = []
+    seen: set[tuple[str, int]] = set()
+    for i, entry in enumerate(raw):
+        key = s.key("servers") + (str(i),)
+        if not isinstance(entry, list) or len(entry) != 3:
+            got = f"an array of {len(entry)} elements" if isinstance(entry, list) else _describe(entry)
+            raise s.ctx.error(key, f'expected [host, port, role], e.g. ["127.0.0.1", 5432, "primary"], got {got}')
+        host, port, role = entry
+        if not isinstance(host, str) or not host:
+            raise s.ctx.error(key, f"expected the host (1st element) to be a non-empty string, got {_describe(host)}")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise s.ctx.error(key, f"expected the port (2nd element) to be an integer 1..65535, got {_describe(port)}")
+        if isinstance(role, str) and role.lower() == "mirror":
+            s.ctx.warn(key, "role \"mirror\": PgCat setting not supported by pypool, server ignored")
+            continue
+        if not isinstance(role, str) or role.lower() not in ROLES:
+            raise s.ctx.error(
+                key, f'expected the role (3rd element) to be "primary" or "replica", got {_describe(role)}'
+            )
+        if (host, port) in seen:
+            raise s.ctx.error(key, f"expected each server once in a shard, got {host}:{port} twice")
+        seen.add((host, port))
+        servers.append(ServerAddress(host=host, port=port, role=ROLES[role.lower()]))
+    if not servers:
+        raise s.error("servers", "expected at least one primary or replica server, got none")
+    primaries = [srv for srv in servers if srv.role == "primary"]
+    if len(primaries) > 1:
+        listed = ", ".join(f"{p.host}:{p.port}" for p in primaries)
+        raise s.error("servers", f"expected at most one primary per shard, got {len(primaries)} ({listed})")
+    return tuple(servers)
