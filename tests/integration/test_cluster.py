@@ -1,0 +1,219 @@
+"""pypool.cluster against real PostgreSQL 15 binaries.
+
+Runs its own throwaway cluster in a private directory under /tmp on three free
+ports (PG1_PORT/PG2_PORT/PG3_PORT patched for this module), so it never touches
+the shared development cluster on 5433-5435. The tests share that cluster and
+run in file order: each one starts from the state the previous one left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pypool import cluster
+
+pytestmark = pytest.mark.integration
+
+if shutil.which("psql") is None or cluster._find_bindir() is None:  # pragma: no cover - machine without PostgreSQL
+    pytestmark = [pytest.mark.integration, pytest.mark.skip(reason="PostgreSQL 15 binaries not installed")]
+
+
+def _free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_dir():
+    ports = _free_ports(3)
+    base = Path(tempfile.mkdtemp(prefix="pypool-cluster-test-", dir="/tmp"))
+    base.chmod(0o755)  # the postgres OS user must be able to traverse it
+    with pytest.MonkeyPatch.context() as mp:
+        for i, port in enumerate(ports, start=1):
+            mp.setenv(f"PG{i}_PORT", str(port))
+        mp.delenv("PYPOOL_CLUSTER_DIR", raising=False)
+        try:
+            yield base
+        finally:
+            with contextlib.suppress(Exception):
+                cluster.destroy(base)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _by_name(rows: list[dict]) -> dict[str, dict]:
+    return {row["name"]: row for row in rows}
+
+
+def _wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _node(name: str, base: Path) -> cluster.Node:
+    return next(n for n in cluster.nodes(base) if n.name == name)
+
+
+def test_nodes_read_ports_from_env(cluster_dir):
+    names = [(n.name, n.port, n.data_dir) for n in cluster.nodes(cluster_dir)]
+    ports = [int(os.environ[f"PG{i}_PORT"]) for i in (1, 2, 3)]
+    assert names == [
+        ("pg1", ports[0], cluster_dir / "pg1"),
+        ("pg2", ports[1], cluster_dir / "pg2"),
+        ("pg3", ports[2], cluster_dir / "pg3"),
+    ]
+    dsn = cluster.psql_dsn(cluster.nodes(cluster_dir)[0])
+    assert dsn.startswith("postgresql://") and f"@127.0.0.1:{ports[0]}/" in dsn
+
+
+def test_up_starts_primary_and_two_streaming_replicas(cluster_dir):
+    returned = cluster.up(cluster_dir, timeout=60)
+    assert [n.name for n in returned] == ["pg1", "pg2", "pg3"]
+    rows = _by_name(cluster.status(cluster_dir))
+    assert rows["pg1"]["role"] == "primary" and rows["pg1"]["running"]
+    for name in ("pg2", "pg3"):
+        assert rows[name]["role"] == "replica"
+        assert rows[name]["running"] and rows[name]["streaming"]
+        assert rows[name]["replay_lag_bytes"] is not None
+    primary = _node("pg1", cluster_dir)
+    assert cluster.run_sql(primary, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'") == "2"
+    # Settings the rest of the project relies on.
+    assert cluster.run_sql(primary, "SHOW listen_addresses") == "127.0.0.1"
+    assert cluster.run_sql(primary, "SHOW max_connections") == "300"
+    assert cluster.run_sql(primary, "SELECT count(*) FROM pg_extension WHERE extname = 'pg_stat_statements'") == "1"
+    assert cluster.run_sql(primary, "SELECT rolreplication FROM pg_roles WHERE rolname = 'repl_user'") == "t"
+    # Each node keeps its log file in its own directory.
+    for node in cluster.nodes(cluster_dir):
+        assert (node.data_dir / cluster.LOG_NAME).is_file()
+
+
+def test_status_cli_prints_table_without_passwords(cluster_dir, capsys):
+    assert cluster.main(["status", "--data-dir", str(cluster_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "pg1" in out and "primary" in out and out.count("replica") == 2
+    assert "mysecretpassword" not in out and "repl_password" not in out
+
+
+def test_write_on_primary_is_visible_on_both_replicas(cluster_dir):
+    primary = _node("pg1", cluster_dir)
+    cluster.run_sql(primary, "CREATE TABLE cluster_probe (id int PRIMARY KEY, note text);"
+                             "INSERT INTO cluster_probe VALUES (1, 'hello replicas');")
+    for name in ("pg2", "pg3"):
+        replica = _node(name, cluster_dir)
+        _wait_for(
+            lambda: cluster._try_sql(replica, "SELECT note FROM cluster_probe WHERE id = 1", timeout=3) == "hello replicas",
+            what=f"row on {name}",
+        )
+        # and the replica refuses writes
+        with pytest.raises(cluster.ClusterError, match="read-only"):
+            cluster.run_sql(replica, "INSERT INTO cluster_probe VALUES (2, 'no')")
+
+
+def test_up_again_is_a_noop(cluster_dir):
+    pids = {n.name: cluster._running_pid(n) for n in cluster.nodes(cluster_dir)}
+    assert all(pids.values())
+    started = time.monotonic()
+    cluster.up(cluster_dir, timeout=30)
+    assert time.monotonic() - started < 10
+    assert {n.name: cluster._running_pid(n) for n in cluster.nodes(cluster_dir)} == pids
+    assert cluster.run_sql(_node("pg1", cluster_dir), "SELECT count(*) FROM cluster_probe") == "1"
+
+
+def test_stopped_replica_shows_down_and_comes_back(cluster_dir):
+    cluster.stop_node("pg3", cluster_dir)
+    rows = _by_name(cluster.status(cluster_dir))
+    assert rows["pg3"]["role"] == "down" and not rows["pg3"]["running"]
+    assert rows["pg1"]["role"] == "primary" and rows["pg2"]["role"] == "replica"
+    cluster.start_node("pg3", cluster_dir)
+    _wait_for(lambda: _by_name(cluster.status(cluster_dir))["pg3"]["streaming"], what="pg3 streaming again")
+
+
+def test_promote_replica_after_primary_stops(cluster_dir):
+    cluster.stop_node("pg1", cluster_dir)
+    assert _by_name(cluster.status(cluster_dir))["pg1"]["role"] == "down"
+    cluster.promote_node("pg2", cluster_dir)
+    new_primary = _node("pg2", cluster_dir)
+    assert cluster.run_sql(new_primary, "SELECT pg_is_in_recovery()") == "f"
+    cluster.run_sql(new_primary, "INSERT INTO cluster_probe VALUES (2, 'after failover')")
+    assert cluster.run_sql(new_primary, "SELECT count(*) FROM cluster_probe") == "2"
+    assert _by_name(cluster.status(cluster_dir))["pg2"]["role"] == "primary"
+
+
+def test_rebuild_replica_follows_new_primary(cluster_dir):
+    cluster.rebuild_replica("pg1", cluster_dir, timeout=60)
+    old_primary = _node("pg1", cluster_dir)
+    assert cluster.run_sql(old_primary, "SELECT pg_is_in_recovery()") == "t"
+    _wait_for(
+        lambda: cluster._try_sql(old_primary, "SELECT count(*) FROM cluster_probe", timeout=3) == "2",
+        what="pg1 to replay the post-failover row",
+    )
+    # up() repairs the rest (pg3 still points at the old primary) and leaves 1 primary + 2 streaming.
+    cluster.up(cluster_dir, timeout=60)
+    rows = _by_name(cluster.status(cluster_dir))
+    assert [r["role"] for r in rows.values()].count("primary") == 1
+    assert rows["pg2"]["role"] == "primary"
+    assert rows["pg1"]["streaming"] and rows["pg3"]["streaming"]
+
+
+def test_kill_node_then_start_recovers(cluster_dir):
+    replica = _node("pg3", cluster_dir)
+    pid = cluster._running_pid(replica)
+    cluster.kill_node("pg3", cluster_dir)
+    assert cluster._running_pid(replica) is None
+    assert _by_name(cluster.status(cluster_dir))["pg3"]["role"] == "down"
+    cluster.start_node("pg3", cluster_dir)
+    assert cluster._running_pid(replica) not in (None, pid)
+
+
+def test_start_failure_reports_log_tail(cluster_dir):
+    # Occupy pg3's port with a plain socket: the start must fail with the server's own words.
+    cluster.stop_node("pg3", cluster_dir)
+    replica = _node("pg3", cluster_dir)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", replica.port))
+    blocker.listen()
+    try:
+        with pytest.raises(cluster.ClusterError) as info:
+            cluster.start_node("pg3", cluster_dir)
+        message = str(info.value)
+        assert "pg3" in message and "postgresql.log" in message
+        assert "mysecretpassword" not in message and "repl_password" not in message
+    finally:
+        blocker.close()
+
+
+def test_down_and_destroy(cluster_dir):
+    cluster.down(cluster_dir)
+    rows = cluster.status(cluster_dir)
+    assert all(r["role"] == "down" and not r["running"] for r in rows)
+    assert (cluster_dir / "pg1" / "PG_VERSION").is_file()  # down keeps the data
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cluster.main(["destroy", "--data-dir", str(cluster_dir)]) == 0
+    assert not cluster_dir.exists()
+    for port in (int(os.environ[f"PG{i}_PORT"]) for i in (1, 2, 3)):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
