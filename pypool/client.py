@@ -1,0 +1,522 @@
+"""One client session: startup, authentication, then the relay loop.
+
+The handshake runs as a coroutine (it happens once per connection). After
+it, ``data_received`` relays the client's bytes straight to the attached
+server connection, walking only message headers: it counts the requests
+that will each end in a ReadyForQuery (Query, FunctionCall, Sync) so the
+server side knows when the transaction-mode connection can go back to the
+pool, and it stops at Terminate.
+
+When no server is attached (between transactions) the client's bytes are
+held in ``_pending`` until the first message is complete, the router picks
+a role, and a connection is checked out -- synchronously when one is idle,
+through a coroutine otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import socket
+from typing import TYPE_CHECKING
+
+from pypool.pool.group import PRIMARY
+from pypool.pool.pool import PoolTimeout
+from pypool.pool.server import ServerConnection, ServerError
+from pypool.protocol import auth
+from pypool.protocol import messages as m
+from pypool.protocol.frames import (
+    HEADER_SIZE,
+    CancelRequest,
+    GSSEncRequest,
+    MessageBuffer,
+    ProtocolViolation,
+    SSLRequest,
+    StartupMessage,
+)
+
+if TYPE_CHECKING:
+    from pypool.app import Application
+    from pypool.pool.group import PoolGroup
+
+log = logging.getLogger("pypool.client")
+
+_Q = m.QUERY
+_S = m.SYNC
+_F = m.FUNCTION_CALL
+_X = m.TERMINATE
+_COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+_IDLE = ord("I")
+
+# Startup parameters that must match on whichever server runs the client's
+# transaction; anything else in the startup packet stays with the pooler.
+TRACKED_STARTUP_PARAMETERS = (
+    "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name",
+    "extra_float_digits", "search_path", "standard_conforming_strings",
+)
+LOGIN_TIMEOUT = 60.0
+
+
+class Phase(enum.Enum):
+    HANDSHAKE = 1
+    RELAY = 2
+    CLOSED = 3
+
+
+class ClientError(Exception):
+    """Ends the handshake with an ErrorResponse to the client."""
+
+    def __init__(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+        self.severity = severity
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, app: "Application") -> None:
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.phase = Phase.HANDSHAKE
+        self.peer = "?"
+        self.user = ""
+        self.database = ""
+        self.group: PoolGroup | None = None
+        self.session_parameters: dict[str, str] = {}
+        self.process_id = 0
+        self.secret_key = 0
+        # handshake (coroutine) side
+        self._buffer = MessageBuffer(app.config.general.max_message_size)
+        self._waiter: asyncio.Future[None] | None = None
+        self._handshake_task: asyncio.Task[None] | None = None
+        # relay side
+        self.server: ServerConnection | None = None
+        self._pending = bytearray()  # bytes received while no server is attached
+        self._checkout_task: asyncio.Task[None] | None = None
+        self._skip = 0  # bytes of the current message body still to forward
+        self._hold = b""  # an incomplete header carried to the next chunk
+        self._discarding = False  # after an error we answered, drop messages until Sync
+        self._max_message = app.config.general.max_message_size
+
+    def __repr__(self) -> str:
+        return f"<Client {self.user}@{self.database} from {self.peer}>"
+
+    # ------------------------------------------------------------ asyncio hooks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.app.client_connected(self)
+        self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is Phase.RELAY:
+            server = self.server
+            if server is not None and not self._pending:
+                self._forward(server, data)
+            else:
+                self._pending += data
+                self._dispatch_pending()
+            return
+        if self.phase is Phase.HANDSHAKE:
+            self._buffer.feed(data)
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close_session()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("client disconnected"))
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server sends: stop reading that server.
+        server = self.server
+        if server is not None and server.transport is not None:
+            server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        server = self.server
+        if server is not None and server.transport is not None and not server.closed:
+            server.transport.resume_reading()
+
+    # --------------------------------------------------------------- handshake
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._buffer.next_message()
+            if msg is not None:
+                return msg
+            await self._wait_for_data()
+
+    async def _wait_for_data(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _handshake(self) -> None:
+        try:
+            await asyncio.wait_for(self._login(), LOGIN_TIMEOUT)
+        except ClientError as exc:
+            log.info("client %s rejected: %s", self.peer, exc)
+            self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
+        except ProtocolViolation as exc:
+            log.info("client %s: protocol violation during startup: %s", self.peer, exc)
+            self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
+        except auth.AuthError as exc:
+            log.info("client %s (user %r): authentication failed: %s", self.peer, self.user, exc)
+            self._send_error_and_close(m.SQLSTATE_INVALID_PASSWORD,
+                                       f'password authentication failed for user "{self.user}"')
+        except asyncio.TimeoutError:
+            self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, "login timed out")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self._close_session()
+        except Exception:  # noqa: BLE001 - never let one client take the listener down
+            log.exception("client %s: unexpected error during login", self.peer)
+            self._send_error_and_close(m.SQLSTATE_INTERNAL_ERROR, "internal error in pypool during login")
+
+    async def _login(self) -> None:
+        startup = await self._read_startup()
+        if startup is None:
+            return
+        params = startup.params
+        self.user = params["user"]
+        self.database = params.get("database") or self.user
+        self.app.check_accepting(self)
+        group = self.app.find_group(self.database, self.user)
+        if group is None:
+            # Unknown user: run the same exchange with a decoy, so it looks like a wrong password.
+            if self.app.has_database(self.database):
+                await self._authenticate(None)
+                raise auth.AuthError("password authentication failed")
+            raise ClientError(m.SQLSTATE_INVALID_CATALOG,
+                              f'no such database: "{self.database}" is not a pool in pypool\'s config')
+        await self._authenticate(group)
+        self.group = group
+        for name in TRACKED_STARTUP_PARAMETERS:
+            if name in params:
+                self.session_parameters[name] = params[name]
+        server_params = await group.login_parameters()
+        server_params.update(self.session_parameters)
+        self.process_id, self.secret_key = self.app.register_cancel_key(self)
+        out = [m.authentication_ok()]
+        out.extend(m.parameter_status(k, v) for k, v in server_params.items()
+                   if k not in ("extra_float_digits", "search_path"))
+        out.append(m.backend_key_data(self.process_id, self.secret_key))
+        out.append(m.ready_for_query())
+        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if self.app.config.general.log_client_connections:
+            log.info("client %s logged in as %s to %s", self.peer, self.user, self.database)
+        self.phase = Phase.RELAY
+        leftover = self._buffer.take_raw()
+        if leftover:
+            self._pending += leftover
+            self._dispatch_pending()
+
+    async def _read_startup(self) -> StartupMessage | None:
+        while True:
+            packet = self._buffer.next_startup()
+            if packet is None:
+                await self._wait_for_data()
+                continue
+            if isinstance(packet, (SSLRequest, GSSEncRequest)):
+                self.transport.write(b"N")  # type: ignore[union-attr]
+                continue
+            if isinstance(packet, CancelRequest):
+                self.app.cancel(packet.process_id, packet.secret_key)
+                self._close_session()
+                return None
+            return packet
+
+    async def _authenticate(self, group: "PoolGroup | None") -> None:
+        method = self.app.config.general.client_auth_method
+        username = self.user
+        if method == "md5":
+            salt = auth.random_salt()
+            self.transport.write(m.authentication_md5(salt))  # type: ignore[union-attr]
+            tag, payload = await self._read_message()
+            if tag != m.PASSWORD:
+                raise ProtocolViolation(f"expected password response, got message type {chr(tag)!r}")
+            response = m.parse_password(payload)
+            if group is None or not auth.md5_verify(username, group.user.password, salt, response):
+                raise auth.AuthError("password authentication failed")
+            return
+        verifier = self.app.scram_verifier(group) if group is not None else None
+        session = auth.ScramServerSession(verifier, username=username)
+        self.transport.write(m.authentication_sasl(session.MECHANISMS))  # type: ignore[union-attr]
+        tag, payload = await self._read_message()
+        if tag != m.PASSWORD:
+            raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(tag)!r}")
+        mechanism, data = m.parse_sasl_initial_response(payload)
+        self.transport.write(m.authentication_sasl_continue(session.handle_client_first(mechanism, data)))  # type: ignore[union-attr]
+        tag, payload = await self._read_message()
+        if tag != m.PASSWORD:
+            raise ProtocolViolation(f"expected SASLResponse, got message type {chr(tag)!r}")
+        final = session.handle_client_final(payload)
+        self.transport.write(m.authentication_sasl_final(final))  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------- relay
+
+    def _forward(self, server: ServerConnection, data: bytes) -> None:
+        """Relay client bytes to ``server``, counting requests that end in ReadyForQuery."""
+        if self._hold:
+            data = self._hold + data
+            self._hold = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            server.transport.write(data)  # type: ignore[union-attr]
+            return
+        while True:
+            if n - pos < HEADER_SIZE:
+                self._hold = data[pos:]
+                break
+            tag = data[pos]
+            length = int.from_bytes(data[pos + 1:pos + 5], "big")
+            if length < 4 or length > self._max_message:
+                self._protocol_violation(f"invalid message length {length} for message type {chr(tag)!r}")
+                return
+            if tag == _Q or tag == _S or tag == _F:
+                server.pending_syncs += 1
+                server.batch_open = False
+            elif tag == _X:
+                if pos:
+                    server.transport.write(data[:pos])  # type: ignore[union-attr]
+                self._close_session()
+                return
+            elif tag not in _COPY_TAGS:
+                server.batch_open = True
+            nxt = pos + 1 + length
+            if nxt >= n:
+                self._skip = nxt - n
+                pos = n
+                break
+            pos = nxt
+        if pos == n:
+            server.transport.write(data)  # type: ignore[union-attr]
+        elif pos:
+            server.transport.write(data[:pos])  # type: ignore[union-attr]
+
+    def _dispatch_pending(self) -> None:
+        """No server attached: route the first complete message and get a connection."""
+        if self._checkout_task is not None or self.phase is not Phase.RELAY:
+            return
+        buf = self._pending
+        while len(buf) >= HEADER_SIZE:
+            tag = buf[0]
+            length = int.from_bytes(buf[1:5], "big")
+            if length < 4 or length > self._max_message:
+                self._protocol_violation(f"invalid message length {length} for message type {chr(tag)!r}")
+                return
+            if len(buf) < 1 + length:
+                return  # wait for the whole first message: routing may need its text
+            if tag == _X:
+                self._close_session()
+                return
+            if self._discarding:
+                del buf[:1 + length]
+                if tag == _S:
+                    self._discarding = False
+                    self.transport.write(m.ready_for_query())  # type: ignore[union-attr]
+                continue
+            role = self.app.route(self, tag, bytes(buf[5:1 + length]))
+            group = self.group
+            assert group is not None
+            try:
+                server = group.try_checkout(role)
+            except ServerError as exc:
+                self._fail_request(exc.sqlstate, str(exc))
+                continue
+            if server is not None and not self._needs_sync(server):
+                self._attach(server)
+                return
+            # Wait for a connection, or sync this one's parameters, in a coroutine.
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
+            return
+
+    async def _checkout(self, role: str, server: ServerConnection | None) -> None:
+        group = self.group
+        assert group is not None
+        try:
+            if server is None:
+                server = await group.checkout(role)
+            await self._sync_parameters(server)
+        except PoolTimeout as exc:
+            self._checkout_task = None
+            log.warning("client %s: %s", self.peer, exc)
+            self._fail_request(m.SQLSTATE_TOO_MANY_CONNECTIONS, str(exc))
+            self._dispatch_pending()
+            return
+        except ServerError as exc:
+            self._checkout_task = None
+            if server is not None:
+                group.checkin_broken(server)
+            log.warning("client %s: %s", self.peer, exc)
+            self._fail_request(exc.sqlstate, str(exc))
+            self._dispatch_pending()
+            return
+        except asyncio.CancelledError:
+            if server is not None:
+                group.checkin(server)
+            raise
+        self._checkout_task = None
+        if self.phase is not Phase.RELAY:
+            group.checkin(server)
+            return
+        self._attach(server)
+
+    def _needs_sync(self, server: ServerConnection) -> bool:
+        applied = server.applied_parameters
+        for name, value in self.session_parameters.items():
+            if applied.get(name) != value:
+                return True
+        return False
+
+    async def _sync_parameters(self, server: ServerConnection) -> None:
+        """Make the server session carry this client's startup parameters."""
+        statements = []
+        for name, value in self.session_parameters.items():
+            if server.applied_parameters.get(name) != value:
+                statements.append(f"SET {_quote_ident(name)} TO {_quote_literal(value)}")
+        if not statements:
+            return
+        try:
+            await server.query("; ".join(statements))
+        except ServerError as exc:
+            # A bad value from the client's startup packet: tell the client, keep the server.
+            raise ServerError(f"cannot apply startup parameter: {exc}", exc.fields) from None
+        server.applied_parameters.update(self.session_parameters)
+
+    def _attach(self, server: ServerConnection) -> None:
+        self.server = server
+        server.attach(self)
+        if self.transport is not None and self.transport.is_closing():
+            return
+        data = bytes(self._pending)
+        self._pending.clear()
+        self._skip = 0
+        self._hold = b""
+        if data:
+            self._forward(server, data)
+
+    # Called by the attached ServerConnection --------------------------------
+
+    def server_request_done(self, server: ServerConnection) -> None:
+        """The server answered everything asked; in transaction mode, give it back."""
+        group = self.group
+        if group is None or group.pool_mode == "session" or server.status != _IDLE:
+            return
+        self.server = None
+        group.checkin(server)
+        if self._pending:
+            self._dispatch_pending()
+
+    def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
+        self.server = None
+        if self.group is not None:
+            self.group.checkin_broken(server)
+        log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
+        self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,
+                                   f"server connection to {server.label} was lost; the transaction, "
+                                   "if any, was rolled back")
+
+    # ----------------------------------------------------------------- errors
+
+    def _fail_request(self, sqlstate: str, text: str) -> None:
+        """Answer the request at the head of ``_pending`` with an error, as a server would."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(m.error_response(sqlstate, text))
+        buf = self._pending
+        while len(buf) >= HEADER_SIZE:
+            tag = buf[0]
+            length = int.from_bytes(buf[1:5], "big")
+            if len(buf) < 1 + length:
+                break
+            del buf[:1 + length]
+            if tag in (_Q, _F, _S):
+                self.transport.write(m.ready_for_query())
+                return
+        # An extended-protocol batch whose Sync has not arrived yet.
+        self._discarding = True
+
+    def _protocol_violation(self, text: str) -> None:
+        log.warning("client %s: protocol violation: %s", self.peer, text)
+        self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, text)
+
+    def _send_error_and_close(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(m.error_response(sqlstate, text, severity=severity))
+        self._close_session()
+
+    def terminate_for_shutdown(self) -> None:
+        self._send_error_and_close(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
+
+    def _close_session(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self.app.client_disconnected(self)
+        if self._checkout_task is not None:
+            self._checkout_task.cancel()
+            self._checkout_task = None
+        if self._handshake_task is not None and not self._handshake_task.done() \
+                and self._handshake_task is not asyncio.current_task():
+            self._handshake_task.cancel()
+        server = self.server
+        if server is not None:
+            self.server = None
+            self._release_on_disconnect(server)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _release_on_disconnect(self, server: ServerConnection) -> None:
+        group = self.group
+        assert group is not None
+        clean = server.status == _IDLE and server.pending_syncs <= 0 and not server.batch_open \
+            and not self._skip and not self._hold
+        if clean and group.pool_mode != "session":
+            group.checkin(server)
+        elif clean:
+            # Session mode: the next client must not inherit this one's session state.
+            server.detach()
+            asyncio.get_running_loop().create_task(self._reset_and_checkin(group, server))
+        else:
+            # Mid-transaction or mid-request: its state can't be trusted, close it.
+            log.info("client %s left mid-transaction; closing server connection %s", self.peer, server.label)
+            group.checkin_broken(server)
+
+    @staticmethod
+    async def _reset_and_checkin(group: "PoolGroup", server: ServerConnection) -> None:
+        try:
+            await server.query("DISCARD ALL")
+            server.applied_parameters.clear()
+        except ServerError:
+            group.checkin_broken(server)
+            return
+        group.checkin(server)
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def new_cancel_key() -> tuple[int, int]:
+    return secrets.randbits(31), secrets.randbits(32)

@@ -1,0 +1,33 @@
+"""Which replica serves the next read: PgCat's `random` and `loc`, plus `round_robin`."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pypool.pool.pool import ServerPool
+
+MODES = ("random", "loc", "round_robin")
+
+
+class Balancer:
+    def __init__(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown load_balancing_mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.mode = mode
+        self._counter = itertools.count()
+
+    def pick(self, candidates: Sequence["ServerPool"]) -> "ServerPool":
+        if len(candidates) == 1:
+            return candidates[0]
+        if self.mode == "loc":
+            # Least outstanding connections; ties broken at random so equal
+            # replicas share the load instead of the first one taking it all.
+            best = min(c.active for c in candidates)
+            return random.choice([c for c in candidates if c.active == best])
+        if self.mode == "round_robin":
+            return candidates[next(self._counter) % len(candidates)]
+        return random.choice(candidates)

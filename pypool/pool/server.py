@@ -1,0 +1,403 @@
+"""One connection from pypool to a PostgreSQL server.
+
+A ServerConnection lives in one of two modes:
+
+* conversation mode (no client attached): coroutines drive it message by
+  message -- connect, authenticate, health checks, parameter syncing,
+  rollback on a dirty release;
+* relay mode (a client attached): ``data_received`` forwards the server's
+  bytes to the client untouched, walking only message headers to notice
+  ``ReadyForQuery`` (the end of a request) and ``ParameterStatus``.
+
+The relay walk forwards partial messages as soon as they arrive, so a large
+result streams through without being buffered whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from pypool.protocol import auth
+from pypool.protocol import messages as m
+from pypool.protocol.frames import MessageBuffer, ProtocolViolation
+
+if TYPE_CHECKING:
+    from pypool.config import ServerAddress
+
+log = logging.getLogger("pypool.server")
+
+_Z = m.READY_FOR_QUERY
+_S = m.PARAMETER_STATUS
+_IDLE = ord("I")
+
+
+class ServerError(Exception):
+    """The server refused us or sent an ErrorResponse; ``fields`` are its error fields."""
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.fields = fields or {}
+
+    @property
+    def sqlstate(self) -> str:
+        return self.fields.get("C", m.SQLSTATE_CONNECTION_FAILURE)
+
+
+class RelayTarget(Protocol):
+    """What a ServerConnection needs from the client it relays to."""
+
+    transport: asyncio.Transport
+
+    def server_request_done(self, server: "ServerConnection") -> None: ...
+    def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    user: str
+    password: str
+    database: str
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(self, address: "ServerAddress", credentials: Credentials) -> None:
+        self.address = address
+        self.credentials = credentials
+        self.transport: asyncio.Transport | None = None
+        self._buffer = MessageBuffer()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed_exc: Exception | None = None
+        self.closed = False
+        # Filled at login: the server's reported parameters and its cancel key.
+        self.parameters: dict[str, str] = {}
+        # Session parameters pypool itself SET on this connection, as the client spelled them.
+        self.applied_parameters: dict[str, str] = {}
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.created_at = time.monotonic()
+        self.last_used = self.created_at
+        self.status = _IDLE  # transaction status byte from the last ReadyForQuery
+        # Relay-mode state
+        self.client: RelayTarget | None = None
+        self.pending_syncs = 0  # ReadyForQuery messages still owed to the client
+        self.batch_open = False  # client sent messages after its last Sync/Query
+        self._skip = 0  # bytes of the current message body still to forward
+        self._hold = b""  # an incomplete header carried to the next chunk
+        self.pool = None  # set by the owning ServerPool
+        self.on_lost = None  # callback(ServerConnection) set by the owning pool
+
+    def __repr__(self) -> str:
+        return f"<ServerConnection {self.address.host}:{self.address.port} pid={self.backend_pid}>"
+
+    @property
+    def label(self) -> str:
+        return f"{self.address.host}:{self.address.port}"
+
+    # ------------------------------------------------------------ asyncio hooks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        if self.client is not None:
+            self._relay(data)
+            return
+        self._buffer.feed(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        elif waiter is None:
+            self._drain_idle_messages()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._closed_exc = exc or ConnectionResetError("server closed the connection")
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ServerError(f"server {self.label} closed the connection unexpectedly"))
+        client = self.client
+        if client is not None:
+            self.client = None
+            client.server_lost(self, exc)
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+    def pause_writing(self) -> None:
+        # Our writes to the server are backing up: stop reading from the client.
+        client = self.client
+        if client is not None:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.transport.resume_reading()
+
+    # ---------------------------------------------------------------- relaying
+
+    def attach(self, client: RelayTarget) -> None:
+        self.client = client
+        self.pending_syncs = 0
+        self.batch_open = False
+        self._skip = 0
+        self._hold = b""
+        # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
+        if len(self._buffer):
+            self._buffer.take_raw()
+
+    def detach(self) -> None:
+        self.client = None
+        self.last_used = time.monotonic()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _relay(self, data: bytes) -> None:
+        """Forward server bytes to the client; notice ReadyForQuery and ParameterStatus."""
+        if self._hold:
+            data = self._hold + data
+            self._hold = b""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            self.client.transport.write(data)  # type: ignore[union-attr]
+            return
+        while True:
+            left = n - pos
+            if left < 6:
+                # ReadyForQuery needs its status byte, anything else its header.
+                if left < 5 or data[pos] == _Z:
+                    self._hold = data[pos:]
+                    break
+            tag = data[pos]
+            nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+            if tag == _Z:
+                self.status = data[pos + 5]
+                self.pending_syncs -= 1
+                if self.pending_syncs <= 0 and not self.batch_open:
+                    self._request_done(data, nxt)
+                    return
+            elif tag == _S:
+                if nxt > n:  # rare: keep a split ParameterStatus whole
+                    self._hold = data[pos:]
+                    break
+                self._note_parameter(data[pos + 5:nxt])
+            if nxt >= n:
+                self._skip = nxt - n
+                pos = n
+                break
+            pos = nxt
+        client = self.client
+        if pos == n:
+            client.transport.write(data)  # type: ignore[union-attr]
+        elif pos:
+            client.transport.write(data[:pos])  # type: ignore[union-attr]
+
+    def _request_done(self, data: bytes, end: int) -> None:
+        client = self.client
+        assert client is not None
+        client.transport.write(data if end == len(data) else data[:end])
+        self.pending_syncs = 0
+        self._skip = 0
+        rest = data[end:]
+        client.server_request_done(self)
+        if rest:
+            # Asynchronous messages after the final ReadyForQuery: relay them if
+            # still attached (session mode), otherwise treat them as idle traffic.
+            if self.client is not None:
+                self._relay(rest)
+            else:
+                self._buffer.feed(rest)
+                self._drain_idle_messages()
+
+    def _note_parameter(self, payload: bytes) -> None:
+        try:
+            name, value = m.parse_parameter_status(payload)
+        except ProtocolViolation:
+            return
+        self.parameters[name] = value
+
+    def _drain_idle_messages(self) -> None:
+        """Handle what an idle pooled server says on its own (NOTICE, ParameterStatus, FATAL)."""
+        try:
+            while (msg := self._buffer.next_message()) is not None:
+                tag, payload = msg
+                if tag == _S:
+                    self._note_parameter(payload)
+                elif tag == m.ERROR_RESPONSE:
+                    fields = m.parse_error_fields(payload)
+                    log.warning("idle server %s reported %s: %s", self.label, fields.get("C"), fields.get("M"))
+                    self.close()
+                    return
+        except ProtocolViolation as exc:
+            log.warning("idle server %s sent garbage (%s); closing it", self.label, exc)
+            self.close()
+
+    # ------------------------------------------------------------ conversation
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._buffer.next_message()
+            if msg is not None:
+                return msg
+            if self.closed:
+                raise ServerError(f"server {self.label} closed the connection unexpectedly")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _write(self, data: bytes) -> None:
+        if self.closed or self.transport is None:
+            raise ServerError(f"server {self.label} connection is closed")
+        self.transport.write(data)
+
+    async def login(self, startup_params: dict[str, str]) -> None:
+        """Send the startup packet and authenticate with whatever the server asks for."""
+        creds = self.credentials
+        params = {"user": creds.user, "database": creds.database}
+        params.update(startup_params)
+        self._write(m.startup_message(params))
+        scram: auth.ScramClientSession | None = None
+        scram_verified = False
+        while True:
+            tag, payload = await self._read_message()
+            if tag == m.AUTHENTICATION:
+                code, data = m.parse_auth_request(payload)
+                if code == m.AUTH_OK:
+                    # A server that skips SASLFinal never proved it knows the password.
+                    if scram is not None and not scram_verified:
+                        raise ServerError(f"server {self.label} ended SCRAM without proving its identity",
+                                          {"C": m.SQLSTATE_INVALID_AUTHORIZATION})
+                    continue
+                if code == m.AUTH_CLEARTEXT:
+                    self._write(m.password_message(creds.password.encode()))
+                elif code == m.AUTH_MD5:
+                    self._write(m.password_message(auth.md5_hash(creds.user, creds.password, data[:4])))
+                elif code == m.AUTH_SASL:
+                    mechanisms = m.parse_sasl_mechanisms(data)
+                    if "SCRAM-SHA-256" not in mechanisms:
+                        raise ServerError(f"server {self.label} offers no supported SASL mechanism: {mechanisms}")
+                    scram = auth.ScramClientSession(creds.user, creds.password)
+                    self._write(m.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+                elif code == m.AUTH_SASL_CONTINUE and scram is not None:
+                    self._write(m.sasl_response(scram.handle_server_first(data)))
+                elif code == m.AUTH_SASL_FINAL and scram is not None:
+                    scram.verify_server_final(data)
+                    scram_verified = True
+                else:
+                    raise ServerError(f"server {self.label} asked for unsupported authentication method {code}")
+            elif tag == m.PARAMETER_STATUS:
+                self._note_parameter(payload)
+            elif tag == m.BACKEND_KEY_DATA:
+                self.backend_pid = int.from_bytes(payload[0:4], "big")
+                self.backend_secret = int.from_bytes(payload[4:8], "big")
+            elif tag == m.ERROR_RESPONSE:
+                fields = m.parse_error_fields(payload)
+                raise ServerError(f"server {self.label}: {fields.get('M', 'login failed')}", fields)
+            elif tag == m.READY_FOR_QUERY:
+                self.status = payload[0]
+                return
+            # NOTICE and anything else during login is ignored.
+
+    async def query(self, sql: str) -> list[list[str | None]]:
+        """Run a simple query in conversation mode and return its rows as text.
+
+        Raises ServerError with the server's fields if any statement fails.
+        """
+        self._write(m.query(sql))
+        rows: list[list[str | None]] = []
+        error: dict[str, str] | None = None
+        while True:
+            tag, payload = await self._read_message()
+            if tag == m.DATA_ROW:
+                rows.append(_decode_data_row(payload))
+            elif tag == m.ERROR_RESPONSE:
+                error = m.parse_error_fields(payload)
+            elif tag == m.PARAMETER_STATUS:
+                self._note_parameter(payload)
+            elif tag == m.READY_FOR_QUERY:
+                self.status = payload[0]
+                if error is not None:
+                    raise ServerError(f"server {self.label}: {error.get('M')}", error)
+                return rows
+            elif tag in (m.COPY_IN_RESPONSE,):
+                self._write(m.message(m.COPY_FAIL, b"pypool does not feed COPY here\x00"))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            try:
+                self.transport.write(m.terminate())
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+            self.transport.close()
+
+
+def _decode_data_row(payload: bytes) -> list[str | None]:
+    count = int.from_bytes(payload[0:2], "big")
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        size = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if size < 0:
+            values.append(None)
+        else:
+            values.append(payload[pos:pos + size].decode("utf-8", "replace"))
+            pos += size
+    return values
+
+
+async def open_connection(address: "ServerAddress", credentials: Credentials,
+                          startup_params: dict[str, str], timeout: float) -> ServerConnection:
+    """Connect and log in within ``timeout`` seconds, or raise ServerError."""
+    loop = asyncio.get_running_loop()
+    label = f"{address.host}:{address.port}"
+
+    async def _connect() -> ServerConnection:
+        _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials),
+                                               address.host, address.port)
+        try:
+            await conn.login(startup_params)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    try:
+        return await asyncio.wait_for(_connect(), timeout)
+    except asyncio.TimeoutError:
+        raise ServerError(f"could not connect to server {label}: timed out after {timeout * 1000:.0f} ms",
+                          {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+    except OSError as exc:
+        raise ServerError(f"could not connect to server {label}: {exc.strerror or exc}",
+                          {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+    except auth.AuthError as exc:
+        raise ServerError(f"authentication to server {label} failed: {exc}",
+                          {"C": m.SQLSTATE_INVALID_PASSWORD}) from None
+
+
+async def send_cancel(address: "ServerAddress", process_id: int, secret_key: int, timeout: float = 5.0) -> None:
+    """Deliver a CancelRequest for a backend on ``address`` (best effort)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        log.warning("cancel: cannot reach %s:%s: %s", address.host, address.port, exc)
+        return
+    writer.write(m.cancel_request(process_id, secret_key))
+    try:
+        await writer.drain()
+    finally:
+        writer.close()
