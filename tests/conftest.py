@@ -1,0 +1,160 @@
+"""Shared fixtures: the local PostgreSQL cluster and pypool processes started from real configs.
+
+Integration tests talk to a real primary + 2 streaming replicas (started by
+``pypool.cluster`` on 127.0.0.1:5433-5435 unless PG1_PORT... say otherwise)
+through a real ``pypool`` process listening on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pypool import cluster
+from pypool.config import default_config_dict, dump_config
+
+USER = os.environ.get("POSTGRESQL_USERNAME", "postgres")
+PASSWORD = os.environ.get("POSTGRESQL_PASSWORD", "mysecretpassword")
+DATABASE = os.environ.get("POSTGRESQL_DATABASE", "postgres")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class PyPoolProcess:
+    port: int
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen
+    config: dict = field(default_factory=dict)
+
+    def dsn(self, user: str = USER, password: str = PASSWORD, database: str = DATABASE, **extra: str) -> str:
+        params = "".join(f"&{k}={v}" for k, v in extra.items())
+        return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}?sslmode=disable{params}"
+
+    def env(self, password: str = PASSWORD) -> dict[str, str]:
+        return {**os.environ, "PGPASSWORD": password, "PGSSLMODE": "disable"}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"pypool exited with {proc.returncode}:\n{log_path.read_text(errors='replace')}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"pypool did not listen on {port} within {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> list[cluster.Node]:
+    """The local primary + 2 replicas, started (idempotently) for the test session."""
+    return cluster.up()
+
+
+@pytest.fixture(scope="session")
+def pgbench_tables(pg_cluster: list[cluster.Node]) -> None:
+    """pgbench tables (scale 1) on the primary, replicated to both replicas."""
+    primary = pg_cluster[0]
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(primary.port),
+                    "-U", USER, DATABASE], env=env, check=True, capture_output=True, timeout=120)
+    wait_replicas_caught_up(pg_cluster)
+
+
+def wait_replicas_caught_up(nodes: list[cluster.Node], timeout: float = 30) -> None:
+    primary = nodes[0]
+    lsn = cluster.run_sql(primary, "SELECT pg_current_wal_lsn()").strip()
+    deadline = time.monotonic() + timeout
+    for replica in nodes[1:]:
+        while True:
+            done = cluster.run_sql(replica, f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn").strip()
+            if done == "t":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replica {replica.name} did not catch up to {lsn}")
+            time.sleep(0.1)
+
+
+def local_config(nodes: list[cluster.Node], port: int, overrides: dict | None = None) -> dict:
+    env = {"PGCAT_PORT": str(port), "PG1_PORT": str(nodes[0].port), "PG2_PORT": str(nodes[1].port),
+           "PG3_PORT": str(nodes[2].port), "POSTGRESQL_USERNAME": USER, "POSTGRESQL_PASSWORD": PASSWORD,
+           "POSTGRESQL_DATABASE": DATABASE}
+    base = default_config_dict(env)
+    base["general"]["enable_prometheus_exporter"] = False
+    base["general"]["prometheus_exporter_port"] = free_port()
+    return deep_merge(base, overrides or {})
+
+
+def start_pypool_process(config: dict, directory: Path, port: int, extra_args: list[str] | None = None) -> PyPoolProcess:
+    config_path = directory / f"pypool-{port}.toml"
+    config_path.write_text(dump_config(config))
+    log_path = directory / f"pypool-{port}.log"
+    log_file = log_path.open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "pypool", str(config_path), "--log-level", "debug",
+                             *(extra_args or [])], stdout=log_file, stderr=subprocess.STDOUT)
+    wait_for_port(port, proc, log_path)
+    return PyPoolProcess(port, config_path, log_path, proc, config)
+
+
+@pytest.fixture
+def start_pypool(tmp_path: Path, pg_cluster: list[cluster.Node]):
+    """Factory: ``start_pypool({"pools": {"postgres": {...}}})`` -> a running PyPoolProcess."""
+    started: list[PyPoolProcess] = []
+
+    def _start(overrides: dict | None = None, nodes: list[cluster.Node] | None = None) -> PyPoolProcess:
+        port = free_port()
+        config = local_config(nodes or pg_cluster, port, overrides)
+        proc = start_pypool_process(config, tmp_path, port)
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        proc.stop()
+
+
+def user_overrides(**values: object) -> dict:
+    """Overrides for the single configured user of the default pool."""
+    return {"pools": {DATABASE: {"users": {"0": values}}}}
+
+
+def pool_overrides(**values: object) -> dict:
+    return {"pools": {DATABASE: values}}
