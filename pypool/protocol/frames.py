@@ -91,27 +91,33 @@ def parse_startup_packet(buf: bytes | bytearray) -> tuple[StartupPacket, int] | 
             f"unsupported frontend protocol {major}.{code & 0xFFFF}: server supports 3.0"
         )
     params = _parse_cstring_pairs(bytes(buf[8:length]))
-    if "user" not in params:
+    if not params.get("user"):
         raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
     return StartupMessage(code, params), length
 
 
 def _parse_cstring_pairs(body: bytes) -> dict[str, str]:
-    # The body is name\0value\0 ... \0 ; a missing final terminator is malformed.
-    if not body.endswith(b"\x00"):
+    # The body is name\0value\0 ... \0: an empty name ends the list, and that
+    # terminating \0 must be the last byte (as PostgreSQL's own check has it).
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        name_end = body.find(b"\x00", pos)
+        if name_end < 0 or name_end == pos:
+            break
+        value_end = body.find(b"\x00", name_end + 1)
+        if value_end < 0:
+            raise ProtocolViolation("invalid startup packet layout: unpaired parameter")
+        try:
+            name = body[pos:name_end].decode("utf-8")
+            value = body[name_end + 1:value_end].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolViolation("invalid startup packet: parameters are not valid UTF-8") from exc
+        params[name] = value
+        pos = value_end + 1
+    if pos != len(body) - 1 or body[pos] != 0:
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
-    if body == b"\x00":
-        return {}
-    # Every name and value ends in \0, so splitting leaves one empty tail element.
-    parts = body[:-1].split(b"\x00")
-    if parts[-1] != b"" or len(parts) % 2 != 1:
-        raise ProtocolViolation("invalid startup packet layout: unpaired parameter")
-    parts.pop()
-    try:
-        decoded = [p.decode("utf-8") for p in parts]
-    except UnicodeDecodeError as exc:
-        raise ProtocolViolation("invalid startup packet: parameters are not valid UTF-8") from exc
-    return dict(zip(decoded[0::2], decoded[1::2]))
+    return params
 
 
 def scan_messages(buf: bytes | bytearray | memoryview, start: int = 0,
