@@ -250,9 +250,8 @@ def parse_sasl_initial_response(payload: bytes) -> tuple[str, bytes]:
         raise ProtocolViolation("truncated SASLInitialResponse")
     length = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
     data = payload[pos + 4:]
-    if length == -1:
-        data = b""
-    elif length != len(data):
+    # -1 means "no initial response": then there must be no data after it either.
+    if (0 if length == -1 else length) != len(data):
         raise ProtocolViolation("SASLInitialResponse length does not match its data")
     return mechanism, data
 
@@ -290,4 +289,7 @@ def parse_auth_request(payload: bytes) -> tuple[int, bytes]:
 
 
 def parse_sasl_mechanisms(data: bytes) -> list[str]:
-    return [m.decode() for m in data.split(b"\x00") if m]
+    try:
+        return [m.decode("utf-8") for m in data.split(b"\x00") if m]
+    except UnicodeDecodeError as exc:
+        raise ProtocolViolation("invalid UTF-8 in SASL mechanism list") from exc
