@@ -17,7 +17,7 @@ from pypool.pool.group import PoolGroup
 from pypool.pool.server import send_cancel
 from pypool.protocol import auth
 from pypool.protocol import messages as m
-from pypool.routing.router import Router
+from pypool.routing.router import Decision, Router
 
 if TYPE_CHECKING:
     from pypool.config import Config
@@ -124,8 +124,9 @@ class Application:
             verifier = self._verifiers[key] = auth.ScramVerifier.from_password(group.user.password)
         return verifier
 
-    def route(self, client: ClientConnection, tag: int, payload: bytes) -> str:
-        return self.routers[client.database].route(client, tag, payload)
+    def route(self, client: ClientConnection, tag: int, payload: bytes) -> "Decision":
+        return self.routers[client.database].route(client.routing, tag, payload,
+                                                    held_begin=client.held_begin is not None)
 
     # ------------------------------------------------------------------- cancel
 

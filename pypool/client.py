@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from pypool.pool.group import PRIMARY
 from pypool.pool.pool import PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
+from pypool.routing.router import RoutingState
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import (
@@ -40,6 +41,7 @@ from pypool.protocol.frames import (
 if TYPE_CHECKING:
     from pypool.app import Application
     from pypool.pool.group import PoolGroup
+    from pypool.routing.router import Decision
 
 log = logging.getLogger("pypool.client")
 
@@ -97,6 +99,9 @@ class ClientConnection(asyncio.Protocol):
         self._skip = 0  # bytes of the current message body still to forward
         self._hold = b""  # an incomplete header carried to the next chunk
         self._discarding = False  # after an error we answered, drop messages until Sync
+        self.routing = RoutingState()
+        self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
+        self._replay: tuple[bytes, str, str | None] | None = None
         self._max_message = app.config.general.max_message_size
 
     def __repr__(self) -> str:
@@ -329,22 +334,48 @@ class ClientConnection(asyncio.Protocol):
                 del buf[:1 + length]
                 if tag == _S:
                     self._discarding = False
-                    self.transport.write(m.ready_for_query())  # type: ignore[union-attr]
+                    self._write_ready()
                 continue
-            role = self.app.route(self, tag, bytes(buf[5:1 + length]))
+            decision = self.app.route(self, tag, bytes(buf[5:1 + length]))
+            if decision.reply is not None or decision.hold_begin or decision.ends_empty_transaction:
+                self._answer_locally(decision, length)
+                continue
             group = self.group
             assert group is not None
             try:
-                server = group.try_checkout(role)
+                server = group.try_checkout(decision.role)
             except ServerError as exc:
                 self._fail_request(exc.sqlstate, str(exc))
                 continue
-            if server is not None and not self._needs_sync(server):
-                self._attach(server)
+            if server is not None and self._held_begin is None and not self._needs_sync(server):
+                self._attach(server, decision.role)
                 return
-            # Wait for a connection, or sync this one's parameters, in a coroutine.
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
+            # Wait for a connection, sync parameters or replay a held BEGIN, in a coroutine.
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(decision.role, server))
             return
+
+    def _answer_locally(self, decision: "Decision", length: int) -> None:
+        """Answer a simple Query without a server: custom commands and a held-back BEGIN."""
+        del self._pending[:1 + length]
+        if decision.hold_begin:
+            self._held_begin = decision.statement
+            self.transport.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))  # type: ignore[union-attr]
+            return
+        if decision.ends_empty_transaction:
+            self._held_begin = None
+            self.transport.write(m.command_complete(decision.end_tag) + m.ready_for_query())  # type: ignore[union-attr]
+            return
+        self.transport.write(decision.reply + self._ready_bytes())  # type: ignore[operator, union-attr]
+
+    @property
+    def held_begin(self) -> str | None:
+        return self._held_begin
+
+    def _ready_bytes(self) -> bytes:
+        return m.ready_for_query(b"T" if self._held_begin is not None else b"I")
+
+    def _write_ready(self) -> None:
+        self.transport.write(self._ready_bytes())  # type: ignore[union-attr]
 
     async def _checkout(self, role: str, server: ServerConnection | None) -> None:
         group = self.group
@@ -353,6 +384,8 @@ class ClientConnection(asyncio.Protocol):
             if server is None:
                 server = await group.checkout(role)
             await self._sync_parameters(server)
+            if self._held_begin is not None:
+                await server.query(self._held_begin)
         except PoolTimeout as exc:
             self._checkout_task = None
             log.warning("client %s: %s", self.peer, exc)
@@ -362,20 +395,26 @@ class ClientConnection(asyncio.Protocol):
         except ServerError as exc:
             self._checkout_task = None
             if server is not None:
-                group.checkin_broken(server)
+                if server.closed or server.status != _IDLE:
+                    group.checkin_broken(server)
+                else:
+                    group.checkin(server)
             log.warning("client %s: %s", self.peer, exc)
             self._fail_request(exc.sqlstate, str(exc))
             self._dispatch_pending()
             return
         except asyncio.CancelledError:
             if server is not None:
-                group.checkin(server)
+                if server.status == _IDLE:
+                    group.checkin(server)
+                else:
+                    group.checkin_broken(server)
             raise
         self._checkout_task = None
         if self.phase is not Phase.RELAY:
             group.checkin(server)
             return
-        self._attach(server)
+        self._attach(server, role)
 
     def _needs_sync(self, server: ServerConnection) -> bool:
         applied = server.applied_parameters
@@ -399,7 +438,7 @@ class ClientConnection(asyncio.Protocol):
             raise ServerError(f"cannot apply startup parameter: {exc}", exc.fields) from None
         server.applied_parameters.update(self.session_parameters)
 
-    def _attach(self, server: ServerConnection) -> None:
+    def _attach(self, server: ServerConnection, role: str) -> None:
         self.server = server
         server.attach(self)
         if self.transport is not None and self.transport.is_closing():
@@ -408,6 +447,9 @@ class ClientConnection(asyncio.Protocol):
         self._pending.clear()
         self._skip = 0
         self._hold = b""
+        # A read whose server dies before answering can be replayed elsewhere.
+        self._replay = (data, role, self._held_begin) if role != PRIMARY else None
+        self._held_begin = None
         if data:
             self._forward(server, data)
 
@@ -415,6 +457,7 @@ class ClientConnection(asyncio.Protocol):
 
     def server_request_done(self, server: ServerConnection) -> None:
         """The server answered everything asked; in transaction mode, give it back."""
+        self._replay = None
         group = self.group
         if group is None or group.pool_mode == "session" or server.status != _IDLE:
             return
@@ -425,8 +468,23 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None
-        if self.group is not None:
-            self.group.checkin_broken(server)
+        group = self.group
+        replay = self._replay
+        self._replay = None
+        if group is not None:
+            group.checkin_broken(server)
+        if group is not None and replay is not None and not server.replied and self.phase is Phase.RELAY:
+            # The read never got an answer: ban that replica and run it elsewhere.
+            data, role, held_begin = replay
+            group.ban_address(server.address, f"connection lost during a request: {exc or 'closed'}")
+            log.warning("client %s: server %s died before answering; retrying the read elsewhere",
+                        self.peer, server.label)
+            self._pending[:0] = data
+            self._held_begin = held_begin
+            self._skip = 0
+            self._hold = b""
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
+            return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
         self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,
                                    f"server connection to {server.label} was lost; the transaction, "

@@ -8,9 +8,11 @@ transaction is one call.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from pypool.pool.balancer import Balancer
+from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import PoolSettings, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.protocol import messages as m
@@ -22,6 +24,7 @@ log = logging.getLogger("pypool.pool")
 
 PRIMARY = "primary"
 REPLICA = "replica"
+ANY = "any"  # any server: replicas and the primary
 
 # Parameters a client is told at login even before any server was reached.
 FALLBACK_PARAMETERS = {
@@ -75,6 +78,8 @@ class PoolGroup:
                 self.replicas.append(server_pool)
         self.balancer = Balancer(pool.load_balancing_mode)
         self.server_parameters: dict[str, str] | None = None
+        self.monitors: list[ServerMonitor] = []
+        self._split_brain_logged = False
 
     def __repr__(self) -> str:
         return f"<PoolGroup {self.name}/{self.user.username}>"
@@ -86,29 +91,156 @@ class PoolGroup:
     def start(self) -> None:
         for server_pool in self.all_pools:
             server_pool.start()
+            monitor = ServerMonitor(server_pool, self.general.healthcheck_timeout / 1000, self.health_result)
+            self.monitors.append(monitor)
+            monitor.start()
 
     async def close(self) -> None:
+        for monitor in self.monitors:
+            await monitor.stop()
         for server_pool in self.all_pools:
             await server_pool.close()
 
+    # -------------------------------------------------------- health and bans
+
+    def is_banned(self, server_pool: ServerPool) -> bool:
+        return server_pool.banned_until > time.monotonic()
+
+    def ban(self, server_pool: ServerPool, reason: str) -> None:
+        """Take a replica out of rotation for ban_time. The primary is never banned."""
+        if server_pool is self.primary or self.is_banned(server_pool):
+            return
+        server_pool.banned_until = time.monotonic() + self.general.ban_time
+        server_pool.ban_reason = reason
+        server_pool.bans += 1
+        log.warning("pool %s: banning replica %s for %ss: %s", self.name, server_pool.label,
+                    self.general.ban_time, reason)
+
+    def ban_address(self, address: object, reason: str) -> None:
+        for server_pool in self.replicas:
+            if server_pool.address == address:
+                self.ban(server_pool, reason)
+
+    def unban(self, server_pool: ServerPool) -> None:
+        if server_pool.banned_until:
+            log.info("pool %s: replica %s unbanned", self.name, server_pool.label)
+        server_pool.banned_until = 0.0
+        server_pool.ban_reason = ""
+
+    def _lagging(self, server_pool: ServerPool) -> bool:
+        limit = self.config.max_replica_lag_ms
+        return limit is not None and server_pool.lag_ms is not None and server_pool.lag_ms > limit
+
+    def health_result(self, server_pool: ServerPool, result: HealthResult) -> None:
+        """Called by the monitor after every check of ``server_pool``."""
+        server_pool.healthy = result.ok
+        if not result.ok:
+            server_pool.last_error = result.error or "health check failed"
+            self.ban(server_pool, server_pool.last_error)
+            return
+        was_lagging = self._lagging(server_pool)
+        server_pool.in_recovery = result.in_recovery
+        server_pool.lag_ms = result.lag_ms
+        if self._lagging(server_pool) != was_lagging:
+            if was_lagging:
+                log.info("pool %s: replica %s caught up (lag %.0f ms)", self.name, server_pool.label,
+                         result.lag_ms)
+            else:
+                log.warning("pool %s: replica %s lags %.0f ms > max_replica_lag_ms %s; no reads until it "
+                            "catches up", self.name, server_pool.label, result.lag_ms,
+                            self.config.max_replica_lag_ms)
+        self._follow_promotion()
+
+    def _follow_promotion(self) -> None:
+        """Send writes to whichever server is really out of recovery (failover without restart)."""
+        current = self.primary
+        writable = [sp for sp in self.all_pools if sp.healthy and sp.in_recovery is False]
+        if current is not None and current in writable:
+            others = [sp for sp in writable if sp is not current]
+            if others and not self._split_brain_logged:
+                log.error("pool %s: %s and %s both accept writes; writes stay on %s", self.name,
+                          current.label, ", ".join(o.label for o in others), current.label)
+                self._split_brain_logged = True
+            return
+        if not writable:
+            return  # primary down and nobody promoted: writes fail fast until one is back
+        if current is not None and current.healthy and current.in_recovery is None:
+            return  # not checked yet
+        new = writable[0]
+        self._split_brain_logged = False
+        log.warning("pool %s: %s is no longer in recovery and %s is %s; sending writes to %s",
+                    self.name, new.label, current.label if current else "(none)",
+                    "a standby now" if current is not None and current.in_recovery else "unreachable",
+                    new.label)
+        self.replicas = [sp for sp in self.replicas if sp is not new]
+        if current is not None:
+            self.replicas.append(current)
+        self.unban(new)
+        self.primary = new
+
     # ----------------------------------------------------------------- checkout
 
-    def _pool_for(self, role: str) -> ServerPool:
-        if role == REPLICA and self.replicas:
-            return self.balancer.pick(self.replicas)
+    def _primary_pool(self) -> ServerPool:
         if self.primary is None:
             raise ServerError(f"pool {self.name} has no primary server", {"C": m.SQLSTATE_CONNECTION_FAILURE})
         return self.primary
 
+    def _read_candidates(self, role: str, exclude: set[ServerPool] | frozenset = frozenset()) -> list[ServerPool]:
+        replicas = [r for r in self.replicas
+                    if r not in exclude and not self.is_banned(r) and not self._lagging(r)]
+        primary = self.primary
+        primary_ok = primary is not None and primary not in exclude
+        if role == ANY and primary_ok:
+            return replicas + [primary]
+        if replicas:
+            return replicas
+        if role == ANY:
+            return []
+        # Every replica banned or lagging: PgCat clears the bans rather than fail reads.
+        untried = [r for r in self.replicas if r not in exclude]
+        if untried:
+            log.warning("pool %s: every replica is banned; clearing bans", self.name)
+            for r in untried:
+                self.unban(r)
+        return untried
+
     def try_checkout(self, role: str) -> ServerConnection | None:
         """An idle connection of ``role`` right now, or None (then use checkout)."""
-        return self._pool_for(role).try_acquire()
+        if role == PRIMARY:
+            return self._primary_pool().try_acquire()
+        candidates = self._read_candidates(role)
+        if not candidates:
+            return None
+        return self.balancer.pick(candidates).try_acquire()
 
     async def checkout(self, role: str) -> ServerConnection:
-        server_pool = self._pool_for(role)
-        conn = await server_pool.acquire()
-        self._learn_parameters(conn)
-        return conn
+        if role == PRIMARY:
+            primary = self._primary_pool()
+            try:
+                conn = await primary.acquire()
+            except ServerError as exc:
+                raise ServerError(f"primary server {primary.label} of pool {self.name} is unavailable: {exc}",
+                                  {**exc.fields, "C": exc.sqlstate}) from None
+            self._learn_parameters(conn)
+            return conn
+        tried: set[ServerPool] = set()
+        errors: list[str] = []
+        while True:
+            candidates = self._read_candidates(role, tried)
+            if not candidates:
+                raise ServerError(f"pool {self.name}: no server can serve reads: " + "; ".join(errors),
+                                  {"C": m.SQLSTATE_CONNECTION_FAILURE})
+            server_pool = self.balancer.pick(candidates)
+            try:
+                conn = await server_pool.acquire()
+            except ServerError as exc:
+                # Only a failure to reach the server bans it; a full pool is not its fault.
+                tried.add(server_pool)
+                errors.append(str(exc))
+                self.ban(server_pool, str(exc))
+                continue
+            self._learn_parameters(conn)
+            return conn
 
     def checkin(self, conn: ServerConnection) -> None:
         if conn.pool is not None:

@@ -64,6 +64,14 @@ class ServerPool:
         self.active = 0  # checked out
         self.stats = PoolStats()
         self.closing = False
+        # Health, as the group's monitor and checkouts see it.
+        self.healthy = True
+        self.in_recovery: bool | None = None
+        self.lag_ms: float | None = None
+        self.banned_until = 0.0
+        self.ban_reason = ""
+        self.bans = 0
+        self.last_error = ""
         self._maintenance: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[None]] = set()
 

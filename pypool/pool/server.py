@@ -86,6 +86,7 @@ class ServerConnection(asyncio.Protocol):
         self.client: RelayTarget | None = None
         self.pending_syncs = 0  # ReadyForQuery messages still owed to the client
         self.batch_open = False  # client sent messages after its last Sync/Query
+        self.replied = False  # any byte relayed to the client since attach
         self._skip = 0  # bytes of the current message body still to forward
         self._hold = b""  # an incomplete header carried to the next chunk
         self.pool = None  # set by the owning ServerPool
@@ -147,6 +148,7 @@ class ServerConnection(asyncio.Protocol):
         self.client = client
         self.pending_syncs = 0
         self.batch_open = False
+        self.replied = False
         self._skip = 0
         self._hold = b""
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
@@ -161,6 +163,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _relay(self, data: bytes) -> None:
         """Forward server bytes to the client; notice ReadyForQuery and ParameterStatus."""
+        self.replied = True
         if self._hold:
             data = self._hold + data
             self._hold = b""
