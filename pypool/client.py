@@ -41,6 +41,7 @@ from pypool.protocol.frames import (
 if TYPE_CHECKING:
     from pypool.app import Application
     from pypool.pool.group import PoolGroup
+    from pypool.pool.pool import ServerPool
     from pypool.routing.router import Decision
 
 log = logging.getLogger("pypool.client")
@@ -343,15 +344,17 @@ class ClientConnection(asyncio.Protocol):
             group = self.group
             assert group is not None
             try:
-                server = group.try_checkout(decision.role)
+                chosen = group.choose(decision.role)
             except ServerError as exc:
                 self._fail_request(exc.sqlstate, str(exc))
                 continue
+            server = chosen.try_acquire() if chosen is not None else None
             if server is not None and self._held_begin is None and not self._needs_sync(server):
                 self._attach(server, decision.role)
                 return
             # Wait for a connection, sync parameters or replay a held BEGIN, in a coroutine.
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(decision.role, server))
+            self._checkout_task = asyncio.get_running_loop().create_task(
+                self._checkout(decision.role, server, chosen))
             return
 
     def _answer_locally(self, decision: "Decision", length: int) -> None:
@@ -377,12 +380,13 @@ class ClientConnection(asyncio.Protocol):
     def _write_ready(self) -> None:
         self.transport.write(self._ready_bytes())  # type: ignore[union-attr]
 
-    async def _checkout(self, role: str, server: ServerConnection | None) -> None:
+    async def _checkout(self, role: str, server: ServerConnection | None,
+                        preferred: "ServerPool | None" = None) -> None:
         group = self.group
         assert group is not None
         try:
             if server is None:
-                server = await group.checkout(role)
+                server = await group.checkout(role, preferred)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
@@ -483,7 +487,7 @@ class ClientConnection(asyncio.Protocol):
             self._held_begin = held_begin
             self._skip = 0
             self._hold = b""
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
         self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,

@@ -204,16 +204,15 @@ class PoolGroup:
                 self.unban(r)
         return untried
 
-    def try_checkout(self, role: str) -> ServerConnection | None:
-        """An idle connection of ``role`` right now, or None (then use checkout)."""
+    def choose(self, role: str) -> ServerPool | None:
+        """The server pool the balancer picks for ``role`` now (None: no replica usable)."""
         if role == PRIMARY:
-            return self._primary_pool().try_acquire()
+            return self._primary_pool()
         candidates = self._read_candidates(role)
-        if not candidates:
-            return None
-        return self.balancer.pick(candidates).try_acquire()
+        return self.balancer.pick(candidates) if candidates else None
 
-    async def checkout(self, role: str) -> ServerConnection:
+    async def checkout(self, role: str, preferred: ServerPool | None = None) -> ServerConnection:
+        """A connection for ``role``; ``preferred`` is the balancer's earlier pick, kept if still usable."""
         if role == PRIMARY:
             primary = self._primary_pool()
             try:
@@ -230,7 +229,10 @@ class PoolGroup:
             if not candidates:
                 raise ServerError(f"pool {self.name}: no server can serve reads: " + "; ".join(errors),
                                   {"C": m.SQLSTATE_CONNECTION_FAILURE})
-            server_pool = self.balancer.pick(candidates)
+            if preferred is not None and preferred in candidates:
+                server_pool, preferred = preferred, None
+            else:
+                server_pool = self.balancer.pick(candidates)
             try:
                 conn = await server_pool.acquire()
             except ServerError as exc:
