@@ -1,0 +1,610 @@
+"""Static checks of the Docker Compose topology (no Docker engine needed).
+
+docker/docker-compose.yml, docker/.env, docker/Dockerfile, docker/prometheus.yml
+and config/pgcat.simple.toml describe one system from five places. These tests
+read them all and fail as soon as one drifts from the others: a port, a host,
+a role, a credential, a path or the image variable.
+
+Each check is a function over the parsed files, so the drift tests at the end
+can feed it a deliberately broken copy and make sure it notices.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tomllib
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml  # in the test extra: a missing PyYAML must fail, not skip, these checks
+
+from pypool.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE_FILE = DOCKER / "docker-compose.yml"
+ENV_FILE = DOCKER / ".env"
+DOCKERFILE = DOCKER / "Dockerfile"
+PROMETHEUS_FILE = DOCKER / "prometheus.yml"
+
+PG_SERVICES = ("pg1", "pg2", "pg3")
+SERVICES = {*PG_SERVICES, "pypool", "prometheus"}
+PG_PORT_VARS = {"pg1": "PG1_PORT", "pg2": "PG2_PORT", "pg3": "PG3_PORT"}
+ROLE_OF_MODE = {"master": "primary", "slave": "replica"}
+POSTGRESQL_CONTAINER_PORT = 5432
+
+EXPECTED_ENV = {
+    "POSTGRESQL_USERNAME": "postgres",
+    "POSTGRESQL_DATABASE": "postgres",
+    "POSTGRESQL_PASSWORD": "mysecretpassword",
+    "POSTGRESQL_REPLICATION_USER": "repl_user",
+    "POSTGRESQL_REPLICATION_PASSWORD": "repl_password",
+    "PGCAT_PORT": "6432",
+    "PG1_PORT": "5433",
+    "PG2_PORT": "5434",
+    "PG3_PORT": "5435",
+}
+IMAGE_VAR = "POSTGRESQL_IMAGE"
+LEGACY_IMAGE = re.compile(r"bitnamilegacy/postgresql:15\.\d+\.\d+-debian-12-r\d+")
+CREDENTIAL_VARS = (
+    "POSTGRESQL_USERNAME",
+    "POSTGRESQL_PASSWORD",
+    "POSTGRESQL_DATABASE",
+    "POSTGRESQL_REPLICATION_USER",
+    "POSTGRESQL_REPLICATION_PASSWORD",
+)
+
+
+# --------------------------------------------------------------------- readers
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; comments and blank lines skipped; quotes not allowed."""
+    env: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}:{lineno}: not KEY=VALUE: {line!r}"
+        assert re.fullmatch(r"[A-Z_][A-Z0-9_]*", key), f"{path.name}:{lineno}: bad name {key!r}"
+        assert key not in env, f"{path.name}:{lineno}: {key} defined twice"
+        assert value == value.strip() and not value.startswith(("'", '"')), \
+            f"{path.name}:{lineno}: keep values bare (no quotes or padding): {line!r}"
+        env[key] = value
+    return env
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def referenced_vars(node) -> set[str]:
+    """Every ${VAR} / $VAR the compose file interpolates ($$ is a literal $)."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found |= referenced_vars(key) | referenced_vars(value)
+    elif isinstance(node, list):
+        for item in node:
+            found |= referenced_vars(item)
+    elif isinstance(node, str):
+        for match in _VAR.finditer(node):
+            name = match.group(1) or match.group(3)
+            if name:
+                found.add(name)
+    return found
+
+
+def substitute(node, env: dict[str, str]):
+    """Compose-style interpolation; an undefined variable or a default (${X:-y}) fails."""
+    if isinstance(node, dict):
+        return {substitute(k, env): substitute(v, env) for k, v in node.items()}
+    if isinstance(node, list):
+        return [substitute(item, env) for item in node]
+    if not isinstance(node, str):
+        return node
+
+    def repl(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(3)
+        assert not match.group(2), f"${{{name}{match.group(2)}}}: use plain ${{{name}}}, defined in .env"
+        assert name in env, f"compose file uses ${name}, which docker/.env does not define"
+        return env[name]
+
+    return _VAR.sub(repl, node)
+
+
+def environment_of(service: dict) -> dict[str, str]:
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) for item in raw)
+    return {k: "" if v is None else str(v) for k, v in raw.items()}
+
+
+def published_ports(service: dict) -> set[tuple[int, int]]:
+    """{(host_port, container_port)} from short or long port syntax."""
+    out: set[tuple[int, int]] = set()
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            out.add((int(entry["published"]), int(entry["target"])))
+            continue
+        text = str(entry).split("/")[0]
+        parts = text.rsplit(":", 2)
+        assert len(parts) >= 2, f"port {entry!r} is not published on a fixed host port"
+        out.add((int(parts[-2]), int(parts[-1])))
+    return out
+
+
+def volume_mounts(service: dict) -> list[tuple[str, str, bool]]:
+    """[(source, target, read_only)] from short or long volume syntax."""
+    out = []
+    for entry in service.get("volumes") or []:
+        if isinstance(entry, dict):
+            out.append((entry["source"], entry["target"], bool(entry.get("read_only"))))
+            continue
+        parts = entry.split(":")
+        mode = parts[2] if len(parts) > 2 else "rw"
+        out.append((parts[0], parts[1], "ro" in mode.split(",")))
+    return out
+
+
+def is_bind_source(source: str) -> bool:
+    return source.startswith((".", "/", "~"))
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """[(INSTRUCTION, arguments)] with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not pending:
+            continue
+        if stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = (pending + stripped).strip()
+        pending = ""
+        if full:
+            instr, _, args = full.partition(" ")
+            out.append((instr.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), f"not exec form: {args}"
+    return value
+
+
+# ------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    return read_env_file(ENV_FILE)
+
+
+@pytest.fixture(scope="module")
+def raw_compose() -> dict:
+    with COMPOSE_FILE.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+@pytest.fixture(scope="module")
+def compose(raw_compose, env) -> dict:
+    return substitute(raw_compose, env)
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> dict:
+    with PROMETHEUS_FILE.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def config_mount(compose: dict) -> tuple[Path, str, bool]:
+    """(host path of the config, its path in the container, read-only) for pypool."""
+    mounts = [m for m in volume_mounts(compose["services"]["pypool"]) if m[0].endswith(".toml")]
+    assert len(mounts) == 1, f"pypool must mount exactly one .toml config, found {mounts}"
+    source, target, read_only = mounts[0]
+    assert is_bind_source(source), f"config mount {source!r} must be a path relative to docker/"
+    return (DOCKER / source).resolve(), target, read_only
+
+
+@pytest.fixture(scope="module")
+def config(compose):
+    path, _, _ = config_mount(compose)
+    assert path.is_file(), f"pypool mounts {path}, which does not exist"
+    return load_config(path)
+
+
+# -------------------------------------------------------------------- checks
+
+def check_env(env: dict[str, str], env_text: str) -> None:
+    assert set(env) == set(EXPECTED_ENV) | {IMAGE_VAR}, \
+        f"docker/.env must define exactly {sorted(set(EXPECTED_ENV) | {IMAGE_VAR})}, has {sorted(env)}"
+    for name, value in EXPECTED_ENV.items():
+        assert env[name] == value, f"{name}={env[name]!r}, the project's default is {value!r}"
+    assert LEGACY_IMAGE.fullmatch(env[IMAGE_VAR]), \
+        f"{IMAGE_VAR}={env[IMAGE_VAR]!r}: pin a versioned bitnamilegacy/postgresql 15.x debian-12 tag"
+    commented = [line for line in env_text.splitlines() if line.lstrip().startswith("#")]
+    assert any("bitnamisecure/postgresql:latest" in line for line in commented), \
+        "docker/.env should mention the maintained alternative bitnamisecure/postgresql:latest in a comment"
+
+
+def check_services(compose: dict) -> None:
+    assert set(compose["services"]) == SERVICES
+
+
+def check_images(raw_compose: dict, compose: dict, env: dict[str, str]) -> None:
+    services = raw_compose["services"]
+    for name in PG_SERVICES:
+        assert services[name]["image"] == f"${{{IMAGE_VAR}}}", \
+            f"{name} must take its image from ${{{IMAGE_VAR}}}, has {services[name]['image']!r}"
+        assert compose["services"][name]["image"] == env[IMAGE_VAR]
+    for name in ("pypool", "prometheus"):
+        assert IMAGE_VAR not in str(services[name].get("image", "")), f"{name} is not a PostgreSQL server"
+    image = compose["services"]["prometheus"]["image"]
+    repo, _, tag = image.rpartition(":")
+    assert repo in ("prom/prometheus", "docker.io/prom/prometheus"), image
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), f"pin prometheus to a release tag, not {tag!r}"
+
+
+def check_replication(compose: dict, env: dict[str, str]) -> None:
+    services = compose["services"]
+    master = environment_of(services["pg1"])
+    assert master.get("POSTGRESQL_REPLICATION_MODE") == "master"
+    assert "POSTGRESQL_MASTER_HOST" not in master
+    for name in ("pg2", "pg3"):
+        slave = environment_of(services[name])
+        assert slave.get("POSTGRESQL_REPLICATION_MODE") == "slave", name
+        assert slave.get("POSTGRESQL_MASTER_HOST") == "pg1", name
+        assert slave.get("POSTGRESQL_MASTER_PORT_NUMBER") == str(POSTGRESQL_CONTAINER_PORT), name
+    for name in PG_SERVICES:
+        service_env = environment_of(services[name])
+        for var in CREDENTIAL_VARS:
+            assert service_env.get(var) == env[var], f"{name}: {var} must be the .env value"
+
+
+def check_env_references(raw_compose: dict, env: dict[str, str]) -> None:
+    used = referenced_vars(raw_compose)
+    missing = used - set(env)
+    assert not missing, f"compose file uses variables docker/.env does not define: {sorted(missing)}"
+    unused = set(env) - used
+    assert not unused, f"docker/.env defines variables the compose file never uses: {sorted(unused)}"
+
+
+def check_ports(compose: dict, env: dict[str, str], config) -> None:
+    services = compose["services"]
+    for name, var in PG_PORT_VARS.items():
+        assert published_ports(services[name]) == {(int(env[var]), POSTGRESQL_CONTAINER_PORT)}, \
+            f"{name} must publish ${{{var}}}:{POSTGRESQL_CONTAINER_PORT}"
+    pypool_ports = published_ports(services["pypool"])
+    assert (int(env["PGCAT_PORT"]), config.general.port) in pypool_ports, \
+        f"pypool must publish ${{PGCAT_PORT}}:{config.general.port} (general.port of its config)"
+    metrics = config.general.prometheus_exporter_port
+    assert (metrics, metrics) in pypool_ports, f"pypool must publish its metrics port {metrics}"
+    host_ports = [host for svc in services.values() for host, _ in published_ports(svc)]
+    assert len(host_ports) == len(set(host_ports)), f"two services publish the same host port: {host_ports}"
+
+
+def check_config_servers(compose: dict, config) -> None:
+    services = compose["services"]
+    expected = set()
+    for name in PG_SERVICES:
+        mode = environment_of(services[name])["POSTGRESQL_REPLICATION_MODE"]
+        container_ports = {target for _, target in published_ports(services[name])}
+        assert container_ports == {POSTGRESQL_CONTAINER_PORT}
+        expected.add((name, POSTGRESQL_CONTAINER_PORT, ROLE_OF_MODE[mode]))
+    assert config.pools, "the config defines no pool"
+    for pool in config.pools.values():
+        assert pool.shards, f"pool {pool.name} has no shards"
+        for shard in pool.shards:
+            got = {(s.host, s.port, s.role) for s in shard.servers}
+            assert len(got) == len(shard.servers)
+            assert got == expected, f"pool {pool.name}: servers {sorted(got)}, compose runs {sorted(expected)}"
+
+
+def check_config_credentials(config, env: dict[str, str]) -> None:
+    database = env["POSTGRESQL_DATABASE"]
+    assert database in config.pools, f"no pool named {database!r} (the database clients connect to)"
+    for pool in config.pools.values():
+        for shard in pool.shards:
+            assert shard.database == database, f"pool {pool.name} points at database {shard.database!r}"
+        users = list(pool.users.values())
+        assert users, f"pool {pool.name} has no users"
+        for user in users:
+            server_user = user.server_username or user.username
+            server_password = user.server_password or user.password
+            assert server_user == env["POSTGRESQL_USERNAME"], f"pool {pool.name}: user {server_user!r}"
+            assert server_password == env["POSTGRESQL_PASSWORD"], \
+                f"pool {pool.name}: user {server_user!r} has a password other than POSTGRESQL_PASSWORD"
+
+
+def check_prometheus(compose: dict, config, prometheus: dict, dockerfile) -> None:
+    port = config.general.prometheus_exporter_port
+    assert config.general.enable_prometheus_exporter, "the Compose config must enable the exporter"
+    targets = [
+        target
+        for job in prometheus.get("scrape_configs") or []
+        for static in job.get("static_configs") or []
+        for target in static.get("targets") or []
+    ]
+    assert f"pypool:{port}" in targets, f"Prometheus scrapes {targets}, pypool exports on {port}"
+    exposed = {p.split("/")[0] for instr, args in dockerfile if instr == "EXPOSE" for p in args.split()}
+    assert str(port) in exposed, f"the Dockerfile must EXPOSE {port}"
+    assert str(config.general.port) in exposed, f"the Dockerfile must EXPOSE {config.general.port}"
+    mounts = volume_mounts(compose["services"]["prometheus"])
+    sources = {((DOCKER / s).resolve(), t) for s, t, _ in mounts if is_bind_source(s)}
+    assert (PROMETHEUS_FILE.resolve(), "/etc/prometheus/prometheus.yml") in sources, \
+        "the prometheus service must mount docker/prometheus.yml at /etc/prometheus/prometheus.yml"
+
+
+def check_config_mount(compose: dict, dockerfile) -> None:
+    path, target, read_only = config_mount(compose)
+    assert path == (ROOT / "config" / "pgcat.simple.toml").resolve(), f"pypool mounts {path}"
+    assert path.is_file()
+    assert read_only, "mount the config read-only"
+    cmds = [exec_form(args) for instr, args in dockerfile if instr == "CMD"]
+    assert cmds, "the Dockerfile has no CMD"
+    command = compose["services"]["pypool"].get("command")
+    args = command if command is not None else cmds[-1]
+    if isinstance(args, str):
+        args = args.split()
+    assert args == [target], f"pypool is started with {args}, the config is mounted at {target}"
+    assert cmds[-1] == [target], f"Dockerfile CMD {cmds[-1]} must be the mount target {target}"
+    assert PurePosixPath(target).is_absolute()
+
+
+def check_depends_on(compose: dict) -> None:
+    services = compose["services"]
+    depends = services["pypool"].get("depends_on")
+    assert isinstance(depends, dict), "pypool's depends_on needs the long form with conditions"
+    for name in PG_SERVICES:
+        assert name in depends, f"pypool must depend on {name}"
+        assert depends[name].get("condition") == "service_healthy", f"pypool must wait for {name} to be healthy"
+    for name in PG_SERVICES:
+        test = services[name].get("healthcheck", {}).get("test")
+        assert test and "pg_isready" in " ".join(test if isinstance(test, list) else [test]), \
+            f"{name} needs a pg_isready healthcheck"
+    assert services["pypool"].get("healthcheck", {}).get("test"), "pypool needs a healthcheck"
+
+
+def check_dockerfile(dockerfile, pyproject: dict) -> None:
+    froms = [args for instr, args in dockerfile if instr == "FROM"]
+    assert froms == ["python:3.11-slim"], f"FROM {froms}"
+    runs = [args for instr, args in dockerfile if instr == "RUN"]
+    installs = [r for r in runs if re.search(r"\bpip\s+install\b", r)]
+    assert any(re.search(r"\bpip\s+install\s+(--?[\w-]+\s+)*\.(\s|$|&|;)", r) for r in installs), \
+        f"install the package from its copied source with `pip install .`: {installs}"
+    assert not any(re.search(r"\.\[|-e\s|--editable", r) for r in installs), \
+        f"install without extras and not editable: {installs}"
+    copied = [args.split() for instr, args in dockerfile if instr in ("COPY", "ADD")]
+    sources = {s for parts in copied for s in parts[:-1] if not s.startswith("--")}
+    for needed in ("pyproject.toml", "pypool"):
+        assert any(s.rstrip("/") == needed for s in sources), f"the Dockerfile must COPY {needed}"
+    readme = pyproject["project"].get("readme")
+    if readme:
+        assert readme in sources, f"pyproject names readme {readme!r}: COPY it or `pip install .` fails"
+    for source in sources:
+        assert (ROOT / source).exists(), f"COPY {source}: not in the build context (the repo root)"
+    users = [args for instr, args in dockerfile if instr == "USER"]
+    assert users, "the image must switch to a non-root USER"
+    final_user = users[-1].split(":")[0]
+    assert final_user not in ("root", "0"), f"USER {users[-1]} is root"
+    last_user = max(i for i, (instr, _) in enumerate(dockerfile) if instr == "USER")
+    assert all(instr != "USER" for instr, _ in dockerfile[last_user + 1:])
+    entry = [exec_form(args) for instr, args in dockerfile if instr == "ENTRYPOINT"]
+    assert entry and entry[-1] == ["pypool"], f"ENTRYPOINT {entry}"
+    assert pyproject["project"]["scripts"].get("pypool") == "pypool.cli:main"
+
+
+# --------------------------------------------------------------------- tests
+
+def test_env_file(env):
+    check_env(env, ENV_FILE.read_text(encoding="utf-8"))
+
+
+def test_env_matches_config_init_defaults(env):
+    """`pypool config init` and the Compose .env describe the same defaults."""
+    from pypool.config import default_config_dict
+
+    defaults = default_config_dict({})
+    (database, pool), = defaults["pools"].items()
+    user = pool["users"]["0"]
+    ports = [server[1] for server in pool["shards"]["0"]["servers"]]
+    assert database == env["POSTGRESQL_DATABASE"]
+    assert (user["username"], user["password"]) == (env["POSTGRESQL_USERNAME"], env["POSTGRESQL_PASSWORD"])
+    assert defaults["general"]["port"] == int(env["PGCAT_PORT"])
+    assert ports == [int(env["PG1_PORT"]), int(env["PG2_PORT"]), int(env["PG3_PORT"])]
+
+
+def test_service_names(compose):
+    check_services(compose)
+
+
+def test_images_come_from_the_image_variable(raw_compose, compose, env):
+    check_images(raw_compose, compose, env)
+
+
+def test_master_and_slaves(compose, env):
+    check_replication(compose, env)
+
+
+def test_every_variable_is_defined_and_used(raw_compose, env):
+    check_env_references(raw_compose, env)
+
+
+def test_published_ports(compose, env, config):
+    check_ports(compose, env, config)
+
+
+def test_config_servers_are_the_compose_services(compose, config):
+    check_config_servers(compose, config)
+
+
+def test_config_credentials_match_env(config, env):
+    check_config_credentials(config, env)
+
+
+def test_prometheus_scrapes_the_exported_port(compose, config, prometheus, dockerfile):
+    check_prometheus(compose, config, prometheus, dockerfile)
+
+
+def test_config_mount_is_the_dockerfile_cmd(compose, dockerfile):
+    check_config_mount(compose, dockerfile)
+
+
+def test_pypool_waits_for_healthy_servers(compose):
+    check_depends_on(compose)
+
+
+def test_dockerfile(dockerfile, pyproject):
+    check_dockerfile(dockerfile, pyproject)
+
+
+def test_pypool_builds_from_the_repo_root(raw_compose):
+    build = raw_compose["services"]["pypool"]["build"]
+    context = (DOCKER / build["context"]).resolve()
+    assert context == ROOT
+    assert (context / build["dockerfile"]).resolve() == DOCKERFILE.resolve()
+
+
+def test_console_script_resolves(pyproject):
+    import importlib
+
+    module, _, func = pyproject["project"]["scripts"]["pypool"].partition(":")
+    assert callable(getattr(importlib.import_module(module), func))
+
+
+def test_pyyaml_is_in_the_test_extra(pyproject):
+    test_extra = pyproject["project"]["optional-dependencies"]["test"]
+    assert any(re.match(r"pyyaml\b", req, re.IGNORECASE) for req in test_extra)
+
+
+# ------------------------------------------------- the checks notice drift
+
+def _set(path: list, value):
+    def mutate(data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return mutate
+
+
+def _del(path: list):
+    def mutate(data):
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return mutate
+
+
+COMPOSE_DRIFT = {
+    "slave points at pg2": _set(["services", "pg3", "environment", "POSTGRESQL_MASTER_HOST"], "pg2"),
+    "pg2 becomes a master": _set(["services", "pg2", "environment", "POSTGRESQL_REPLICATION_MODE"], "master"),
+    "pg1 port swapped": _set(["services", "pg1", "ports"], ["5434:5432"]),
+    "pypool client port": _set(["services", "pypool", "ports"], ["6432:6433", "9930:9930"]),
+    "metrics not published": _set(["services", "pypool", "ports"], ["6432:6432"]),
+    "depends_on started only": _set(["services", "pypool", "depends_on", "pg2", "condition"], "service_started"),
+    "service renamed": lambda d: d["services"].__setitem__("db3", d["services"].pop("pg3")),
+    "config mount target": _set(["services", "pypool", "volumes"],
+                                ["../config/pgcat.simple.toml:/etc/pgcat/pgcat.toml:ro"]),
+    "config mount writable": _set(["services", "pypool", "volumes"],
+                                  ["../config/pgcat.simple.toml:/etc/pypool/pgcat.toml"]),
+    "other config": _set(["services", "pypool", "volumes"],
+                         ["../config/pgcat.local.toml:/etc/pypool/pgcat.toml:ro"]),
+    "password differs": _set(["services", "pg2", "environment", "POSTGRESQL_PASSWORD"], "other"),
+    "no healthcheck": _del(["services", "pg3", "healthcheck"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSE_DRIFT))
+def test_compose_drift_is_caught(name, compose, env, config, dockerfile):
+    broken = copy.deepcopy(compose)
+    COMPOSE_DRIFT[name](broken)
+    checks = [
+        lambda: check_services(broken),
+        lambda: check_replication(broken, env),
+        lambda: check_ports(broken, env, config),
+        lambda: check_config_servers(broken, config),
+        lambda: check_config_mount(broken, dockerfile),
+        lambda: check_depends_on(broken),
+    ]
+    failures = 0
+    for check in checks:
+        try:
+            check()
+        except (AssertionError, KeyError):
+            failures += 1
+    assert failures, f"no check noticed: {name}"
+
+
+def test_raw_compose_drift_is_caught(raw_compose, env):
+    broken = copy.deepcopy(raw_compose)
+    broken["services"]["pg2"]["image"] = "bitnamilegacy/postgresql:15.10.0-debian-12-r2"
+    with pytest.raises(AssertionError):
+        check_images(broken, substitute(broken, env), env)
+    broken = copy.deepcopy(raw_compose)
+    broken["services"]["pg1"]["ports"] = ["${PG9_PORT}:5432"]
+    with pytest.raises(AssertionError):
+        check_env_references(broken, env)
+
+
+def test_env_drift_is_caught(env):
+    text = ENV_FILE.read_text(encoding="utf-8")
+    for broken in (
+        {**env, "PG2_PORT": "5440"},
+        {**env, "EXTRA": "1"},
+        {**env, IMAGE_VAR: "bitnami/postgresql:latest"},
+        {k: v for k, v in env.items() if k != "POSTGRESQL_REPLICATION_USER"},
+    ):
+        with pytest.raises(AssertionError):
+            check_env(broken, text)
+
+
+def test_dockerfile_drift_is_caught(pyproject):
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    for old, new in (
+        ("USER pypool", "USER root"),
+        ("pip install .", "pip install .[test]"),
+        ("pip install .", "pip install pypool"),
+        ("FROM python:3.11-slim", "FROM python:3.12"),
+        ('ENTRYPOINT ["pypool"]', 'ENTRYPOINT ["python", "-m", "pypool"]'),
+    ):
+        assert old in text, old
+        with pytest.raises(AssertionError):
+            check_dockerfile(dockerfile_instructions(text.replace(old, new)), pyproject)
+    no_user = "\n".join(line for line in text.splitlines() if not line.startswith("USER"))
+    with pytest.raises(AssertionError):
+        check_dockerfile(dockerfile_instructions(no_user), pyproject)
+
+
+def test_cmd_drift_is_caught(compose):
+    text = DOCKERFILE.read_text(encoding="utf-8").replace(
+        'CMD ["/etc/pypool/pgcat.toml"]', 'CMD ["/etc/pgcat/pgcat.toml"]')
+    with pytest.raises(AssertionError):
+        check_config_mount(compose, dockerfile_instructions(text))
+
+
+def test_prometheus_drift_is_caught(compose, config, dockerfile):
+    with pytest.raises(AssertionError):
+        check_prometheus(compose, config, {"scrape_configs": [
+            {"job_name": "pypool", "static_configs": [{"targets": ["pypool:9090"]}]}]}, dockerfile)
