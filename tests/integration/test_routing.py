@@ -181,3 +181,27 @@ def test_pgbench_tpcb_like_writes_land_on_the_primary(start_pypool, pg_cluster, 
     update = "UPDATE pgbench_accounts%"
     counts = [_calls(node, update) for node in pg_cluster]
     assert counts[0] > 100 and counts[1] == 0 and counts[2] == 0, counts
+
+
+def test_lagging_replica_gets_no_reads_until_it_catches_up(start_pypool, pg_cluster):
+    import time
+
+    pg2, pg3 = pg_cluster[1], pg_cluster[2]
+    proc = start_pypool(pool_overrides(max_replica_lag_ms=500, load_balancing_mode="round_robin"))
+    cluster.run_sql(pg_cluster[0], "CREATE TABLE IF NOT EXISTS routing_lag (v int)")
+    wait_replicas_caught_up(pg_cluster)
+    cluster.run_sql(pg2, "SELECT pg_wal_replay_pause()")
+    try:
+        cluster.run_sql(pg_cluster[0], "INSERT INTO routing_lag VALUES (1)")
+        deadline = time.monotonic() + 15
+        with connect(proc.dsn(), autocommit=True) as conn:
+            while {server_port(conn) for _ in range(6)} != {pg3.port}:
+                assert time.monotonic() < deadline, "the paused replica kept getting reads"
+                time.sleep(0.3)
+            cluster.run_sql(pg2, "SELECT pg_wal_replay_resume()")
+            while {server_port(conn) for _ in range(6)} != {pg2.port, pg3.port}:
+                assert time.monotonic() < deadline + 15, "the replica got no reads after catching up"
+                time.sleep(0.3)
+    finally:
+        cluster.run_sql(pg2, "SELECT pg_wal_replay_resume()")
+    assert "max_replica_lag_ms" in proc.log()
