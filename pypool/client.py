@@ -331,6 +331,12 @@ class ClientConnection(asyncio.Protocol):
             if tag == _X:
                 self._close_session()
                 return
+            if tag in _COPY_TAGS:
+                # The tail of a COPY the server already ended with an error (it went
+                # idle and was checked in): PostgreSQL drops these, so must we,
+                # rather than check out a server and keep it for an idle client.
+                del buf[:1 + length]
+                continue
             if self._discarding:
                 del buf[:1 + length]
                 if tag == _S:
