@@ -51,6 +51,8 @@ _S = m.SYNC
 _F = m.FUNCTION_CALL
 _X = m.TERMINATE
 _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+_EXECUTE = m.EXECUTE
+_COPY_DATA = m.COPY_DATA
 _IDLE = ord("I")
 
 # Startup parameters that must match on whichever server runs the client's
@@ -100,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self._skip = 0  # bytes of the current message body still to forward
         self._hold = b""  # an incomplete header carried to the next chunk
         self._discarding = False  # after an error we answered, drop messages until Sync
+        self._syncs_after_execute = 0  # Syncs sent since the last Execute (see _forward)
         self.routing = RoutingState()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
@@ -297,13 +300,23 @@ class ClientConnection(asyncio.Protocol):
             if tag == _Q or tag == _S or tag == _F:
                 server.pending_syncs += 1
                 server.batch_open = False
+                self._syncs_after_execute = self._syncs_after_execute + 1 if tag == _S else 0
             elif tag == _X:
                 if pos:
                     server.transport.write(data[:pos])  # type: ignore[union-attr]
                 self._close_session()
                 return
-            elif tag not in _COPY_TAGS:
+            elif tag in _COPY_TAGS:
+                if tag != _COPY_DATA and self._syncs_after_execute:
+                    # A COPY FROM STDIN started by Execute: the server ignores Syncs that
+                    # arrive in copy-in mode (libpq sends one right after Execute), so
+                    # they will get no ReadyForQuery of their own.
+                    server.pending_syncs -= self._syncs_after_execute
+                    self._syncs_after_execute = 0
+            else:
                 server.batch_open = True
+                if tag == _EXECUTE:
+                    self._syncs_after_execute = 0
             nxt = pos + 1 + length
             if nxt >= n:
                 self._skip = nxt - n
