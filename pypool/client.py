@@ -20,12 +20,14 @@ import enum
 import logging
 import secrets
 import socket
+import time
 from typing import TYPE_CHECKING
 
+from pypool import admin
 from pypool.pool.group import PRIMARY
-from pypool.pool.pool import PoolTimeout
+from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
-from pypool.routing.router import RoutingState
+from pypool.routing.router import Router, RoutingState
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import (
@@ -104,9 +106,20 @@ class ClientConnection(asyncio.Protocol):
         self._discarding = False  # after an error we answered, drop messages until Sync
         self._syncs_after_execute = 0  # Syncs sent since the last Execute (see _forward)
         self.routing = RoutingState()
+        self._router: Router | None = None
+        self._session_mode = False
+        self._parameters_key: tuple[tuple[str, str], ...] = ()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
         self._max_message = app.config.general.max_message_size
+        self.admin: admin.AdminConsole | None = None  # set when logged in to the admin database
+        # Statistics for SHOW CLIENTS (plain ints, read at scrape time).
+        self.connected_at = time.monotonic()
+        self.xact_count = 0
+        self.query_count = 0
+        self.error_count = 0
+        self.wait_started = 0.0  # monotonic start of the current checkout wait, 0 = not waiting
+        self.max_wait = 0.0  # seconds
 
     def __repr__(self) -> str:
         return f"<Client {self.user}@{self.database} from {self.peer}>"
@@ -129,7 +142,7 @@ class ClientConnection(asyncio.Protocol):
             server = self.server
             if server is not None and not self._pending:
                 self._forward(server, data)
-            else:
+            elif self._pending or self._checkout_task is not None or not self._start_fast(data):
                 self._pending += data
                 self._dispatch_pending()
             return
@@ -148,13 +161,13 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client reads slower than its server sends: stop reading that server.
         server = self.server
-        if server is not None and server.transport is not None:
-            server.transport.pause_reading()
+        if server is not None:
+            server.pause_reading()
 
     def resume_writing(self) -> None:
         server = self.server
-        if server is not None and server.transport is not None and not server.closed:
-            server.transport.resume_reading()
+        if server is not None:
+            server.resume_reading()
 
     # --------------------------------------------------------------- handshake
 
@@ -177,6 +190,8 @@ class ClientConnection(asyncio.Protocol):
     async def _handshake(self) -> None:
         try:
             await asyncio.wait_for(self._login(), LOGIN_TIMEOUT)
+            if self.admin is not None:
+                await self.admin.run()
         except ClientError as exc:
             log.info("client %s rejected: %s", self.peer, exc)
             self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
@@ -203,6 +218,9 @@ class ClientConnection(asyncio.Protocol):
         self.user = params["user"]
         self.database = params.get("database") or self.user
         self.app.check_accepting(self)
+        if self.database in admin.ADMIN_DATABASES:
+            self.admin = await admin.login(self)
+            return
         group = self.app.find_group(self.database, self.user)
         if group is None:
             # Unknown user: run the same exchange with a decoy, so it looks like a wrong password.
@@ -216,6 +234,9 @@ class ClientConnection(asyncio.Protocol):
         for name in TRACKED_STARTUP_PARAMETERS:
             if name in params:
                 self.session_parameters[name] = params[name]
+        self._parameters_key = tuple(sorted(self.session_parameters.items()))
+        self._router = self.app.routers[self.database]
+        self._session_mode = group.pool_mode == "session"
         server_params = await group.login_parameters()
         server_params.update(self.session_parameters)
         self.process_id, self.secret_key = self.app.register_cancel_key(self)
@@ -279,6 +300,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         """Relay client bytes to ``server``, counting requests that end in ReadyForQuery."""
+        server.bytes_sent += len(data)
         if self._hold:
             data = self._hold + data
             self._hold = b""
@@ -291,6 +313,7 @@ class ClientConnection(asyncio.Protocol):
         while True:
             if n - pos < HEADER_SIZE:
                 self._hold = data[pos:]
+                self._skip = 0
                 break
             tag = data[pos]
             length = int.from_bytes(data[pos + 1:pos + 5], "big")
@@ -376,6 +399,49 @@ class ClientConnection(asyncio.Protocol):
                 self._checkout(decision.role, server, chosen))
             return
 
+    def _start_fast(self, data: bytes) -> bool:
+        """Start a transaction from ``data`` with an idle connection, without copying or waiting.
+
+        The common case of transaction pooling: a client in the default routing
+        state sends one request, its routing decision is memoised, and the
+        chosen server has an idle connection already set up like this client.
+        Only a client that never changed its routing state (PgCat's custom
+        commands) can use memoised decisions. Returns False to leave anything
+        else to ``_dispatch_pending``.
+        """
+        routing = self.routing
+        if routing.role_override is not None or routing.primary_reads is not None \
+                or self._held_begin is not None or self._discarding:
+            return False
+        n = len(data)
+        if n < HEADER_SIZE:
+            return False
+        end = 1 + int.from_bytes(data[1:5], "big")
+        if end > n or end < HEADER_SIZE or end > self._max_message:
+            return False
+        decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
+        if decision is None:
+            return False
+        group = self.group
+        role = decision.role
+        server_pool = group.primary if role == PRIMARY else group.choose(role)  # type: ignore[union-attr]
+        if server_pool is None:
+            return False
+        server = server_pool.try_acquire()
+        if server is None or server.applied_key != self._parameters_key:
+            # Wait for a connection or sync parameters, keeping the balancer's pick.
+            self._pending += data
+            self._checkout_task = asyncio.get_running_loop().create_task(
+                self._checkout(role, server, server_pool))
+            return True
+        self.server = server
+        server.attach(self)
+        self._skip = 0
+        self._hold = b""
+        self._replay = (data, role, None) if role != PRIMARY else None
+        self._forward(server, data)
+        return True
+
     def _answer_locally(self, decision: "Decision", length: int) -> None:
         """Answer a simple Query without a server: custom commands and a held-back BEGIN."""
         del self._pending[:1 + length]
@@ -403,9 +469,10 @@ class ClientConnection(asyncio.Protocol):
                         preferred: "ServerPool | None" = None) -> None:
         group = self.group
         assert group is not None
+        started = self.wait_started = time.monotonic()
         try:
             if server is None:
-                server = await group.checkout(role, preferred)
+                server = await self._checkout_current(role, preferred)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
@@ -433,18 +500,38 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     group.checkin_broken(server)
             raise
+        finally:
+            waited = time.monotonic() - started
+            if waited > self.max_wait:
+                self.max_wait = waited
+            self.wait_started = 0.0
         self._checkout_task = None
         if self.phase is not Phase.RELAY:
             group.checkin(server)
             return
         self._attach(server, role)
 
+    async def _checkout_current(self, role: str, preferred: "ServerPool | None") -> ServerConnection:
+        """``group.checkout``, following a config reload that rebuilt this client's pool."""
+        group = self.group
+        assert group is not None
+        while True:
+            if group.successor is not None:
+                while group.successor is not None:
+                    group = group.successor
+                self.group = group
+                self._router = self.app.routers.get(self.database, self._router)
+                self._session_mode = group.pool_mode == "session"
+                preferred = None
+            try:
+                return await group.checkout(role, preferred)
+            except PoolRetired:
+                if group.successor is None:
+                    raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '
+                                      "pypool's configuration", {"C": m.SQLSTATE_INVALID_CATALOG}) from None
+
     def _needs_sync(self, server: ServerConnection) -> bool:
-        applied = server.applied_parameters
-        for name, value in self.session_parameters.items():
-            if applied.get(name) != value:
-                return True
-        return False
+        return server.applied_key != self._parameters_key
 
     async def _sync_parameters(self, server: ServerConnection) -> None:
         """Make the server session carry this client's startup parameters."""
@@ -452,14 +539,14 @@ class ClientConnection(asyncio.Protocol):
         for name, value in self.session_parameters.items():
             if server.applied_parameters.get(name) != value:
                 statements.append(f"SET {_quote_ident(name)} TO {_quote_literal(value)}")
-        if not statements:
-            return
-        try:
-            await server.query("; ".join(statements))
-        except ServerError as exc:
-            # A bad value from the client's startup packet: tell the client, keep the server.
-            raise ServerError(f"cannot apply startup parameter: {exc}", exc.fields) from None
-        server.applied_parameters.update(self.session_parameters)
+        if statements:
+            try:
+                await server.query("; ".join(statements))
+            except ServerError as exc:
+                # A bad value from the client's startup packet: tell the client, keep the server.
+                raise ServerError(f"cannot apply startup parameter: {exc}", exc.fields) from None
+            server.applied_parameters.update(self.session_parameters)
+        server.applied_key = self._parameters_key
 
     def _attach(self, server: ServerConnection, role: str) -> None:
         self.server = server
@@ -481,11 +568,19 @@ class ClientConnection(asyncio.Protocol):
     def server_request_done(self, server: ServerConnection) -> None:
         """The server answered everything asked; in transaction mode, give it back."""
         self._replay = None
-        group = self.group
-        if group is None or group.pool_mode == "session" or server.status != _IDLE:
+        self.query_count += 1
+        if server.status != _IDLE:
+            return
+        self.xact_count += 1
+        if self._session_mode:
             return
         self.server = None
-        group.checkin(server)
+        pool = server.pool
+        if pool is not None:
+            pool.release(server)
+        else:
+            server.detach()
+            server.close()
         if self._pending:
             self._dispatch_pending()
 
@@ -519,6 +614,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer the request at the head of ``_pending`` with an error, as a server would."""
         if self.transport is None or self.transport.is_closing():
             return
+        self.error_count += 1
         self.transport.write(m.error_response(sqlstate, text))
         buf = self._pending
         while len(buf) >= HEADER_SIZE:
@@ -585,6 +681,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             await server.query("DISCARD ALL")
             server.applied_parameters.clear()
+            server.applied_key = None
         except ServerError:
             group.checkin_broken(server)
             return

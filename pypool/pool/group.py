@@ -79,7 +79,13 @@ class PoolGroup:
         self.balancer = Balancer(pool.load_balancing_mode)
         self.server_parameters: dict[str, str] | None = None
         self.monitors: list[ServerMonitor] = []
+        # Set by a config reload that rebuilt this pool: clients move there at their next checkout.
+        self.successor: PoolGroup | None = None
+        self.cancel_requests = 0  # CancelRequests forwarded for this pool's clients
+        self.cancels_in_flight = 0  # ... and not yet delivered (SHOW POOLS cl_cancel_req)
         self._split_brain_logged = False
+        self._candidates: dict[str, list[ServerPool]] = {}
+        self.refresh_candidates()
 
     def __repr__(self) -> str:
         return f"<PoolGroup {self.name}/{self.user.username}>"
@@ -106,15 +112,20 @@ class PoolGroup:
     def is_banned(self, server_pool: ServerPool) -> bool:
         return server_pool.banned_until > time.monotonic()
 
-    def ban(self, server_pool: ServerPool, reason: str) -> None:
-        """Take a replica out of rotation for ban_time. The primary is never banned."""
+    def ban(self, server_pool: ServerPool, reason: str, duration: float | None = None) -> None:
+        """Take a replica out of rotation for ban_time (or ``duration`` s). The primary is never banned."""
         if server_pool is self.primary or self.is_banned(server_pool):
             return
-        server_pool.banned_until = time.monotonic() + self.general.ban_time
+        if duration is None:
+            duration = self.general.ban_time
+        server_pool.banned_until = time.monotonic() + duration
+        server_pool.banned_at = time.time()
+        server_pool.ban_duration = duration
         server_pool.ban_reason = reason
         server_pool.bans += 1
+        self.refresh_candidates()
         log.warning("pool %s: banning replica %s for %ss: %s", self.name, server_pool.label,
-                    self.general.ban_time, reason)
+                    duration, reason)
 
     def ban_address(self, address: object, reason: str) -> None:
         for server_pool in self.replicas:
@@ -126,6 +137,7 @@ class PoolGroup:
             log.info("pool %s: replica %s unbanned", self.name, server_pool.label)
         server_pool.banned_until = 0.0
         server_pool.ban_reason = ""
+        self.refresh_candidates()
 
     def _lagging(self, server_pool: ServerPool) -> bool:
         limit = self.config.max_replica_lag_ms
@@ -137,6 +149,7 @@ class PoolGroup:
         if not result.ok:
             server_pool.last_error = result.error or "health check failed"
             self.ban(server_pool, server_pool.last_error)
+            self.refresh_candidates()
             return
         was_lagging = self._lagging(server_pool)
         server_pool.in_recovery = result.in_recovery
@@ -150,6 +163,7 @@ class PoolGroup:
                             "catches up", self.name, server_pool.label, result.lag_ms,
                             self.config.max_replica_lag_ms)
         self._follow_promotion()
+        self.refresh_candidates()
 
     def _follow_promotion(self) -> None:
         """Send writes to whichever server is really out of recovery (failover without restart)."""
@@ -208,8 +222,20 @@ class PoolGroup:
         """The server pool the balancer picks for ``role`` now (None: no replica usable)."""
         if role == PRIMARY:
             return self._primary_pool()
-        candidates = self._read_candidates(role)
+        candidates = self._candidates.get(role)
         return self.balancer.pick(candidates) if candidates else None
+
+    def refresh_candidates(self) -> None:
+        """Recompute who may serve reads; called on every health result, ban and failover.
+
+        The hot path reads this list instead of filtering servers per transaction;
+        the monitor's one-second cadence bounds how late an expired ban is noticed.
+        """
+        usable = [r for r in self.replicas if not self.is_banned(r) and not self._lagging(r)]
+        self._candidates = {
+            REPLICA: usable,
+            ANY: usable + [self.primary] if self.primary is not None else usable,
+        }
 
     async def checkout(self, role: str, preferred: ServerPool | None = None) -> ServerConnection:
         """A connection for ``role``; ``preferred`` is the balancer's earlier pick, kept if still usable."""

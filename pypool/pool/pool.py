@@ -13,7 +13,9 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass
+import weakref
+from bisect import bisect_left
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pypool.pool.server import Credentials, ServerConnection, ServerError, open_connection
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from pypool.config import ServerAddress
 
 log = logging.getLogger("pypool.pool")
+
+_IDLE = ord("I")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,17 +44,46 @@ class PoolTimeout(Exception):
     """No connection became free within checkout_timeout."""
 
 
+class PoolRetired(Exception):
+    """A config reload replaced this pool while a client waited in it: ask the new one."""
+
+
+# Fixed histogram bounds (seconds) for transaction time and checkout wait; the
+# hot path only bumps one slot of an int list (the last slot is +Inf).
+XACT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @dataclass(slots=True)
 class PoolStats:
     """Plain counters, read by the admin console and metrics at scrape time."""
 
     checkouts: int = 0
     checkout_waits: int = 0
-    checkout_wait_time: float = 0.0
+    checkout_wait_time: float = 0.0  # seconds, failed and paused waits included
     checkout_timeouts: int = 0
     connects: int = 0
     connect_errors: int = 0
     closed_dirty: int = 0
+    # Totals of connections that have ended (live ones are added at read time).
+    query_count: int = 0
+    xact_count: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    # Timed transactions (see ServerConnection._transaction_done) and waits that
+    # went through the slow path; immediate checkouts are zero-second waits.
+    xact_time: float = 0.0
+    xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))
+    wait_hist: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
+    wait_hist_sum: float = 0.0
+
+    def observe_xact(self, seconds: float) -> None:
+        self.xact_time += seconds
+        self.xact_hist[bisect_left(XACT_BUCKETS, seconds)] += 1
+
+    def observe_wait(self, seconds: float) -> None:
+        self.wait_hist_sum += seconds
+        self.wait_hist[bisect_left(WAIT_BUCKETS, seconds)] += 1
 
 
 class ServerPool:
@@ -64,6 +97,7 @@ class ServerPool:
         self.active = 0  # checked out
         self.stats = PoolStats()
         self.closing = False
+        self.retired = False  # replaced by a config reload: draining
         # Health, as the group's monitor and checkouts see it.
         self.healthy = True
         self.in_recovery: bool | None = None
@@ -72,6 +106,13 @@ class ServerPool:
         self.ban_reason = ""
         self.bans = 0
         self.last_error = ""
+        self.banned_at = 0.0  # wall-clock time of the current ban (SHOW BANS)
+        self.ban_duration = 0.0  # seconds
+        # Admin PAUSE: no checkout until RESUME (connections in use carry on).
+        self.paused = False
+        self._resumed = asyncio.Event()
+        # Every open connection of this pool, for SHOW SERVERS and the collector.
+        self.connections: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
         self._maintenance: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[None]] = set()
 
@@ -86,13 +127,13 @@ class ServerPool:
 
     def try_acquire(self) -> ServerConnection | None:
         """Check out an idle connection without waiting, or return None."""
-        if self.waiters:
+        idle = self.idle
+        if self.waiters or not idle or self.paused:
             return None  # FIFO: those already waiting go first
         now = time.monotonic()
-        idle = self.idle
         while idle:
             conn = idle.pop()
-            if self._usable(conn, now):
+            if not conn.closed and now < conn.expires_at:
                 self.active += 1
                 self.stats.checkouts += 1
                 return conn
@@ -100,23 +141,43 @@ class ServerPool:
         return None
 
     async def acquire(self) -> ServerConnection:
+        while self.paused and not self.closing:
+            started = time.monotonic()
+            self._resumed.clear()
+            try:
+                await self._resumed.wait()
+            finally:
+                self.stats.checkout_wait_time += time.monotonic() - started
         conn = self.try_acquire()
         if conn is not None:
             return conn
         if self.closing:
+            if self.retired:
+                raise PoolRetired(self.label)
             raise ServerError(f"pool for {self.label} is shutting down", {"C": m.SQLSTATE_ADMIN_SHUTDOWN})
         if self.size < self.settings.pool_size and not self.waiters:
             self.size += 1
+            started = time.monotonic()
             try:
                 conn = await self._open()
             except BaseException:
                 self.size -= 1
                 self._serve_waiters_after_loss()
                 raise
+            waited = time.monotonic() - started
+            self.stats.checkout_wait_time += waited
+            self.stats.observe_wait(waited)
             self.active += 1
             self.stats.checkouts += 1
             return conn
         return await self._wait()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
 
     async def _wait(self) -> ServerConnection:
         loop = asyncio.get_running_loop()
@@ -149,6 +210,7 @@ class ServerPool:
                 except ValueError:
                     pass
         self.stats.checkouts += 1
+        self.stats.observe_wait(time.monotonic() - started)
         return conn
 
     async def _open(self) -> ServerConnection:
@@ -163,6 +225,10 @@ class ServerPool:
             raise
         conn.pool = self
         conn.on_lost = self._on_lost
+        conn.stats = self.stats
+        self.connections.add(conn)
+        if self.settings.server_lifetime:
+            conn.expires_at = conn.created_at + self.settings.server_lifetime
         conn.applied_parameters["application_name"] = self.settings.application_name
         return conn
 
@@ -172,13 +238,16 @@ class ServerPool:
         """Return a clean connection (status idle, no pending replies)."""
         conn.detach()
         self.active -= 1
-        if conn.closed or self.closing or conn.status != ord("I"):
-            if not conn.closed and conn.status != ord("I"):
+        if conn.closed or self.closing or conn.status != _IDLE:
+            if not conn.closed and conn.status != _IDLE:
                 self.stats.closed_dirty += 1
             self._discard(conn)
             return
-        if self.settings.server_lifetime and time.monotonic() - conn.created_at > self.settings.server_lifetime:
-            self._discard(conn)
+        if conn.last_used >= conn.expires_at:
+            self._discard(conn)  # past server_lifetime
+            return
+        if not self.waiters:
+            self.idle.append(conn)
             return
         while self.waiters:
             fut = self.waiters.popleft()
@@ -246,12 +315,6 @@ class ServerPool:
                 return
         self.idle.append(conn)
 
-    def _usable(self, conn: ServerConnection, now: float) -> bool:
-        if conn.closed:
-            return False
-        lifetime = self.settings.server_lifetime
-        return not (lifetime and now - conn.created_at > lifetime)
-
     # -------------------------------------------------------------- maintenance
 
     def start(self) -> None:
@@ -296,6 +359,7 @@ class ServerPool:
 
     async def close(self) -> None:
         self.closing = True
+        self._resumed.set()  # paused checkouts see ``closing`` and give up
         if self._maintenance is not None:
             self._maintenance.cancel()
         for task in list(self._connecting):
@@ -309,5 +373,6 @@ class ServerPool:
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
-                fut.set_exception(ServerError(f"pool for {self.label} was closed",
+                fut.set_exception(PoolRetired(self.label) if self.retired else
+                                  ServerError(f"pool for {self.label} was closed",
                                               {"C": m.SQLSTATE_ADMIN_SHUTDOWN}))

@@ -75,12 +75,16 @@ class ServerConnection(asyncio.Protocol):
         self.closed = False
         # Filled at login: the server's reported parameters and its cancel key.
         self.parameters: dict[str, str] = {}
-        # Session parameters pypool itself SET on this connection, as the client spelled them.
+        # Session parameters pypool itself SET on this connection, as the client spelled them,
+        # and the key of the client set they match (compared on every checkout).
         self.applied_parameters: dict[str, str] = {}
+        self.applied_key: tuple[tuple[str, str], ...] | None = None
         self.backend_pid = 0
         self.backend_secret = 0
         self.created_at = time.monotonic()
         self.last_used = self.created_at
+        self.expires_at = float("inf")  # server_lifetime, set by the owning pool
+        self.reading_paused = False  # paused because the client reads slower than we send
         self.status = _IDLE  # transaction status byte from the last ReadyForQuery
         # Relay-mode state
         self.client: RelayTarget | None = None
@@ -91,6 +95,16 @@ class ServerConnection(asyncio.Protocol):
         self._hold = b""  # an incomplete header carried to the next chunk
         self.pool = None  # set by the owning ServerPool
         self.on_lost = None  # callback(ServerConnection) set by the owning pool
+        # Statistics: plain ints bumped where the work happens, read by the admin
+        # console and metrics. ``stats`` is the owning pool's PoolStats; these
+        # counts are added to it once, when the connection ends (``_fold``).
+        self.stats = None
+        self.query_count = 0  # requests answered (ReadyForQuery)
+        self.xact_count = 0  # transactions ended (ReadyForQuery 'I')
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.xact_start = 0.0  # when the timed transaction began (0: not timed)
+        self._folded = False
 
     def __repr__(self) -> str:
         return f"<ServerConnection {self.address.host}:{self.address.port} pid={self.backend_pid}>"
@@ -108,6 +122,7 @@ class ServerConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_received += len(data)
         if self.client is not None:
             self._relay(data)
             return
@@ -120,6 +135,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._fold()
         self._closed_exc = exc or ConnectionResetError("server closed the connection")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -146,6 +162,7 @@ class ServerConnection(asyncio.Protocol):
 
     def attach(self, client: RelayTarget) -> None:
         self.client = client
+        self.xact_start = time.monotonic()
         self.pending_syncs = 0
         self.batch_open = False
         self.replied = False
@@ -158,7 +175,17 @@ class ServerConnection(asyncio.Protocol):
     def detach(self) -> None:
         self.client = None
         self.last_used = time.monotonic()
-        if self.transport is not None and not self.closed:
+        if self.reading_paused:
+            self.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed and not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def _relay(self, data: bytes) -> None:
@@ -173,24 +200,26 @@ class ServerConnection(asyncio.Protocol):
             self._skip = pos - n
             self.client.transport.write(data)  # type: ignore[union-attr]
             return
+        from_bytes = int.from_bytes
         while True:
-            left = n - pos
-            if left < 6:
-                # ReadyForQuery needs its status byte, anything else its header.
-                if left < 5 or data[pos] == _Z:
-                    self._hold = data[pos:]
-                    break
+            # ReadyForQuery needs its status byte, anything else its header.
+            if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
+                self._hold = data[pos:]
+                self._skip = 0
+                break
             tag = data[pos]
-            nxt = pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")
+            nxt = pos + 1 + from_bytes(data[pos + 1:pos + 5], "big")
             if tag == _Z:
                 self.status = data[pos + 5]
                 self.pending_syncs -= 1
+                self.query_count += 1
                 if self.pending_syncs <= 0 and not self.batch_open:
                     self._request_done(data, nxt)
                     return
             elif tag == _S:
                 if nxt > n:  # rare: keep a split ParameterStatus whole
                     self._hold = data[pos:]
+                    self._skip = 0
                     break
                 self._note_parameter(data[pos + 5:nxt])
             if nxt >= n:
@@ -211,6 +240,8 @@ class ServerConnection(asyncio.Protocol):
         self.pending_syncs = 0
         self._skip = 0
         rest = data[end:]
+        if self.status == _IDLE:
+            self._transaction_done()
         client.server_request_done(self)
         if rest:
             # Asynchronous messages after the final ReadyForQuery: relay them if
@@ -220,6 +251,32 @@ class ServerConnection(asyncio.Protocol):
             else:
                 self._buffer.feed(rest)
                 self._drain_idle_messages()
+
+    def _transaction_done(self) -> None:
+        """A relayed transaction ended (ReadyForQuery 'I'): count it and time it.
+
+        The clock starts at ``attach``, so in transaction mode this is the
+        checkout-to-commit time; a session-mode client's later transactions on
+        the same attachment are counted but not timed (their start is unknown).
+        """
+        self.xact_count += 1
+        started = self.xact_start
+        if started:
+            self.xact_start = 0.0
+            if self.stats is not None:
+                self.stats.observe_xact(time.monotonic() - started)
+
+    def _fold(self) -> None:
+        """Add this connection's counts to its pool's totals, once, as it ends."""
+        if self._folded:
+            return
+        self._folded = True
+        stats = self.stats
+        if stats is not None:
+            stats.query_count += self.query_count
+            stats.xact_count += self.xact_count
+            stats.bytes_received += self.bytes_received
+            stats.bytes_sent += self.bytes_sent
 
     def _note_parameter(self, payload: bytes) -> None:
         try:
@@ -262,6 +319,7 @@ class ServerConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
             raise ServerError(f"server {self.label} connection is closed")
+        self.bytes_sent += len(data)
         self.transport.write(data)
 
     async def login(self, startup_params: dict[str, str]) -> None:
@@ -340,6 +398,7 @@ class ServerConnection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self._fold()
         if self.transport is not None:
             try:
                 self.transport.write(m.terminate())

@@ -38,6 +38,7 @@ _SET_SERVER_ROLE = re.compile(r"(?i)^\s*SET\s+SERVER\s+ROLE\s+TO\s+'(primary|rep
 _SHOW_SERVER_ROLE = re.compile(r"(?i)^\s*SHOW\s+SERVER\s+ROLE\s*;?\s*$")
 _SET_PRIMARY_READS = re.compile(r"(?i)^\s*SET\s+PRIMARY\s+READS\s+TO\s+'?(on|off|default)'?\s*;?\s*$")
 _SHOW_PRIMARY_READS = re.compile(r"(?i)^\s*SHOW\s+PRIMARY\s+READS\s*;?\s*$")
+MEMO_SIZE = 10_000
 # Only these can start a custom command: a cheap filter before any regex.
 _CUSTOM_PREFIXES = ("set server", "show server", "set primary", "show primary")
 
@@ -75,6 +76,10 @@ class Router:
         )
         # Decisions by role, read by the metrics collector.
         self.decisions: dict[str, int] = {PRIMARY: 0, REPLICA: 0, ANY: 0}
+        # Hot path: decisions for clients in the default state, by exact message payload.
+        self._memo: dict[bytes, Decision] = {}
+        self._default_state = RoutingState()
+        self._unparsed = Decision(self._default_role(), "default_role")
 
     # --------------------------------------------------------- custom commands
 
@@ -114,6 +119,34 @@ class Router:
         return self.pool.primary_reads_enabled if state.primary_reads is None else state.primary_reads
 
     # ----------------------------------------------------------------- routing
+
+    def route_default(self, message: bytes) -> Decision | None:
+        """The decision for a client in the default routing state, memoised by message.
+
+        ``message`` is one whole message, tag and length included. Returns
+        None when it needs the full path (a custom command, a BEGIN to hold
+        back, a message without statement text).
+        """
+        if not self.splitting and b"pypool" not in message:
+            decision = self._unparsed  # no parser: only a hint comment could change the role
+            self.decisions[decision.role] += 1
+            return decision
+        decision = self._memo.get(message)
+        if decision is None:
+            tag = message[0]
+            if tag != m.QUERY and tag != m.PARSE:
+                return None
+            payload = message[5:]
+            if tag == m.QUERY and self.custom_command(RoutingState(), _text(payload)) is not None:
+                return None  # PgCat's custom commands change the client's state: full path
+            decision = self._decide(self._default_state, tag, _statement_text(tag, payload), False)
+            if decision.hold_begin or decision.ends_empty_transaction:
+                return None
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()  # a workload of endless distinct texts: start over
+            self._memo[message] = decision
+        self.decisions[decision.role] += 1
+        return decision
 
     def route(self, state: RoutingState, tag: int, payload: bytes, *, held_begin: bool = False) -> Decision:
         sql = _statement_text(tag, payload)
@@ -170,6 +203,10 @@ class Router:
     def _default_role(self) -> str:
         role = self.pool.default_role
         return {"primary": PRIMARY, "replica": REPLICA}.get(role, ANY)
+
+
+def _text(payload: bytes) -> str:
+    return payload.rstrip(b"\x00").decode("utf-8", "replace")
 
 
 def _statement_text(tag: int, payload: bytes) -> str | None:

@@ -1,0 +1,1 @@
+"""Benchmarks for pypool: `python -m benchmarks.run` (see README.md)."""
