@@ -142,7 +142,17 @@ class ClientConnection(asyncio.Protocol):
             server = self.server
             if server is not None and not self._pending:
                 self._forward(server, data)
-            elif self._pending or self._checkout_task is not None or not self._start_fast(data):
+                return
+            if server is None and self._skip:
+                # The tail of a CopyData the server stopped listening to (it ended
+                # the COPY with an error and was released): PostgreSQL drops it.
+                skip = self._skip
+                if len(data) <= skip:
+                    self._skip = skip - len(data)
+                    return
+                data = data[skip:]
+                self._skip = 0
+            if self._pending or self._checkout_task is not None or not self._start_fast(data):
                 self._pending += data
                 self._dispatch_pending()
             return
@@ -414,7 +424,7 @@ class ClientConnection(asyncio.Protocol):
                 or self._held_begin is not None or self._discarding:
             return False
         n = len(data)
-        if n < HEADER_SIZE:
+        if n < HEADER_SIZE or data[0] in _COPY_TAGS:
             return False
         end = 1 + int.from_bytes(data[1:5], "big")
         if end > n or end < HEADER_SIZE or end > self._max_message:
@@ -575,6 +585,10 @@ class ClientConnection(asyncio.Protocol):
         if self._session_mode:
             return
         self.server = None
+        if self._hold:
+            # A message header split across reads after the end of the request.
+            self._pending[:0] = self._hold
+            self._hold = b""
         pool = server.pool
         if pool is not None:
             pool.release(server)
