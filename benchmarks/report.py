@@ -1,0 +1,488 @@
+"""CSV, markdown table and chart from the benchmark's rows."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+LABELS = {
+    "direct": "PostgreSQL direct",
+    "pypool": "pypool",
+    "pypool-rw": "pypool R/W split",
+    "pgbouncer": "PgBouncer",
+    "pgcat": "PgCat",
+    "pgcat-rw": "PgCat R/W split",
+}
+COLORS = {
+    "direct": "#8c8c8c",
+    "pypool": "#1f77b4",
+    "pypool-rw": "#6baed6",
+    "pgbouncer": "#ff7f0e",
+    "pgcat": "#2ca02c",
+    "pgcat-rw": "#98df8a",
+}
+
+
+def _num(x) -> float | None:
+    if x is None or x == "":
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def fmt_row(row) -> str:
+    if row.status not in ("ok",):
+        return f"{row.status}: {row.note}"
+    if row.workload == "memory":
+        return (f"RSS {row.rss_idle_kib / 1024:.1f} MiB idle -> {row.rss_kib / 1024:.1f} MiB with "
+                f"{row.connections} clients; {row.note}")
+    parts = [f"tps {row.tps:>9.1f}" if row.tps is not None else "tps ?"]
+    if row.lat_avg_us is not None:
+        parts.append(f"avg {row.lat_avg_us / 1000:.3f} ms")
+    if row.lat_p50_us is not None and row.workload == "rtt":
+        parts.append(f"p50 {row.lat_p50_us:.1f} us")
+    if row.lat_p99_us is not None:
+        parts.append(f"p99 {row.lat_p99_us / 1000:.3f} ms")
+    if row.cpu_us_per_tx is not None:
+        parts.append(f"cpu {row.cpu_us_per_tx:.1f} us/tx")
+    if row.replica_share is not None:
+        parts.append(f"on replicas {row.replica_share:.0%}")
+    return "  ".join(parts)
+
+
+def write_csv(rows: Sequence, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return
+    cols = type(rows[0]).columns()
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if getattr(r, c) is None else getattr(r, c) for c in cols])
+    tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --------------------------------------------------------------------------
+# aggregation
+
+
+def _as_dicts(rows: Iterable) -> list[dict]:
+    out = []
+    for r in rows:
+        out.append(r if isinstance(r, dict) else dict(vars(r)))
+    return out
+
+
+def _median(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+class Summary:
+    """Medians over rounds per (workload, target) and per-round ratios pypool/PgBouncer."""
+
+    def __init__(self, rows: Iterable) -> None:
+        self.rows = _as_dicts(rows)
+        self.ok: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        self.other: dict[tuple[str, str], list[dict]] = defaultdict(list)
+        for r in self.rows:
+            key = (r["workload"], r["target"])
+            (self.ok if r["status"] == "ok" else self.other)[key].append(r)
+
+    def targets_for(self, workload: str) -> list[str]:
+        """Targets that ran (or were meant to run and failed) for this workload; not the unavailable ones."""
+        seen = []
+        for r in self.rows:
+            if r["workload"] == workload and r["target"] not in seen and r["status"] != "not-available":
+                seen.append(r["target"])
+        order = list(LABELS)
+        return sorted(seen, key=lambda t: order.index(t) if t in order else 99)
+
+    def med(self, workload: str, target: str, col: str) -> float | None:
+        return _median([_num(r[col]) for r in self.ok.get((workload, target), [])])
+
+    def range(self, workload: str, target: str, col: str) -> tuple[float, float] | None:
+        vals = [v for v in (_num(r[col]) for r in self.ok.get((workload, target), [])) if v is not None]
+        return (min(vals), max(vals)) if vals else None
+
+    def n(self, workload: str, target: str) -> int:
+        return len(self.ok.get((workload, target), []))
+
+    def ratio(self, workload: str, num: str, den: str, col: str) -> tuple[float | None, list[float]]:
+        """Median over rounds of (num/den) for ``col``, computed within each round."""
+        by_round: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+        for t in (num, den):
+            for r in self.ok.get((workload, t), []):
+                v = _num(r[col])
+                if v is not None:
+                    by_round[r["round"]][t] = v
+        ratios = [d[num] / d[den] for d in by_round.values() if num in d and d.get(den)]
+        return (_median(ratios), ratios)
+
+    def pypool_name(self, workload: str) -> str | None:
+        ts = self.targets_for(workload)
+        for cand in ("pypool-rw", "pypool"):
+            if cand in ts:
+                return cand
+        return None
+
+
+def _f(v: float | None, fmt: str = "{:,.0f}", dash: str = "–") -> str:
+    return dash if v is None else fmt.format(v)
+
+
+def _tps_cell(s: Summary, wl: str, t: str) -> str:
+    med = s.med(wl, t, "tps")
+    if med is None:
+        other = s.other.get((wl, t))
+        return other[0]["status"] if other else "–"
+    rng = s.range(wl, t, "tps")
+    if rng and s.n(wl, t) > 1:
+        return f"{med:,.0f} ({rng[0]:,.0f}–{rng[1]:,.0f})"
+    return f"{med:,.0f}"
+
+
+def _ratio_cell(s: Summary, wl: str, num: str, den: str, col: str) -> str:
+    med, all_ = s.ratio(wl, num, den, col)
+    if med is None:
+        return "–"
+    if len(all_) > 1:
+        return f"{med:.2f} ({min(all_):.2f}–{max(all_):.2f})"
+    return f"{med:.2f}"
+
+
+def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> str:
+    s = Summary(rows)
+    titles = {w.name: w.title for w in workloads}
+    pg_wls = [w.name for w in workloads if w.kind == "pgbench" and any(r["workload"] == w.name for r in s.rows)]
+    has_pgcat = any(r["target"].startswith("pgcat") and r["status"] == "ok" for r in s.rows)
+    out: list[str] = []
+    out.append(f"# pypool benchmark {meta.get('run_id', '')} ({meta.get('mode', '')})\n")
+    out.append(
+        f"pgbench scale {meta.get('scale')} (database `{meta.get('database')}`), {meta.get('rounds')} round(s) of "
+        f"{meta.get('duration_s')} s per run, targets interleaved within each round (the order rotates every "
+        f"round). Poolers in transaction mode with {meta.get('pool_size')} server connections per pool. "
+        f"Everything -- three PostgreSQL servers, the pooler and pgbench -- shares {meta.get('cpus')} cores, so "
+        f"compare targets within this table, not with other machines. Cells are medians over rounds; "
+        f"TPS ranges and ratio ranges are min–max over rounds; ratios are computed within a round, then the "
+        f"median is taken. Raw data: `{csv_name}`.\n")
+
+    # ---- summary
+    out.append("## Summary: pypool vs PgBouncer\n")
+    head = ["workload", "direct TPS", "pypool TPS", "PgBouncer TPS"]
+    if has_pgcat:
+        head.append("PgCat TPS")
+    head += ["pypool / PgBouncer TPS", "pypool / PgBouncer CPU per tx", "pypool CPU µs/tx", "PgBouncer CPU µs/tx"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for wl in pg_wls:
+        py = s.pypool_name(wl) or "pypool"
+        cells = [titles.get(wl, wl), _tps_cell(s, wl, "direct") if "direct" in s.targets_for(wl) else "n/a",
+                 _tps_cell(s, wl, py), _tps_cell(s, wl, "pgbouncer")]
+        if has_pgcat:
+            cells.append(_tps_cell(s, wl, "pgcat-rw" if py == "pypool-rw" else "pgcat"))
+        cells += [_ratio_cell(s, wl, py, "pgbouncer", "tps"), _ratio_cell(s, wl, py, "pgbouncer", "cpu_us_per_tx"),
+                  _f(s.med(wl, py, "cpu_us_per_tx"), "{:.1f}"), _f(s.med(wl, "pgbouncer", "cpu_us_per_tx"), "{:.1f}")]
+        out.append("| " + " | ".join(cells) + " |")
+    if any(r["workload"] == "rtt" for r in s.rows):
+        cells = ["SELECT 1 round trip p50 / p99 (µs)"]
+        for t in ["direct", "pypool", "pgbouncer"] + (["pgcat"] if has_pgcat else []):
+            p50, p99 = s.med("rtt", t, "lat_p50_us"), s.med("rtt", t, "lat_p99_us")
+            cells.append("–" if p50 is None else f"{p50:.1f} / {p99:.1f}")
+        cells += [_ratio_cell(s, "rtt", "pypool", "pgbouncer", "lat_p50_us") + " (p50)",
+                  _ratio_cell(s, "rtt", "pypool", "pgbouncer", "cpu_us_per_tx"),
+                  _f(s.med("rtt", "pypool", "cpu_us_per_tx"), "{:.1f}"),
+                  _f(s.med("rtt", "pgbouncer", "cpu_us_per_tx"), "{:.1f}")]
+        out.append("| " + " | ".join(cells) + " |")
+    mem = [r for r in s.rows if r["workload"] == "memory"]
+    if mem:
+        conns = next((r["clients"] for r in mem), "")
+        cells = [f"RSS with {int(float(conns)):,} idle clients (MiB)", "n/a"]
+        for t in ["pypool", "pgbouncer"] + (["pgcat"] if has_pgcat else []):
+            v = s.med("memory", t, "rss_kib")
+            cells.append(_f(v / 1024 if v else None, "{:.1f}"))
+        cells += [_ratio_cell(s, "memory", "pypool", "pgbouncer", "rss_kib") + " (RSS)", "", "", ""]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+
+    # ---- all pgbench measurements
+    out.append("## All pgbench measurements\n")
+    out.append("TPS and latency average from pgbench's summary; p99 of each run from pgbench's "
+               "per-transaction `--log` (every transaction), then the median over rounds. "
+               "Pooler CPU: utime+stime of the pooler's processes "
+               "from `/proc/<pid>/stat` before and after the run, divided by the transactions pgbench "
+               "completed.\n")
+    head = ["workload", "target", "TPS (min–max)", "lat avg ms", "lat p99 ms", "pooler CPU µs/tx",
+            "TPS vs PgBouncer", "CPU vs PgBouncer", "note"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    for wl in pg_wls:
+        for t in s.targets_for(wl):
+            notes = []
+            share = s.med(wl, t, "replica_share")
+            if share is not None:
+                notes.append(f"{share:.0%} of transactions counted on the replicas")
+            for r in s.other.get((wl, t), []):
+                notes.append(f"round {r['round']}: {r['status']}: {r['note']}")
+            cells = [titles.get(wl, wl) if t == s.targets_for(wl)[0] else "", LABELS.get(t, t),
+                     _tps_cell(s, wl, t),
+                     _f(_div(s.med(wl, t, "lat_avg_us"), 1000), "{:.3f}"),
+                     _f(_div(s.med(wl, t, "lat_p99_us"), 1000), "{:.3f}"),
+                     _f(s.med(wl, t, "cpu_us_per_tx"), "{:.1f}"),
+                     _ratio_cell(s, wl, t, "pgbouncer", "tps") if t.startswith("pypool") or t.startswith("pgcat") else "",
+                     _ratio_cell(s, wl, t, "pgbouncer", "cpu_us_per_tx") if t.startswith("pypool") or t.startswith("pgcat") else "",
+                     _dedupe(notes)]
+            out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+
+    if any(r["workload"] == "rtt" for r in s.rows):
+        out.append("## Single-client `SELECT 1` round trip\n")
+        out.append("One connection, simple-protocol `Query('SELECT 1')`, one query in flight; each round trip "
+                   "timed with `perf_counter_ns` from sending the message to reading `ReadyForQuery`, after 200 "
+                   "untimed warm-up queries (client: `benchmarks/pgwire.py`).\n")
+        head = ["target", "p50 µs", "p99 µs", "avg µs", "queries/s", "pooler CPU µs/query", "p50 vs PgBouncer", "note"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for t in s.targets_for("rtt"):
+            notes = [f"round {r['round']}: {r['status']}: {r['note']}" for r in s.other.get(("rtt", t), [])]
+            out.append("| " + " | ".join([
+                LABELS.get(t, t), _f(s.med("rtt", t, "lat_p50_us"), "{:.1f}"), _f(s.med("rtt", t, "lat_p99_us"), "{:.1f}"),
+                _f(s.med("rtt", t, "lat_avg_us"), "{:.1f}"), _f(s.med("rtt", t, "tps")),
+                _f(s.med("rtt", t, "cpu_us_per_tx"), "{:.1f}"),
+                _ratio_cell(s, "rtt", t, "pgbouncer", "lat_p50_us") if t != "pgbouncer" and t != "direct" else "",
+                _dedupe(notes)]) + " |")
+        out.append("")
+
+    if mem:
+        out.append("## Memory with idle clients\n")
+        out.append("A freshly started pooler; one client runs 10 queries (warm pool), then RSS (`VmRSS` from "
+                   "`/proc/<pid>/status`) is read; then N client connections complete startup and SCRAM-SHA-256 "
+                   "login and stay idle; 2 s later RSS is read again.\n")
+        head = ["target", "idle clients", "RSS before (MiB)", "RSS with clients (MiB)", "KiB per idle client",
+                "logins/s", "note"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "---|" * len(head))
+        for r in mem:
+            before, after, n = _num(r["rss_idle_kib"]), _num(r["rss_kib"]), _num(r["connections"])
+            per = (after - before) / n if before is not None and after is not None and n else None
+            rate = n / _num(r["duration_s"]) if n and _num(r["duration_s"]) else None
+            out.append("| " + " | ".join([
+                LABELS.get(r["target"], r["target"]), _f(n), _f(_div(before, 1024), "{:.1f}"),
+                _f(_div(after, 1024), "{:.1f}"), _f(per, "{:.2f}"), _f(rate),
+                r["status"] if r["status"] != "ok" else ""]) + " |")
+        out.append("")
+
+    problems = [r for r in s.rows if r["status"] != "ok"]
+    unavailable = meta.get("unavailable")
+    if problems or unavailable:
+        out.append("## Not measured, skipped or failed\n")
+        if unavailable:
+            for part in unavailable.split("; "):
+                out.append("- " + " ".join(part.split()))
+        seen = set()
+        for r in problems:
+            key = (r["workload"], r["target"], r["status"], r["note"][:80])
+            if key in seen or r["status"] == "not-available":
+                continue
+            seen.add(key)
+            note = " ".join(r["note"].split())
+            out.append(f"- {r['workload']} / {r['target']} (round {r['round']}): {r['status']}: {note}")
+        out.append("")
+
+    out.append("## Environment\n")
+    for k in ("git", "pypool", "python", "pgbench", "pgbouncer", "pgcat", "cpus", "loadavg_start", "loadavg_end",
+              "elapsed_min"):
+        if meta.get(k):
+            out.append(f"- {k}: {meta[k]}")
+    out.append("")
+    return "\n".join(out)
+
+
+def _div(v: float | None, d: float) -> float | None:
+    return None if v is None else v / d
+
+
+def _dedupe(notes: list[str]) -> str:
+    seen, out = set(), []
+    for n in notes:
+        n = " ".join(n.replace("|", "/").split())
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return "; ".join(out)
+
+
+# --------------------------------------------------------------------------
+# chart
+
+
+def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | None:
+    """Small multiples: TPS per pgbench workload, SELECT 1 latency, CPU per tx, memory.
+
+    Returns None on success, or why no chart was drawn.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); no chart"
+    s = Summary(rows)
+    titles = {w.name: w.title for w in workloads}
+    short = {
+        "select-c1": "-S, 1 client", "select-c16": "-S, 16 clients", "select-c64": "-S, 64 clients",
+        "select-c256": "-S, 256 clients", "select-ext-c16": "-S -M extended, 16 clients",
+        "tpcb-c16": "tpcb-like, 16 clients", "select-connect-c16": "-S -C (reconnect per tx), 16 clients",
+        "rw-split-c64": "-S, 64 clients: pypool splits reads\nover 2 replicas, PgBouncer on primary",
+    }
+    pg_wls = [w.name for w in workloads if w.kind == "pgbench" and any(
+        r["workload"] == w.name and r["status"] == "ok" for r in s.rows)]
+    has_rtt = bool(s.targets_for("rtt")) and any(s.med("rtt", t, "lat_p50_us") for t in s.targets_for("rtt"))
+    has_mem = any(s.med("memory", t, "rss_kib") for t in s.targets_for("memory"))
+    cpu_wls = [wl for wl in pg_wls if s.med(wl, s.pypool_name(wl) or "pypool", "cpu_us_per_tx") is not None]
+    panels = len(pg_wls) + has_rtt + bool(cpu_wls) + has_mem + 1
+    cols = 4
+    nrows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows + 0.8), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    used = 0
+    all_targets: list[str] = []
+
+    def bars(ax, names, values, errs=None, fmt="{:,.0f}", colors=None):
+        xs = range(len(names))
+        cols_ = colors or [COLORS.get(n, "#444") for n in names]
+        b = ax.bar(xs, [v or 0 for v in values], color=cols_, yerr=errs, capsize=3 if errs else 0,
+                   error_kw={"elinewidth": 1, "ecolor": "#333"})
+        top = max([v or 0 for v in values] + [1])
+        for rect, v in zip(b, values):
+            ax.text(rect.get_x() + rect.get_width() / 2, (v or 0) + top * 0.02,
+                    "n/a" if v is None else fmt.format(v), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([LABELS.get(n, n).replace(" ", "\n", 1) for n in names], fontsize=8)
+        ax.set_ylim(0, top * 1.18)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+
+    for wl in pg_wls:
+        ax = flat[used]
+        used += 1
+        names = [t for t in s.targets_for(wl) if s.med(wl, t, "tps") is not None]
+        all_targets += [n for n in names if n not in all_targets]
+        vals = [s.med(wl, t, "tps") for t in names]
+        errs = None
+        if any(s.n(wl, t) > 1 for t in names):
+            lo = [v - s.range(wl, t, "tps")[0] for v, t in zip(vals, names)]
+            hi = [s.range(wl, t, "tps")[1] - v for v, t in zip(vals, names)]
+            errs = [lo, hi]
+        bars(ax, names, vals, errs)
+        ax.set_title(short.get(wl, titles.get(wl, wl)), fontsize=10)
+        ax.set_ylabel("transactions/s", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    if has_rtt:
+        ax = flat[used]
+        used += 1
+        names = [t for t in s.targets_for("rtt") if s.med("rtt", t, "lat_p50_us") is not None]
+        import numpy as np
+
+        x = np.arange(len(names))
+        p50 = [s.med("rtt", t, "lat_p50_us") for t in names]
+        p99 = [s.med("rtt", t, "lat_p99_us") for t in names]
+        c = [COLORS.get(n, "#444") for n in names]
+        b1 = ax.bar(x - 0.2, p50, 0.4, color=c, label="p50")
+        b2 = ax.bar(x + 0.2, p99, 0.4, color=c, alpha=0.45, hatch="//", label="p99")
+        top = max(p99 + [1])
+        for rects, vals in ((b1, p50), (b2, p99)):
+            for rect, v in zip(rects, vals):
+                ax.text(rect.get_x() + rect.get_width() / 2, v * 1.08, f"{v:.0f}", ha="center",
+                        va="bottom", fontsize=7)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([LABELS.get(n, n).replace(" ", "\n", 1) for n in names], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylim(min(p50) / 2, top * 2.5)
+        ax.set_title("SELECT 1 round trip, 1 client, log scale\n(solid p50, hatched p99; lower is better)",
+                     fontsize=10)
+        ax.set_ylabel("µs", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    if cpu_wls:
+        ax = flat[used]
+        used += 1
+        import numpy as np
+
+        poolers = ["pypool", "pgbouncer"] + (["pgcat"] if any(s.med(w, "pgcat", "cpu_us_per_tx") for w in cpu_wls) else [])
+        x = np.arange(len(cpu_wls))
+        width = 0.8 / len(poolers)
+        all_vals: list[float] = []
+        for i, p in enumerate(poolers):
+            vals = []
+            for wl in cpu_wls:
+                name = p
+                if wl.startswith("rw-split") and p != "pgbouncer":
+                    name = p + "-rw"
+                vals.append(s.med(wl, name, "cpu_us_per_tx") or 0)
+            all_vals += [v for v in vals if v]
+            rects = ax.bar(x + (i - (len(poolers) - 1) / 2) * width, vals, width, color=COLORS[p], label=LABELS[p])
+            for rect, v in zip(rects, vals):
+                if v:
+                    ax.text(rect.get_x() + rect.get_width() / 2, v * 1.08, f"{v:.0f}", ha="center",
+                            va="bottom", fontsize=6)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([w.replace("select-", "S-").replace("-c", " c") for w in cpu_wls], rotation=40,
+                           ha="right", fontsize=7)
+        ax.set_title("pooler CPU µs per transaction, log scale\n(lower is better)", fontsize=10)
+        ax.set_ylabel("µs CPU / transaction", fontsize=8)
+        ax.set_yscale("log")
+        if all_vals:
+            ax.set_ylim(min(all_vals) / 2, max(all_vals) * 3)
+        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.set_axisbelow(True)
+        ax.legend(fontsize=7, loc="upper left")
+    if has_mem:
+        ax = flat[used]
+        used += 1
+        names = [t for t in s.targets_for("memory") if s.med("memory", t, "rss_kib")]
+        n = next((int(float(r["clients"])) for r in s.rows if r["workload"] == "memory"), 0)
+        bars(ax, names, [s.med("memory", t, "rss_kib") / 1024 for t in names], fmt="{:.0f} MiB")
+        ax.set_title(f"RSS with {n:,} idle clients\n(lower is better)", fontsize=10)
+        ax.set_ylabel("MiB", fontsize=8)
+    # legend + notes panel
+    ax = flat[used]
+    used += 1
+    ax.axis("off")
+    from matplotlib.patches import Patch
+
+    with_data = {t for (w, t), rs in s.ok.items() if rs}
+    shown = [t for t in LABELS if t in with_data]
+    ax.legend(handles=[Patch(color=COLORS[t], label=LABELS[t]) for t in shown], loc="upper left", fontsize=9,
+              frameon=False)
+    text = (f"median of {meta.get('rounds')} round(s), {meta.get('duration_s')} s each;\n"
+            f"whiskers: min–max over rounds\npgbench scale {meta.get('scale')}, pool size {meta.get('pool_size')},\n"
+            f"transaction mode, {meta.get('cpus')} cores shared by\nPostgreSQL x3, pooler and pgbench\n"
+            f"run {meta.get('run_id', '')}")
+    missing = sorted({LABELS.get(t, t) for t in (r["target"] for r in s.rows if r["status"] == "not-available")})
+    if missing:
+        text += "\nnot measured here: " + ", ".join(missing)
+    ax.text(0.0, 0.35, text, fontsize=8, va="top", transform=ax.transAxes)
+    for ax in flat[used:]:
+        ax.axis("off")
+    fig.suptitle("pypool vs PgBouncer vs PostgreSQL direct (throughput panels: transactions/s, higher is better)", fontsize=13)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
