@@ -40,7 +40,14 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-from pypool.routing.classify import DEFAULT_READ_ONLY_FUNCTIONS, Classification, classify
+from pypool.routing.classify import (
+    _TOKEN_RE,
+    DEFAULT_READ_ONLY_FUNCTIONS,
+    Classification,
+    block_comment_span,
+    classify,
+    unterminated,
+)
 
 __all__ = ["fingerprint", "ClassificationCache", "TOO_LONG"]
 
@@ -105,27 +112,32 @@ _GENERAL_RE = re.compile(
 )
 
 
-class _NestedComment(Exception):
-    pass
+class _NeedsScanner(Exception):
+    """The regex cannot fingerprint this text exactly: use ``_fingerprint_exact``."""
 
 
 def _general_repl(m: re.Match) -> str:
     kind = m.lastgroup
     if kind == "lit":
+        lit = m.group("lit")
+        if m.end("lit") == len(m.string) and lit[0] in "'eE$" and \
+                unterminated("dollar" if lit[0] == "$" else "str", lit):
+            # An unclosed quote must not share the fingerprint of a closed one:
+            # the server refuses it, so it is a parse failure, not a read.
+            raise _NeedsScanner
         return m.group(1) + "?"
     if kind == "ws":
         return m.group(1) + " "
     if kind == "cmt":
         body = m.group("cmt")
         # PostgreSQL nests /* */ comments, a regex cannot: if a "/*" opens
-        # inside a block comment (also "/*/**/"), use the exact scanner.
+        # inside a block comment (also "/*/**/"), or one never closes, use
+        # the exact scanner.
         i = body.find("/*")
         while i >= 0:
             close = body.find("*/", i + 2)
-            if close < 0:
-                break
-            if body.find("/*", i + 1, close + 1) >= 0:
-                raise _NestedComment
+            if close < 0 or body.find("/*", i + 1, close + 1) >= 0:
+                raise _NeedsScanner
             i = body.find("/*", close + 2)
         start = m.start("cmt")
         if start and m.string[start - 1] in _WS_CHARS:
@@ -135,9 +147,8 @@ def _general_repl(m: re.Match) -> str:
 
 
 def _fingerprint_exact(sql: str) -> str:
-    """Scanner-driven fingerprint (nested comments): same output rules."""
-    from pypool.routing.classify import _TOKEN_RE, _block_comment_end
-
+    """Scanner-driven fingerprint (nested or unclosed comments and quotes):
+    same output rules; an unclosed tail is kept verbatim."""
     out: list[str] = []
     pos = 0
     n = len(sql)
@@ -147,15 +158,25 @@ def _fingerprint_exact(sql: str) -> str:
         m = match(sql, pos)
         kind = m.lastgroup
         end = m.end()
+        if kind == "bc":
+            end, closed = block_comment_span(sql, pos)
+            if not closed:
+                kind = "tail"
+        elif kind == "dollar":
+            close = sql.find(m.group(), end)
+            if close < 0:
+                kind = "tail"
+            end = n if close < 0 else close + len(m.group())
+        elif kind == "str" and end == n and unterminated(kind, m.group()):
+            kind = "tail"
         if kind in ("ws", "lc", "bc") or (kind == "other" and m.group() in _WS_CHARS):
-            if kind == "bc":
-                end = _block_comment_end(sql, pos)
             space = True
             pos = end
             continue
-        if kind == "dollar":
-            close = sql.find(m.group(), end)
-            end = n if close < 0 else close + len(m.group())
+        if kind == "tail":
+            text = sql[pos:]
+            end = n
+        elif kind == "dollar":
             text = "?"
         elif kind == "str":
             # E'..' is one literal; a B/X/N/U& prefix stays, as in the regex path
@@ -186,7 +207,7 @@ def fingerprint(sql: str) -> str:
         return " ".join(_NUM_FAST_RE.sub("?", sql).split())
     try:
         s = _GENERAL_RE.sub(_general_repl, sql)
-    except _NestedComment:
+    except _NeedsScanner:
         return _fingerprint_exact(sql)
     return s.strip(_WS_CHARS)
 

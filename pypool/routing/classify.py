@@ -133,6 +133,8 @@ DEFAULT_READ_ONLY_FUNCTIONS: frozenset[str] = frozenset(
     pg_is_in_recovery pg_last_wal_replay_lsn pg_last_wal_receive_lsn
     pg_last_xact_replay_timestamp pg_is_wal_replay_paused
     pg_get_wal_replay_pause_state pg_wal_lsn_diff
+    txid_current_snapshot pg_current_snapshot pg_snapshot_xmin pg_snapshot_xmax
+    txid_snapshot_xmin txid_snapshot_xmax
     has_table_privilege has_schema_privilege has_database_privilege
     has_column_privilege has_any_column_privilege has_function_privilege
     has_sequence_privilege has_type_privilege pg_has_role
@@ -338,8 +340,9 @@ _TOKEN_RE = re.compile(
 )
 
 
-def _block_comment_end(sql: str, start: int) -> int:
-    """End offset of the (nested) block comment opening at ``start``."""
+def block_comment_span(sql: str, start: int) -> tuple[int, bool]:
+    """End offset of the (nested) block comment opening at ``start``, and
+    whether it is closed (an unclosed one runs to the end of the text)."""
     depth = 0
     i = start
     n = len(sql)
@@ -347,7 +350,7 @@ def _block_comment_end(sql: str, start: int) -> int:
         o = sql.find("/*", i)
         c = sql.find("*/", i)
         if c < 0:
-            return n
+            return n, False
         if 0 <= o < c:
             depth += 1
             i = o + 2
@@ -355,8 +358,33 @@ def _block_comment_end(sql: str, start: int) -> int:
             depth -= 1
             i = c + 2
             if depth == 0:
-                return i
-    return n
+                return i, True
+    return n, False
+
+
+def _block_comment_end(sql: str, start: int) -> int:
+    return block_comment_span(sql, start)[0]
+
+
+# A string or quoted identifier token is complete only if it matches these
+# (``_TOKEN_RE`` also accepts one that runs to the end of the text unclosed).
+_CLOSED_QUOTE_RE = re.compile(
+    r"[eE]'(?:[^'\\]|\\[\s\S]|'')*'"
+    r"|(?:[bBxXnN]|[uU]&)?'(?:[^']|'')*'"
+    r'|(?:[uU]&)?"(?:[^"]|"")*"'
+)
+
+
+def unterminated(kind: str, token: str) -> bool:
+    """True for a string, quoted identifier or dollar quote that never closes."""
+    if kind == "dollar":
+        tag = token[: token.index("$", 1) + 1]
+        return len(token) < 2 * len(tag) or not token.endswith(tag)
+    return _CLOSED_QUOTE_RE.fullmatch(token) is None
+
+
+class Unterminated(Exception):
+    """The text ends inside a literal, quoted identifier or comment: the server will refuse it."""
 
 
 # A token is (kind, TEXT, start, end); TEXT is upper-cased for words.
@@ -379,12 +407,18 @@ def _lex(sql: str) -> list[list[_Tok]]:
             pos = end
             continue
         if kind == "bc":
-            pos = _block_comment_end(sql, pos)
+            pos, closed = block_comment_span(sql, pos)
+            if not closed:
+                raise Unterminated("comment")
             continue
         if kind == "dollar":
             close = sql.find(m.group(), end)
-            end = n if close < 0 else close + len(m.group())
+            if close < 0:
+                raise Unterminated("dollar quote")
+            end = close + len(m.group())
             kind = "str"
+        elif (kind == "str" or kind == "qid") and end == n and unterminated(kind, m.group()):
+            raise Unterminated("quoted text")
         if kind == "punct" and m.group() == ";":
             if atomic:
                 cur.append(("punct", ";", pos, end))
@@ -537,9 +571,10 @@ def _statement(sql: str, toks: list[_Tok], allowed: frozenset[str]) -> _R:
     if first == "SHOW":
         return (False, True, None, False, False, "show")
     if first in ("FETCH", "MOVE", "CLOSE"):
-        # Only reach a cursor declared in this transaction/session; the
-        # DECLARE decided the role (a FOR UPDATE cursor is already a write).
-        return (False, True, None, False, False, "cursor")
+        # Routing only sees statements that open a transaction, and the only
+        # cursor alive outside one is a WITH HOLD cursor, which was declared
+        # on the primary (see DECLARE below): go where it lives.
+        return (True, True, None, False, False, _CURSOR_OUTSIDE)
 
     # --- statements wrapping another statement -----------------------------
     if first == "EXPLAIN":
@@ -611,6 +646,7 @@ def _statement(sql: str, toks: list[_Tok], allowed: frozenset[str]) -> _R:
     return (True, True, None, False, False, "unknown statement")
 
 
+_CURSOR_OUTSIDE = "cursor outside a transaction"
 _CONSTANTS: dict[tuple, Classification] = {}
 for _c in (READ, EMPTY, PARSE_ERROR):
     _CONSTANTS[(_c.writes, _c.has_statement, _c.begin, _c.ends_transaction, _c.sets_session, _c.reason)] = _c
@@ -620,6 +656,8 @@ def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_F
     """Classify one simple-query text (one or more statements).  Never raises."""
     try:
         statements = _lex(sql)
+    except Unterminated:
+        return PARSE_ERROR
     except Exception:  # pragma: no cover - the lexer matches every character
         return PARSE_ERROR
     if not statements:
@@ -627,11 +665,16 @@ def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_F
     writes = has_statement = ends = sets = False
     begin: str | None = None
     reason_write = reason_stmt = reason_tx = None
+    declared: set[str] = set()  # read-only cursors declared earlier in this text
     for toks in statements:
         try:
             r = _statement(sql, toks, read_only_functions)
         except Exception:  # defensive: never let a classifier bug pick a replica
             r = (True, True, None, False, False, "parse error")
+        if r[5] == "declare cursor":
+            declared.add(toks[1][1])
+        elif r[5] == _CURSOR_OUTSIDE and toks[-1][1] in declared:
+            r = (False, True, None, False, False, "cursor")  # BEGIN; DECLARE c ...; FETCH c
         w, s, b, e, ss, why = r
         if w:
             writes = True
@@ -661,7 +704,9 @@ def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_F
 # Routing hint
 # --------------------------------------------------------------------------
 
-_HINT_RE = re.compile(r"pypool\s*:\s*role\s*=\s*(primary|replica)\b", re.I)
+# The marker is lower-case "pypool" (the hot path looks for exactly that); the rest of the
+# hint is case-insensitive.
+_HINT_RE = re.compile(r"pypool\s*:\s*(?i:role\s*=\s*(primary|replica))\b")
 
 
 def role_hint(sql: str) -> str | None:

@@ -132,7 +132,10 @@ class Router:
             self.decisions[decision.role] += 1
             return decision
         decision = self._memo.get(message)
-        if decision is None:
+        if decision is not None:
+            # A memo hit is a classification without sqlglot: it counts in the cache's hit ratio.
+            self.cache.hits += 1
+        else:
             tag = message[0]
             if tag != m.QUERY and tag != m.PARSE:
                 return None
