@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
-from pypool.pool.pool import PoolSettings, ServerPool
+from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.protocol import messages as m
 
@@ -66,6 +66,8 @@ class PoolGroup:
             checkout_timeout=pool.checkout_timeout / 1000,
             idle_timeout=_override(user.idle_timeout, pool.idle_timeout) / 1000,
             server_lifetime=_override(user.server_lifetime, pool.server_lifetime) / 1000,
+            healthcheck_delay=general.healthcheck_delay / 1000,
+            healthcheck_timeout=general.healthcheck_timeout / 1000,
         )
         self.settings = settings
         self.primary: ServerPool | None = None
@@ -242,7 +244,12 @@ class PoolGroup:
         if role == PRIMARY:
             primary = self._primary_pool()
             try:
-                conn = await primary.acquire()
+                try:
+                    conn = await primary.acquire()
+                except HealthCheckFailed as exc:
+                    # The stale connections are gone; a fresh one tells whether the server is.
+                    log.warning("pool %s: %s; reconnecting to the primary", self.name, exc)
+                    conn = await primary.acquire()
             except ServerError as exc:
                 raise ServerError(f"primary server {primary.label} of pool {self.name} is unavailable: {exc}",
                                   {**exc.fields, "C": exc.sqlstate}) from None

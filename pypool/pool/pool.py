@@ -38,6 +38,10 @@ class PoolSettings:
     idle_timeout: float  # 0 = never
     server_lifetime: float  # 0 = never
     application_name: str = "pypool"
+    # PgCat's healthcheck_delay: an idle connection unused for longer is checked
+    # with ``;`` (within healthcheck_timeout) before a client gets it. 0 = always.
+    healthcheck_delay: float = float("inf")
+    healthcheck_timeout: float = 1.0
 
 
 class PoolTimeout(Exception):
@@ -46,6 +50,10 @@ class PoolTimeout(Exception):
 
 class PoolRetired(Exception):
     """A config reload replaced this pool while a client waited in it: ask the new one."""
+
+
+class HealthCheckFailed(ServerError):
+    """An idle connection failed its pre-checkout health check; it was closed."""
 
 
 # Fixed histogram bounds (seconds) for transaction time and checkout wait; the
@@ -65,6 +73,8 @@ class PoolStats:
     connects: int = 0
     connect_errors: int = 0
     closed_dirty: int = 0
+    healthchecks: int = 0  # pre-checkout checks of connections idle past healthcheck_delay
+    healthcheck_failures: int = 0
     # Totals of connections that have ended (live ones are added at read time).
     query_count: int = 0
     xact_count: int = 0
@@ -91,6 +101,7 @@ class ServerPool:
         self.address = address
         self.credentials = credentials
         self.settings = settings
+        self._check_after = settings.healthcheck_delay  # read on every checkout
         self.idle: collections.deque[ServerConnection] = collections.deque()
         self.waiters: collections.deque[asyncio.Future[ServerConnection]] = collections.deque()
         self.size = 0  # open + opening
@@ -132,12 +143,17 @@ class ServerPool:
             return None  # FIFO: those already waiting go first
         now = time.monotonic()
         while idle:
-            conn = idle.pop()
-            if not conn.closed and now < conn.expires_at:
-                self.active += 1
-                self.stats.checkouts += 1
-                return conn
-            self._discard(conn)
+            conn = idle[-1]
+            if conn.closed or now >= conn.expires_at:
+                idle.pop()
+                self._discard(conn)
+                continue
+            if now - conn.last_used > self._check_after:
+                return None  # idle too long: ``acquire`` health-checks it first
+            idle.pop()
+            self.active += 1
+            self.stats.checkouts += 1
+            return conn
         return None
 
     async def acquire(self) -> ServerConnection:
@@ -155,6 +171,8 @@ class ServerPool:
             if self.retired:
                 raise PoolRetired(self.label)
             raise ServerError(f"pool for {self.label} is shutting down", {"C": m.SQLSTATE_ADMIN_SHUTDOWN})
+        if self.idle and not self.waiters and not self.paused:
+            return await self._checked_idle()
         if self.size < self.settings.pool_size and not self.waiters:
             self.size += 1
             started = time.monotonic()
@@ -171,6 +189,39 @@ class ServerPool:
             self.stats.checkouts += 1
             return conn
         return await self._wait()
+
+    async def _checked_idle(self) -> ServerConnection:
+        """Check out the newest idle connection after a ``;`` round trip.
+
+        Only reached when it sat idle longer than healthcheck_delay (PgCat's
+        rule). On failure it is closed with every other connection idle as long
+        (they are no fresher) and HealthCheckFailed is raised: the group bans a
+        replica and picks another server, or reconnects to the primary.
+        """
+        conn = self.idle.pop()
+        self.active += 1
+        self.stats.checkouts += 1
+        self.stats.healthchecks += 1
+        try:
+            await asyncio.wait_for(conn.query(";"), self.settings.healthcheck_timeout)
+        except (asyncio.TimeoutError, ServerError, OSError) as exc:
+            reason = (f"timed out after {self.settings.healthcheck_timeout * 1000:.0f} ms"
+                      if isinstance(exc, asyncio.TimeoutError) else str(exc))
+            self.stats.healthcheck_failures += 1
+            self.release_broken(conn)
+            self._close_stale_idle()
+            raise HealthCheckFailed(f"health check of an idle connection to {self.label} failed: {reason}",
+                                    {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+        except BaseException:
+            self.release_broken(conn)  # cancelled mid-check: its state is unknown
+            raise
+        return conn
+
+    def _close_stale_idle(self) -> None:
+        cutoff = time.monotonic() - self.settings.healthcheck_delay
+        for conn in [c for c in self.idle if c.last_used < cutoff]:
+            self.idle.remove(conn)
+            self._discard(conn)
 
     def pause(self) -> None:
         self.paused = True

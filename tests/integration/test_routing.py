@@ -73,14 +73,57 @@ def test_transaction_role_is_decided_by_its_first_statement(splitting, pg_cluste
     with connect(splitting.dsn()) as conn:  # psycopg opens transactions with BEGIN
         assert server_port(conn) in replicas
         # A write inside a transaction that started on a replica: PostgreSQL's own error.
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as excinfo:
             conn.execute("INSERT INTO routing_tx VALUES (1)")
+        assert excinfo.value.sqlstate == "25006"
+        assert "read-only transaction" in str(excinfo.value)  # the server's words, not pypool's
         conn.rollback()
         # BEGIN alone decides nothing: the INSERT that follows takes the transaction to the primary.
         conn.execute("INSERT INTO routing_tx VALUES (2)")
         assert server_port(conn) == primary
         conn.commit()
     assert cluster.run_sql(pg_cluster[0], "SELECT count(*) FROM routing_tx WHERE v = 2").strip() != "0"
+
+
+def test_write_after_a_read_in_one_transaction_gets_the_servers_read_only_error(splitting, pg_cluster):
+    # psql's simple protocol, one statement per message: the SELECT opens the transaction on a
+    # replica and the UPDATE that follows must fail there, never move to the primary.
+    cluster.run_sql(pg_cluster[0], "CREATE TABLE IF NOT EXISTS routing_ro (v int)")
+    wait_replicas_caught_up(pg_cluster)
+    result = subprocess.run(
+        ["psql", "-X", "-h", "127.0.0.1", "-p", str(splitting.port), "-U", USER, "-d", DATABASE,
+         "-v", "VERBOSITY=verbose", "-c", "BEGIN", "-c", "SELECT inet_server_port()",
+         "-c", "UPDATE routing_ro SET v = 1", "-c", "ROLLBACK"],
+        env=splitting.env(), capture_output=True, text=True, timeout=30)
+    assert "ERROR:  25006: cannot execute UPDATE in a read-only transaction" in result.stderr, result.stderr
+    _, replicas = ports(pg_cluster)
+    port = re.search(r"^\s*(\d+)\s*$", result.stdout, re.M)
+    assert port is not None and int(port.group(1)) in replicas, result.stdout
+
+
+@pytest.mark.parametrize("default_role", ["primary", "replica", "any"])
+def test_default_role_without_the_query_parser(start_pypool, pg_cluster, default_role):
+    primary, replicas = ports(pg_cluster)
+    proc = start_pypool(pool_overrides(query_parser_enabled=False, query_parser_read_write_splitting=False,
+                                       default_role=default_role, load_balancing_mode="random"))
+    with connect(proc.dsn(), autocommit=True) as conn:
+        seen = {server_port(conn) for _ in range(40)}
+        if default_role == "replica":
+            # Everything goes to a replica, so a write meets PostgreSQL's read-only error.
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("CREATE TEMP TABLE routing_default (v int)")
+    expected = {"primary": {primary}, "replica": replicas, "any": {primary} | replicas}[default_role]
+    assert seen == expected
+
+
+def test_query_parser_max_length_sends_longer_queries_to_the_primary(start_pypool, pg_cluster):
+    primary, replicas = ports(pg_cluster)
+    proc = start_pypool(pool_overrides(query_parser_max_length=80, load_balancing_mode="round_robin"))
+    short = "SELECT inet_server_port()"
+    long = short + " /* " + "x" * 80 + " */"
+    with connect(proc.dsn(), autocommit=True) as conn:
+        assert {server_port(conn, short) for _ in range(4)} == replicas
+        assert {server_port(conn, long) for _ in range(4)} == {primary}
 
 
 def test_begin_read_only_and_read_write(splitting, pg_cluster):
