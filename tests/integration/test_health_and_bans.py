@@ -205,3 +205,24 @@ def test_startup_with_an_unreachable_replica_serves_reads_from_the_other(start_p
         port = conn.execute("/* pypool: role=primary */ SELECT inet_server_port()").fetchone()[0]
         assert port == primary
     assert f"banning replica 127.0.0.1:{dead}" in proc.log()
+
+
+def test_startup_with_an_unreachable_primary_serves_reads_and_fails_writes_fast(start_pypool, pg_cluster):
+    replicas = {n.port for n in pg_cluster[1:]}
+    dead = free_port()
+    proc = start_pypool({
+        "general": {"connect_timeout": 1000},
+        "pools": {DATABASE: {
+            "load_balancing_mode": "round_robin", "primary_reads_enabled": False,
+            "shards": {"0": {"database": DATABASE, "servers": [
+                ["127.0.0.1", dead, "primary"]] + [["127.0.0.1", port, "replica"] for port in sorted(replicas)]}},
+        }}})
+    with connect(proc) as conn:
+        assert {conn.execute("SELECT inet_server_port()").fetchone()[0] for _ in range(6)} == replicas
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as excinfo:
+            conn.execute("CREATE TEMP TABLE never (v int)")
+        assert time.monotonic() - started < 10
+        assert excinfo.value.sqlstate == "08006" and f"127.0.0.1:{dead}" in str(excinfo.value)
+        # The session carries on after the failed write.
+        assert conn.execute("SELECT 1").fetchone() == (1,)
