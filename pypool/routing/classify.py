@@ -60,7 +60,8 @@ __all__ = [
 class Classification:
     writes: bool  # True if any statement is not provably read-only
     has_statement: bool  # at least one statement that is not transaction control
-    begin: str | None  # None, "default", "read only", "read write" (last BEGIN in the text)
+    # None, "default", "read only", "read write" or "serializable" (the last BEGIN in the text)
+    begin: str | None
     ends_transaction: bool  # COMMIT/END/ROLLBACK/ABORT (not ROLLBACK TO SAVEPOINT)
     sets_session: bool  # SET/RESET (not SET LOCAL / SET TRANSACTION), DISCARD
     reason: str  # short why, for logs
@@ -464,12 +465,16 @@ def _begin_mode(toks: list[_Tok], i: int) -> str:
     mode = "default"
     n = len(toks)
     while i < n:
-        if toks[i][1] == "READ" and i + 1 < n:
+        word = toks[i][1]
+        if word == "READ" and i + 1 < n:
             nxt = toks[i + 1][1]
-            if nxt == "ONLY":
+            if nxt == "ONLY" and mode == "default":
                 mode = "read only"
-            elif nxt == "WRITE":
+            elif nxt == "WRITE" and mode != "serializable":
                 mode = "read write"
+        elif word == "SERIALIZABLE" and i and toks[i - 1][1] == "LEVEL":
+            # A hot standby refuses serializable transactions, READ ONLY or not.
+            mode = "serializable"
         i += 1
     return mode
 

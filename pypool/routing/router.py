@@ -39,6 +39,8 @@ _SHOW_SERVER_ROLE = re.compile(r"(?i)^\s*SHOW\s+SERVER\s+ROLE\s*;?\s*$")
 _SET_PRIMARY_READS = re.compile(r"(?i)^\s*SET\s+PRIMARY\s+READS\s+TO\s+'?(on|off|default)'?\s*;?\s*$")
 _SHOW_PRIMARY_READS = re.compile(r"(?i)^\s*SHOW\s+PRIMARY\s+READS\s*;?\s*$")
 MEMO_SIZE = 10_000
+# Transactions that only the primary can run, whatever their statements.
+_PRIMARY_BEGINS = {"read write": "BEGIN READ WRITE", "serializable": "BEGIN ISOLATION LEVEL SERIALIZABLE"}
 # Only these can start a custom command: a cheap filter before any regex.
 _CUSTOM_PREFIXES = ("set server", "show server", "set primary", "show primary")
 
@@ -179,8 +181,8 @@ class Router:
             return self._transaction_control(state, classification, tag, held_begin, sql)
         if classification.writes:
             return Decision(PRIMARY, classification.reason)
-        if classification.begin == "read write":
-            return Decision(PRIMARY, "BEGIN READ WRITE")
+        if classification.begin in _PRIMARY_BEGINS:
+            return Decision(PRIMARY, _PRIMARY_BEGINS[classification.begin])
         return Decision(self._read_role(state), classification.reason)
 
     def _read_role(self, state: RoutingState) -> str:
@@ -189,10 +191,10 @@ class Router:
 
     def _transaction_control(self, state: RoutingState, c: Classification, tag: int,
                              held_begin: bool, sql: str) -> Decision:
+        if c.begin in _PRIMARY_BEGINS:
+            return Decision(PRIMARY, _PRIMARY_BEGINS[c.begin])
         if c.begin == "read only":
             return Decision(self._read_role(state), "BEGIN READ ONLY")
-        if c.begin == "read write":
-            return Decision(PRIMARY, "BEGIN READ WRITE")
         if c.begin is not None and not c.ends_transaction and tag == m.QUERY:
             # A bare BEGIN decides nothing: wait for the first real statement.
             return Decision(PRIMARY, "BEGIN held back", hold_begin=True, statement=sql)

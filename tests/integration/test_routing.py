@@ -126,6 +126,20 @@ def test_query_parser_max_length_sends_longer_queries_to_the_primary(start_pypoo
         assert {server_port(conn, long) for _ in range(4)} == {primary}
 
 
+def test_serializable_transactions_run_on_the_primary(splitting, pg_cluster):
+    # A hot standby refuses SERIALIZABLE ("cannot use serializable mode in a hot standby"),
+    # even for a read-only transaction: psycopg's BEGIN ISOLATION LEVEL SERIALIZABLE must not
+    # be held back and replayed on a replica.
+    primary, _ = ports(pg_cluster)
+    with connect(splitting.dsn()) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        assert server_port(conn) == primary
+        conn.commit()
+        conn.read_only = True
+        assert server_port(conn) == primary
+        conn.commit()
+
+
 def test_begin_read_only_and_read_write(splitting, pg_cluster):
     primary, replicas = ports(pg_cluster)
     with connect(splitting.dsn(), autocommit=True) as conn:

@@ -239,10 +239,14 @@ def test_cache_classifies_like_the_classifier(sql, expected):
 @pytest.mark.parametrize("sql,mode", [
     ("BEGIN", "default"),
     ("BEGIN WORK", "default"),
-    ("BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY", "read only"),
+    ("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", "read only"),
     ("START TRANSACTION READ ONLY", "read only"),
     ("begin read write", "read write"),
     ("START TRANSACTION ISOLATION LEVEL READ COMMITTED READ WRITE", "read write"),
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE", "serializable"),
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", "serializable"),
+    ("start transaction read only isolation level serializable", "serializable"),
+    ("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY", "read only"),
 ])
 def test_begin_modes(sql, mode):
     c = classify(sql)

@@ -131,10 +131,13 @@ def test_bare_begin_is_held_back_and_read_only_begin_decides():
     r = router(**SPLIT)
     held = route(r, "BEGIN")
     assert held.hold_begin and held.statement == "BEGIN"
-    assert route(r, "START TRANSACTION ISOLATION LEVEL SERIALIZABLE").hold_begin
     assert route(r, "BEGIN READ ONLY").role == REPLICA
     assert route(r, "BEGIN READ WRITE").role == PRIMARY
     assert route(r, "BEGIN READ WRITE; SELECT 1").role == PRIMARY
+    # A hot standby refuses serializable transactions, even read-only ones.
+    assert route(r, "BEGIN ISOLATION LEVEL SERIALIZABLE").role == PRIMARY
+    assert route(r, "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY; SELECT 1; COMMIT").role == PRIMARY
+    assert route(r, "START TRANSACTION ISOLATION LEVEL REPEATABLE READ").hold_begin
     # The statement after a held BEGIN decides; an immediate COMMIT/ROLLBACK is answered locally.
     assert route(r, "SELECT 1", held_begin=True).role == REPLICA
     assert route(r, "INSERT INTO t VALUES (1)", held_begin=True).role == PRIMARY
