@@ -7,6 +7,7 @@ directly on each node -- never from pypool's own statistics.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import uuid
@@ -196,14 +197,38 @@ def test_extended_protocol_routes_by_parse(splitting, pg_cluster):
 
 # ------------------------------------------------------------ pgbench share
 
+# pgbench runs in a database of its own so that other users of the shared cluster
+# (benchmarks, other test sessions) can neither add to nor reset the counts.
+SHARE_DB = "pypool_routing_share"
+
+
+@pytest.fixture(scope="module")
+def share_db(pg_cluster) -> str:
+    primary = pg_cluster[0]
+    if cluster.run_sql(primary, f"SELECT 1 FROM pg_database WHERE datname = '{SHARE_DB}'") != "1":
+        cluster.run_sql(primary, f"CREATE DATABASE {SHARE_DB}")
+    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(primary.port), "-U", USER,
+                    SHARE_DB], env={**os.environ, "PGPASSWORD": PASSWORD}, check=True,
+                   capture_output=True, timeout=120)
+    wait_replicas_caught_up(pg_cluster)
+    return SHARE_DB
+
+
+def _share_overrides(**values: object) -> dict:
+    # Clients still connect to the pool named DATABASE; pypool's server connections use SHARE_DB.
+    return pool_overrides(shards={"0": {"database": SHARE_DB}}, **values)
+
+
 def _reset_statements(nodes: list[cluster.Node]) -> None:
     for node in nodes:
-        cluster.run_sql(node, "SELECT pg_stat_statements_reset()")
+        cluster.run_sql(node, "SELECT pg_stat_statements_reset(0, "
+                              f"(SELECT oid FROM pg_database WHERE datname = '{SHARE_DB}'), 0)")
 
 
 def _calls(node: cluster.Node, pattern: str) -> int:
     out = cluster.run_sql(node, "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
-                                f"WHERE query ILIKE '{pattern}'")
+                                f"WHERE query ILIKE '{pattern}' AND dbid = "
+                                f"(SELECT oid FROM pg_database WHERE datname = '{SHARE_DB}')")
     return int(out.strip() or 0)
 
 
@@ -218,8 +243,8 @@ def _pgbench(proc, *args: str, seconds: int = 10) -> str:
 
 
 @pytest.mark.parametrize("mode", ["random", "loc"])
-def test_pgbench_select_only_is_spread_over_both_replicas(start_pypool, pg_cluster, pgbench_tables, mode):
-    proc = start_pypool(pool_overrides(load_balancing_mode=mode, primary_reads_enabled=False))
+def test_pgbench_select_only_is_spread_over_both_replicas(start_pypool, pg_cluster, share_db, mode):
+    proc = start_pypool(_share_overrides(load_balancing_mode=mode, primary_reads_enabled=False))
     _reset_statements(pg_cluster)
     _pgbench(proc, "-S", "-c", "32")
     select = "SELECT abalance FROM pgbench_accounts%"
@@ -231,8 +256,8 @@ def test_pgbench_select_only_is_spread_over_both_replicas(start_pypool, pg_clust
         assert 0.35 <= share <= 0.65, f"replica shares {counts} outside 35-65 % ({mode})"
 
 
-def test_pgbench_tpcb_like_writes_land_on_the_primary(start_pypool, pg_cluster, pgbench_tables):
-    proc = start_pypool(pool_overrides(primary_reads_enabled=False))
+def test_pgbench_tpcb_like_writes_land_on_the_primary(start_pypool, pg_cluster, share_db):
+    proc = start_pypool(_share_overrides(primary_reads_enabled=False))
     _reset_statements(pg_cluster)
     _pgbench(proc, "-c", "8", seconds=5)
     update = "UPDATE pgbench_accounts%"
