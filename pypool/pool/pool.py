@@ -143,14 +143,13 @@ class ServerPool:
             return None  # FIFO: those already waiting go first
         now = time.monotonic()
         while idle:
-            conn = idle[-1]
+            conn = idle.pop()
             if conn.closed or now >= conn.expires_at:
-                idle.pop()
                 self._discard(conn)
                 continue
             if now - conn.last_used > self._check_after:
-                return None  # idle too long: ``acquire`` health-checks it first
-            idle.pop()
+                idle.append(conn)  # idle too long: ``acquire`` health-checks it first
+                return None
             self.active += 1
             self.stats.checkouts += 1
             return conn
