@@ -670,16 +670,26 @@ def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_F
     writes = has_statement = ends = sets = False
     begin: str | None = None
     reason_write = reason_stmt = reason_tx = None
-    declared: set[str] = set()  # read-only cursors declared earlier in this text
+    # Read-only cursors and prepared statements created earlier in this text:
+    # using them is provably read-only too (BEGIN; DECLARE c ...; FETCH c / PREPARE p ...; EXECUTE p).
+    declared: set[str] = set()
+    prepared: set[str] = set()
     for toks in statements:
         try:
             r = _statement(sql, toks, read_only_functions)
         except Exception:  # defensive: never let a classifier bug pick a replica
             r = (True, True, None, False, False, "parse error")
-        if r[5] == "declare cursor":
+        why = r[5]
+        if why == "declare cursor":
             declared.add(toks[1][1])
-        elif r[5] == _CURSOR_OUTSIDE and toks[-1][1] in declared:
-            r = (False, True, None, False, False, "cursor")  # BEGIN; DECLARE c ...; FETCH c
+        elif why == _CURSOR_OUTSIDE and toks[-1][1] in declared:
+            r = (False, True, None, False, False, "cursor")
+        elif why == "prepare":
+            prepared.add(toks[1][1])
+        elif why == "execute" and len(toks) > 1 and toks[1][1] in prepared:
+            r = (False, True, None, False, False, "execute")
+        elif why == "deallocate" and toks[-1][1] in prepared and len(toks) <= 3:
+            r = (False, True, None, False, False, "deallocate")
         w, s, b, e, ss, why = r
         if w:
             writes = True

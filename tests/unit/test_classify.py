@@ -170,6 +170,9 @@ TABLE: list[tuple[str, str]] = [
     ("EXECUTE p(1)", P),
     ("DEALLOCATE p", P),
     ("DEALLOCATE ALL", P),
+    ("PREPARE p (int) AS SELECT $1; EXECUTE p(1); DEALLOCATE PREPARE p", R),  # proven in the same text
+    ("PREPARE p AS SELECT 1; EXECUTE q", P),
+    ("PREPARE p AS SELECT 1; CREATE TABLE x AS EXECUTE p", P),
     # --- multi-statement simple queries: a write if any statement writes
     ("SELECT 1; SELECT 2", R),
     ("SELECT 1; UPDATE t SET a = 1", P),
