@@ -50,6 +50,7 @@ class RoutingState:
     """Per-client routing settings changed by PgCat's custom commands."""
 
     role_override: str | None = None  # "primary" | "replica" | "any"; None = automatic
+    auto: bool = False  # SET SERVER ROLE TO 'auto' (SHOW SERVER ROLE says so)
     primary_reads: bool | None = None  # None = the pool's primary_reads_enabled
     last_role: str | None = None
 
@@ -95,10 +96,15 @@ class Router:
             return None
         if match := _SET_SERVER_ROLE.match(sql):
             value = match.group(1).lower()
-            # 'auto' hands the choice back to the parser, 'default' to the config.
-            state.role_override = None if value in ("auto", "default") else value
-            if value == "default" and not self.parser_enabled:
+            # 'default' hands the choice back to the config, 'auto' to the parser. As in
+            # PgCat, 'auto' on a pool without read/write splitting infers no role: any server.
+            state.auto = value == "auto"
+            if value == "default":
                 state.role_override = None
+            elif value == "auto":
+                state.role_override = None if self.splitting else ANY
+            else:
+                state.role_override = value
             return m.command_complete("SET SERVER ROLE")
         if _SHOW_SERVER_ROLE.match(sql):
             return m.result_set(["server role"], [[self.describe_role(state)]], tag="SHOW")
@@ -111,6 +117,8 @@ class Router:
         return None
 
     def describe_role(self, state: RoutingState) -> str:
+        if state.auto:
+            return "auto"
         if state.role_override is not None:
             return state.role_override
         if self.splitting:

@@ -197,6 +197,18 @@ def test_pgcat_custom_commands():
     assert route(r, "SET search_path TO x", state).reply is None
 
 
+def test_auto_without_read_write_splitting_means_any_server_as_in_pgcat():
+    r = router(default_role="primary")
+    state = RoutingState()
+    assert route(r, "SELECT 1", state).role == PRIMARY
+    route(r, "SET SERVER ROLE TO 'auto'", state)
+    assert r.describe_role(state) == "auto"
+    assert route(r, "UPDATE t SET a = 1", state).role == ANY
+    route(r, "SET SERVER ROLE TO 'default'", state)
+    assert r.describe_role(state) == "primary"
+    assert route(r, "SELECT 1", state).role == PRIMARY
+
+
 def test_show_server_role_without_the_parser_reports_default_role():
     r = router(default_role="replica")
     state = RoutingState()
