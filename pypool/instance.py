@@ -127,6 +127,7 @@ class Worker:
         owner = cancel_key_owner(process_id)
         if owner == self.index or owner >= self.count:
             return False
+        log.debug("CancelRequest for a client of worker %d: passed on", owner)
         self._spawn(self._forward_cancel(owner, process_id, secret_key))
         return True
 

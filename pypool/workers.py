@@ -54,6 +54,7 @@ class WorkerProcess:
         self.started_at = 0.0
         self.restart_delay = RESTART_DELAY_MIN
         self.restart_at: float | None = None
+        self.ready = False
 
     @property
     def pid(self) -> int | None:
@@ -109,6 +110,7 @@ class Supervisor:
         worker.proc = subprocess.Popen(cmd, start_new_session=True)
         worker.started_at = time.monotonic()
         worker.restart_at = None
+        worker.ready = False
         log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
 
     def _ping(self, worker: WorkerProcess) -> dict | None:
@@ -119,6 +121,13 @@ class Supervisor:
             return asyncio.run(ask_control_socket(path, {"op": "ping"}, timeout=2.0))
         except (OSError, asyncio.TimeoutError, ValueError):
             return None
+
+    def _check_ready(self, worker: WorkerProcess) -> bool:
+        answer = self._ping(worker)
+        if answer is not None and answer.get("pid") == worker.pid:
+            worker.ready = True
+            log.info("worker %d ready (pid %d)", worker.index, worker.pid)
+        return worker.ready
 
     def _wait_all_ready(self) -> bool:
         deadline = time.monotonic() + READY_TIMEOUT
@@ -132,8 +141,7 @@ class Supervisor:
                     log.error("worker %d exited during startup with code %s; stopping", worker.index,
                               worker.proc.returncode if worker.proc else None)
                     return False
-                answer = self._ping(worker)
-                if answer is not None and answer.get("pid") == worker.pid:
+                if self._check_ready(worker):
                     pending.remove(worker)
             if time.monotonic() > deadline:
                 log.error("worker(s) %s did not become ready within %.0f s; stopping",
@@ -158,10 +166,13 @@ class Supervisor:
                     log.info("%s: draining every worker", name)
                 else:
                     log.warning("%s again: every worker closes its connections now", name)
-                self._stop_all(signum)
+                # SIGTERM drains a worker as SIGINT does, and ends one still starting up without a traceback.
+                self._stop_all(signal.SIGTERM)
             now = time.monotonic()
             for worker in self.workers:
                 if worker.alive():
+                    if not worker.ready and not self.stopping:
+                        self._check_ready(worker)
                     continue
                 if self.stopping:
                     continue
