@@ -88,7 +88,7 @@ class Supervisor:
             if not self._wait_all_ready():
                 self._stop_all(signal.SIGTERM)
                 self._reap_all(10.0)
-                return 1
+                return 0 if self.stopping else 1  # asked to stop, or a worker could not start
             log.info("pypool: all %d workers ready (pids %s) on %s:%s", self.count,
                      ", ".join(str(w.pid) for w in self.workers), self.config.general.host,
                      self.config.general.port)
@@ -135,6 +135,7 @@ class Supervisor:
         while pending:
             if self._signals and any(s != signal.SIGHUP for s in self._signals):
                 log.info("pypool: stopping during startup")
+                self.stopping = True
                 return False
             for worker in list(pending):
                 if not worker.alive():

@@ -212,3 +212,33 @@ def test_sigint_stops_every_worker_and_a_dead_worker_is_replaced(start_pypool):
     assert pypool.proc.wait(30) == 0
     for pid in pids:  # reaped by the supervisor before it exited
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_admin_pause_resume_and_shutdown_act_on_every_worker(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=4)))
+    worker_pids(pypool)
+    conns = [psycopg.connect(pypool.dsn(), autocommit=True) for _ in range(8)]  # logged in before the pause
+    assert admin(pypool, "PAUSE") == []
+    finished: list[int] = []
+
+    def client(n: int) -> None:
+        conns[n].execute("SELECT %s::int", (n,))
+        finished.append(n)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    # Eight clients spread over both workers: every one of them waits, and SHOW POOLS sees all eight.
+    wait_for(lambda: int(admin(pypool, "SHOW POOLS")[0]["cl_waiting"]) == 8, what="8 waiting clients")
+    assert finished == []
+    assert {row["paused"] for row in admin(pypool, "SHOW DATABASES")} == {"1"}
+    admin(pypool, "RESUME")
+    for thread in threads:
+        thread.join(30)
+    assert sorted(finished) == list(range(8))
+    for conn in conns:
+        conn.close()
+
+    assert admin(pypool, "SHUTDOWN") == [{"success": "t"}]
+    assert pypool.proc.wait(30) == 0
+    assert "SIGINT: draining every worker" in pypool.log()
