@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pypool import cluster
+from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER
 from tests.integration._support import (PRIMARY_ONLY, assert_clean_pgbench, local_tcp_ports, merge, pgbench,
                                         wait_for)
@@ -242,3 +243,24 @@ def test_admin_pause_resume_and_shutdown_act_on_every_worker(start_pypool):
     assert admin(pypool, "SHUTDOWN") == [{"success": "t"}]
     assert pypool.proc.wait(30) == 0
     assert "SIGINT: draining every worker" in pypool.log()
+
+
+def test_sighup_and_admin_reload_resize_every_workers_share(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=4)))
+    worker_pids(pypool)
+
+    def rewrite(pool_size: int) -> None:
+        pypool.config = merge(pypool.config, two_workers(pool_size=pool_size))
+        pypool.config_path.write_text(dump_config(pypool.config))
+
+    def pool_sizes() -> set[int]:
+        return {int(row["pool_size"]) for row in admin(pypool, "SHOW DATABASES")}
+
+    assert pool_sizes() == {4}
+    rewrite(6)
+    pypool.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: pool_sizes() == {6}, what="pool_size 6 (3 + 3) after SIGHUP")
+    rewrite(9)
+    assert admin(pypool, "RELOAD") == []
+    assert pool_sizes() == {9}  # RELOAD returns once every worker has reloaded (5 + 4)
+    assert len(re.findall(r"\[worker \d\] pypool: config reloaded", pypool.log())) == 4
