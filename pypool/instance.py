@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import ProcessCollector
 
 from pypool import instance_stats
+from pypool.admin import AdminConsole, AdminError
 from pypool.client import new_cancel_key
 from pypool.instance_stats import ResultSet, decode_result_set
+from pypool.metrics import collect_families
 from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
-    from pypool.admin import AdminConsole
     from pypool.app import Application
     from pypool.config import Config
 
@@ -183,15 +184,11 @@ class Worker:
         if op == "admin":
             return self._run_admin_locally(str(request["statement"]))
         if op == "metrics":
-            from pypool.metrics import collect_families
-
             families = list(collect_families(self.app)) + list(ProcessCollector(registry=None).collect())
             return {"families": instance_stats.families_to_json(families)}
         return {"error": [m.SQLSTATE_PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
 
     def _run_admin_locally(self, statement: str) -> dict:
-        from pypool.admin import AdminConsole, AdminError
-
         console = AdminConsole(_ControlCaller(self.app, f"worker {self.index} control socket"))  # type: ignore[arg-type]
         try:
             data = console.command(statement)
