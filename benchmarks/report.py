@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 LABELS = {
     "direct": "PostgreSQL direct",
     "pypool": "pypool",
+    "pypool-w2": "pypool workers=2",
     "pypool-rw": "pypool R/W split",
     "pgbouncer": "PgBouncer",
     "pgcat": "PgCat",
@@ -20,6 +21,7 @@ LABELS = {
 COLORS = {
     "direct": "#8c8c8c",
     "pypool": "#1f77b4",
+    "pypool-w2": "#08519c",
     "pypool-rw": "#6baed6",
     "pgbouncer": "#ff7f0e",
     "pgcat": "#2ca02c",
@@ -218,6 +220,7 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
         cells += [_ratio_cell(s, "memory", "pypool", "pgbouncer", "rss_kib") + " (RSS)", "", "", ""]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    out.extend(goals_section(s))
 
     # ---- all pgbench measurements
     out.append("## All pgbench measurements\n")
@@ -310,6 +313,45 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
             out.append(f"- {k}: {meta[k]}")
     out.append("")
     return "\n".join(out)
+
+
+GOALS_MB = 150  # 10,000 idle clients in at most this RSS
+
+
+def goals_section(s: Summary) -> list[str]:
+    """The targets of issue 5, each with this run's figure and whether it is met."""
+    rows: list[tuple[str, str, bool | None]] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "–" if ok is None else ("met" if ok else "**missed**")
+
+    for wl in ("select-c16", "select-c64"):
+        ratio, _ = s.ratio(wl, "pypool", "pgbouncer", "tps")
+        rows.append((f"{wl}: pypool TPS >= 0.9 x PgBouncer", _f(ratio, "{:.2f} x"),
+                     None if ratio is None else ratio >= 0.9))
+        cpu = s.med(wl, "pypool", "cpu_us_per_tx")
+        rows.append((f"{wl}: pypool CPU per transaction <= 30 µs", _f(cpu, "{:.1f} µs"),
+                     None if cpu is None else cpu <= 30))
+    direct, pypool, bouncer = (s.med("rtt", t, "lat_p50_us") for t in ("direct", "pypool", "pgbouncer"))
+    if None not in (direct, pypool, bouncer) and bouncer > direct:
+        added, added_bouncer = pypool - direct, bouncer - direct
+        rows.append(("SELECT 1 added p50 round trip <= 1.5 x PgBouncer's",
+                     f"{added:.1f} µs vs {added_bouncer:.1f} µs = {added / added_bouncer:.2f} x",
+                     added <= 1.5 * added_bouncer))
+    else:
+        rows.append(("SELECT 1 added p50 round trip <= 1.5 x PgBouncer's", "–", None))
+    rss = s.med("memory", "pypool", "rss_kib")
+    clients = next((int(float(r["connections"] or 0)) for r in s.ok.get(("memory", "pypool"), [])), 0)
+    rows.append((f"10,000 idle clients in <= {GOALS_MB} MB RSS",
+                 "–" if rss is None else f"{rss * 1024 / 1e6:.0f} MB with {clients:,} clients",
+                 None if rss is None else rss * 1024 / 1e6 <= GOALS_MB and clients >= 10_000))
+    ratio, _ = s.ratio("select-c64", "pypool-w2", "pypool", "tps")
+    rows.append(("select-c64: workers = 2 faster than workers = 1", _f(ratio, "{:.2f} x"),
+                 None if ratio is None else ratio > 1.0))
+    out = ["## Targets (issue 5)\n", "| target | this run | verdict |", "|---|---|---|"]
+    out += [f"| {goal} | {value} | {verdict(ok)} |" for goal, value, ok in rows]
+    out.append("")
+    return out
 
 
 def _div(v: float | None, d: float) -> float | None:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--quick] [--rounds N] [--duration S] [--targets a,b] [--workloads a,b]
 
-See benchmarks/README.md for what is measured and how. Everything listens on
+The README ("Benchmarks") says what is measured and how. Everything listens on
 and connects to 127.0.0.1; every load is bounded by pgbench's ``-T``.
 """
 
@@ -47,7 +47,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONNECT_ALLOWANCE_S = 0.025  # extra pgbench -T seconds per client, for runs with >= 64 clients
 
 POOLERS = ("pypool", "pgbouncer", "pgcat")
-ALL_TARGETS = ("direct", "pypool", "pypool-rw", "pgbouncer", "pgcat", "pgcat-rw")
+ALL_TARGETS = ("direct", "pypool", "pypool-w2", "pypool-rw", "pgbouncer", "pgcat", "pgcat-rw")
 PLAIN = ("direct", "pypool", "pgbouncer", "pgcat")
 
 
@@ -64,7 +64,8 @@ class Workload:
 WORKLOADS: tuple[Workload, ...] = (
     Workload("select-c1", "-S, 1 client", ("-S",), 1),
     Workload("select-c16", "-S, 16 clients", ("-S",), 16),
-    Workload("select-c64", "-S, 64 clients", ("-S",), 64),
+    # pypool-w2 (workers = 2) runs here only: does a second process help at 64 clients?
+    Workload("select-c64", "-S, 64 clients", ("-S",), 64, targets=PLAIN + ("pypool-w2",)),
     Workload("select-c256", "-S, 256 clients", ("-S",), 256),
     Workload("select-ext-c16", "-S -M extended, 16 clients", ("-S", "-M", "extended"), 16),
     Workload("tpcb-c16", "tpcb-like, 16 clients", (), 16),
@@ -435,13 +436,17 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     out: dict[str, Target] = {}
     if "direct" in needed:
         out["direct"] = direct_target(primary.port, opts.database)
-    broken = check_importable(pypool_path) if needed & {"pypool", "pypool-rw"} else None
+    pypools = {"pypool", "pypool-w2", "pypool-rw"}
+    broken = check_importable(pypool_path) if needed & pypools else None
     if broken:
-        for name in needed & {"pypool", "pypool-rw"}:
+        for name in needed & pypools:
             unavailable[name] = f"pypool from {opts.pypool_src} does not import: {broken}"
     if "pypool" in needed and not broken:
         out["pypool"] = pypool_target("pypool", "pypool", database=opts.database, split=False, cfg_args=cfg_args,
                                       pypool_path=pypool_path)
+    if "pypool-w2" in needed and not broken:
+        out["pypool-w2"] = pypool_target("pypool-w2", "pypool (workers = 2)", database=opts.database, split=False,
+                                         cfg_args=cfg_args, pypool_path=pypool_path, workers=2)
     if "pypool-rw" in needed and not broken:
         if len(replicas) < 2:
             unavailable["pypool-rw"] = f"only {len(replicas)} streaming replica(s)"

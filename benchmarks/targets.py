@@ -221,18 +221,22 @@ def direct_target(primary_port: int, database: str) -> Target:
 
 
 def pgcat_style_config(*, port: int, database: str, user: str, password: str, pool_size: int,
-                       primary: tuple[str, int], replicas: list[tuple[str, int]], split: bool) -> dict:
+                       primary: tuple[str, int], replicas: list[tuple[str, int]], split: bool,
+                       workers: int = 1) -> dict:
     """A PgCat-format config: one pool named like the database, transaction mode.
 
     split=False: the primary only, no query parser (a plain pooler, like PgBouncer).
     split=True: primary + replicas, the parser routes reads to the replicas and
     ``primary_reads_enabled = false`` keeps them off the primary.
+    workers > 1: pypool's worker processes (each with its share of pool_size).
     """
     servers = [[primary[0], primary[1], "primary"]]
     if split:
         servers += [[h, p, "replica"] for h, p in replicas]
+    general = {"workers": workers} if workers > 1 else {}
     return {
         "general": {
+            **general,
             "host": "127.0.0.1",
             "port": port,
             "enable_prometheus_exporter": False,
@@ -259,9 +263,10 @@ def pgcat_style_config(*, port: int, database: str, user: str, password: str, po
 
 
 def pypool_target(name: str, label: str, *, database: str, split: bool, cfg_args: dict,
-                  kind: str = "pypool", binary: str | None = None, pypool_path: Path | None = None) -> Target:
+                  kind: str = "pypool", binary: str | None = None, pypool_path: Path | None = None,
+                  workers: int = 1) -> Target:
     t = Target(name, kind, label, database=database)
-    t.extra.update(split=split, cfg_args=cfg_args, binary=binary, pypool_path=pypool_path or REPO)
+    t.extra.update(split=split, cfg_args=cfg_args, binary=binary, pypool_path=pypool_path or REPO, workers=workers)
     return t
 
 
@@ -290,7 +295,8 @@ def _start_pypool_like(t: Target) -> None:
     if t.workdir is None:
         t.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{t.name}-"))
     t.port = free_port()
-    cfg = pgcat_style_config(port=t.port, database=t.database, split=t.extra["split"], **t.extra["cfg_args"])
+    cfg = pgcat_style_config(port=t.port, database=t.database, split=t.extra["split"],
+                             workers=t.extra.get("workers", 1), **t.extra["cfg_args"])
     cfg_path = t.workdir / "pooler.toml"
     cfg_path.write_text(dump_config(cfg))
     log = open(t.workdir / "pooler.log", "ab")
@@ -298,7 +304,8 @@ def _start_pypool_like(t: Target) -> None:
     if t.kind == "pypool":
         # `python -m pypool CONFIG` from the snapshot taken at the start of the run
         # (see run.snapshot_pypool), so that edits made meanwhile do not leak in.
-        argv = [sys.executable, "-m", "pypool", str(cfg_path), "--log-level", "warning"]
+        # info: startup lines only (client logins are not logged), among them "all N workers ready"
+        argv = [sys.executable, "-m", "pypool", str(cfg_path), "--log-level", "info"]
         env = dict(os.environ, PYTHONPATH=str(t.extra["pypool_path"]))
     else:
         argv = [t.extra["binary"], str(cfg_path)]
@@ -306,6 +313,15 @@ def _start_pypool_like(t: Target) -> None:
     t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(t.workdir), env=env,
                               stdin=subprocess.DEVNULL)
     wait_for_port(t.port, t.alive, t.log_tail)
+    workers = t.extra.get("workers", 1)
+    if t.kind == "pypool" and workers > 1:
+        # The port answers once the first worker listens; measure only when all of them do.
+        ready = f"all {workers} workers ready"
+        deadline = time.monotonic() + 30
+        while ready not in (t.workdir / "pooler.log").read_text(errors="replace"):
+            if not t.alive() or time.monotonic() > deadline:
+                raise TargetError(f"not all {workers} workers became ready: {t.log_tail()}")
+            time.sleep(0.1)
 
 
 # -- PgBouncer

@@ -75,9 +75,9 @@ _SHOW_NOT_IMPLEMENTED = frozenset({"FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM", "S
                                    "PEERS", "PEER_POOLS", "TOTALS", "PREPARED_STATEMENTS"})
 
 # Settings that only take effect at start (PgCat lists host, port and connect_timeout).
-_NOT_CHANGEABLE = frozenset({"host", "port", "worker_threads", "enable_prometheus_exporter",
+_NOT_CHANGEABLE = frozenset({"host", "port", "workers", "enable_prometheus_exporter",
                              "prometheus_exporter_port", "tls_certificate", "tls_private_key", "client_tls_mode"})
-_GENERAL_KEYS = {"workers": "worker_threads"}  # dataclass field -> PgCat's key
+_GENERAL_KEYS: dict[str, str] = {}  # dataclass field -> PgCat's key, where they differ
 
 
 class AdminError(Exception):
@@ -157,7 +157,7 @@ class AdminConsole:
                 return
             if tag == m.QUERY:
                 discarding = False
-                self.execute(m.parse_query(payload))
+                await self.execute(m.parse_query(payload))
             elif tag == m.SYNC:
                 discarding = False
                 self._write(m.ready_for_query())
@@ -172,16 +172,18 @@ class AdminConsole:
             else:
                 raise ProtocolViolation(f"unexpected message type {chr(tag)!r} on the admin console")
 
-    def execute(self, sql: str) -> None:
+    async def execute(self, sql: str) -> None:
         statements = [s.strip() for s in sql.split(";")]
         statements = [s for s in statements if s]
         if not statements:
             self._write(m.empty_query_response() + m.ready_for_query())
             return
         out = []
+        worker = self.app.worker  # one of several processes: answer for the whole instance
         for statement in statements:
             try:
-                out.append(self.command(statement))
+                out.append(self.command(statement) if worker is None
+                           else await worker.admin_command(self, statement))
             except AdminError as exc:
                 out.append(m.error_response(exc.sqlstate, str(exc)))
                 break

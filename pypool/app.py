@@ -25,12 +25,17 @@ from pypool.routing.router import Decision, Router
 
 if TYPE_CHECKING:
     from pypool.config import Config, General, Pool, User
+    from pypool.instance import Worker
 
 log = logging.getLogger("pypool")
 
 
 class Application:
-    def __init__(self, config: "Config") -> None:
+    def __init__(self, config: "Config", worker: "Worker | None" = None) -> None:
+        # One of several worker processes (pypool.instance): it runs its share of every pool.
+        self.worker = worker
+        if worker is not None:
+            config = worker.share(config)
         self.config = config
         self.groups: dict[tuple[str, str], PoolGroup] = {}
         self.routers: dict[str, Router] = {}
@@ -66,13 +71,14 @@ class Application:
             server = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
         else:
             server = await loop.create_server(lambda: ClientConnection(self), general.host, general.port,
-                                              reuse_address=True, backlog=1024)
+                                              reuse_address=True, reuse_port=self.worker is not None,
+                                              backlog=1024)
         self._servers.append(server)
         for group in self.groups.values():
             group.start()
         where = ", ".join(str(s.getsockname()) for s in server.sockets)
         log.info("pypool listening on %s with %d pool(s)", where, len(self.groups))
-        if general.enable_prometheus_exporter:
+        if general.enable_prometheus_exporter and self.worker is None:  # else the supervisor serves it
             try:
                 self.metrics_server = metrics.MetricsServer(self, general.host, general.prometheus_exporter_port)
             except OSError as exc:
@@ -196,6 +202,8 @@ class Application:
         path = self.config.path
         try:
             new = load_config(path)
+            if self.worker is not None:
+                new = self.worker.share(new)
         except ConfigError as exc:
             self.reloads_failed += 1
             log.error("config reload (%s) rejected, the running config stays: %s", reason, exc)
@@ -291,12 +299,14 @@ class Application:
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
-            key = new_cancel_key()
+            key = new_cancel_key() if self.worker is None else self.worker.cancel_key()
             if key not in self._cancel_keys:
                 self._cancel_keys[key] = client
                 return key
 
     def cancel(self, process_id: int, secret_key: int) -> None:
+        if self.worker is not None and self.worker.forward_cancel(process_id, secret_key):
+            return  # another worker holds that client
         client = self._cancel_keys.get((process_id, secret_key))
         server = client.server if client is not None else None
         if server is None:

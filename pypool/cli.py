@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -28,10 +29,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def setup_logging(level: str, fmt: str) -> None:
+def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+    elif worker is not None:  # several processes write to the same stream: say which one
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [worker {worker}] %(name)s: %(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -39,7 +42,10 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-def run_pooler(config_path: str) -> int:
+def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None,
+               worker_args: list[str] | None = None) -> int:
+    """Run pypool: one process, or with ``workers = N`` a supervisor (``worker_slot`` is None) of N
+    worker processes (each started with its ``worker_slot``: index, count, control directory)."""
     from pypool.app import Application
     from pypool.config import ConfigError, load_config
 
@@ -48,24 +54,53 @@ def run_pooler(config_path: str) -> int:
     except ConfigError as exc:
         logging.getLogger("pypool").error("%s", exc)
         return 2
-    for warning in config.warnings:
-        logging.getLogger("pypool.config").warning("%s", warning)
+    if worker_slot is None:
+        for warning in config.warnings:
+            logging.getLogger("pypool.config").warning("%s", warning)
+    if worker_slot is None and config.general.workers > 1:
+        from pypool.workers import Supervisor
+
+        return Supervisor(config_path, config, worker_args or []).run()
+    worker = None
+    if worker_slot is not None:
+        from pypool.instance import Worker
+
+        _exit_with_parent()
+        worker = Worker(*worker_slot)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but stay usable without it
         uvloop = None
 
     async def main() -> None:
-        app = Application(config)
+        app = Application(config, worker)
         await app.start()
         app.install_signal_handlers()
+        if worker is not None:
+            await worker.start(app)  # after the listener: a worker that answers is ready
         await app.wait_stopped()
+        if worker is not None:
+            worker.close()
 
     if uvloop is not None:
         uvloop.run(main())
     else:
         asyncio.run(main())
     return 0
+
+
+def _exit_with_parent() -> None:
+    """A worker must not outlive its supervisor (even one killed with SIGKILL): ask Linux for a SIGTERM."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor still stops its workers on every signal
+        pass
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        raise SystemExit(1)
 
 
 def config_command(argv: list[str]) -> int:
@@ -117,9 +152,18 @@ def main(argv: list[str] | None = None) -> int:
                         choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--version", action="version", version=f"pypool {__version__}")
+    # Set by the supervisor of a multi-process pypool for each worker it starts (pypool.workers).
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
-    return run_pooler(args.config)
+    setup_logging(args.log_level, args.log_format, args.worker_index)
+    slot = None
+    if args.worker_index is not None:
+        if args.worker_count is None or args.worker_dir is None:
+            parser.error("--worker-index needs --worker-count and --worker-dir")
+        slot = (args.worker_index, args.worker_count, args.worker_dir)
+    return run_pooler(args.config, slot, ["--log-level", args.log_level, "--log-format", args.log_format])
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ __all__ = [
 # PgCat code defaults (src/config.rs, General::default_* / Pool::default_*).
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 5432  # General::default_port(); PgCat's docs/example file say 6432
-DEFAULT_WORKER_THREADS = 4
+DEFAULT_WORKER_THREADS = 4  # PgCat's tokio threads; pypool does not start processes from it
 DEFAULT_CONNECT_TIMEOUT_MS = 1000
 DEFAULT_IDLE_TIMEOUT_MS = 600_000  # 10 minutes
 DEFAULT_SERVER_LIFETIME_MS = 3_600_000  # 1 hour
@@ -87,6 +87,10 @@ DEFAULT_CLIENT_AUTH_METHOD = "scram-sha-256"
 DEFAULT_CLIENT_TLS_MODE = "allow"
 DEFAULT_MAX_CLIENT_CONN = 0  # 0 = unlimited
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # bytes; larger messages are refused
+# Worker processes sharing the listen port (SO_REUSEPORT).  One process unless
+# asked: PgCat's worker_threads (default 4) counts threads, not processes.
+DEFAULT_WORKERS = 1
+MAX_WORKERS = 64
 
 # Accepted spellings -> canonical value.  Matching is case-insensitive
 # (PgCat accepts e.g. "transaction" and "Transaction").
@@ -248,7 +252,7 @@ class Pool:
 class General:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    workers: int = DEFAULT_WORKER_THREADS  # PgCat's worker_threads
+    workers: int = DEFAULT_WORKERS  # pypool addition: processes (PgCat's worker_threads is read, not used)
     connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS
     idle_timeout: int = DEFAULT_IDLE_TIMEOUT_MS
     server_lifetime: int = DEFAULT_SERVER_LIFETIME_MS
@@ -620,7 +624,7 @@ def _parse_general(t: _Table) -> General:
     general = General(
         host=t.string("host", DEFAULT_HOST),
         port=t.port("port", DEFAULT_PORT),
-        workers=t.integer("worker_threads", DEFAULT_WORKER_THREADS, minimum=1),
+        workers=_parse_workers(t),
         connect_timeout=t.integer("connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS),
         idle_timeout=t.integer("idle_timeout", DEFAULT_IDLE_TIMEOUT_MS),
         server_lifetime=t.integer("server_lifetime", DEFAULT_SERVER_LIFETIME_MS),
@@ -663,6 +667,14 @@ def _parse_general(t: _Table) -> General:
             'expected "disable" or "allow" when tls_certificate is not set, got "require"',
         )
     return general
+
+
+def _parse_workers(t: _Table) -> int:
+    """``workers`` (pypool) sets the process count; PgCat's ``worker_threads`` is checked and
+    otherwise ignored, so a PgCat file does not silently start four processes."""
+    threads = t.integer("worker_threads", None, minimum=1)
+    del threads  # a valid PgCat setting with no pypool meaning: no warning, PgCat files stay quiet
+    return t.integer("workers", DEFAULT_WORKERS, minimum=1, maximum=MAX_WORKERS)
 
 
 def _legacy_prepared_statements_size(t: _Table) -> int | None:
@@ -724,14 +736,14 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         max_replica_lag_ms=t.integer("max_replica_lag_ms", None, minimum=1),
         read_only_functions=read_only_functions,
         prepared_statements_cache_size=t.integer("prepared_statements_cache_size", ps_default),
-        users=_parse_users(t),
+        users=_parse_users(t, general.workers),
         shards=_parse_shards(t),
     )
     t.finish(_UNSUPPORTED_POOL)
     return pool
 
 
-def _parse_users(pool: _Table) -> Mapping[str, User]:
+def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
     users_data = pool.table("users")
     users: dict[str, User] = {}
     for index, user_data in users_data.items():
@@ -742,6 +754,10 @@ def _parse_users(pool: _Table) -> Mapping[str, User]:
         username = u.string("username")
         password = u.string("password")
         pool_size = u.integer("pool_size", minimum=1)
+        if pool_size < workers:
+            # Each worker process gets a share of pool_size, and each share needs a connection.
+            raise u.error("pool_size", f"expected at least general.workers ({workers}), because each worker "
+                                       f"process gets a share of one connection or more, got {pool_size}")
         min_pool_size = u.integer("min_pool_size", 0)
         if min_pool_size > pool_size:
             raise u.error(

@@ -10,6 +10,7 @@ import re
 import socket
 import struct
 import subprocess
+import time
 from dataclasses import dataclass
 
 from tests.conftest import DATABASE, PASSWORD, USER, deep_merge
@@ -26,6 +27,18 @@ def merge(*overrides: dict) -> dict:
     for override in overrides:
         out = deep_merge(out, override)
     return out
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 def psql(pypool, *args: str, input: str | None = None, password: str = PASSWORD,

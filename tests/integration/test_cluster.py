@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pypool import cluster
+from tests.integration._support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -62,14 +63,7 @@ def _by_name(rows: list[dict]) -> dict[str, dict]:
 
 
 def _wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return wait_for(predicate, timeout, what)
 
 
 def _node(name: str, base: Path) -> cluster.Node:

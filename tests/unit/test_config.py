@@ -169,7 +169,7 @@ def test_general_defaults_are_pgcat_code_defaults() -> None:
     g = parse(MINIMAL).general
     assert g.host == "0.0.0.0"
     assert g.port == 5432  # PgCat's General::default_port(), not the 6432 of its docs
-    assert g.workers == 4
+    assert g.workers == 1  # not PgCat's worker_threads default of 4: processes, not threads
     assert g.connect_timeout == 1000
     assert g.idle_timeout == 600_000
     assert g.server_lifetime == 3_600_000
@@ -254,6 +254,7 @@ def test_all_settable_values_are_read() -> None:
 host = "127.0.0.1"
 port = 7432
 worker_threads = 2
+workers = 2
 healthcheck_timeout = 11
 healthcheck_delay = 12
 ban_time = 13
@@ -543,6 +544,7 @@ def test_bad_values_name_file_key_expectation_and_value(old: str, new: str, key:
         ("log_client_connections = 0", "general.log_client_connections", ["true or false", "got 0"]),
         ("ban_time = -5", "general.ban_time", ["non-negative", "got -5"]),
         ("worker_threads = 0", "general.worker_threads", ["positive integer"]),
+        ("workers = 0", "general.workers", ["1..64", "got 0"]),
         ('client_auth_method = "trust"', "general.client_auth_method", ['"scram-sha-256", "md5"']),
         ('client_tls_mode = "prefer"', "general.client_tls_mode", ['"disable", "allow", "require"']),
         ('client_tls_mode = "require"', "general.client_tls_mode", ["tls_certificate"]),

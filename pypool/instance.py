@@ -1,0 +1,240 @@
+"""One worker process of a multi-process pypool (``[general] workers = N``).
+
+The supervisor (``pypool.workers``) starts N of these; each is a complete
+pooler on the shared listen port (SO_REUSEPORT). What makes N of them one
+instance lives here:
+
+* pool shares: worker ``i`` runs every pool with its share of ``pool_size`` and
+  ``min_pool_size`` (the shares add up to the configured numbers), so the
+  servers see no more connections than the config allows;
+* cancel keys: the worker index sits in the low bits of every BackendKeyData
+  process id this worker hands out, so a CancelRequest that the kernel gives
+  to another worker is passed to the owner;
+* a control socket (unix, JSON lines, in the supervisor's private directory)
+  through which peers forward cancels, ask for admin ``SHOW`` rows, run admin
+  commands that must reach every worker (PAUSE, BAN, RELOAD ...), and through
+  which the supervisor collects metrics for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import logging
+import os
+import signal
+import types
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import ProcessCollector
+
+from pypool import instance_stats
+from pypool.admin import AdminConsole, AdminError
+from pypool.client import new_cancel_key
+from pypool.instance_stats import ResultSet, decode_result_set
+from pypool.metrics import collect_families
+from pypool.protocol import messages as m
+
+if TYPE_CHECKING:
+    from pypool.app import Application
+    from pypool.config import Config
+
+log = logging.getLogger("pypool.instance")
+
+WORKER_INDEX_BITS = 6  # config.MAX_WORKERS == 64
+_INDEX_MASK = (1 << WORKER_INDEX_BITS) - 1
+CONTROL_TIMEOUT = 5.0  # seconds a peer has to answer
+
+
+def share(total: int, index: int, count: int) -> int:
+    """Worker ``index``'s part of ``total`` split over ``count`` workers; the parts add up to ``total``."""
+    return total // count + (1 if index < total % count else 0)
+
+
+def config_share(config: "Config", index: int, count: int) -> "Config":
+    """The config one worker runs: every user's pool_size and min_pool_size replaced by its share."""
+    pools = {}
+    for name, pool in config.pools.items():
+        users = {username: dataclasses.replace(user, pool_size=share(user.pool_size, index, count),
+                                               min_pool_size=share(user.min_pool_size, index, count))
+                 for username, user in pool.users.items()}
+        pools[name] = dataclasses.replace(pool, users=types.MappingProxyType(users))
+    return dataclasses.replace(config, pools=types.MappingProxyType(pools))
+
+
+def control_socket_path(rundir: str, index: int) -> str:
+    return os.path.join(rundir, f"worker-{index}.sock")
+
+
+def cancel_key_owner(process_id: int) -> int:
+    return process_id & _INDEX_MASK
+
+
+async def ask_control_socket(path: str, request: dict, timeout: float = CONTROL_TIMEOUT) -> dict:
+    """One request, one JSON answer over a worker's control socket."""
+    async def exchange() -> dict:
+        reader, writer = await asyncio.open_unix_connection(path, limit=64 * 1024 * 1024)
+        try:
+            writer.write(json.dumps(request).encode() + b"\n")
+            await writer.drain()
+            line = await reader.readline()
+        finally:
+            writer.close()
+        if not line:
+            raise ConnectionError(f"{path} closed without an answer")
+        return json.loads(line)
+
+    return await asyncio.wait_for(exchange(), timeout)
+
+
+class _ControlCaller:
+    """Stands for the client when a peer runs an admin command here: no socket, nothing to write to."""
+
+    def __init__(self, app: "Application", origin: str) -> None:
+        self.app = app
+        self.peer = origin
+        self.transport = None
+
+
+class Worker:
+    def __init__(self, index: int, count: int, rundir: str) -> None:
+        if not 0 <= index < count:
+            raise ValueError(f"worker index {index} outside 0..{count - 1}")
+        self.index = index
+        self.count = count
+        self.rundir = rundir
+        self.app: Application | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.index}/{self.count}>"
+
+    # ------------------------------------------------------------- pools
+
+    def share(self, config: "Config") -> "Config":
+        return config_share(config, self.index, self.count)
+
+    # ------------------------------------------------------------ cancel
+
+    def cancel_key(self) -> tuple[int, int]:
+        process_id, secret = new_cancel_key()
+        return (process_id & ~_INDEX_MASK) | self.index, secret
+
+    def forward_cancel(self, process_id: int, secret_key: int) -> bool:
+        """True when the key belongs to another worker: the cancel goes there instead."""
+        owner = cancel_key_owner(process_id)
+        if owner == self.index or owner >= self.count:
+            return False
+        log.debug("CancelRequest for a client of worker %d: passed on", owner)
+        self._spawn(self._forward_cancel(owner, process_id, secret_key))
+        return True
+
+    async def _forward_cancel(self, owner: int, process_id: int, secret_key: int) -> None:
+        try:
+            await self.ask(owner, {"op": "cancel", "process_id": process_id, "secret_key": secret_key})
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            log.warning("could not pass a CancelRequest to worker %d: %s", owner, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------- control socket
+
+    async def start(self, app: "Application") -> None:
+        self.app = app
+        path = control_socket_path(self.rundir, self.index)
+        if os.path.exists(path):
+            os.unlink(path)  # left by a crashed predecessor
+        self._server = await asyncio.start_unix_server(self._serve, path, limit=1024 * 1024)
+        os.chmod(path, 0o600)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), CONTROL_TIMEOUT)
+            try:
+                reply = self._answer(json.loads(line))
+            except Exception as exc:  # noqa: BLE001 - a bad request must not end the control socket
+                log.exception("control request failed")
+                reply = {"error": [m.SQLSTATE_INTERNAL_ERROR, f"worker {self.index}: {exc}"]}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def _answer(self, request: dict) -> dict:
+        assert self.app is not None
+        op = request.get("op")
+        if op == "ping":
+            return {"pid": os.getpid(), "index": self.index, "accepting": self.app.accepting}
+        if op == "cancel":
+            self.app.cancel(int(request["process_id"]), int(request["secret_key"]))
+            return {}
+        if op == "admin":
+            return self._run_admin_locally(str(request["statement"]))
+        if op == "metrics":
+            families = list(collect_families(self.app)) + list(ProcessCollector(registry=None).collect())
+            return {"families": instance_stats.families_to_json(families)}
+        return {"error": [m.SQLSTATE_PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
+
+    def _run_admin_locally(self, statement: str) -> dict:
+        console = AdminConsole(_ControlCaller(self.app, f"worker {self.index} control socket"))  # type: ignore[arg-type]
+        try:
+            data = console.command(statement)
+        except AdminError as exc:
+            return {"error": [exc.sqlstate, str(exc)]}
+        result = decode_result_set(data)
+        if result is None:
+            return {"raw": base64.b64encode(data).decode()}
+        return {"result": result.to_json()}
+
+    # ------------------------------------------------------------- peers
+
+    async def ask(self, index: int, request: dict) -> dict:
+        return await ask_control_socket(control_socket_path(self.rundir, index), request)
+
+    async def ask_peers(self, request: dict) -> list[dict]:
+        """Every other worker's answer; a worker that cannot answer (restarting) is left out and logged."""
+        peers = [i for i in range(self.count) if i != self.index]
+        answers = await asyncio.gather(*(self.ask(i, request) for i in peers), return_exceptions=True)
+        out = []
+        for index, answer in zip(peers, answers):
+            if isinstance(answer, BaseException):
+                log.warning("worker %d did not answer %s: %s", index, request.get("op"), answer)
+            else:
+                out.append(answer)
+        return out
+
+    # ------------------------------------------------------------- admin
+
+    async def admin_command(self, console: "AdminConsole", statement: str) -> bytes:
+        """Run one admin statement for the whole instance; AdminError propagates like a local one."""
+        tokens = statement.split()
+        verb = tokens[0].upper()
+        if verb == "SHUTDOWN":
+            # The supervisor drains every worker (and does not restart this one).
+            log.info("admin %s: SHUTDOWN of the instance", console.client.peer)
+            os.kill(os.getppid(), signal.SIGINT)
+            return m.result_set([("success", instance_stats.TEXT)], [["t"]], tag="SHUTDOWN")
+        what = tokens[1].upper() if verb == "SHOW" and len(tokens) > 1 else verb
+        if not (verb == "SHOW" and what in instance_stats.SHOW_MERGES) and verb not in instance_stats.BROADCAST_COMMANDS:
+            return console.command(statement)
+        local = console.command(statement)
+        replies = await self.ask_peers({"op": "admin", "statement": statement})
+        mine = decode_result_set(local)
+        if mine is None:  # a plain CommandComplete (RELOAD, PAUSE, RESUME): every worker ran it
+            return local
+        results: list[ResultSet] = [mine]
+        results.extend(ResultSet.from_json(r["result"]) for r in replies if "result" in r)
+        return instance_stats.merge_results(what, results).encode()

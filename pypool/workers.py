@@ -1,0 +1,269 @@
+"""The supervisor of a multi-process pypool (``[general] workers = N``, N > 1).
+
+One Python process runs one event loop on one core; to use more cores pypool
+runs N worker processes (``pypool.instance``), each binding the listen port
+with SO_REUSEPORT so the kernel spreads new clients over them. This parent
+process does no pooling itself. It
+
+* starts the workers (as ``python -m pypool CONFIG --worker-index i ...``, so a
+  worker is a fresh interpreter, not a fork of a process with threads) and
+  waits until each answers on its control socket;
+* restarts a worker that dies, with a growing delay if it keeps dying;
+* forwards SIGHUP (reload), SIGINT and SIGTERM (graceful drain; a second one
+  stops at once) to every worker and exits when they have all stopped;
+* serves ``/metrics`` for the whole instance by merging every worker's
+  families (``pypool.instance_stats``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, start_http_server
+from prometheus_client.core import Metric
+
+from pypool.instance import ask_control_socket, control_socket_path
+from pypool.instance_stats import families_to_json, merge_families
+
+if TYPE_CHECKING:
+    from pypool.config import Config
+
+log = logging.getLogger("pypool.workers")
+
+READY_TIMEOUT = 30.0  # seconds a new worker has to start answering
+RESTART_DELAY_MIN = 0.5  # seconds; doubled for each quick successive death, up to the max
+RESTART_DELAY_MAX = 30.0
+STABLE_AFTER = 30.0  # a worker that lived this long resets the restart delay
+POLL_INTERVAL = 0.2
+
+
+class WorkerProcess:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.restart_delay = RESTART_DELAY_MIN
+        self.restart_at: float | None = None
+        self.ready = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    def __init__(self, config_path: str, config: "Config", worker_args: list[str]) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.count = config.general.workers
+        self.worker_args = worker_args  # logging options passed on to every worker
+        self.rundir = ""
+        self.workers = [WorkerProcess(i) for i in range(self.count)]
+        self.stopping = False
+        self._signals: list[int] = []
+        self._metrics_server = None
+
+    # ---------------------------------------------------------- lifecycle
+
+    def run(self) -> int:
+        self.rundir = tempfile.mkdtemp(prefix="pypool-workers-")  # mode 0700: cancel keys pass through here
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        try:
+            for worker in self.workers:
+                self._spawn(worker)
+            if not self._wait_all_ready():
+                self._stop_all(signal.SIGTERM)
+                self._reap_all(10.0)
+                return 0 if self.stopping else 1  # asked to stop, or a worker could not start
+            log.info("pypool: all %d workers ready (pids %s) on %s:%s", self.count,
+                     ", ".join(str(w.pid) for w in self.workers), self.config.general.host,
+                     self.config.general.port)
+            self._start_metrics()
+            return self._supervise()
+        finally:
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+                self._metrics_server.server_close()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._signals.append(signum)  # handled by the loop in _supervise, outside the signal handler
+
+    def _spawn(self, worker: WorkerProcess) -> None:
+        cmd = [sys.executable, "-m", "pypool", self.config_path, *self.worker_args,
+               "--worker-index", str(worker.index), "--worker-count", str(self.count), "--worker-dir", self.rundir]
+        # Its own session: a Ctrl-C in the terminal reaches the supervisor only, which forwards it once.
+        worker.proc = subprocess.Popen(cmd, start_new_session=True)
+        worker.started_at = time.monotonic()
+        worker.restart_at = None
+        worker.ready = False
+        log.info("worker %d started (pid %d)", worker.index, worker.proc.pid)
+
+    def _ping(self, worker: WorkerProcess) -> dict | None:
+        path = control_socket_path(self.rundir, worker.index)
+        if not os.path.exists(path):
+            return None
+        try:
+            return asyncio.run(ask_control_socket(path, {"op": "ping"}, timeout=2.0))
+        except (OSError, asyncio.TimeoutError, ValueError):
+            return None
+
+    def _check_ready(self, worker: WorkerProcess) -> bool:
+        answer = self._ping(worker)
+        if answer is not None and answer.get("pid") == worker.pid:
+            worker.ready = True
+            log.info("worker %d ready (pid %d)", worker.index, worker.pid)
+        return worker.ready
+
+    def _wait_all_ready(self) -> bool:
+        deadline = time.monotonic() + READY_TIMEOUT
+        pending = list(self.workers)
+        while pending:
+            if self._signals and any(s != signal.SIGHUP for s in self._signals):
+                log.info("pypool: stopping during startup")
+                self.stopping = True
+                return False
+            for worker in list(pending):
+                if not worker.alive():
+                    log.error("worker %d exited during startup with code %s; stopping", worker.index,
+                              worker.proc.returncode if worker.proc else None)
+                    return False
+                if self._check_ready(worker):
+                    pending.remove(worker)
+            if time.monotonic() > deadline:
+                log.error("worker(s) %s did not become ready within %.0f s; stopping",
+                          ", ".join(str(w.index) for w in pending), READY_TIMEOUT)
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _supervise(self) -> int:
+        interrupts = 0
+        while True:
+            while self._signals:
+                signum = self._signals.pop(0)
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading the config in every worker")
+                    self._stop_all(signal.SIGHUP)
+                    continue
+                interrupts += 1
+                self.stopping = True
+                name = signal.Signals(signum).name
+                if interrupts == 1:
+                    log.info("%s: draining every worker", name)
+                else:
+                    log.warning("%s again: every worker closes its connections now", name)
+                # SIGTERM drains a worker as SIGINT does, and ends one still starting up without a traceback.
+                self._stop_all(signal.SIGTERM)
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.alive():
+                    if not worker.ready and not self.stopping:
+                        self._check_ready(worker)
+                    continue
+                if self.stopping:
+                    continue
+                if worker.restart_at is None:
+                    self._schedule_restart(worker, now)
+                elif now >= worker.restart_at:
+                    self._spawn(worker)
+            if self.stopping and not any(w.alive() for w in self.workers):
+                log.info("pypool: all workers stopped")
+                return 0
+            time.sleep(POLL_INTERVAL)
+
+    def _schedule_restart(self, worker: WorkerProcess, now: float) -> None:
+        code = worker.proc.returncode if worker.proc else None
+        if now - worker.started_at > STABLE_AFTER:
+            worker.restart_delay = RESTART_DELAY_MIN
+        log.error("worker %d (pid %s) died with code %s; restarting it in %.1f s", worker.index, worker.pid,
+                  code, worker.restart_delay)
+        worker.restart_at = now + worker.restart_delay
+        worker.restart_delay = min(worker.restart_delay * 2, RESTART_DELAY_MAX)
+
+    def _stop_all(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.alive():
+                try:
+                    worker.proc.send_signal(signum)  # type: ignore[union-attr]
+                except ProcessLookupError:
+                    pass
+
+    def _reap_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            if worker.proc is None:
+                continue
+            try:
+                worker.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.proc.kill()
+                worker.proc.wait()
+
+    # ------------------------------------------------------------ metrics
+
+    def _start_metrics(self) -> None:
+        general = self.config.general
+        if not general.enable_prometheus_exporter:
+            return
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(InstanceCollector(self))
+        try:
+            self._metrics_server, _ = start_http_server(general.prometheus_exporter_port, general.host,
+                                                        registry=registry)
+        except OSError as exc:
+            log.error("cannot serve Prometheus metrics on %s:%s: %s", general.host,
+                      general.prometheus_exporter_port, exc)
+        else:
+            log.info("Prometheus metrics for all workers on http://%s:%s/metrics", general.host,
+                     general.prometheus_exporter_port)
+
+    def collect_snapshots(self) -> list[list[dict]]:
+        """Every live worker's metric families (plain data), then the supervisor's own process figures."""
+
+        async def gather() -> list:
+            return await asyncio.gather(*(ask_control_socket(control_socket_path(self.rundir, w.index),
+                                                             {"op": "metrics"}) for w in self.workers),
+                                        return_exceptions=True)
+
+        snapshots = []
+        for worker, answer in zip(self.workers, asyncio.run(gather())):
+            if isinstance(answer, BaseException) or "families" not in answer:
+                log.warning("metrics: worker %d did not answer: %s", worker.index, answer)
+                continue
+            snapshots.append(answer["families"])
+        own = list(ProcessCollector(registry=None).collect()) + list(PlatformCollector(registry=None).collect())
+        snapshots.append(families_to_json(own))
+        return snapshots
+
+
+class InstanceCollector:
+    """prometheus-client collector: the merged families of all workers, fetched at scrape time."""
+
+    _lock = threading.Lock()  # one scrape at a time: each asks every worker
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            merged = merge_families(self.supervisor.collect_snapshots())
+        for family in merged:
+            metric = Metric(family["name"], family["documentation"], family["type"], family["unit"])
+            for name, labels, value in family["samples"]:
+                metric.add_sample(name, labels, value)
+            yield metric
