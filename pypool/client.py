@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from pypool import admin
 from pypool.pool.group import PRIMARY
-from pypool.pool.pool import PoolRetired, PoolTimeout
+from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.routing.router import Router, RoutingState
 from pypool.protocol import auth
@@ -101,6 +101,7 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self._pending = bytearray()  # bytes received while no server is attached
         self._checkout_task: asyncio.Task[None] | None = None
+        self._queued: CallbackWaiter | None = None  # queued in a pool by the fast path
         self._skip = 0  # bytes of the current message body still to forward
         self._hold = b""  # an incomplete header carried to the next chunk
         self._discarding = False  # after an error we answered, drop messages until Sync
@@ -152,7 +153,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 data = data[skip:]
                 self._skip = 0
-            if self._pending or self._checkout_task is not None or not self._start_fast(data):
+            if self._pending or self._checkout_task is not None or self._queued is not None \
+                    or not self._start_fast(data):
                 self._pending += data
                 self._dispatch_pending()
             return
@@ -363,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch_pending(self) -> None:
         """No server attached: route the first complete message and get a connection."""
-        if self._checkout_task is not None or self.phase is not Phase.RELAY:
+        if self._checkout_task is not None or self._queued is not None or self.phase is not Phase.RELAY:
             return
         buf = self._pending
         while len(buf) >= HEADER_SIZE:
@@ -438,8 +440,19 @@ class ClientConnection(asyncio.Protocol):
         if server_pool is None:
             return False
         server = server_pool.try_acquire()
-        if server is None or server.applied_key != self._parameters_key:
-            # Wait for a connection or sync parameters, keeping the balancer's pick.
+        if server is None:
+            self._pending += data
+            waiter = server_pool.queue(lambda conn: self._queued_server_ready(role, conn),
+                                       lambda exc: self._queued_wait_failed(role, exc))
+            if waiter is not None:
+                self._queued = waiter
+                self.wait_started = waiter.started
+                return True
+            self._checkout_task = asyncio.get_running_loop().create_task(
+                self._checkout(role, None, server_pool))
+            return True
+        if server.applied_key != self._parameters_key:
+            # Sync parameters first, in a coroutine.
             self._pending += data
             self._checkout_task = asyncio.get_running_loop().create_task(
                 self._checkout(role, server, server_pool))
@@ -451,6 +464,41 @@ class ClientConnection(asyncio.Protocol):
         self._replay = (data, role, None) if role != PRIMARY else None
         self._forward(server, data)
         return True
+
+    def _end_queued_wait(self) -> None:
+        self._queued = None
+        waited = time.monotonic() - self.wait_started
+        if waited > self.max_wait:
+            self.max_wait = waited
+        self.wait_started = 0.0
+
+    def _queued_server_ready(self, role: str, server: ServerConnection) -> None:
+        """The pool handed over a connection this client queued for in ``_start_fast``."""
+        self._end_queued_wait()
+        if self.phase is not Phase.RELAY:
+            if server.pool is not None:
+                server.pool.release(server)
+            else:
+                server.close()
+            return
+        if server.applied_key != self._parameters_key:
+            self._checkout_task = asyncio.get_running_loop().create_task(
+                self._checkout(role, server, server.pool))
+            return
+        self._attach(server, role)
+
+    def _queued_wait_failed(self, role: str, exc: Exception) -> None:
+        self._end_queued_wait()
+        if self.phase is not Phase.RELAY:
+            return
+        if isinstance(exc, PoolRetired):
+            # A reload replaced the pool: ask its successor, as ``_checkout`` does.
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
+            return
+        log.warning("client %s: %s", self.peer, exc)
+        sqlstate = exc.sqlstate if isinstance(exc, ServerError) else m.SQLSTATE_TOO_MANY_CONNECTIONS
+        self._fail_request(sqlstate, str(exc))
+        self._dispatch_pending()
 
     def _answer_locally(self, decision: "Decision", length: int) -> None:
         """Answer a simple Query without a server: custom commands and a held-back BEGIN."""
@@ -664,6 +712,9 @@ class ClientConnection(asyncio.Protocol):
         if self._checkout_task is not None:
             self._checkout_task.cancel()
             self._checkout_task = None
+        if self._queued is not None:
+            self._queued.cancel()
+            self._queued = None
         if self._handshake_task is not None and not self._handshake_task.done() \
                 and self._handshake_task is not asyncio.current_task():
             self._handshake_task.cancel()

@@ -217,7 +217,7 @@ def server_states(view: AddressView, check_delay: float, now: float | None = Non
 def client_state(client: "ClientConnection") -> str:
     if client.server is not None:
         return "active"
-    if client._checkout_task is not None:
+    if client._checkout_task is not None or client._queued is not None:
         return "waiting"
     return "idle"
 
