@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import metrics
+from pypool import metrics, snapshot
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -46,7 +46,7 @@ class Application:
         self.draining: list[PoolGroup] = []
         self.reloads_ok = 0
         self.reloads_failed = 0
-        self.averager = metrics.Averager()
+        self.averager = snapshot.Averager()
         self.metrics_server: metrics.MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._build_pools(config)
@@ -90,11 +90,19 @@ class Application:
                 self.draining = [g for g in self.draining if any(sp.size > 0 for sp in g.all_pools)]
                 now = time.monotonic()
                 if now >= next_roll:
-                    self.averager.roll(self)
+                    self.averager.roll(await self.stats_snapshot())
                     next_roll = now + self.averager.period
             except Exception:  # noqa: BLE001 - housekeeping must never die
                 log.exception("housekeeping failed")
             await asyncio.sleep(1.0)
+
+    async def stats_snapshot(self) -> snapshot.Snapshot:
+        """Statistics of this process as plain data: what SHOW and /metrics render.
+
+        The one place to gather and ``snapshot.merge`` the snapshots of
+        several worker processes.
+        """
+        return snapshot.take(self)
 
     @property
     def ports(self) -> list[int]:
