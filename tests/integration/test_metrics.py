@@ -1,6 +1,6 @@
 """/metrics and SHOW STATS under a running pgbench, checked against what the servers themselves count.
 
-The pool serves a database of its own (``pypool_metrics``) so that the
+The pool serves a database of its own (``tests/integration/_private_db.py``) so that the
 servers' ``pg_stat_database`` counters for it move only with this test's
 traffic (and pypool's health checks, about one a second per server), not with
 other tests sharing the cluster.
@@ -8,7 +8,6 @@ other tests sharing the cluster.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 import urllib.request
@@ -18,26 +17,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pypool import cluster
-from tests.conftest import PASSWORD, USER, wait_replicas_caught_up
+from tests.conftest import USER
+from tests.integration._private_db import PRIVATE_DB, on_private_db, private_db  # noqa: F401 - fixture
 from tests.integration._support import merge
 
 pytestmark = pytest.mark.integration
 
-STATS_DB = "pypool_metrics"
 CLIENTS = 4
 PGCAT_ADDRESS_LABELS = {"host", "shard", "role", "pool", "index", "database", "username"}
-
-
-@pytest.fixture(scope="module")
-def stats_database(pg_cluster) -> str:
-    primary = pg_cluster[0]
-    if cluster.run_sql(primary, f"SELECT 1 FROM pg_database WHERE datname = '{STATS_DB}'") != "1":
-        cluster.run_sql(primary, f"CREATE DATABASE {STATS_DB}")
-    env = {**os.environ, "PGPASSWORD": PASSWORD}
-    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(primary.port), "-U", USER,
-                    STATS_DB], env=env, check=True, capture_output=True, timeout=120)
-    wait_replicas_caught_up(pg_cluster)
-    return STATS_DB
 
 
 def server_xacts(pg_cluster) -> int:
@@ -45,7 +32,7 @@ def server_xacts(pg_cluster) -> int:
     total = 0
     for node in pg_cluster:
         out = cluster.run_sql(node, "SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                                    f"WHERE datname = '{STATS_DB}'")
+                                    f"WHERE datname = '{PRIVATE_DB}'")
         total += int(out or 0)
     return total
 
@@ -79,11 +66,12 @@ def show_stats_xacts(pypool) -> int:
 
 
 @pytest.fixture
-def pypool(start_pypool, stats_database, pg_cluster):
+def pypool(start_pypool, private_db, pg_cluster):
     metrics_port = None
     proc = start_pypool(merge(
         {"general": {"enable_prometheus_exporter": True}},
-        {"pools": {"postgres": {"shards": {"0": {"database": stats_database}}, "primary_reads_enabled": False,
+        on_private_db(),
+        {"pools": {"postgres": {"primary_reads_enabled": False,
                                 "query_parser_enabled": True, "query_parser_read_write_splitting": True}}}))
     metrics_port = proc.config["general"]["prometheus_exporter_port"]
     deadline = time.monotonic() + 15
