@@ -175,7 +175,13 @@ class Application:
                 break
             await asyncio.sleep(0.05)
         if busy:
-            log.warning("shutdown: %d client(s) still in a transaction; closing them (rolled back)", len(busy))
+            log.warning("shutdown: %d client(s) still in a transaction; cancelling and closing them (rolled back)",
+                        len(busy))
+            # A closed socket alone leaves the backend running its query, and holding its locks,
+            # until it next writes to us: cancel the query first.
+            await asyncio.gather(*(send_cancel(c.server.address, c.server.backend_pid, c.server.backend_secret,
+                                               timeout=1.0) for c in busy if c.server is not None),
+                                 return_exceptions=True)
         else:
             log.info("shutdown: no transaction in flight")
         for client in list(self.clients):
