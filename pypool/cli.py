@@ -4,39 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import sys
-import time
 
 from pypool import __version__
+from pypool.logs import FORMATS, LEVELS, setup_logging
 
 DEFAULT_CONFIG = "pgcat.toml"  # PgCat's default path
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def run_pooler(config_path: str) -> int:
@@ -113,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pypool", description="PostgreSQL connection pooler (PgCat-compatible config)")
     parser.add_argument("config", nargs="?", default=os.environ.get("CONFIG_FILE", DEFAULT_CONFIG),
                         help="path to the PgCat-format TOML config (default: $CONFIG_FILE or pgcat.toml)")
-    parser.add_argument("--log-level", default=os.environ.get("PYPOOL_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--log-level", default=os.environ.get("PYPOOL_LOG_LEVEL", "info"), choices=LEVELS)
+    parser.add_argument("--log-format", default=os.environ.get("PYPOOL_LOG_FORMAT", "text"), choices=FORMATS,
+                        help="text, or one JSON object a line with the client's address in a 'client' field")
     parser.add_argument("--version", action="version", version=f"pypool {__version__}")
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
