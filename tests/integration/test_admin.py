@@ -6,23 +6,20 @@ STATS_AVERAGES): the lists below are what existing scripts and exporters read.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import threading
 import time
 
-import asyncpg
 import psycopg
 import psycopg.errors
 import pytest
 
 from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
+from tests.integration._ops import ADMIN_PASSWORD, ADMIN_USER, admin, login_error, rows, show
 from tests.integration._support import merge
 
 pytestmark = pytest.mark.integration
-
-ADMIN_USER, ADMIN_PASSWORD = "admin_user", "admin_pass"
 
 COLUMNS = {
     "POOLS": ["database", "user", "pool_mode", "cl_idle", "cl_active", "cl_waiting", "cl_cancel_req", "sv_active",
@@ -56,36 +53,16 @@ SPLITTING = {"pools": {DATABASE: {"query_parser_enabled": True, "query_parser_re
                                   "primary_reads_enabled": False, "default_role": "any"}}}
 
 
-def admin(pypool, database: str = "pgcat", user: str = ADMIN_USER, password: str = ADMIN_PASSWORD):
-    return psycopg.connect(host="127.0.0.1", port=pypool.port, user=user, password=password, dbname=database,
-                           sslmode="disable", autocommit=True, connect_timeout=10)
 
 
-def login_sqlstate(pypool, user: str, password: str, database: str) -> str | None:
-    async def attempt() -> str | None:
-        try:
-            conn = await asyncpg.connect(host="127.0.0.1", port=pypool.port, user=user, password=password,
-                                         database=database, ssl=False, timeout=10)
-        except asyncpg.PostgresError as exc:
-            return exc.sqlstate
-        await conn.close()
-        return None
-
-    return asyncio.run(attempt())
 
 
 def client(pypool, **kwargs) -> psycopg.Connection:
     return psycopg.connect(pypool.dsn(), autocommit=True, prepare_threshold=None, **kwargs)
 
 
-def show(conn, what: str) -> list[dict]:
-    return rows(conn, f"SHOW {what}")
 
 
-def rows(conn, sql: str) -> list[dict]:
-    cur = conn.execute(sql)
-    names = [d.name for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def columns(conn, what: str) -> list[str]:
@@ -102,11 +79,11 @@ def test_only_the_admin_credentials_get_in(pypool):
         with admin(pypool, database) as conn:
             assert show(conn, "VERSION")[0]["version"].startswith("pypool ")
     # asyncpg reports the SQLSTATE of a failed login (psycopg only its text).
-    assert login_sqlstate(pypool, ADMIN_USER, "not-the-admin-password", "pgcat") == "28P01"
+    assert login_error(pypool, ADMIN_USER, "not-the-admin-password", "pgcat")[0] == "28P01"
     # A pool user with its own, correct password is not an admin ...
-    assert login_sqlstate(pypool, USER, PASSWORD, "pgcat") == "28P01"
+    assert login_error(pypool, USER, PASSWORD, "pgcat")[0] == "28P01"
     # ... and the admin is not a pool user.
-    assert login_sqlstate(pypool, ADMIN_USER, ADMIN_PASSWORD, DATABASE) == "28P01"
+    assert login_error(pypool, ADMIN_USER, ADMIN_PASSWORD, DATABASE)[0] == "28P01"
     # psql too, with its own error text.
     env = {**pypool.env(password="wrong"), "PGCONNECT_TIMEOUT": "10"}
     out = subprocess.run(["psql", "-X", "-h", "127.0.0.1", "-p", str(pypool.port), "-U", ADMIN_USER, "-d", "pgcat",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -10,16 +9,15 @@ import json
 import re
 import socket
 
-import asyncpg
 import psycopg
 import pytest
 
 from tests.conftest import DATABASE, PASSWORD, USER, free_port, local_config, start_pypool_process
+from tests.integration._ops import ADMIN_PASSWORD, admin, login_error
 from tests.integration._support import login, psql, simple_query
 
 pytestmark = pytest.mark.integration
 
-ADMIN_PASSWORD = "admin_pass"
 WRONG_PASSWORD = "Wr0ng-Passw0rd-xyzzy"
 
 
@@ -76,26 +74,16 @@ def test_json_log_tags_clients_and_holds_no_secrets(json_pypool):
     with psycopg.connect(pypool.dsn(), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 
-    async def asyncpg_login(password: str) -> str | None:
-        try:
-            conn = await asyncpg.connect(host="127.0.0.1", port=pypool.port, user=USER, password=password,
-                                         database=DATABASE, ssl=False, timeout=10)
-        except asyncpg.PostgresError as exc:
-            return exc.sqlstate
-        await conn.close()
-        return None
-
-    assert asyncio.run(asyncpg_login(PASSWORD)) is None
+    assert login_error(pypool) == (None, "logged in")
     assert psql(pypool, "-c", "SELECT 1").returncode == 0
-    with psycopg.connect(host="127.0.0.1", port=pypool.port, user="admin_user", password=ADMIN_PASSWORD,
-                         dbname="pgcat", sslmode="disable", autocommit=True) as admin:
-        admin.execute("SHOW CONFIG").fetchall()
+    with admin(pypool) as conn:
+        conn.execute("SHOW CONFIG").fetchall()
     # Failed logins: a wrong password over SCRAM, for the pool and for the admin console.
     with socket.create_connection(("127.0.0.1", pypool.port), timeout=10) as raw:
         with pytest.raises(AssertionError, match="28P01"):
             login(raw, password=WRONG_PASSWORD)
         bad_peer = "%s:%d" % raw.getsockname()
-    assert asyncio.run(asyncpg_login(WRONG_PASSWORD)) == "28P01"
+    assert login_error(pypool, password=WRONG_PASSWORD)[0] == "28P01"
     assert psql(pypool, "-c", "SELECT 1", password=WRONG_PASSWORD).returncode != 0
 
     log = pypool.log()

@@ -12,13 +12,12 @@ import subprocess
 import time
 import urllib.request
 
-import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pypool import cluster
 from tests.conftest import USER
-from tests.integration._private_db import PRIVATE_DB, on_private_db, private_db  # noqa: F401 - fixture
+from tests.integration._ops import PRIVATE_DB, admin_rows, on_private_db, private_db  # noqa: F401 - fixture
 from tests.integration._support import merge
 
 pytestmark = pytest.mark.integration
@@ -53,12 +52,6 @@ def total(families: dict, name: str, suffix: str = "") -> float:
     return sum(s.value for s in samples(families, name, suffix))
 
 
-def admin_rows(pypool, sql: str) -> list[dict]:
-    with psycopg.connect(host="127.0.0.1", port=pypool.port, user="admin_user", password="admin_pass",
-                         dbname="pgcat", sslmode="disable", autocommit=True) as conn:
-        cur = conn.execute(sql)
-        names = [d.name for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def show_stats_xacts(pypool) -> int:

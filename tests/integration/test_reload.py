@@ -11,7 +11,7 @@ import pytest
 
 from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
-from tests.integration._private_db import on_private_db, private_db  # noqa: F401 - fixture
+from tests.integration._ops import admin, on_private_db, private_db, show, wait_for_log  # noqa: F401 - fixture
 from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, merge
 from tests.integration.test_pool_limits import BackendSampler
 
@@ -21,15 +21,8 @@ BENCH_SECONDS = 8
 CLIENTS = 8
 
 
-def admin(pypool) -> psycopg.Connection:
-    return psycopg.connect(host="127.0.0.1", port=pypool.port, user="admin_user", password="admin_pass",
-                           dbname="pgcat", sslmode="disable", autocommit=True)
 
 
-def show(conn, what: str) -> list[dict]:
-    cur = conn.execute(f"SHOW {what}")
-    names = [d.name for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
 def rewrite(pypool, *overrides: dict) -> None:
@@ -37,12 +30,6 @@ def rewrite(pypool, *overrides: dict) -> None:
     pypool.config_path.write_text(dump_config(pypool.config))
 
 
-def wait_for_log(pypool, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while text not in pypool.log():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{pypool.log()[-3000:]}"
-        time.sleep(0.1)
-    return pypool.log()
 
 
 def run_pgbench(pypool) -> subprocess.Popen:

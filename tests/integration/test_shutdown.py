@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import time
 import uuid
 
-import asyncpg
 import psycopg
-import psycopg.errors
 import pytest
 
 from tests.conftest import DATABASE, PASSWORD, USER
+from tests.integration._ops import admin, login_error, wait_for_log
 from tests.integration._support import PRIMARY_ONLY, merge
 
 pytestmark = pytest.mark.integration
@@ -50,26 +48,8 @@ def sleeping_backends(pg_cluster, application_name: str) -> int:
                             [application_name]).fetchone()[0]
 
 
-def new_login_error(pypool) -> tuple[str | None, str]:
-    async def attempt() -> tuple[str | None, str]:
-        try:
-            conn = await asyncpg.connect(host="127.0.0.1", port=pypool.port, user=USER, password=PASSWORD,
-                                         database=DATABASE, ssl=False, timeout=10)
-        except asyncpg.PostgresError as exc:
-            return exc.sqlstate, str(exc)
-        except (OSError, asyncpg.exceptions.ConnectionDoesNotExistError) as exc:
-            return None, f"closed: {exc}"
-        await conn.close()
-        return None, "logged in"
-
-    return asyncio.run(attempt())
 
 
-def wait_for_log(pypool, text: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in pypool.log():
-        assert time.monotonic() < deadline, f"{text!r} not logged:\n{pypool.log()[-3000:]}"
-        time.sleep(0.05)
 
 
 class LongTransaction(threading.Thread):
@@ -83,6 +63,14 @@ class LongTransaction(threading.Thread):
         self.sleeping = threading.Event()
         self.committed = False
         self.error: BaseException | None = None
+
+    @classmethod
+    def running(cls, pypool, table: str, seconds: float) -> "LongTransaction":
+        tx = cls(pypool, table, seconds)
+        tx.start()
+        assert tx.sleeping.wait(10)
+        time.sleep(0.3)  # pg_sleep has started on the server
+        return tx
 
     def run(self) -> None:
         try:
@@ -106,21 +94,17 @@ def test_transaction_in_flight_commits_new_clients_are_refused(start_pypool, pg_
     pypool = start(start_pypool)
     idle = psycopg.connect(pypool.dsn(), autocommit=True)
     assert idle.execute("SELECT 1").fetchone() == (1,)
-    tx = LongTransaction(pypool, table, seconds=3)
-    tx.start()
-    assert tx.sleeping.wait(10)
-    time.sleep(0.3)  # pg_sleep has started on the server
+    tx = LongTransaction.running(pypool, table, seconds=3)
     started = time.monotonic()
     if how == "SHUTDOWN":
-        with psycopg.connect(host="127.0.0.1", port=pypool.port, user="admin_user", password="admin_pass",
-                             dbname="pgcat", sslmode="disable", autocommit=True) as admin:
-            assert admin.execute("SHUTDOWN").fetchall() == [("t",)]
+        with admin(pypool) as conn:
+            assert conn.execute("SHUTDOWN").fetchall() == [("t",)]
     else:
         pypool.proc.send_signal(getattr(signal, how))
     wait_for_log(pypool, "shutting down")
 
     # A new client is told why, with the admin-shutdown SQLSTATE.
-    sqlstate, message = new_login_error(pypool)
+    sqlstate, message = login_error(pypool)
     assert sqlstate == "57P01" and "shutting down" in message, (sqlstate, message)
     # A client between transactions is closed at once, with the same error.
     with pytest.raises(psycopg.OperationalError) as idle_error:
@@ -143,10 +127,7 @@ def test_transaction_in_flight_commits_new_clients_are_refused(start_pypool, pg_
 
 def test_shutdown_timeout_bounds_the_wait(start_pypool, pg_cluster, table):
     pypool = start(start_pypool, shutdown_timeout=2)
-    tx = LongTransaction(pypool, table, seconds=60)
-    tx.start()
-    assert tx.sleeping.wait(10)
-    time.sleep(0.3)
+    tx = LongTransaction.running(pypool, table, seconds=60)
     started = time.monotonic()
     pypool.proc.send_signal(signal.SIGINT)
     pypool.proc.wait(15)
@@ -168,10 +149,7 @@ def test_shutdown_timeout_bounds_the_wait(start_pypool, pg_cluster, table):
 
 def test_second_signal_stops_at_once(start_pypool, table):
     pypool = start(start_pypool, shutdown_timeout=60)
-    tx = LongTransaction(pypool, table, seconds=60)
-    tx.start()
-    assert tx.sleeping.wait(10)
-    time.sleep(0.3)
+    tx = LongTransaction.running(pypool, table, seconds=60)
     started = time.monotonic()
     pypool.proc.send_signal(signal.SIGTERM)
     wait_for_log(pypool, "shutting down")
