@@ -43,6 +43,22 @@ def run_pooler(config_path: str) -> int:
     return 0
 
 
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a Compose ``.env`` file (comments, blank lines and quotes as Compose reads them)."""
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            out[key.strip()] = value
+    return out
+
+
 def config_command(argv: list[str]) -> int:
     from pypool.config import ConfigError, default_config_dict, dump_config, load_config
 
@@ -51,6 +67,8 @@ def config_command(argv: list[str]) -> int:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("path")
     init = sub.add_parser("init", help="write a config from the Compose .env variables")
+    init.add_argument("--env-file", help="read the variables from this .env file too (e.g. docker/.env); "
+                                         "the process environment wins, as with Docker Compose")
     init.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     args = parser.parse_args(argv)
     if args.action == "check":
@@ -64,8 +82,15 @@ def config_command(argv: list[str]) -> int:
         users = sum(len(p.users) for p in config.pools.values())
         print(f"{args.path}: OK ({len(config.pools)} pool(s), {users} user(s))")
         return 0
+    env: dict[str, str] = {}
     try:
-        text = dump_config(default_config_dict(os.environ))
+        if args.env_file:
+            env.update(read_env_file(args.env_file))
+        env.update(os.environ)
+        text = dump_config(default_config_dict(env))
+    except OSError as exc:
+        print(f"error: {args.env_file}: {exc.strerror}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
