@@ -49,6 +49,7 @@ class Application:
         self.averager = snapshot.Averager()
         self.metrics_server: metrics.MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._build_pools(config)
 
     def _build_pools(self, config: "Config") -> None:
@@ -259,7 +260,10 @@ class Application:
             for server_pool in old.all_pools:
                 server_pool.retired = True
             self.draining.append(old)
-            loop.create_task(old.close())
+            # Keep a reference: the loop holds only weak ones, and a collected task stops draining.
+            task = loop.create_task(old.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self.reloads_ok += 1
         log.info("config reloaded from %s (%s): %d pool(s) kept, %d rebuilt, %d added, %d removed",
                  path, reason, kept, rebuilt, added, len(replaced) - rebuilt)

@@ -653,3 +653,39 @@ def test_prometheus_drift_is_caught(compose, config, dockerfile):
     with pytest.raises(AssertionError):
         check_prometheus(compose, config, {"scrape_configs": [
             {"job_name": "pypool", "static_configs": [{"targets": ["pypool:9090"]}]}]}, dockerfile)
+
+
+# --------------------------------------------------------------- Grafana
+
+GRAFANA_DASHBOARD = DOCKER / "grafana" / "pypool-dashboard.json"
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name /metrics can serve, from a snapshot with one primary and one lagging replica."""
+    from pypool.metrics import render_families
+    from pypool.snapshot import AddressStats, PoolStatsRow, RouterStats, Snapshot
+
+    def address(port: int, role: str) -> AddressStats:
+        return AddressStats(pool="p", user="u", host="h", port=port, database="d", role=role, index=0, name="n",
+                            pool_mode="transaction", pool_size=1, min_pool_size=0, lag_seconds=0.5)
+
+    snap = Snapshot(addresses=[address(1, "primary"), address(2, "replica")],
+                    pools=[PoolStatsRow("p", "u", "transaction")], routers=[RouterStats("p", decisions={"any": 1})])
+    return {s.name for family in render_families(snap, {}) for s in family.samples}
+
+
+def dashboard_metric_names(dashboard: dict) -> set[str]:
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    return {name for expr in exprs for name in re.findall(r"\b(pypool_[a-z_]+|pgcat_[a-z_]+)\b", expr)}
+
+
+def test_grafana_dashboard_queries_exported_metrics():
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text(encoding="utf-8"))
+    used = dashboard_metric_names(dashboard)
+    assert len(used) >= 10, used
+    missing = used - exported_sample_names()
+    assert not missing, f"the dashboard queries metrics pypool does not export: {sorted(missing)}"
+    broken = copy.deepcopy(dashboard)
+    broken["panels"][0]["targets"][0]["expr"] = "rate(pypool_transactions[1m])"  # the name without _total
+    assert dashboard_metric_names(broken) - exported_sample_names() == {"pypool_transactions"}
