@@ -489,7 +489,7 @@ def servers_table(snap: Snapshot) -> Table:
         "transaction_count", "query_count", "bytes_sent", "bytes_received", "age_seconds", "prepare_cache_hit",
         "prepare_cache_miss", "prepare_cache_eviction", "prepare_cache_size")
     rows = [[_hex_id(s.server_id), s.pool, s.user, s.address_name, s.application_name,
-             "test" if s.state == "tested" else s.state, s.transaction_count, s.query_count, s.bytes_sent,
+             s.state, s.transaction_count, s.query_count, s.bytes_sent,
              s.bytes_received, int(s.age_seconds), 0, 0, 0, 0] for s in snap.servers]
     return columns, rows
 

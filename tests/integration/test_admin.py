@@ -114,6 +114,7 @@ def test_every_show_has_pgcat_columns_and_live_values(pypool, pg_cluster):
         assert any(c["database"] == "pgcat" and c["user"] == ADMIN_USER for c in clients)
 
         servers = show(conn, "SERVERS")
+        assert {s["state"] for s in servers} <= {"active", "idle", "used", "tested", "login"}
         active = [s for s in servers if s["state"] == "active"]
         assert len(active) == 1
         assert active[0]["address_id"] == f"{DATABASE}_shard_0_primary"
