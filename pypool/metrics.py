@@ -10,7 +10,7 @@ Two metric families are exported:
 
 * ``pgcat_*``: PgCat's own names and labels (``stats_*``, ``pools_*``,
   ``servers_*``, ``databases_*``), so PgCat's Grafana dashboard works
-  unchanged. PgCat types its ``stats_total_*`` and ``servers_*`` counts as
+  unchanged (per-server series also carry the ``user`` label it filters on). PgCat types its ``stats_total_*`` and ``servers_*`` counts as
   counters without the ``_total`` suffix; prometheus-client would rename such
   counters, so they are exported untyped under PgCat's exact names.
 * ``pypool_*``: pypool's own family, named the Prometheus way (base units,
@@ -52,12 +52,13 @@ log = logging.getLogger("pypool.metrics")
 
 SCRAPE_TIMEOUT = 5.0  # seconds the HTTP thread waits for the event loop's snapshot
 
-# PgCat's labels of per-address series, in its order.
-_PGCAT_LABELS = ("host", "shard", "role", "pool", "index", "database", "username")
+# PgCat's labels of per-address series, plus ``user``: PgCat's own Grafana dashboard
+# filters these series by ``user=~"$user"`` although its exporter only sets ``username``.
+_PGCAT_LABELS = ("host", "shard", "role", "pool", "index", "database", "username", "user")
 
 
 def _pgcat_labels(a: AddressStats) -> dict[str, str]:
-    return dict(zip(_PGCAT_LABELS, (a.host, "0", a.role, a.pool, str(a.index), a.database, a.user)))
+    return dict(zip(_PGCAT_LABELS, (a.host, "0", a.role, a.pool, str(a.index), a.database, a.user, a.user)))
 
 
 def _untyped(name: str, documentation: str) -> Metric:

@@ -23,7 +23,8 @@ from tests.integration._support import merge
 pytestmark = pytest.mark.integration
 
 CLIENTS = 4
-PGCAT_ADDRESS_LABELS = {"host", "shard", "role", "pool", "index", "database", "username"}
+# PgCat's exporter's labels, and the "user" its Grafana dashboard filters these series on.
+PGCAT_ADDRESS_LABELS = {"host", "shard", "role", "pool", "index", "database", "username", "user"}
 
 
 def server_xacts(pg_cluster) -> int:
