@@ -230,7 +230,7 @@ def _live(sp: "ServerPool") -> list:
     return [c for c in list(sp.connections) if not c.closed and c.pool is sp]
 
 
-def _server_state(conn, sp: "ServerPool", idle_ids: set[int], now: float, check_delay: float) -> str:
+def _server_state(conn, idle_ids: set[int], now: float, check_delay: float) -> str:
     if conn.client is not None:
         return "active"
     if id(conn) in idle_ids:
@@ -349,7 +349,7 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
     live = _live(sp)
     idle_ids = set(map(id, sp.idle))
     for conn in live:
-        state = _server_state(conn, sp, idle_ids, now, check_delay)
+        state = _server_state(conn, idle_ids, now, check_delay)
         a.states[state] += 1
         servers.append(ServerRow(conn.backend_pid, a.pool, a.user, a.name, a.host, a.port,
                                  conn.applied_parameters.get("application_name", ""), state, conn.xact_count,
