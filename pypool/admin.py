@@ -17,7 +17,11 @@ column at 0 and pypool knows the value, pypool fills it in: ``total_xact_time``,
 add a trailing ``port`` column and accept ``host:port``, because several
 servers may share a host (all of them do in the local cluster).
 
-Every error is an ErrorResponse with a SQLSTATE; the session stays usable.
+Every SHOW renders from a ``pypool.snapshot.Snapshot`` (plain data, taken
+once per statement through ``Application.stats_snapshot()``), never from live
+pool objects, so the same tables can be built from several processes' merged
+snapshots. Every error is an ErrorResponse with a SQLSTATE; the session stays
+usable.
 """
 
 from __future__ import annotations
@@ -26,12 +30,11 @@ import asyncio
 import dataclasses
 import datetime
 import logging
-import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
 from pypool import __version__
-from pypool import metrics as stats
+from pypool.snapshot import Averager, Snapshot
 from pypool.config import ConfigError, General, Pool, User
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -108,16 +111,19 @@ class AdminConsole:
     def __init__(self, client: "ClientConnection") -> None:
         self.client = client
         self.app: Application = client.app
+        self.busy = False  # running a command (SHOW CLIENTS: "active")
         self._commands: dict[str, Callable[[list[str]], bytes]] = {
-            "SHOW": self.show, "SET": self.ignore_set, "RELOAD": self.reload, "PAUSE": self.pause,
-            "RESUME": self.resume, "SHUTDOWN": self.shutdown, "BAN": self.ban, "UNBAN": self.unban,
+            "SET": self.ignore_set, "RELOAD": self.reload, "PAUSE": self.pause, "RESUME": self.resume,
+            "SHUTDOWN": self.shutdown, "BAN": self.ban, "UNBAN": self.unban,
         }
-        self._show: dict[str, Callable[[list[str]], bytes]] = {
+        self._show: dict[str, Callable[[Snapshot], bytes]] = {
             "POOLS": self.show_pools, "STATS": self.show_stats, "SERVERS": self.show_servers,
-            "CLIENTS": self.show_clients, "DATABASES": self.show_databases, "CONFIG": self.show_config,
-            "LISTS": self.show_lists, "USERS": self.show_users, "VERSION": self.show_version,
-            "BANS": self.show_bans, "HELP": self.show_help, "STATS_TOTALS": self.show_stats_totals,
+            "CLIENTS": self.show_clients, "DATABASES": self.show_databases, "LISTS": self.show_lists,
+            "USERS": self.show_users, "BANS": self.show_bans, "STATS_TOTALS": self.show_stats_totals,
             "STATS_AVERAGES": self.show_stats_averages,
+        }
+        self._show_static: dict[str, Callable[[], bytes]] = {
+            "CONFIG": self.show_config, "VERSION": self.show_version, "HELP": self.show_help,
         }
 
     def _write(self, data: bytes) -> None:
@@ -180,23 +186,29 @@ class AdminConsole:
             return
         out = []
         worker = self.app.worker  # one of several processes: answer for the whole instance
-        for statement in statements:
-            try:
-                out.append(self.command(statement) if worker is None
-                           else await worker.admin_command(self, statement))
-            except AdminError as exc:
-                out.append(m.error_response(exc.sqlstate, str(exc)))
-                break
-            except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the session
-                log.exception("admin command %r failed", statement)
-                out.append(m.error_response(m.SQLSTATE_INTERNAL_ERROR, f"internal error in pypool: {exc}"))
-                break
+        self.busy = True
+        try:
+            for statement in statements:
+                try:
+                    out.append(await self.command(statement) if worker is None
+                               else await worker.admin_command(self, statement))
+                except AdminError as exc:
+                    out.append(m.error_response(exc.sqlstate, str(exc)))
+                    break
+                except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the session
+                    log.exception("admin command %r failed", statement)
+                    out.append(m.error_response(m.SQLSTATE_INTERNAL_ERROR, f"internal error in pypool: {exc}"))
+                    break
+        finally:
+            self.busy = False
         out.append(m.ready_for_query())
         self._write(b"".join(out))
 
-    def command(self, statement: str) -> bytes:
+    async def command(self, statement: str) -> bytes:
         tokens = statement.split()
         verb = tokens[0].upper()
+        if verb == "SHOW":
+            return await self.show(tokens[1:])
         handler = self._commands.get(verb)
         if handler is not None:
             return handler(tokens[1:])
@@ -209,13 +221,16 @@ class AdminConsole:
 
     # ------------------------------------------------------------- commands
 
-    def show(self, args: list[str]) -> bytes:
+    async def show(self, args: list[str]) -> bytes:
         if not args:
             raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "SHOW needs an argument; SHOW HELP lists them")
         what = args[0].upper()
+        static = self._show_static.get(what)
+        if static is not None:
+            return static()
         handler = self._show.get(what)
         if handler is not None:
-            return handler(args[1:])
+            return handler(await self.app.stats_snapshot())
         if what in _SHOW_NOT_IMPLEMENTED:
             raise AdminError(m.SQLSTATE_FEATURE_NOT_SUPPORTED, f"SHOW {what} is not implemented by pypool")
         raise AdminError(SQLSTATE_UNDEFINED_OBJECT,
@@ -274,12 +289,14 @@ class AdminConsole:
         return m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
 
     def _matching(self, target: str):
+        """(group, server pool) pairs whose server is ``host`` or ``host:port``."""
         host, _, port = target.partition(":")
         if port and not port.isdigit():
             raise AdminError(m.SQLSTATE_SYNTAX_ERROR, f"invalid port in {target!r}")
-        for view in stats.address_views(self.app):
-            if view.host == host and (not port or view.port == int(port)):
-                yield view
+        for (name, user), group in sorted(self.app.groups.items()):
+            for sp in group.all_pools:
+                if sp.address.host == host and (not port or sp.address.port == int(port)):
+                    yield group, sp
 
     def ban(self, args: list[str]) -> bytes:
         if len(args) != 2:
@@ -291,12 +308,11 @@ class AdminConsole:
         if seconds <= 0:
             raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "duration_seconds must be > 0")
         rows = []
-        for view in list(self._matching(args[0])):
-            group, sp = view.group, view.current
+        for group, sp in list(self._matching(args[0])):
             if sp is group.primary or group.is_banned(sp):
                 continue  # the primary is never banned, as in PgCat
             group.ban(sp, f"AdminBan({seconds})", duration=seconds)
-            rows.append([view.pool_name, view.user, view.role, view.host, view.port])
+            rows.append([group.name, group.user.username, "replica", sp.address.host, sp.address.port])
         log.info("admin %s: BAN %s %ss: %d server(s)", self.client.peer, args[0], seconds, len(rows))
         return m.result_set(_BAN_COLUMNS, rows, tag="BAN")
 
@@ -304,225 +320,265 @@ class AdminConsole:
         if len(args) != 1:
             raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "UNBAN command requires a hostname[:port] to unban")
         rows = []
-        for view in list(self._matching(args[0])):
-            group, sp = view.group, view.current
+        for group, sp in list(self._matching(args[0])):
             if group.is_banned(sp):
                 group.unban(sp)
-                rows.append([view.pool_name, view.user, view.role, view.host, view.port])
+                role = "primary" if sp is group.primary else "replica"
+                rows.append([group.name, group.user.username, role, sp.address.host, sp.address.port])
         log.info("admin %s: UNBAN %s: %d server(s)", self.client.peer, args[0], len(rows))
         return m.result_set(_BAN_COLUMNS, rows, tag="UNBAN")
 
     # ---------------------------------------------------------------- SHOW
 
-    def show_pools(self, args: list[str]) -> bytes:
-        columns = [("database", TEXT), ("user", TEXT), ("pool_mode", TEXT)] + [
-            (c, NUMERIC) for c in ("cl_idle", "cl_active", "cl_waiting", "cl_cancel_req", "sv_active", "sv_idle",
-                                   "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us")]
-        rows = []
-        now = time.monotonic()
-        for view in stats.pool_views(self.app):
-            c = stats.pool_counts(self.app, view, now)
-            wait = c["maxwait_us_total"]
-            rows.append([view.pool_name, view.user, view.group.pool_mode, c["cl_idle"], c["cl_active"],
-                         c["cl_waiting"], c["cl_cancel_req"], c["sv_active"], c["sv_idle"], c["sv_used"],
-                         c["sv_tested"], c["sv_login"], wait // 1_000_000, wait % 1_000_000])
-        return m.result_set(columns, rows, tag="SHOW")
+    def show_pools(self, snap: Snapshot) -> bytes:
+        return m.result_set(*pools_table(snap), tag="SHOW")
 
-    def show_stats(self, args: list[str]) -> bytes:
-        columns = [("instance", TEXT), ("database", TEXT), ("user", TEXT)] + [(c, NUMERIC) for c in (
-            "total_xact_count", "total_query_count", "total_received", "total_sent", "total_xact_time",
-            "total_query_time", "total_wait_time", "total_errors", "avg_xact_count", "avg_query_count", "avg_recv",
-            "avg_sent", "avg_errors", "avg_xact_time", "avg_query_time", "avg_wait_time")]
-        rows = []
-        for view in stats.address_views(self.app):
-            t = stats.totals(view)
-            a = self.app.averager.get(view.key)
-            rows.append([view.name, view.pool_name, view.user, t.xact_count, t.query_count, t.bytes_received,
-                         t.bytes_sent, int(t.xact_time * 1e6), 0, int(t.wait_time * 1e6), t.errors,
-                         _int(a["xact_count"]), _int(a["query_count"]), _int(a["recv"]), _int(a["sent"]),
-                         _int(a["errors"]), _int(a["xact_time"]), _int(a["query_time"]), _int(a["wait_time"])])
-        return m.result_set(columns, rows, tag="SHOW")
+    def show_stats(self, snap: Snapshot) -> bytes:
+        return m.result_set(*stats_table(snap, self.app.averager), tag="SHOW")
 
-    _PGBOUNCER_STATS = ("server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
-                        "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count",
-                        "bind_count")
+    def show_stats_totals(self, snap: Snapshot) -> bytes:
+        return m.result_set(*stats_totals_table(snap), tag="SHOW")
 
-    def show_stats_totals(self, args: list[str]) -> bytes:
-        """PgBouncer's SHOW STATS_TOTALS: per database, bytes from the clients' side, times in microseconds."""
-        by_db: dict[str, dict[str, int]] = {}
-        for view in stats.address_views(self.app):
-            t = stats.totals(view)
-            row = by_db.setdefault(view.pool_name, dict.fromkeys(self._PGBOUNCER_STATS, 0))
-            row["server_assignment_count"] += t.checkouts
-            row["xact_count"] += t.xact_count
-            row["query_count"] += t.query_count
-            row["bytes_received"] += t.bytes_sent  # what clients sent pypool went on to the server
-            row["bytes_sent"] += t.bytes_received
-            row["xact_time"] += int(t.xact_time * 1e6)
-            row["wait_time"] += int(t.wait_time * 1e6)
-        return self._stats_by_db(by_db)
+    def show_stats_averages(self, snap: Snapshot) -> bytes:
+        return m.result_set(*stats_averages_table(snap, self.app.averager), tag="SHOW")
 
-    def show_stats_averages(self, args: list[str]) -> bytes:
-        by_db: dict[str, dict[str, float]] = {}
-        weights: dict[str, dict[str, float]] = {}
-        for view in stats.address_views(self.app):
-            a = self.app.averager.get(view.key)
-            row = by_db.setdefault(view.pool_name, dict.fromkeys(self._PGBOUNCER_STATS, 0.0))
-            w = weights.setdefault(view.pool_name, {"xact": 0.0, "assign": 0.0})
-            row["server_assignment_count"] += a["server_assignment_count"]
-            row["xact_count"] += a["xact_count"]
-            row["query_count"] += a["query_count"]
-            row["bytes_received"] += a["sent"]
-            row["bytes_sent"] += a["recv"]
-            # Per-transaction / per-assignment times, weighted by how many there were.
-            row["xact_time"] += a["xact_time"] * a["xact_count"]
-            w["xact"] += a["xact_count"]
-            row["wait_time"] += a["wait_time"] * a["server_assignment_count"]
-            w["assign"] += a["server_assignment_count"]
-        for name, row in by_db.items():
-            w = weights[name]
-            row["xact_time"] = row["xact_time"] / w["xact"] if w["xact"] else 0
-            row["wait_time"] = row["wait_time"] / w["assign"] if w["assign"] else 0
-        return self._stats_by_db({k: {c: _int(v) for c, v in row.items()} for k, row in by_db.items()})
+    def show_servers(self, snap: Snapshot) -> bytes:
+        return m.result_set(*servers_table(snap), tag="SHOW")
 
-    def _stats_by_db(self, by_db: dict[str, dict[str, int]]) -> bytes:
-        columns = [("database", TEXT)] + [(c, NUMERIC) for c in self._PGBOUNCER_STATS]
-        rows = [[name] + [row[c] for c in self._PGBOUNCER_STATS] for name, row in sorted(by_db.items())]
-        return m.result_set(columns, rows, tag="SHOW")
+    def show_clients(self, snap: Snapshot) -> bytes:
+        return m.result_set(*clients_table(snap), tag="SHOW")
 
-    def show_servers(self, args: list[str]) -> bytes:
-        columns = [("server_id", TEXT), ("database_name", TEXT), ("user", TEXT), ("address_id", TEXT),
-                   ("application_name", TEXT), ("state", TEXT)] + [(c, NUMERIC) for c in (
-                       "transaction_count", "query_count", "bytes_sent", "bytes_received", "age_seconds",
-                       "prepare_cache_hit", "prepare_cache_miss", "prepare_cache_eviction", "prepare_cache_size")]
-        now = time.monotonic()
-        check_delay = self.app.config.general.healthcheck_delay / 1000
-        rows = []
-        for view in stats.address_views(self.app):
-            for sp in view.pools:
-                for conn in stats._live(sp):
-                    state = stats.server_state(conn, sp, now, check_delay)
-                    rows.append([_hex_id(conn.backend_pid), view.pool_name, view.user, view.name,
-                                 conn.applied_parameters.get("application_name", ""),
-                                 "test" if state == "tested" else state, conn.xact_count, conn.query_count,
-                                 conn.bytes_sent, conn.bytes_received, int(now - conn.created_at), 0, 0, 0, 0])
-        return m.result_set(columns, rows, tag="SHOW")
+    def show_databases(self, snap: Snapshot) -> bytes:
+        return m.result_set(*databases_table(snap), tag="SHOW")
 
-    def show_clients(self, args: list[str]) -> bytes:
-        columns = [("client_id", TEXT), ("database", TEXT), ("user", TEXT), ("application_name", TEXT),
-                   ("state", TEXT)] + [(c, NUMERIC) for c in (
-                       "transaction_count", "query_count", "error_count", "age_seconds", "maxwait", "maxwait_us")]
-        now = time.monotonic()
-        rows = []
-        for client in sorted(self.app.clients, key=lambda c: c.connected_at):
-            if client.admin is not None:
-                state = "active" if client is self.client else "idle"
-            elif client.group is not None:
-                state = stats.client_state(client)
-            else:
-                continue  # still logging in
-            wait_us = int(stats.client_wait(client, now) * 1_000_000)
-            rows.append([_hex_id(client.process_id), client.database, client.user,
-                         client.session_parameters.get("application_name", ""), state, client.xact_count,
-                         client.query_count, client.error_count, int(now - client.connected_at),
-                         wait_us // 1_000_000, wait_us % 1_000_000])
-        return m.result_set(columns, rows, tag="SHOW")
+    def show_lists(self, snap: Snapshot) -> bytes:
+        return m.result_set(*lists_table(snap), tag="SHOW")
 
-    def show_databases(self, args: list[str]) -> bytes:
-        columns = [("name", TEXT), ("host", TEXT), ("port", TEXT), ("database", TEXT), ("force_user", TEXT),
-                   ("pool_size", INT4), ("min_pool_size", INT4), ("reserve_pool", INT4), ("pool_mode", TEXT),
-                   ("max_connections", INT4), ("current_connections", INT4), ("paused", INT4), ("disabled", INT4)]
-        rows = []
-        for view in stats.address_views(self.app):
-            sp, group = view.current, view.group
-            rows.append([view.name, view.host, str(view.port), view.database, view.user, sp.settings.pool_size,
-                         sp.settings.min_pool_size, 0, group.pool_mode, sp.settings.pool_size,
-                         sum(p.size for p in view.pools), int(sp.paused), int(group.is_banned(sp))])
-        return m.result_set(columns, rows, tag="SHOW")
-
-    def show_config(self, args: list[str]) -> bytes:
-        columns = [("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT)]
-        config = self.app.config
-        rows = []
-        for f in dataclasses.fields(General):
-            if "password" in f.name:
-                continue
-            key = _GENERAL_KEYS.get(f.name, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            rows.append([key, _config_value(getattr(config.general, f.name)),
-                         "-" if default is None else _config_value(default),
-                         "no" if key in _NOT_CHANGEABLE else "yes"])
-        for name, pool in sorted(config.pools.items()):
-            for f in dataclasses.fields(Pool):
-                if f.name in ("name", "users", "shards"):
-                    continue
-                default = f.default if f.default is not dataclasses.MISSING else None
-                rows.append([f"pools.{name}.{f.name}", _config_value(getattr(pool, f.name)),
-                             "-" if default is None else _config_value(default), "yes"])
-            for username, user in sorted(pool.users.items()):
-                for f in dataclasses.fields(User):
-                    if "password" in f.name or f.name == "username":
-                        continue
-                    rows.append([f"pools.{name}.users.{username}.{f.name}", _config_value(getattr(user, f.name)),
-                                 "-", "yes"])
-            for index, shard in enumerate(pool.shards):
-                rows.append([f"pools.{name}.shards.{index}.database", shard.database, "-", "yes"])
-                servers = ", ".join(f"{s.host}:{s.port} ({s.role})" for s in shard.servers)
-                rows.append([f"pools.{name}.shards.{index}.servers", servers, "-", "yes"])
-        return m.result_set(columns, rows, tag="SHOW")
-
-    def show_lists(self, args: list[str]) -> bytes:
-        clients = list(self.app.clients)
-        pooled = [c for c in clients if c.group is not None and c.admin is None]
-        addresses = stats.address_views(self.app)
-        free_servers = used_servers = 0
-        for view in addresses:
-            for sp in view.pools:
-                live = stats._live(sp)
-                idle = sum(1 for c in sp.idle if not c.closed)
-                free_servers += idle
-                used_servers += len(live) - idle
-        rows = [
-            ["databases", len(addresses)],
-            ["users", len({u for (_, u) in self.app.groups})],
-            ["pools", len(self.app.groups)],
-            ["free_clients", sum(1 for c in pooled if stats.client_state(c) == "idle")],
-            ["used_clients", sum(1 for c in pooled if stats.client_state(c) != "idle")
-             + sum(1 for c in clients if c.admin is not None)],
-            ["login_clients", sum(1 for c in clients if c.group is None and c.admin is None)],
-            ["free_servers", free_servers],
-            ["used_servers", used_servers],
-            ["dns_names", 0], ["dns_zones", 0], ["dns_queries", 0], ["dns_pending", 0],
-        ]
-        return m.result_set([("list", TEXT), ("items", INT4)], rows, tag="SHOW")
-
-    def show_users(self, args: list[str]) -> bytes:
-        rows = [[user, group.pool_mode] for (_, user), group in sorted(self.app.groups.items())]
+    def show_users(self, snap: Snapshot) -> bytes:
+        rows = [[p.user, p.pool_mode] for p in snap.pools]
         return m.result_set([("name", TEXT), ("pool_mode", TEXT)], rows, tag="SHOW")
 
-    def show_version(self, args: list[str]) -> bytes:
+    def show_bans(self, snap: Snapshot) -> bytes:
+        return m.result_set(*bans_table(snap), tag="SHOW BANS")
+
+    def show_config(self) -> bytes:
+        return m.result_set(*config_table(self.app.config), tag="SHOW")
+
+    def show_version(self) -> bytes:
         return m.result_set([("version", TEXT)], [[f"pypool {__version__}"]], tag="SHOW")
 
-    def show_bans(self, args: list[str]) -> bytes:
-        columns = [(c, TEXT) for c in ("db", "user", "role", "host", "reason", "ban_time", "ban_duration_seconds",
-                                       "ban_remaining_seconds", "port")]
-        now = time.monotonic()
-        rows = []
-        for view in stats.address_views(self.app):
-            sp = view.current
-            remaining = sp.banned_until - now
-            if remaining <= 0:
-                continue
-            banned_at = datetime.datetime.fromtimestamp(sp.banned_at, datetime.timezone.utc)
-            rows.append([view.pool_name, view.user, view.role, view.host, sp.ban_reason,
-                         banned_at.strftime("%Y-%m-%d %H:%M:%S.%f"), str(int(sp.ban_duration)),
-                         str(int(remaining + 0.999)), str(view.port)])
-        return m.result_set(columns, rows, tag="SHOW BANS")
-
-    def show_help(self, args: list[str]) -> bytes:
+    def show_help(self) -> bytes:
         fields = (b"S" + m.cstr("NOTICE") + b"V" + m.cstr("NOTICE") + b"C" + m.cstr("00000")
                   + b"M" + m.cstr("Console usage") + b"D" + m.cstr("\n\t" + "\n\t".join(HELP_LINES)) + b"\x00")
         return m.message(m.NOTICE_RESPONSE, fields) + m.command_complete("SHOW")
+
+
+# ------------------------------------------------------------------ tables
+# Pure functions: a snapshot (and the averages) in, (columns, rows) out.
+
+Table = tuple[list[tuple[str, int]], list[list[object]]]
+
+
+def _numeric(*names: str) -> list[tuple[str, int]]:
+    return [(n, NUMERIC) for n in names]
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1_000_000)
+
+
+def pools_table(snap: Snapshot) -> Table:
+    columns = [("database", TEXT), ("user", TEXT), ("pool_mode", TEXT)] + _numeric(
+        "cl_idle", "cl_active", "cl_waiting", "cl_cancel_req", "sv_active", "sv_idle", "sv_used", "sv_tested",
+        "sv_login", "maxwait", "maxwait_us")
+    servers: dict[tuple[str, str], dict[str, int]] = {}
+    for a in snap.addresses:
+        counts = servers.setdefault((a.pool, a.user), {})
+        for state, n in a.states.items():
+            counts[state] = counts.get(state, 0) + n
+    rows = []
+    for p in snap.pools:
+        sv = servers.get(p.key, {})
+        wait = _us(p.maxwait)
+        rows.append([p.pool, p.user, p.pool_mode, p.clients["idle"], p.clients["active"], p.clients["waiting"],
+                     p.cancels_in_flight, sv.get("active", 0), sv.get("idle", 0), sv.get("used", 0),
+                     sv.get("tested", 0), sv.get("login", 0), wait // 1_000_000, wait % 1_000_000])
+    return columns, rows
+
+
+STATS_COLUMNS = ("total_xact_count", "total_query_count", "total_received", "total_sent", "total_xact_time",
+                 "total_query_time", "total_wait_time", "total_errors", "avg_xact_count", "avg_query_count",
+                 "avg_recv", "avg_sent", "avg_errors", "avg_xact_time", "avg_query_time", "avg_wait_time")
+
+
+def stats_values(a, averages: dict[str, float]) -> dict[str, int]:
+    """PgCat's SHOW STATS numbers for one address (times in microseconds)."""
+    c = a.counters
+    return {
+        "total_xact_count": int(c["xact_count"]), "total_query_count": int(c["query_count"]),
+        "total_received": int(c["bytes_received"]), "total_sent": int(c["bytes_sent"]),
+        "total_xact_time": _us(c["xact_time"]), "total_query_time": 0, "total_wait_time": _us(c["wait_time"]),
+        "total_errors": a.errors,
+        "avg_xact_count": _int(averages["xact_count"]), "avg_query_count": _int(averages["query_count"]),
+        "avg_recv": _int(averages["recv"]), "avg_sent": _int(averages["sent"]),
+        "avg_errors": _int(averages["errors"]), "avg_xact_time": _int(averages["xact_time"]),
+        "avg_query_time": _int(averages["query_time"]), "avg_wait_time": _int(averages["wait_time"]),
+    }
+
+
+def stats_table(snap: Snapshot, averager: Averager) -> Table:
+    columns = [("instance", TEXT), ("database", TEXT), ("user", TEXT)] + _numeric(*STATS_COLUMNS)
+    rows = []
+    for a in snap.addresses:
+        values = stats_values(a, averager.get(a.key))
+        rows.append([a.name, a.pool, a.user] + [values[c] for c in STATS_COLUMNS])
+    return columns, rows
+
+
+PGBOUNCER_STATS = ("server_assignment_count", "xact_count", "query_count", "bytes_received", "bytes_sent",
+                   "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
+
+
+def stats_totals_table(snap: Snapshot) -> Table:
+    """PgBouncer's SHOW STATS_TOTALS: per database; bytes seen from the clients' side; microseconds."""
+    by_db: dict[str, dict[str, int]] = {}
+    for a in snap.addresses:
+        c = a.counters
+        row = by_db.setdefault(a.pool, dict.fromkeys(PGBOUNCER_STATS, 0))
+        row["server_assignment_count"] += int(c["checkouts"])
+        row["xact_count"] += int(c["xact_count"])
+        row["query_count"] += int(c["query_count"])
+        row["bytes_received"] += int(c["bytes_sent"])  # what clients sent pypool went on to the server
+        row["bytes_sent"] += int(c["bytes_received"])
+        row["xact_time"] += _us(c["xact_time"])
+        row["wait_time"] += _us(c["wait_time"])
+    return _by_database(by_db)
+
+
+def stats_averages_table(snap: Snapshot, averager: Averager) -> Table:
+    """PgBouncer's SHOW STATS_AVERAGES: rates per second, times per transaction / assignment (us)."""
+    by_db: dict[str, dict[str, float]] = {}
+    weights: dict[str, dict[str, float]] = {}
+    for a in snap.addresses:
+        avg = averager.get(a.key)
+        row = by_db.setdefault(a.pool, dict.fromkeys(PGBOUNCER_STATS, 0.0))
+        w = weights.setdefault(a.pool, {"xact": 0.0, "assign": 0.0})
+        row["server_assignment_count"] += avg["server_assignment_count"]
+        row["xact_count"] += avg["xact_count"]
+        row["query_count"] += avg["query_count"]
+        row["bytes_received"] += avg["sent"]
+        row["bytes_sent"] += avg["recv"]
+        # Per-event times of several servers: weighted by how many events each had.
+        row["xact_time"] += avg["xact_time"] * avg["xact_count"]
+        w["xact"] += avg["xact_count"]
+        row["wait_time"] += avg["wait_time"] * avg["server_assignment_count"]
+        w["assign"] += avg["server_assignment_count"]
+    for name, row in by_db.items():
+        w = weights[name]
+        row["xact_time"] = row["xact_time"] / w["xact"] if w["xact"] else 0
+        row["wait_time"] = row["wait_time"] / w["assign"] if w["assign"] else 0
+    return _by_database({k: {c: _int(v) for c, v in row.items()} for k, row in by_db.items()})
+
+
+def _by_database(by_db: dict[str, dict[str, int]]) -> Table:
+    columns = [("database", TEXT)] + _numeric(*PGBOUNCER_STATS)
+    return columns, [[name] + [row[c] for c in PGBOUNCER_STATS] for name, row in sorted(by_db.items())]
+
+
+def servers_table(snap: Snapshot) -> Table:
+    columns = [("server_id", TEXT), ("database_name", TEXT), ("user", TEXT), ("address_id", TEXT),
+               ("application_name", TEXT), ("state", TEXT)] + _numeric(
+        "transaction_count", "query_count", "bytes_sent", "bytes_received", "age_seconds", "prepare_cache_hit",
+        "prepare_cache_miss", "prepare_cache_eviction", "prepare_cache_size")
+    rows = [[_hex_id(s.server_id), s.pool, s.user, s.address_name, s.application_name,
+             s.state, s.transaction_count, s.query_count, s.bytes_sent,
+             s.bytes_received, int(s.age_seconds), 0, 0, 0, 0] for s in snap.servers]
+    return columns, rows
+
+
+def clients_table(snap: Snapshot) -> Table:
+    columns = [("client_id", TEXT), ("database", TEXT), ("user", TEXT), ("application_name", TEXT),
+               ("state", TEXT)] + _numeric("transaction_count", "query_count", "error_count", "age_seconds",
+                                           "maxwait", "maxwait_us")
+    rows = []
+    for c in snap.clients:
+        if c.state == "login":
+            continue  # still authenticating: not a client of any pool yet
+        wait = _us(c.maxwait)
+        rows.append([_hex_id(c.client_id), c.database, c.user, c.application_name, c.state, c.transaction_count,
+                     c.query_count, c.error_count, int(c.age_seconds), wait // 1_000_000, wait % 1_000_000])
+    return columns, rows
+
+
+def databases_table(snap: Snapshot) -> Table:
+    columns = [("name", TEXT), ("host", TEXT), ("port", TEXT), ("database", TEXT), ("force_user", TEXT),
+               ("pool_size", INT4), ("min_pool_size", INT4), ("reserve_pool", INT4), ("pool_mode", TEXT),
+               ("max_connections", INT4), ("current_connections", INT4), ("paused", INT4), ("disabled", INT4)]
+    rows = [[a.name, a.host, str(a.port), a.database, a.user, a.pool_size, a.min_pool_size, 0, a.pool_mode,
+             a.pool_size, a.current_connections, int(a.paused), int(a.banned)] for a in snap.addresses]
+    return columns, rows
+
+
+def lists_table(snap: Snapshot) -> Table:
+    pooled = [c for c in snap.clients if not c.admin and c.state != "login"]
+    free_servers = sum(a.states["idle"] + a.states["used"] for a in snap.addresses)
+    used_servers = sum(a.states["active"] + a.states["tested"] for a in snap.addresses)
+    rows = [
+        ["databases", len(snap.addresses)],
+        ["users", len({p.user for p in snap.pools})],
+        ["pools", len(snap.pools)],
+        ["free_clients", sum(1 for c in pooled if c.state == "idle")],
+        ["used_clients", sum(1 for c in pooled if c.state != "idle") + sum(1 for c in snap.clients if c.admin)],
+        ["login_clients", sum(1 for c in snap.clients if c.state == "login")],
+        ["free_servers", free_servers],
+        ["used_servers", used_servers],
+        ["dns_names", 0], ["dns_zones", 0], ["dns_queries", 0], ["dns_pending", 0],
+    ]
+    return [("list", TEXT), ("items", INT4)], rows
+
+
+def bans_table(snap: Snapshot) -> Table:
+    columns = [(c, TEXT) for c in ("db", "user", "role", "host", "reason", "ban_time", "ban_duration_seconds",
+                                   "ban_remaining_seconds", "port")]
+    rows = []
+    for a in snap.addresses:
+        if not a.banned:
+            continue
+        banned_at = datetime.datetime.fromtimestamp(a.banned_at, datetime.timezone.utc)
+        rows.append([a.pool, a.user, a.role, a.host, a.ban_reason, banned_at.strftime("%Y-%m-%d %H:%M:%S.%f"),
+                     str(int(a.ban_duration)), str(int(a.ban_remaining + 0.999)), str(a.port)])
+    return columns, rows
+
+
+def config_table(config) -> Table:
+    columns = [("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT)]
+    rows = []
+    for f in dataclasses.fields(General):
+        if "password" in f.name:
+            continue  # never shown
+        key = _GENERAL_KEYS.get(f.name, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append([key, _config_value(getattr(config.general, f.name)),
+                     "-" if default is None else _config_value(default),
+                     "no" if key in _NOT_CHANGEABLE else "yes"])
+    for name, pool in sorted(config.pools.items()):
+        for f in dataclasses.fields(Pool):
+            if f.name in ("name", "users", "shards"):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append([f"pools.{name}.{f.name}", _config_value(getattr(pool, f.name)),
+                         "-" if default is None else _config_value(default), "yes"])
+        for username, user in sorted(pool.users.items()):
+            for f in dataclasses.fields(User):
+                if "password" in f.name or f.name == "username":
+                    continue
+                rows.append([f"pools.{name}.users.{username}.{f.name}", _config_value(getattr(user, f.name)),
+                             "-", "yes"])
+        for index, shard in enumerate(pool.shards):
+            rows.append([f"pools.{name}.shards.{index}.database", shard.database, "-", "yes"])
+            servers = ", ".join(f"{s.host}:{s.port} ({s.role})" for s in shard.servers)
+            rows.append([f"pools.{name}.shards.{index}.servers", servers, "-", "yes"])
+    return columns, rows
 
 
 _BAN_COLUMNS = [("db", TEXT), ("user", TEXT), ("role", TEXT), ("host", TEXT), ("port", TEXT)]

@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import metrics
+from pypool import metrics, snapshot
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -51,9 +51,10 @@ class Application:
         self.draining: list[PoolGroup] = []
         self.reloads_ok = 0
         self.reloads_failed = 0
-        self.averager = metrics.Averager()
+        self.averager = snapshot.Averager()
         self.metrics_server: metrics.MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._build_pools(config)
 
     def _build_pools(self, config: "Config") -> None:
@@ -96,11 +97,19 @@ class Application:
                 self.draining = [g for g in self.draining if any(sp.size > 0 for sp in g.all_pools)]
                 now = time.monotonic()
                 if now >= next_roll:
-                    self.averager.roll(self)
+                    self.averager.roll(await self.stats_snapshot())
                     next_roll = now + self.averager.period
             except Exception:  # noqa: BLE001 - housekeeping must never die
                 log.exception("housekeeping failed")
             await asyncio.sleep(1.0)
+
+    async def stats_snapshot(self) -> snapshot.Snapshot:
+        """Statistics of this process as plain data: what SHOW and /metrics render.
+
+        The one place to gather and ``snapshot.merge`` the snapshots of
+        several worker processes.
+        """
+        return snapshot.take(self)
 
     @property
     def ports(self) -> list[int]:
@@ -173,7 +182,13 @@ class Application:
                 break
             await asyncio.sleep(0.05)
         if busy:
-            log.warning("shutdown: %d client(s) still in a transaction; closing them (rolled back)", len(busy))
+            log.warning("shutdown: %d client(s) still in a transaction; cancelling and closing them (rolled back)",
+                        len(busy))
+            # A closed socket alone leaves the backend running its query, and holding its locks,
+            # until it next writes to us: cancel the query first.
+            await asyncio.gather(*(send_cancel(c.server.address, c.server.backend_pid, c.server.backend_secret,
+                                               timeout=1.0) for c in busy if c.server is not None),
+                                 return_exceptions=True)
         else:
             log.info("shutdown: no transaction in flight")
         for client in list(self.clients):
@@ -253,7 +268,10 @@ class Application:
             for server_pool in old.all_pools:
                 server_pool.retired = True
             self.draining.append(old)
-            loop.create_task(old.close())
+            # Keep a reference: the loop holds only weak ones, and a collected task stops draining.
+            task = loop.create_task(old.close())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         self.reloads_ok += 1
         log.info("config reloaded from %s (%s): %d pool(s) kept, %d rebuilt, %d added, %d removed",
                  path, reason, kept, rebuilt, added, len(replaced) - rebuilt)

@@ -4,42 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
-import time
 
 from pypool import __version__
+from pypool.logs import FORMATS, LEVELS, setup_logging
 
 DEFAULT_CONFIG = "pgcat.toml"  # PgCat's default path
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
-    handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    elif worker is not None:  # several processes write to the same stream: say which one
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [worker {worker}] %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None,
@@ -103,6 +76,22 @@ def _exit_with_parent() -> None:
         raise SystemExit(1)
 
 
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a Compose ``.env`` file (comments, blank lines and quotes as Compose reads them)."""
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("#") or "=" not in line:
+                continue
+            key, _, value = line.partition("=")
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            out[key.strip()] = value
+    return out
+
+
 def config_command(argv: list[str]) -> int:
     from pypool.config import ConfigError, default_config_dict, dump_config, load_config
 
@@ -111,6 +100,8 @@ def config_command(argv: list[str]) -> int:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("path")
     init = sub.add_parser("init", help="write a config from the Compose .env variables")
+    init.add_argument("--env-file", help="read the variables from this .env file too (e.g. docker/.env); "
+                                         "the process environment wins, as with Docker Compose")
     init.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
     args = parser.parse_args(argv)
     if args.action == "check":
@@ -124,8 +115,15 @@ def config_command(argv: list[str]) -> int:
         users = sum(len(p.users) for p in config.pools.values())
         print(f"{args.path}: OK ({len(config.pools)} pool(s), {users} user(s))")
         return 0
+    env: dict[str, str] = {}
     try:
-        text = dump_config(default_config_dict(os.environ))
+        if args.env_file:
+            env.update(read_env_file(args.env_file))
+        env.update(os.environ)
+        text = dump_config(default_config_dict(env))
+    except OSError as exc:
+        print(f"error: {args.env_file}: {exc.strerror}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -148,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pypool", description="PostgreSQL connection pooler (PgCat-compatible config)")
     parser.add_argument("config", nargs="?", default=os.environ.get("CONFIG_FILE", DEFAULT_CONFIG),
                         help="path to the PgCat-format TOML config (default: $CONFIG_FILE or pgcat.toml)")
-    parser.add_argument("--log-level", default=os.environ.get("PYPOOL_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument("--log-level", default=os.environ.get("PYPOOL_LOG_LEVEL", "info"), choices=LEVELS)
+    parser.add_argument("--log-format", default=os.environ.get("PYPOOL_LOG_FORMAT", "text"), choices=FORMATS,
+                        help="text, or one JSON object a line with the client's address in a 'client' field")
     parser.add_argument("--version", action="version", version=f"pypool {__version__}")
     # Set by the supervisor of a multi-process pypool for each worker it starts (pypool.workers).
     parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)

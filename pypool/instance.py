@@ -34,7 +34,8 @@ from pypool import instance_stats
 from pypool.admin import AdminConsole, AdminError
 from pypool.client import new_cancel_key
 from pypool.instance_stats import ResultSet, decode_result_set
-from pypool.metrics import collect_families
+from pypool import snapshot
+from pypool.metrics import render_families
 from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -162,7 +163,7 @@ class Worker:
         try:
             line = await asyncio.wait_for(reader.readline(), CONTROL_TIMEOUT)
             try:
-                reply = self._answer(json.loads(line))
+                reply = await self._answer(json.loads(line))
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the control socket
                 log.exception("control request failed")
                 reply = {"error": [m.SQLSTATE_INTERNAL_ERROR, f"worker {self.index}: {exc}"]}
@@ -173,7 +174,7 @@ class Worker:
         finally:
             writer.close()
 
-    def _answer(self, request: dict) -> dict:
+    async def _answer(self, request: dict) -> dict:
         assert self.app is not None
         op = request.get("op")
         if op == "ping":
@@ -182,16 +183,17 @@ class Worker:
             self.app.cancel(int(request["process_id"]), int(request["secret_key"]))
             return {}
         if op == "admin":
-            return self._run_admin_locally(str(request["statement"]))
+            return await self._run_admin_locally(str(request["statement"]))
         if op == "metrics":
-            families = list(collect_families(self.app)) + list(ProcessCollector(registry=None).collect())
+            families = (render_families(snapshot.take(self.app), dict(self.app.averager.averages))
+                        + list(ProcessCollector(registry=None).collect()))
             return {"families": instance_stats.families_to_json(families)}
         return {"error": [m.SQLSTATE_PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
 
-    def _run_admin_locally(self, statement: str) -> dict:
+    async def _run_admin_locally(self, statement: str) -> dict:
         console = AdminConsole(_ControlCaller(self.app, f"worker {self.index} control socket"))  # type: ignore[arg-type]
         try:
-            data = console.command(statement)
+            data = await console.command(statement)
         except AdminError as exc:
             return {"error": [exc.sqlstate, str(exc)]}
         result = decode_result_set(data)
@@ -229,8 +231,8 @@ class Worker:
             return m.result_set([("success", instance_stats.TEXT)], [["t"]], tag="SHUTDOWN")
         what = tokens[1].upper() if verb == "SHOW" and len(tokens) > 1 else verb
         if not (verb == "SHOW" and what in instance_stats.SHOW_MERGES) and verb not in instance_stats.BROADCAST_COMMANDS:
-            return console.command(statement)
-        local = console.command(statement)
+            return await console.command(statement)
+        local = await console.command(statement)
         replies = await self.ask_peers({"op": "admin", "statement": statement})
         mine = decode_result_set(local)
         if mine is None:  # a plain CommandComplete (RELOAD, PAUSE, RESUME): every worker ran it

@@ -383,6 +383,30 @@ def check_depends_on(compose: dict) -> None:
         assert test and "pg_isready" in " ".join(test if isinstance(test, list) else [test]), \
             f"{name} needs a pg_isready healthcheck"
     assert services["pypool"].get("healthcheck", {}).get("test"), "pypool needs a healthcheck"
+    # Whatever a service waits for to be healthy must have a health check to become so.
+    for name, service in services.items():
+        for needed, how in (service.get("depends_on") or {}).items():
+            if isinstance(how, dict) and how.get("condition") == "service_healthy":
+                assert services[needed].get("healthcheck", {}).get("test"), \
+                    f"{name} waits for {needed} to be healthy, but {needed} has no healthcheck"
+    prometheus_waits = (services["prometheus"].get("depends_on") or {}).get("pypool") or {}
+    assert prometheus_waits.get("condition") == "service_healthy", "Prometheus must wait for a healthy pypool"
+
+
+def check_stop_grace_period(compose: dict, config) -> None:
+    """SIGTERM makes pypool drain for up to shutdown_timeout: Compose must not SIGKILL it sooner."""
+    grace = compose["services"]["pypool"].get("stop_grace_period", "10s")  # Compose's default
+    match = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", str(grace))
+    assert match and any(match.groups()), f"cannot read stop_grace_period {grace!r}"
+    seconds = int(match.group(1) or 0) * 60 + int(match.group(2) or 0)
+    assert seconds * 1000 > config.general.shutdown_timeout, \
+        f"stop_grace_period {grace} is not longer than shutdown_timeout {config.general.shutdown_timeout} ms"
+
+
+def check_readme_image_note(readme: str, env: dict[str, str]) -> None:
+    """The README says where Bitnami's images went and which one the Compose file pins."""
+    for needed in ("bitnamilegacy/", "bitnamisecure/postgresql:latest", IMAGE_VAR, env[IMAGE_VAR]):
+        assert needed in readme, f"README.md must mention {needed}"
 
 
 def check_dockerfile(dockerfile, pyproject: dict) -> None:
@@ -478,6 +502,24 @@ def test_dockerfile(dockerfile, pyproject):
     check_dockerfile(dockerfile, pyproject)
 
 
+def test_compose_lets_pypool_drain(compose, config):
+    check_stop_grace_period(compose, config)
+    broken = copy.deepcopy(compose)
+    broken["services"]["pypool"]["stop_grace_period"] = "30s"
+    with pytest.raises(AssertionError, match="shutdown_timeout"):
+        check_stop_grace_period(broken, config)
+    del broken["services"]["pypool"]["stop_grace_period"]
+    with pytest.raises(AssertionError):
+        check_stop_grace_period(broken, config)
+
+
+def test_readme_explains_the_bitnami_images(env):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    check_readme_image_note(readme, env)
+    with pytest.raises(AssertionError):
+        check_readme_image_note(readme.replace("bitnamisecure", "bitnami"), env)
+
+
 def test_pypool_builds_from_the_repo_root(raw_compose):
     build = raw_compose["services"]["pypool"]["build"]
     context = (DOCKER / build["context"]).resolve()
@@ -533,6 +575,9 @@ COMPOSE_DRIFT = {
                          ["../config/pgcat.local.toml:/etc/pypool/pgcat.toml:ro"]),
     "password differs": _set(["services", "pg2", "environment", "POSTGRESQL_PASSWORD"], "other"),
     "no healthcheck": _del(["services", "pg3", "healthcheck"]),
+    "pypool without healthcheck": _del(["services", "pypool", "healthcheck"]),
+    "prometheus starts before pypool is healthy": _set(["services", "prometheus", "depends_on", "pypool",
+                                                        "condition"], "service_started"),
 }
 
 
@@ -608,3 +653,39 @@ def test_prometheus_drift_is_caught(compose, config, dockerfile):
     with pytest.raises(AssertionError):
         check_prometheus(compose, config, {"scrape_configs": [
             {"job_name": "pypool", "static_configs": [{"targets": ["pypool:9090"]}]}]}, dockerfile)
+
+
+# --------------------------------------------------------------- Grafana
+
+GRAFANA_DASHBOARD = DOCKER / "grafana" / "pypool-dashboard.json"
+
+
+def exported_sample_names() -> set[str]:
+    """Every sample name /metrics can serve, from a snapshot with one primary and one lagging replica."""
+    from pypool.metrics import render_families
+    from pypool.snapshot import AddressStats, PoolStatsRow, RouterStats, Snapshot
+
+    def address(port: int, role: str) -> AddressStats:
+        return AddressStats(pool="p", user="u", host="h", port=port, database="d", role=role, index=0, name="n",
+                            pool_mode="transaction", pool_size=1, min_pool_size=0, lag_seconds=0.5)
+
+    snap = Snapshot(addresses=[address(1, "primary"), address(2, "replica")],
+                    pools=[PoolStatsRow("p", "u", "transaction")], routers=[RouterStats("p", decisions={"any": 1})])
+    return {s.name for family in render_families(snap, {}) for s in family.samples}
+
+
+def dashboard_metric_names(dashboard: dict) -> set[str]:
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    return {name for expr in exprs for name in re.findall(r"\b(pypool_[a-z_]+|pgcat_[a-z_]+)\b", expr)}
+
+
+def test_grafana_dashboard_queries_exported_metrics():
+    dashboard = json.loads(GRAFANA_DASHBOARD.read_text(encoding="utf-8"))
+    used = dashboard_metric_names(dashboard)
+    assert len(used) >= 10, used
+    missing = used - exported_sample_names()
+    assert not missing, f"the dashboard queries metrics pypool does not export: {sorted(missing)}"
+    broken = copy.deepcopy(dashboard)
+    broken["panels"][0]["targets"][0]["expr"] = "rate(pypool_transactions[1m])"  # the name without _total
+    assert dashboard_metric_names(broken) - exported_sample_names() == {"pypool_transactions"}
