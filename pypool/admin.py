@@ -362,7 +362,7 @@ class AdminConsole:
         return m.result_set(*bans_table(snap), tag="SHOW BANS")
 
     def show_config(self) -> bytes:
-        return m.result_set(*config_table(self.app.config), tag="SHOW")
+        return m.result_set(*config_table(self.app.file_config), tag="SHOW")
 
     def show_version(self) -> bytes:
         return m.result_set([("version", TEXT)], [[f"pypool {__version__}"]], tag="SHOW")

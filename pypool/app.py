@@ -34,6 +34,7 @@ class Application:
     def __init__(self, config: "Config", worker: "Worker | None" = None) -> None:
         # One of several worker processes (pypool.instance): it runs its share of every pool.
         self.worker = worker
+        self.file_config = config  # as configured: what SHOW CONFIG reports for the instance
         if worker is not None:
             config = worker.share(config)
         self.config = config
@@ -109,6 +110,8 @@ class Application:
         The one place to gather and ``snapshot.merge`` the snapshots of
         several worker processes.
         """
+        if self.worker is not None:
+            return await self.worker.instance_snapshot()
         return snapshot.take(self)
 
     @property
@@ -217,6 +220,7 @@ class Application:
         path = self.config.path
         try:
             new = load_config(path)
+            file_config = new
             if self.worker is not None:
                 new = self.worker.share(new)
         except ConfigError as exc:
@@ -258,6 +262,7 @@ class Application:
                 groups[key] = group
         replaced = [(key, g) for key, g in self.groups.items() if groups.get(key) is not g]
         self.config = new
+        self.file_config = file_config
         self.groups = groups
         for key, group in groups.items():
             if not group.monitors:

@@ -11,15 +11,15 @@ instance lives here:
   process id this worker hands out, so a CancelRequest that the kernel gives
   to another worker is passed to the owner;
 * a control socket (unix, JSON lines, in the supervisor's private directory)
-  through which peers forward cancels, ask for admin ``SHOW`` rows, run admin
+  through which peers forward cancels, ask for each other's statistics
+  snapshots (``pypool.snapshot``, merged for admin ``SHOW``), run admin
   commands that must reach every worker (PAUSE, BAN, RELOAD ...), and through
-  which the supervisor collects metrics for ``/metrics``.
+  which the supervisor collects the snapshots it renders as ``/metrics``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import logging
@@ -28,14 +28,9 @@ import signal
 import types
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import ProcessCollector
-
-from pypool import instance_stats
-from pypool.admin import AdminConsole, AdminError
-from pypool.client import new_cancel_key
-from pypool.instance_stats import ResultSet, decode_result_set
 from pypool import snapshot
-from pypool.metrics import render_families
+from pypool.admin import TEXT, AdminConsole, AdminError
+from pypool.client import new_cancel_key
 from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -63,6 +58,10 @@ def config_share(config: "Config", index: int, count: int) -> "Config":
                  for username, user in pool.users.items()}
         pools[name] = dataclasses.replace(pool, users=types.MappingProxyType(users))
     return dataclasses.replace(config, pools=types.MappingProxyType(pools))
+
+
+# Admin commands that change state: every worker must run them.
+BROADCAST_COMMANDS = frozenset({"RELOAD", "PAUSE", "RESUME", "BAN", "UNBAN"})
 
 
 def control_socket_path(rundir: str, index: int) -> str:
@@ -184,22 +183,19 @@ class Worker:
             return {}
         if op == "admin":
             return await self._run_admin_locally(str(request["statement"]))
-        if op == "metrics":
-            families = (render_families(snapshot.take(self.app), dict(self.app.averager.averages))
-                        + list(ProcessCollector(registry=None).collect()))
-            return {"families": instance_stats.families_to_json(families)}
+        if op == "snapshot":
+            # This worker's own figures, and its instance-wide SHOW STATS averages.
+            return {"snapshot": snapshot.take(self.app).to_dict(),
+                    "averages": [[list(key), value] for key, value in self.app.averager.averages.items()]}
         return {"error": [m.SQLSTATE_PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
 
     async def _run_admin_locally(self, statement: str) -> dict:
         console = AdminConsole(_ControlCaller(self.app, f"worker {self.index} control socket"))  # type: ignore[arg-type]
         try:
-            data = await console.command(statement)
+            await console.command(statement)
         except AdminError as exc:
             return {"error": [exc.sqlstate, str(exc)]}
-        result = decode_result_set(data)
-        if result is None:
-            return {"raw": base64.b64encode(data).decode()}
-        return {"result": result.to_json()}
+        return {}
 
     # ------------------------------------------------------------- peers
 
@@ -220,23 +216,30 @@ class Worker:
 
     # ------------------------------------------------------------- admin
 
+    async def instance_snapshot(self) -> snapshot.Snapshot:
+        """This worker's snapshot merged with every peer's: the figures of the whole instance."""
+        assert self.app is not None
+        answers = await self.ask_peers({"op": "snapshot"})
+        peers = [snapshot.Snapshot.from_dict(a["snapshot"]) for a in answers if "snapshot" in a]
+        return snapshot.merge([snapshot.take(self.app), *peers])
+
     async def admin_command(self, console: "AdminConsole", statement: str) -> bytes:
-        """Run one admin statement for the whole instance; AdminError propagates like a local one."""
+        """Run one admin statement for the whole instance; AdminError propagates like a local one.
+
+        SHOW needs nothing here: the console renders ``Application.stats_snapshot``,
+        which a worker answers with ``instance_snapshot``. Commands that change
+        state run here and on every peer.
+        """
         tokens = statement.split()
-        verb = tokens[0].upper()
+        verb = tokens[0].upper() if tokens else ""
         if verb == "SHUTDOWN":
             # The supervisor drains every worker (and does not restart this one).
             log.info("admin %s: SHUTDOWN of the instance", console.client.peer)
             os.kill(os.getppid(), signal.SIGINT)
-            return m.result_set([("success", instance_stats.TEXT)], [["t"]], tag="SHUTDOWN")
-        what = tokens[1].upper() if verb == "SHOW" and len(tokens) > 1 else verb
-        if not (verb == "SHOW" and what in instance_stats.SHOW_MERGES) and verb not in instance_stats.BROADCAST_COMMANDS:
-            return await console.command(statement)
+            return m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
         local = await console.command(statement)
-        replies = await self.ask_peers({"op": "admin", "statement": statement})
-        mine = decode_result_set(local)
-        if mine is None:  # a plain CommandComplete (RELOAD, PAUSE, RESUME): every worker ran it
-            return local
-        results: list[ResultSet] = [mine]
-        results.extend(ResultSet.from_json(r["result"]) for r in replies if "result" in r)
-        return instance_stats.merge_results(what, results).encode()
+        if verb in BROADCAST_COMMANDS:
+            for answer in await self.ask_peers({"op": "admin", "statement": statement}):
+                if "error" in answer:
+                    log.warning("admin %r on a peer worker failed: %s", statement, answer["error"][1])
+        return local

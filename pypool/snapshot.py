@@ -169,8 +169,8 @@ class Snapshot:
 # ------------------------------------------------------------------ merging
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """One snapshot from several processes' snapshots: counters and connection counts add up;
-    settings, roles and ban state come from the first process that reports the address."""
+    """One snapshot from several processes' snapshots: counters, connection counts and pool
+    size shares add up; roles and ban state come from the first process that reports the address."""
     out = Snapshot()
     addresses: dict[tuple, AddressStats] = {}
     pools: dict[tuple, PoolStatsRow] = {}
@@ -188,6 +188,9 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
                                                        xact_hist=list(a.xact_hist), wait_hist=list(a.wait_hist))
                 continue
             into.current_connections += a.current_connections
+            # Each worker process runs its share of the pool: the instance runs the sum.
+            into.pool_size += a.pool_size
+            into.min_pool_size += a.min_pool_size
             into.paused = into.paused or a.paused
             _add(into.states, a.states)
             _add(into.counters, a.counters)

@@ -11,8 +11,8 @@ process does no pooling itself. It
 * restarts a worker that dies, with a growing delay if it keeps dying;
 * forwards SIGHUP (reload), SIGINT and SIGTERM (graceful drain; a second one
   stops at once) to every worker and exits when they have all stopped;
-* serves ``/metrics`` for the whole instance by merging every worker's
-  families (``pypool.instance_stats``).
+* serves ``/metrics`` for the whole instance: it merges every worker's
+  statistics snapshot (``pypool.snapshot``) and renders the merged one.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, start_http_server
-from prometheus_client.core import Metric
+from prometheus_client import CollectorRegistry, PlatformCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pypool import snapshot
 from pypool.instance import ask_control_socket, control_socket_path
-from pypool.instance_stats import families_to_json, merge_families
+from pypool.metrics import render_families
 
 if TYPE_CHECKING:
     from pypool.config import Config
@@ -222,6 +223,7 @@ class Supervisor:
             return
         registry = CollectorRegistry(auto_describe=False)
         registry.register(InstanceCollector(self))
+        PlatformCollector(registry=registry)
         try:
             self._metrics_server, _ = start_http_server(general.prometheus_exporter_port, general.host,
                                                         registry=registry)
@@ -232,23 +234,44 @@ class Supervisor:
             log.info("Prometheus metrics for all workers on http://%s:%s/metrics", general.host,
                      general.prometheus_exporter_port)
 
-    def collect_snapshots(self) -> list[list[dict]]:
-        """Every live worker's metric families (plain data), then the supervisor's own process figures."""
+    def collect_snapshots(self) -> tuple[snapshot.Snapshot, dict[tuple, dict[str, float]]]:
+        """Every live worker's snapshot merged, and the SHOW STATS averages one worker computed.
+
+        Each worker rolls its averages over the instance-wide snapshot, so any
+        one of them holds the averages of the whole instance.
+        """
 
         async def gather() -> list:
             return await asyncio.gather(*(ask_control_socket(control_socket_path(self.rundir, w.index),
-                                                             {"op": "metrics"}) for w in self.workers),
+                                                             {"op": "snapshot"}) for w in self.workers),
                                         return_exceptions=True)
 
         snapshots = []
+        averages: dict[tuple, dict[str, float]] = {}
         for worker, answer in zip(self.workers, asyncio.run(gather())):
-            if isinstance(answer, BaseException) or "families" not in answer:
+            if isinstance(answer, BaseException) or "snapshot" not in answer:
                 log.warning("metrics: worker %d did not answer: %s", worker.index, answer)
                 continue
-            snapshots.append(answer["families"])
-        own = list(ProcessCollector(registry=None).collect()) + list(PlatformCollector(registry=None).collect())
-        snapshots.append(families_to_json(own))
-        return snapshots
+            snapshots.append(snapshot.Snapshot.from_dict(answer["snapshot"]))
+            if not averages:
+                averages = {tuple(key): value for key, value in answer["averages"]}
+        return snapshot.merge(snapshots), averages
+
+    def process_figures(self) -> tuple[float, int]:
+        """CPU seconds and resident bytes of the supervisor and every live worker, summed."""
+        tick = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        cpu, rss = 0.0, 0
+        for pid in [os.getpid(), *(w.pid for w in self.workers if w.alive())]:
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/statm") as fh:
+                    rss += int(fh.read().split()[1]) * page
+            except (OSError, IndexError, ValueError):
+                continue  # a worker that just exited
+            cpu += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        return cpu, rss
 
 
 class InstanceCollector:
@@ -261,9 +284,10 @@ class InstanceCollector:
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            merged = merge_families(self.supervisor.collect_snapshots())
-        for family in merged:
-            metric = Metric(family["name"], family["documentation"], family["type"], family["unit"])
-            for name, labels, value in family["samples"]:
-                metric.add_sample(name, labels, value)
-            yield metric
+            merged, averages = self.supervisor.collect_snapshots()
+            cpu, rss = self.supervisor.process_figures()
+        yield from render_families(merged, averages)
+        yield CounterMetricFamily("process_cpu_seconds", "User and system CPU time of all pypool processes.",
+                                  value=cpu)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of all pypool processes.",
+                                value=rss)

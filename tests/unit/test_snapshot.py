@@ -88,6 +88,8 @@ def test_merged_workers_add_up_in_show_and_metrics():
 
     databases = table_dicts(databases_table(merged))
     assert [d["current_connections"] for d in databases] == [6, 6]
+    # Each worker runs a share of pool_size: the instance runs the sum.
+    assert [d["pool_size"] for d in databases] == [10, 10]
     assert len(table_dicts(clients_table(merged))) == 8
     lists = dict(lists_table(merged)[1])
     assert (lists["free_clients"], lists["free_servers"], lists["used_servers"]) == (8, 10, 2)
