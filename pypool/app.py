@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import metrics
+from pypool import limits, metrics, tls
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -49,6 +49,8 @@ class Application:
         self.averager = metrics.Averager()
         self.metrics_server: metrics.MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self.client_tls = tls.client_tls(config)  # certificates are read once, at start
+        self.user_clients = limits.UserConnectionCounts()
         self._build_pools(config)
 
     def _build_pools(self, config: "Config") -> None:

@@ -61,10 +61,14 @@ def run_pooler(config_path: str) -> int:
         app.install_signal_handlers()
         await app.wait_stopped()
 
-    if uvloop is not None:
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    try:
+        if uvloop is not None:
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+    except ConfigError as exc:  # e.g. a TLS certificate that cannot be loaded
+        logging.getLogger("pypool").error("%s", exc)
+        return 2
     return 0
 
 

@@ -16,6 +16,7 @@ from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import PoolSettings, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.protocol import messages as m
+from pypool.tls import server_context
 
 if TYPE_CHECKING:
     from pypool.config import General, Pool, User
@@ -66,6 +67,7 @@ class PoolGroup:
             checkout_timeout=pool.checkout_timeout / 1000,
             idle_timeout=_override(user.idle_timeout, pool.idle_timeout) / 1000,
             server_lifetime=_override(user.server_lifetime, pool.server_lifetime) / 1000,
+            tls=server_context(general),
         )
         self.settings = settings
         self.primary: ServerPool | None = None

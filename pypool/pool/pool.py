@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import time
 import weakref
 from bisect import bisect_left
@@ -38,6 +39,7 @@ class PoolSettings:
     idle_timeout: float  # 0 = never
     server_lifetime: float  # 0 = never
     application_name: str = "pypool"
+    tls: ssl.SSLContext | None = None  # server_tls: encrypt connections to PostgreSQL
 
 
 class PoolTimeout(Exception):
@@ -218,7 +220,7 @@ class ServerPool:
         try:
             conn = await open_connection(
                 self.address, self.credentials, {"application_name": self.settings.application_name},
-                self.settings.connect_timeout,
+                self.settings.connect_timeout, tls=self.settings.tls,
             )
         except ServerError:
             self.stats.connect_errors += 1
