@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import limits, metrics, tls
+from pypool import idle, limits, metrics, tls
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -51,6 +51,7 @@ class Application:
         self._housekeeping: asyncio.Task[None] | None = None
         self.client_tls = tls.client_tls(config)  # certificates are read once, at start
         self.user_clients = limits.UserConnectionCounts()
+        self.idle_reaper = idle.IdleTransactionReaper(self)
         self._build_pools(config)
 
     def _build_pools(self, config: "Config") -> None:
@@ -83,6 +84,7 @@ class Application:
             else:
                 log.info("Prometheus metrics on http://%s:%s/metrics", general.host, general.prometheus_exporter_port)
         self._housekeeping = loop.create_task(self._housekeep())
+        self._idle_reaping = loop.create_task(self.idle_reaper.run())
 
     async def _housekeep(self) -> None:
         """Once a second: forget drained pools; every stats period: roll the SHOW STATS averages."""
@@ -180,6 +182,7 @@ class Application:
             self.metrics_server.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+            self._idle_reaping.cancel()
         log.info("pypool stopped")
         self._stopped.set()
 
