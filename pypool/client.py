@@ -66,6 +66,9 @@ TRACKED_STARTUP_PARAMETERS = (
 )
 
 
+_DECOY_PASSWORD = secrets.token_hex(16)
+
+
 class Phase(enum.Enum):
     HANDSHAKE = 1
     RELAY = 2
@@ -336,7 +339,9 @@ class ClientConnection(asyncio.Protocol):
             if tag != m.PASSWORD:
                 raise ProtocolViolation(f"expected password response, got message type {chr(tag)!r}")
             response = m.parse_password(payload)
-            if group is None or not auth.md5_verify(username, group.user.password, salt, response):
+            # An unknown user is checked against a decoy, so both failures take the same work.
+            stored = group.user.password if group is not None else _DECOY_PASSWORD
+            if not auth.md5_verify(username, stored, salt, response) or group is None:
                 raise auth.AuthError("password authentication failed")
             return
         verifier = self.app.scram_verifier(group) if group is not None else None

@@ -33,6 +33,9 @@ class HbaRule:
     method: str
     text: str  # the rule as written, for log lines
 
+    def __str__(self) -> str:
+        return self.text
+
     def matches(self, address: str, database: str, user: str, tls: bool) -> bool:
         if self.connection_type == "hostssl" and not tls:
             return False

@@ -68,6 +68,7 @@ class PoolGroup:
             idle_timeout=_override(user.idle_timeout, pool.idle_timeout) / 1000,
             server_lifetime=_override(user.server_lifetime, pool.server_lifetime) / 1000,
             tls=server_context(general),
+            statement_timeout=user.statement_timeout,
         )
         self.settings = settings
         self.primary: ServerPool | None = None

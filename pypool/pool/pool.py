@@ -40,6 +40,7 @@ class PoolSettings:
     server_lifetime: float  # 0 = never
     application_name: str = "pypool"
     tls: ssl.SSLContext | None = None  # server_tls: encrypt connections to PostgreSQL
+    statement_timeout: int = 0  # ms, the user's statement_timeout: a session default on every connection
 
 
 class PoolTimeout(Exception):
@@ -215,11 +216,19 @@ class ServerPool:
         self.stats.observe_wait(time.monotonic() - started)
         return conn
 
+    def _startup_parameters(self) -> dict[str, str]:
+        params = {"application_name": self.settings.application_name}
+        if self.settings.statement_timeout:
+            # PostgreSQL itself cancels the statement (57014) and keeps the session;
+            # a reset (DISCARD ALL) returns to this value, not to 0.
+            params["statement_timeout"] = str(self.settings.statement_timeout)
+        return params
+
     async def _open(self) -> ServerConnection:
         self.stats.connects += 1
         try:
             conn = await open_connection(
-                self.address, self.credentials, {"application_name": self.settings.application_name},
+                self.address, self.credentials, self._startup_parameters(),
                 self.settings.connect_timeout, tls=self.settings.tls,
             )
         except ServerError:

@@ -23,7 +23,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.conftest import DATABASE, PASSWORD, USER
+from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._support import PRIMARY_ONLY, login, merge
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -182,3 +182,18 @@ def test_idle_client_in_transaction_timeout(start_pypool, pg_cluster):
     outside.execute(f"DROP TABLE {table}")
     outside.close()
     assert "idle in transaction for more than 1000 ms" in proc.log()
+
+
+def test_user_statement_timeout_cancels_long_statements(start_pypool):
+    proc = start_pypool(merge(PRIMARY_ONLY, user_overrides(statement_timeout=500)))
+    with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as conn:
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            conn.execute("SELECT pg_sleep(5)")
+        assert time.monotonic() - started < 4
+        # The session goes on, with the configured default in force on whichever server connection.
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("500ms",)
+        # A client may still choose its own value for its transaction.
+        with conn.transaction():
+            conn.execute("SET LOCAL statement_timeout = '5s'")
+            assert conn.execute("SELECT pg_sleep(0.8), 1").fetchone()[1] == 1
