@@ -6,22 +6,9 @@ import pytest
 
 from pypool import hba, limits
 from pypool.config import ConfigError, parse_config
+from tests.unit._minimal_config import MINIMAL
 
-BASE = """
-[general]
-admin_username = "a"
-admin_password = "b"
-{general}
-
-[pools.app.users.0]
-username = "u"
-password = "p"
-pool_size = 2
-
-[pools.app.shards.0]
-database = "app"
-servers = [["127.0.0.1", 5432, "primary"]]
-"""
+BASE = MINIMAL
 
 
 def rules(*lines: str) -> tuple[hba.HbaRule, ...]:

@@ -8,23 +8,10 @@ import pytest
 
 from pypool import tls
 from pypool.config import ConfigError, parse_config
+from tests.unit._minimal_config import MINIMAL
 from tests.integration._certs import make_certificates
 
-BASE = """
-[general]
-admin_username = "a"
-admin_password = "b"
-{general}
-
-[pools.app.users.0]
-username = "u"
-password = "p"
-pool_size = 2
-
-[pools.app.shards.0]
-database = "app"
-servers = [["127.0.0.1", 5432, "primary"]]
-"""
+BASE = MINIMAL
 
 
 @pytest.fixture(scope="module")
