@@ -209,7 +209,8 @@ class Application:
             log.warning("%s", warning)
         old_general = self.config.general
         for name in ("host", "port", "workers", "enable_prometheus_exporter", "prometheus_exporter_port",
-                     "tls_certificate", "tls_private_key", "client_tls_mode"):
+                     "tls_certificate", "tls_private_key", "client_tls_mode", "server_tls",
+                     "verify_server_certificate", "server_tls_ca_file"):
             if getattr(old_general, name) != getattr(new.general, name):
                 log.warning("config reload: %s changed; it takes effect only when pypool restarts", name)
         groups: dict[tuple[str, str], PoolGroup] = {}
