@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import DATABASE, USER, free_port, local_config, start_pypool_process
+from tests.integration._certs import make_certificates
 from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, login, merge, startup_packet
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,10 +43,13 @@ FIGURES = {"connections": 0, "bytes_sent": 0, "errors_received": 0, "probes_answ
 @pytest.fixture(scope="module")
 def fuzz_target(pg_cluster, tmp_path_factory):
     port = free_port()
+    directory = tmp_path_factory.mktemp("fuzz")
+    certs = make_certificates(directory / "certs")  # TLS offered: SSLRequests reach the upgrade path
     config = local_config(pg_cluster, port, merge(PRIMARY_ONLY, {
-        "general": {"max_message_size": MAX_MESSAGE, "client_login_timeout": 5000},
+        "general": {"max_message_size": MAX_MESSAGE, "client_login_timeout": 5000,
+                    "tls_certificate": str(certs.cert), "tls_private_key": str(certs.key)},
         "pools": {DATABASE: {"users": {"0": {"pool_size": POOL_SIZE}}}}}))
-    proc = start_pypool_process(config, tmp_path_factory.mktemp("fuzz"), port)
+    proc = start_pypool_process(config, directory, port)
     yield proc
     proc.stop()
 
@@ -97,6 +101,9 @@ sasl_garbage = st.builds(lambda mech, data: frame(ord("p"), mech + struct.pack("
                          st.binary(max_size=120) | st.sampled_from([b"n,,n=,r=abc", b"y,,n=,r=", b"p=x,,n=,r=a",
                                                                    b"n,,n=,r=" + b"A" * 200]))
 before_login = st.one_of(
+    # TLS accepted, then a handshake made of garbage (or of a plaintext startup packet).
+    st.builds(lambda rest: [SSL_REQUEST, rest], st.binary(min_size=1, max_size=300) | random_startup),
+
     st.binary(min_size=1, max_size=200),
     random_startup,
     st.builds(lambda s, cut: s[:cut], random_startup, st.integers(1, 30)),
@@ -107,6 +114,13 @@ before_login = st.one_of(
     st.builds(lambda answer, more: startup_packet(user=USER, database=DATABASE) + answer + more,
               sasl_garbage | well_framed | bad_length, st.lists(sasl_garbage | well_framed, max_size=2).map(b"".join)),
 )
+
+
+def _flatten(items: list) -> list[bytes]:
+    out: list[bytes] = []
+    for item in items:
+        out.extend(item if isinstance(item, list) else [item])
+    return out
 
 
 def _startup(params: dict[str, str], version: int) -> bytes:
@@ -177,7 +191,9 @@ def exchange(port: int, chunks: list[bytes], logged_in: bool) -> bytes:
 def check_frames(data: bytes, skip_single_bytes: int = 0) -> None:
     """Every reply is a well-framed backend message, and every ErrorResponse carries a SQLSTATE."""
     pos = 0
-    for _ in range(skip_single_bytes):  # 'N' answers to SSL/GSSENC requests
+    for _ in range(skip_single_bytes):  # one-byte answers to SSL/GSSENC requests
+        if data[pos:pos + 1] == b"S":
+            return  # TLS accepted: what follows is TLS records (a handshake failure alert), not messages
         if data[pos:pos + 1] == b"N":
             pos += 1
     while pos < len(data):
@@ -196,7 +212,7 @@ def check_frames(data: bytes, skip_single_bytes: int = 0) -> None:
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(chunks=st.lists(before_login, min_size=1, max_size=3))
+@given(chunks=st.lists(before_login, min_size=1, max_size=3).map(_flatten))
 def test_fuzz_before_login(fuzz_target, chunks):
     data = exchange(fuzz_target.port, chunks, logged_in=False)
     leading = 0
