@@ -79,7 +79,8 @@ _SHOW_NOT_IMPLEMENTED = frozenset({"FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM", "S
 
 # Settings that only take effect at start (PgCat lists host, port and connect_timeout).
 _NOT_CHANGEABLE = frozenset({"host", "port", "workers", "enable_prometheus_exporter",
-                             "prometheus_exporter_port", "tls_certificate", "tls_private_key", "client_tls_mode"})
+                             "prometheus_exporter_port", "tls_certificate", "tls_private_key", "client_tls_mode",
+                             "server_tls", "verify_server_certificate", "server_tls_ca_file"})
 _GENERAL_KEYS: dict[str, str] = {}  # dataclass field -> PgCat's key, where they differ
 
 

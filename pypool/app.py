@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import metrics, snapshot
+from pypool import idle, limits, metrics, snapshot, tls
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -56,6 +56,9 @@ class Application:
         self.metrics_server: metrics.MetricsServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.client_tls = tls.client_tls(config)  # certificates are read once, at start
+        self.user_clients = limits.UserConnectionCounts()
+        self.idle_reaper = idle.IdleTransactionReaper(self)
         self._build_pools(config)
 
     def _build_pools(self, config: "Config") -> None:
@@ -89,6 +92,7 @@ class Application:
             else:
                 log.info("Prometheus metrics on http://%s:%s/metrics", general.host, general.prometheus_exporter_port)
         self._housekeeping = loop.create_task(self._housekeep())
+        self._idle_reaping = loop.create_task(self.idle_reaper.run())
 
     async def _housekeep(self) -> None:
         """Once a second: forget drained pools; every stats period: roll the SHOW STATS averages."""
@@ -202,6 +206,7 @@ class Application:
             self.metrics_server.close()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+            self._idle_reaping.cancel()
         log.info("pypool stopped")
         self._stopped.set()
 
@@ -231,7 +236,8 @@ class Application:
             log.warning("%s", warning)
         old_general = self.config.general
         for name in ("host", "port", "workers", "enable_prometheus_exporter", "prometheus_exporter_port",
-                     "tls_certificate", "tls_private_key", "client_tls_mode"):
+                     "tls_certificate", "tls_private_key", "client_tls_mode", "server_tls",
+                     "verify_server_certificate", "server_tls_ca_file"):
             if getattr(old_general, name) != getattr(new.general, name):
                 log.warning("config reload: %s changed; it takes effect only when pypool restarts", name)
         groups: dict[tuple[str, str], PoolGroup] = {}

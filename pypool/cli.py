@@ -55,10 +55,14 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
         if worker is not None:
             worker.close()
 
-    if uvloop is not None:
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    try:
+        if uvloop is not None:
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+    except ConfigError as exc:  # e.g. a TLS certificate that cannot be loaded
+        logging.getLogger("pypool").error("%s", exc)
+        return 2
     return 0
 
 

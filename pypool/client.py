@@ -20,10 +20,11 @@ import enum
 import logging
 import secrets
 import socket
+import ssl
 import time
 from typing import TYPE_CHECKING
 
-from pypool import admin
+from pypool import admin, limits
 from pypool.pool.group import PRIMARY
 from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
@@ -63,7 +64,9 @@ TRACKED_STARTUP_PARAMETERS = (
     "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name",
     "extra_float_digits", "search_path", "standard_conforming_strings",
 )
-LOGIN_TIMEOUT = 60.0
+
+
+_DECOY_PASSWORD = secrets.token_hex(16)
 
 
 class Phase(enum.Enum):
@@ -87,6 +90,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.phase = Phase.HANDSHAKE
         self.peer = "?"
+        self.peer_host = ""  # the client's IP address, for the hba rules
+        self.tls = False  # the connection was upgraded to TLS
+        self.auth_method = app.config.general.client_auth_method  # hba may choose another per login
+        self._counted_as: tuple[str, str] | None = None  # key in app.user_clients while logged in
         self.user = ""
         self.database = ""
         self.group: PoolGroup | None = None
@@ -132,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+            self.peer_host = str(peer[0]) if isinstance(peer, tuple) else ""
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -201,12 +209,15 @@ class ClientConnection(asyncio.Protocol):
 
     async def _handshake(self) -> None:
         try:
-            await asyncio.wait_for(self._login(), LOGIN_TIMEOUT)
+            await asyncio.wait_for(self._login(), self.app.config.general.client_login_timeout / 1000)
             if self.admin is not None:
                 await self.admin.run()
         except ClientError as exc:
             log.info("client %s rejected: %s", self.peer, exc)
             self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
+        except limits.Refused as exc:
+            log.info("client %s (user %r, database %r) refused: %s", self.peer, self.user, self.database, exc)
+            self._send_error_and_close(exc.sqlstate, str(exc))
         except ProtocolViolation as exc:
             log.info("client %s: protocol violation during startup: %s", self.peer, exc)
             self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
@@ -215,7 +226,13 @@ class ClientConnection(asyncio.Protocol):
             self._send_error_and_close(m.SQLSTATE_INVALID_PASSWORD,
                                        f'password authentication failed for user "{self.user}"')
         except asyncio.TimeoutError:
-            self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, "login timed out")
+            log.info("client %s did not log in within client_login_timeout; dropped", self.peer)
+            self._send_error_and_close(
+                m.SQLSTATE_QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
+                f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
+        except ssl.SSLError as exc:
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            self._close_session()
         except (ConnectionResetError, asyncio.CancelledError):
             self._close_session()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
@@ -230,7 +247,17 @@ class ClientConnection(asyncio.Protocol):
         self.user = params["user"]
         self.database = params.get("database") or self.user
         self.app.check_accepting(self)
+        general = self.app.config.general
+        if self.app.client_tls.required and not self.tls:
+            raise ClientError(m.SQLSTATE_INVALID_AUTHORIZATION,
+                              'pypool requires TLS (client_tls_mode = "require"): this connection is not '
+                              "encrypted; connect with sslmode=require")
+        self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
+                                                self.database, self.user, self.tls)
         if self.database in admin.ADMIN_DATABASES:
+            # The admin console always asks for the admin password, whatever hba says.
+            if self.auth_method == "trust":
+                self.auth_method = general.client_auth_method
             self.admin = await admin.login(self)
             return
         group = self.app.find_group(self.database, self.user)
@@ -242,6 +269,8 @@ class ClientConnection(asyncio.Protocol):
             raise ClientError(m.SQLSTATE_INVALID_CATALOG,
                               f'no such database: "{self.database}" is not a pool in pypool\'s config')
         await self._authenticate(group)
+        self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
+        self._counted_as = (self.database, self.user)
         self.group = group
         for name in TRACKED_STARTUP_PARAMETERS:
             if name in params:
@@ -272,6 +301,9 @@ class ClientConnection(asyncio.Protocol):
             if packet is None:
                 await self._wait_for_data()
                 continue
+            if isinstance(packet, SSLRequest) and self.app.client_tls.offered and not self.tls:
+                await self._start_tls()
+                continue
             if isinstance(packet, (SSLRequest, GSSEncRequest)):
                 self.transport.write(b"N")  # type: ignore[union-attr]
                 continue
@@ -281,9 +313,27 @@ class ClientConnection(asyncio.Protocol):
                 return None
             return packet
 
+    async def _start_tls(self) -> None:
+        """Answer an SSLRequest with 'S' and upgrade this connection; the startup packet follows encrypted."""
+        if len(self._buffer):
+            # Bytes sent before the handshake would be trusted as if encrypted (CVE-2021-23214).
+            raise ProtocolViolation("received unencrypted data after SSL request")
+        transport = self.transport
+        assert transport is not None
+        transport.write(b"S")
+        # start_tls takes the transport over before any further byte is read, so the
+        # ClientHello cannot land in the startup buffer.
+        self.transport = await asyncio.get_running_loop().start_tls(
+            transport, self, self.app.client_tls.context, server_side=True)  # type: ignore[arg-type]
+        self.tls = True
+
     async def _authenticate(self, group: "PoolGroup | None") -> None:
-        method = self.app.config.general.client_auth_method
+        method = self.auth_method
         username = self.user
+        if method == "trust":
+            if group is None:
+                raise auth.AuthError("no such user")
+            return
         if method == "md5":
             salt = auth.random_salt()
             self.transport.write(m.authentication_md5(salt))  # type: ignore[union-attr]
@@ -291,7 +341,9 @@ class ClientConnection(asyncio.Protocol):
             if tag != m.PASSWORD:
                 raise ProtocolViolation(f"expected password response, got message type {chr(tag)!r}")
             response = m.parse_password(payload)
-            if group is None or not auth.md5_verify(username, group.user.password, salt, response):
+            # An unknown user is checked against a decoy, so both failures take the same work.
+            stored = group.user.password if group is not None else _DECOY_PASSWORD
+            if not auth.md5_verify(username, stored, salt, response) or group is None:
                 raise auth.AuthError("password authentication failed")
             return
         verifier = self.app.scram_verifier(group) if group is not None else None
@@ -709,6 +761,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self.phase = Phase.CLOSED
         self.app.client_disconnected(self)
+        if self._counted_as is not None:
+            self.app.user_clients.release(self._counted_as)
+            self._counted_as = None
         if self._checkout_task is not None:
             self._checkout_task.cancel()
             self._checkout_task = None

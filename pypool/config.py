@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping
 
 import tomli_w
 
+from pypool import hba as _hba
+
 __all__ = [
     "ConfigError",
     "ServerAddress",
@@ -91,6 +93,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # bytes; larger messages are refuse
 # asked: PgCat's worker_threads (default 4) counts threads, not processes.
 DEFAULT_WORKERS = 1
 MAX_WORKERS = 64
+DEFAULT_CLIENT_LOGIN_TIMEOUT_MS = 60_000  # a client must finish logging in within this
 
 # Accepted spellings -> canonical value.  Matching is case-insensitive
 # (PgCat accepts e.g. "transaction" and "Transaction").
@@ -207,6 +210,7 @@ class User:
     connect_timeout: int | None = None  # ms overrides of the pool's values
     idle_timeout: int | None = None
     server_lifetime: int | None = None
+    max_client_connections: int = 0  # pypool addition: clients of this user in this pool, 0 = unlimited
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,10 @@ class General:
     verify_server_certificate: bool = False
     max_client_conn: int = DEFAULT_MAX_CLIENT_CONN  # pypool addition, 0 = unlimited
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE  # pypool addition, bytes
+    server_tls_ca_file: str | None = None  # pypool addition: CAs for verify_server_certificate
+    client_login_timeout: int = DEFAULT_CLIENT_LOGIN_TIMEOUT_MS  # pypool addition, ms
+    # pypool addition: host-based access rules (general.hba or general.hba_file); None = no rules
+    hba: tuple[_hba.HbaRule, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -653,6 +661,9 @@ def _parse_general(t: _Table) -> General:
         verify_server_certificate=t.boolean("verify_server_certificate", False),
         max_client_conn=t.integer("max_client_conn", DEFAULT_MAX_CLIENT_CONN),
         max_message_size=t.integer("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, minimum=1024),
+        server_tls_ca_file=t.string("server_tls_ca_file", None),
+        client_login_timeout=t.integer("client_login_timeout", DEFAULT_CLIENT_LOGIN_TIMEOUT_MS, minimum=1),
+        hba=_parse_hba(t),
     )
     if general.tls_certificate is not None and general.tls_private_key is None:
         raise t.error(
@@ -675,6 +686,39 @@ def _parse_workers(t: _Table) -> int:
     threads = t.integer("worker_threads", None, minimum=1)
     del threads  # a valid PgCat setting with no pypool meaning: no warning, PgCat files stay quiet
     return t.integer("workers", DEFAULT_WORKERS, minimum=1, maximum=MAX_WORKERS)
+
+
+def _parse_hba(t: _Table) -> tuple[_hba.HbaRule, ...] | None:
+    """``hba`` (a list of pg_hba lines) or ``hba_file`` (a pg_hba-format file), not both."""
+    inline = t.raw("hba")
+    path = t.string("hba_file", None)
+    if inline is not _MISSING and path is not None:
+        raise t.error("hba_file", "expected either hba or hba_file, not both")
+    entries: list[tuple[tuple[str, ...], str]] = []
+    if inline is not _MISSING:
+        if not isinstance(inline, list):
+            raise t._wrong("hba", 'an array of pg_hba lines like "host all all 10.0.0.0/8 scram-sha-256"', inline)
+        for i, item in enumerate(inline):
+            if not isinstance(item, str):
+                raise t.ctx.error(t.key("hba") + (str(i),), f"expected a pg_hba line, got {_describe(item)}")
+            entries.append((t.key("hba") + (str(i),), item))
+    elif path is not None:
+        full = os.path.join(os.path.dirname(t.ctx.path), path) if t.ctx.path != "<string>" else path
+        try:
+            with open(full, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise t.error("hba_file", f"cannot read {_quote(full)}: {getattr(exc, 'strerror', None) or exc}") from None
+        entries = [(t.key("hba_file") + (f"line {n}",), line) for n, line in _hba.parse_file_text(text)]
+    else:
+        return None
+    rules = []
+    for parts, line in entries:
+        try:
+            rules.append(_hba.parse_rule(line))
+        except ValueError as exc:
+            raise ConfigError(t.ctx.path, _key_text(parts[:-1]) + f"[{parts[-1]}]", str(exc)) from None
+    return tuple(rules)
 
 
 def _legacy_prepared_statements_size(t: _Table) -> int | None:
@@ -776,6 +820,7 @@ def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
             connect_timeout=u.integer("connect_timeout", None),
             idle_timeout=u.integer("idle_timeout", None),
             server_lifetime=u.integer("server_lifetime", None),
+            max_client_connections=u.integer("max_client_connections", 0),
         )
         u.finish(_UNSUPPORTED_USER)
         if username in users:

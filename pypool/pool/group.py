@@ -16,6 +16,7 @@ from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.protocol import messages as m
+from pypool.tls import server_context
 
 if TYPE_CHECKING:
     from pypool.config import General, Pool, User
@@ -68,6 +69,8 @@ class PoolGroup:
             server_lifetime=_override(user.server_lifetime, pool.server_lifetime) / 1000,
             healthcheck_delay=general.healthcheck_delay / 1000,
             healthcheck_timeout=general.healthcheck_timeout / 1000,
+            tls=server_context(general),
+            statement_timeout=user.statement_timeout,
         )
         self.settings = settings
         self.primary: ServerPool | None = None

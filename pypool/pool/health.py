@@ -88,7 +88,7 @@ class ServerMonitor:
             if self._conn is None or self._conn.closed:
                 self._conn = await open_connection(sp.address, sp.credentials,
                                                    {"application_name": MONITOR_APPLICATION_NAME},
-                                                   sp.settings.connect_timeout)
+                                                   sp.settings.connect_timeout, tls=sp.settings.tls)
             rows = await asyncio.wait_for(self._conn.query(HEALTH_QUERY), self.timeout)
         except asyncio.TimeoutError:
             self._drop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 import time
 import weakref
 from bisect import bisect_left
@@ -42,6 +43,8 @@ class PoolSettings:
     # with ``;`` (within healthcheck_timeout) before a client gets it. 0 = always.
     healthcheck_delay: float = float("inf")
     healthcheck_timeout: float = 1.0
+    tls: ssl.SSLContext | None = None  # server_tls: encrypt connections to PostgreSQL
+    statement_timeout: int = 0  # ms, the user's statement_timeout: a session default on every connection
 
 
 class PoolTimeout(Exception):
@@ -349,12 +352,20 @@ class ServerPool:
         self._serve_waiters_after_loss()  # room below pool_size: open one for it
         return waiter
 
+    def _startup_parameters(self) -> dict[str, str]:
+        params = {"application_name": self.settings.application_name}
+        if self.settings.statement_timeout:
+            # PostgreSQL itself cancels the statement (57014) and keeps the session;
+            # a reset (DISCARD ALL) returns to this value, not to 0.
+            params["statement_timeout"] = str(self.settings.statement_timeout)
+        return params
+
     async def _open(self) -> ServerConnection:
         self.stats.connects += 1
         try:
             conn = await open_connection(
-                self.address, self.credentials, {"application_name": self.settings.application_name},
-                self.settings.connect_timeout,
+                self.address, self.credentials, self._startup_parameters(),
+                self.settings.connect_timeout, tls=self.settings.tls,
             )
         except ServerError:
             self.stats.connect_errors += 1

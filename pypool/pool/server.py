@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import MessageBuffer, ProtocolViolation
+from pypool.tls import connect_tls
 
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
@@ -423,14 +425,24 @@ def _decode_data_row(payload: bytes) -> list[str | None]:
 
 
 async def open_connection(address: "ServerAddress", credentials: Credentials,
-                          startup_params: dict[str, str], timeout: float) -> ServerConnection:
-    """Connect and log in within ``timeout`` seconds, or raise ServerError."""
+                          startup_params: dict[str, str], timeout: float,
+                          tls: ssl.SSLContext | None = None) -> ServerConnection:
+    """Connect (over TLS when ``tls`` is given) and log in within ``timeout`` seconds, or raise ServerError."""
     loop = asyncio.get_running_loop()
     label = f"{address.host}:{address.port}"
 
     async def _connect() -> ServerConnection:
-        _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials),
-                                               address.host, address.port)
+        if tls is None:
+            _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials),
+                                                   address.host, address.port)
+        else:
+            sock = await connect_tls(address.host, address.port, tls)
+            try:
+                _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials), sock=sock,
+                                                       ssl=tls, server_hostname=address.host)
+            except BaseException:
+                sock.close()
+                raise
         try:
             await conn.login(startup_params)
         except BaseException:
@@ -442,6 +454,12 @@ async def open_connection(address: "ServerAddress", credentials: Credentials,
         return await asyncio.wait_for(_connect(), timeout)
     except asyncio.TimeoutError:
         raise ServerError(f"could not connect to server {label}: timed out after {timeout * 1000:.0f} ms",
+                          {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+    except ssl.SSLCertVerificationError as exc:
+        raise ServerError(f"could not connect to server {label}: TLS handshake failed: certificate verify failed "
+                          f"({exc.verify_message})", {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+    except ssl.SSLError as exc:
+        raise ServerError(f"could not connect to server {label}: TLS handshake failed: {exc.reason or exc}",
                           {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
     except OSError as exc:
         raise ServerError(f"could not connect to server {label}: {exc.strerror or exc}",

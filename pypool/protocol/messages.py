@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 
-from pypool.protocol.frames import CANCEL_REQUEST_CODE, PROTOCOL_VERSION_3, ProtocolViolation
+from pypool.protocol.frames import CANCEL_REQUEST_CODE, PROTOCOL_VERSION_3, SSL_REQUEST_CODE, ProtocolViolation
 
 # Frontend tags
 QUERY = ord("Q")
@@ -191,6 +191,10 @@ def startup_message(params: dict[str, str]) -> bytes:
 
 def cancel_request(process_id: int, secret_key: int) -> bytes:
     return struct.pack("!IIII", 16, CANCEL_REQUEST_CODE, process_id, secret_key)
+
+
+def ssl_request() -> bytes:
+    return struct.pack("!II", 8, SSL_REQUEST_CODE)
 
 
 def query(sql: str) -> bytes:

@@ -1,0 +1,73 @@
+"""``idle_client_in_transaction_timeout``: end clients that sit in an open transaction doing nothing.
+
+Such a client pins a server connection (and its locks) that transaction
+pooling would otherwise share. A sweep, not a timer per message, keeps the
+relay's hot path free of clock reads: a client counts as idle in a
+transaction when its server's last ReadyForQuery said 'T' or 'E', nothing is
+outstanding, and the byte counters of its server connection have not moved
+since the previous sweep. Past the timeout the client gets a FATAL 25P03 and
+is closed; its server connection, still in the transaction, is closed too,
+so PostgreSQL rolls the transaction back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pypool.app import Application
+    from pypool.client import ClientConnection
+
+log = logging.getLogger("pypool.idle")
+
+SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
+_IDLE = ord("I")
+
+
+class IdleTransactionReaper:
+    def __init__(self, app: "Application") -> None:
+        self.app = app
+        # client -> (server connection, its byte counters, monotonic time first seen like that)
+        self._seen: dict["ClientConnection", tuple[object, tuple[int, int], float]] = {}
+        self.terminated = 0
+
+    async def run(self) -> None:
+        while True:
+            timeout_ms = self.app.config.general.idle_client_in_transaction_timeout
+            if timeout_ms:
+                try:
+                    self.sweep(timeout_ms / 1000, time.monotonic())
+                except Exception:  # noqa: BLE001 - the sweep must keep running
+                    log.exception("idle-in-transaction sweep failed")
+            else:
+                self._seen.clear()
+            # A quarter of the timeout keeps the overshoot small; at most once a second.
+            await asyncio.sleep(min(1.0, max(0.05, timeout_ms / 4000)) if timeout_ms else 1.0)
+
+    def sweep(self, timeout: float, now: float) -> None:
+        seen: dict["ClientConnection", tuple[object, tuple[int, int], float]] = {}
+        for client in self.app.clients:
+            server = client.server
+            if server is None or server.status == _IDLE or server.pending_syncs > 0 or server.batch_open:
+                continue
+            counters = (server.bytes_sent, server.bytes_received)
+            previous = self._seen.get(client)
+            since = previous[2] if previous is not None and previous[0] is server and previous[1] == counters \
+                else now
+            if now - since >= timeout:
+                self.terminate(client, timeout)
+                continue
+            seen[client] = (server, counters, since)
+        self._seen = seen
+
+    def terminate(self, client: "ClientConnection", timeout: float) -> None:
+        self.terminated += 1
+        log.info("client %s (%s@%s) idle in transaction for more than %.0f ms; closing it", client.peer,
+                 client.user, client.database, timeout * 1000)
+        client._send_error_and_close(
+            SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT,
+            "terminating connection due to idle-in-transaction timeout: idle in a transaction for more than "
+            f"idle_client_in_transaction_timeout ({timeout * 1000:.0f} ms); the transaction was rolled back")

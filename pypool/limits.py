@@ -1,0 +1,65 @@
+"""Admission limits on client connections: who may log in, and how many at once.
+
+``max_client_conn`` caps all clients together (checked by the application
+when the startup packet arrives); ``max_client_connections`` on a pool's user
+caps that user's clients in that pool, counted here from a successful login
+to the disconnect, like PostgreSQL's per-role connection limit.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from pypool import hba
+from pypool.protocol import messages as m
+
+
+class Refused(Exception):
+    """A login the limits or the access rules do not admit; ``sqlstate`` goes to the client."""
+
+    def __init__(self, sqlstate: str, text: str) -> None:
+        super().__init__(text)
+        self.sqlstate = sqlstate
+
+
+class UserConnectionCounts:
+    """Logged-in clients per (database, user)."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def admit(self, key: tuple[str, str], limit: int) -> None:
+        """Count one more client of ``key``, or raise Refused when ``limit`` (0 = none) is reached."""
+        if limit and self._counts[key] >= limit:
+            raise Refused(m.SQLSTATE_TOO_MANY_CONNECTIONS,
+                          f'too many connections for user "{key[1]}" to pool "{key[0]}": '
+                          f"max_client_connections is {limit}")
+        self._counts[key] += 1
+
+    def release(self, key: tuple[str, str]) -> None:
+        left = self._counts[key] - 1
+        if left > 0:
+            self._counts[key] = left
+        else:
+            del self._counts[key]
+
+    def __getitem__(self, key: tuple[str, str]) -> int:
+        return self._counts.get(key, 0)
+
+
+def access_method(rules: tuple[hba.HbaRule, ...] | None, default_method: str, address: str,
+                  database: str, user: str, tls: bool) -> str:
+    """The authentication method for a login, or Refused when the access rules turn it away."""
+    if rules is None:
+        return default_method
+    rule = hba.first_match(rules, address, database, user, tls)
+    encryption = "TLS" if tls else "no encryption"
+    if rule is None:
+        raise Refused(m.SQLSTATE_INVALID_AUTHORIZATION,
+                      f'no pypool hba entry for host "{address}", user "{user}", database "{database}", '
+                      f"{encryption}")
+    if rule.method == "reject":
+        raise Refused(m.SQLSTATE_INVALID_AUTHORIZATION,
+                      f'pypool hba rejects connection for host "{address}", user "{user}", '
+                      f'database "{database}", {encryption}')
+    return rule.method
