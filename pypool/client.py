@@ -495,7 +495,7 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             self._pending += data
             waiter = server_pool.queue(lambda conn: self._queued_server_ready(role, conn),
-                                       lambda exc: self._queued_wait_failed(role, exc))
+                                       lambda exc: self._queued_wait_failed(role, server_pool, exc))
             if waiter is not None:
                 self._queued = waiter
                 self.wait_started = waiter.started
@@ -539,18 +539,26 @@ class ClientConnection(asyncio.Protocol):
             return
         self._attach(server, role)
 
-    def _queued_wait_failed(self, role: str, exc: Exception) -> None:
+    def _queued_wait_failed(self, role: str, server_pool: "ServerPool", exc: Exception) -> None:
+        """The queued wait ended without a connection; fail or retry as ``group.checkout`` would."""
         self._end_queued_wait()
-        if self.phase is not Phase.RELAY:
+        group = self.group
+        if self.phase is not Phase.RELAY or group is None:
             return
-        if isinstance(exc, PoolRetired):
-            # A reload replaced the pool: ask its successor, as ``_checkout`` does.
+        if isinstance(exc, PoolTimeout):
+            log.warning("client %s: %s", self.peer, exc)
+            self._fail_request(m.SQLSTATE_TOO_MANY_CONNECTIONS, str(exc))
+            self._dispatch_pending()
+        elif isinstance(exc, ServerError) and role == PRIMARY:
+            exc = group.primary_unavailable(server_pool, exc)
+            log.warning("client %s: %s", self.peer, exc)
+            self._fail_request(exc.sqlstate, str(exc))
+            self._dispatch_pending()
+        else:
+            if isinstance(exc, ServerError) and server_pool is not group.primary:
+                group.ban(server_pool, str(exc))  # it failed to connect: ``_checkout`` tries the others
+            # Also the way to follow a reload that replaced the pool (PoolRetired).
             self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
-            return
-        log.warning("client %s: %s", self.peer, exc)
-        sqlstate = exc.sqlstate if isinstance(exc, ServerError) else m.SQLSTATE_TOO_MANY_CONNECTIONS
-        self._fail_request(sqlstate, str(exc))
-        self._dispatch_pending()
 
     def _answer_locally(self, decision: "Decision", length: int) -> None:
         """Answer a simple Query without a server: custom commands and a held-back BEGIN."""

@@ -254,8 +254,7 @@ class PoolGroup:
                     log.warning("pool %s: %s; reconnecting to the primary", self.name, exc)
                     conn = await primary.acquire()
             except ServerError as exc:
-                raise ServerError(f"primary server {primary.label} of pool {self.name} is unavailable: {exc}",
-                                  {**exc.fields, "C": exc.sqlstate}) from None
+                raise self.primary_unavailable(primary, exc) from None
             self._learn_parameters(conn)
             return conn
         tried: set[ServerPool] = set()
@@ -279,6 +278,10 @@ class PoolGroup:
                 continue
             self._learn_parameters(conn)
             return conn
+
+    def primary_unavailable(self, primary: ServerPool, exc: ServerError) -> ServerError:
+        return ServerError(f"primary server {primary.label} of pool {self.name} is unavailable: {exc}",
+                           {**exc.fields, "C": exc.sqlstate})
 
     def checkin(self, conn: ServerConnection) -> None:
         if conn.pool is not None:

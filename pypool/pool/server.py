@@ -35,6 +35,7 @@ log = logging.getLogger("pypool.server")
 
 _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
+_E = m.ERROR_RESPONSE
 _IDLE = ord("I")
 
 
@@ -192,6 +193,11 @@ class ServerConnection(asyncio.Protocol):
 
     def _relay(self, data: bytes) -> None:
         """Forward server bytes to the client; notice ReadyForQuery and ParameterStatus."""
+        if not self.replied and data[0] == _E and self._is_farewell(data):
+            # The server is going away before answering (crash, shutdown): drop the
+            # connection unanswered so the client side can retry a read elsewhere.
+            self.transport.abort()  # type: ignore[union-attr]
+            return
         self.replied = True
         if self._hold:
             data = self._hold + data
@@ -234,6 +240,18 @@ class ServerConnection(asyncio.Protocol):
             client.transport.write(data)  # type: ignore[union-attr]
         elif pos:
             client.transport.write(data[:pos])  # type: ignore[union-attr]
+
+    @staticmethod
+    def _is_farewell(data: bytes) -> bool:
+        """A whole FATAL ErrorResponse of class 57P (admin/crash shutdown, cannot connect now)."""
+        end = 1 + int.from_bytes(data[1:5], "big")
+        if len(data) < end:
+            return False
+        try:
+            fields = m.parse_error_fields(data[5:end])
+        except ProtocolViolation:
+            return False
+        return fields.get("V", fields.get("S")) == "FATAL" and fields.get("C", "").startswith("57P")
 
     def _request_done(self, data: bytes, end: int) -> None:
         client = self.client
