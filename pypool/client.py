@@ -433,6 +433,7 @@ class ClientConnection(asyncio.Protocol):
         tag = data[pos]
         payload = data[pos + 5:end]
         raw = data[pos:end]
+        effects = session.NOTHING
         if tag == _Q or tag == _P:
             text_at = 0 if tag == _Q else payload.find(b"\x00") + 1
             text_end = payload.find(b"\x00", text_at)
@@ -445,7 +446,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pending += data[pos:]
                 self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
                 return False
-            replacement = self._apply_session_effects(effects) if effects is not session.NOTHING else None
+            replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
             if replacement is not None:
                 payload = payload[:text_at] + replacement.encode() + payload[text_end:]
                 raw = m.message(tag, payload)
@@ -465,10 +466,14 @@ class ClientConnection(asyncio.Protocol):
                             server.ps_rank)
         rewriter.message(tag, payload, raw)
         server.ps_rank = rewriter.rank
+        if effects.forget_all:
+            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs.
+            self.statements.clear()  # type: ignore[union-attr]
+            statements.clear()
         transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
         return True
 
-    def _apply_session_effects(self, effects: session.Effects) -> str | None:
+    def _apply_session_effects(self, effects: session.Effects, server: ServerConnection) -> str | None:
         """Note what a statement does to the client's session; the text to send instead, if any."""
         if effects.refusal is not None:
             self._listen_error = None
@@ -478,12 +483,15 @@ class ClientConnection(asyncio.Protocol):
         statements = self.statements
         assert statements is not None
         if effects.forget_all:
+            # DEALLOCATE ALL / DISCARD ALL run on the server as sent (drivers read their command
+            # tags), so it drops every statement it has; an error may make it skip them, which
+            # the Close that precedes each Parse pypool sends makes harmless.
             statements.clear()
-            if effects.settings:  # DISCARD ALL: the client's whole session starts over
-                if self._hub is not None:
-                    self._hub.unlisten(self, "*")
-                return "RESET ALL"
-            return session.NOOP_STATEMENT  # the server's copies are shared: keep them
+            if server.statements is not None:
+                server.statements.clear()
+            if effects.settings and self._hub is not None:  # DISCARD ALL: the session starts over
+                self._hub.unlisten(self, "*")
+            return None
         if effects.forget:
             names = [name.encode() for name in effects.forget]
             if not all(name in statements.names for name in names):

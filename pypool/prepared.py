@@ -12,7 +12,10 @@ server:
 * each server connection remembers which of those it has prepared, in an LRU
   bounded by ``prepared_statements_cache_size`` (evicted with ``Close``);
 * a ``Bind``/``Describe`` of a statement the current server lacks is preceded
-  by an injected ``Parse``; a ``Parse`` of one it already has is not sent;
+  by an injected ``Parse`` (itself preceded by a ``Close`` of the same name,
+  so that a server holding it after all, e.g. because an error made it skip
+  a ``DEALLOCATE ALL``, does not fail); a ``Parse`` of one it already has is
+  not sent;
   a client's ``Close`` of a statement leaves the shared copy alone.
 
 The server must still answer in order, so a replacement message is always
@@ -101,8 +104,8 @@ class ServerStatements:
         actions = self.actions
         while actions and actions[0].epoch == self.epoch:
             action = actions.popleft()
-            if action.kind == AS_PARSE_COMPLETE:
-                continue  # a no-op Close: nothing happened on the server
+            if action.kind == AS_PARSE_COMPLETE or not action.server_name:
+                continue  # a no-op or precautionary Close: nothing to undo
             if action.parsed:
                 self.names.pop(action.server_name, None)
                 if action.client_name and client is not None:
@@ -211,6 +214,10 @@ class Rewriter:
             self._send_counted(m.message(m.CLOSE, b"S" + evicted + b"\x00"))
             self._act(SWALLOW, evicted, parsed=False)
         server.names[target] = body
+        # Close first: should the server hold the name after all (a DEALLOCATE ALL that an
+        # error made it skip), the Parse must not fail with "already exists".
+        self._send_counted(m.message(m.CLOSE, b"S" + target + b"\x00"))
+        self._act(SWALLOW, b"", parsed=False)
         self._send_counted(m.message(m.PARSE, target + b"\x00" + body))
         self._act(kind, target, parsed=True, client_name=client_name)
 

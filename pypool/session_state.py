@@ -9,8 +9,9 @@ whose effect outlives the transaction:
   reads back the server's session-level settings (PostgreSQL has already
   undone ``SET LOCAL`` and rolled-back ``SET``s) and replays them on every
   server connection the client uses next;
-* ``DEALLOCATE``/``DISCARD ALL`` forget the client's prepared statements
-  (the server-side copies are shared, so they stay);
+* ``DEALLOCATE name`` forgets the client's statement (the server-side copy
+  is shared, so it stays); ``DEALLOCATE ALL``/``DISCARD ALL`` run on the
+  server and empty both the client's names and the server's statements;
 * ``LISTEN``/``UNLISTEN`` are served by the pool's listener connection;
 * what cannot survive pooling -- SQL ``PREPARE``/``EXECUTE``, session
   advisory locks, temporary objects that outlive the transaction,
@@ -41,7 +42,7 @@ _ADVISORY_SESSION_FUNCTIONS = frozenset((
 # Settings pypool re-reads after a client changed some (base units, as SET accepts them back).
 SETTINGS_QUERY = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
 FEATURE_NOT_SUPPORTED = "0A000"
-# Stands in for statements pypool answers for the server (DEALLOCATE of a client name).
+# Stands in for a DEALLOCATE of a client's statement name (the server's copy stays).
 NOOP_STATEMENT = "DO $pypool$BEGIN END$pypool$"
 LISTEN_NOOP_CHANNEL = "pypool.listen"
 
