@@ -64,11 +64,6 @@ class Effects:
     forget: tuple[str, ...] = ()  # DEALLOCATE name
     listen: tuple[tuple[str, str], ...] = ()  # ("LISTEN"|"UNLISTEN", channel, "*" = all)
     refusal: tuple[str, str] | None = None  # (message, hint)
-    statements: int = 0
-
-    @property
-    def replaces_text(self) -> bool:
-        return bool(self.refusal or self.forget_all or self.forget or self.listen)
 
 
 NOTHING = Effects()
@@ -137,21 +132,20 @@ def analyze(sql: str) -> Effects:
     found = [_statement(toks) for toks in statements]
     refusal = next((e.refusal for e in found if e.refusal), None)
     if refusal:
-        return Effects(refusal=refusal, statements=len(found))
+        return Effects(refusal=refusal)
     merged = Effects(
         settings=any(e.settings for e in found),
         forget_all=any(e.forget_all for e in found),
         forget=tuple(n for e in found for n in e.forget),
         listen=tuple(op for e in found for op in e.listen),
-        statements=len(found),
     )
     special = sum(1 for e in found if e.forget_all or e.forget or e.listen)
     if special and special != len(found):
-        # The pooler answers these itself; mixed with other statements it cannot.
+        # The pooler stands in for these or acts on them; mixed with other statements it cannot.
         return Effects(refusal=("LISTEN, UNLISTEN, DEALLOCATE and DISCARD ALL must be sent on their own "
                                 "through pypool in transaction mode, not together with other statements",
-                                "send them as separate statements"), statements=len(found))
-    return merged
+                                "send them as separate statements"))
+    return NOTHING if merged == NOTHING else merged
 
 
 def refusal_sql(message: str, hint: str) -> str:
