@@ -466,9 +466,12 @@ class ClientConnection(asyncio.Protocol):
                             server.ps_rank)
         rewriter.message(tag, payload, raw)
         server.ps_rank = rewriter.rank
+        if server.epoch_failed and server.pending_syncs <= 0:
+            # The server already reported an error for this batch and skips to its Sync.
+            statements.on_error(self.statements)
         if effects.forget_all:
-            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs.
-            self.statements.clear()  # type: ignore[union-attr]
+            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
+            # keeps nothing, and each Bind of it prepares it again first.
             statements.clear()
         transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
         return True
@@ -808,6 +811,10 @@ class ClientConnection(asyncio.Protocol):
             # A message header split across reads after the end of the request.
             self._pending[:0] = self._hold
             self._hold = b""
+        if self._careful:
+            # Likewise a message to rewrite that is still arriving.
+            self._pending[:0] = self._careful
+            self._careful.clear()
         if self._settings_dirty:
             self._settings_dirty = False
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
@@ -823,6 +830,7 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None
+        self._careful.clear()
         group = self.group
         replay = self._replay
         self._replay = None

@@ -30,7 +30,8 @@ Sync epoch it belongs to and its rank among the ParseComplete/CloseComplete
 replies of that epoch. An ErrorResponse makes the server skip the rest of
 the epoch, so its unanswered actions are undone (a statement whose Parse
 never ran is not on the server, an eviction Close that never ran left the
-statement there).
+statement there) -- also those of messages the client sends after the
+error was already relayed, which the server will skip as well.
 """
 
 from __future__ import annotations
@@ -104,12 +105,13 @@ class ServerStatements:
         actions = self.actions
         while actions and actions[0].epoch == self.epoch:
             action = actions.popleft()
+            if action.client_name and client is not None:
+                # The client's own Parse never ran: its name does not exist, as in PostgreSQL.
+                client.forget_if(action.client_name, action.server_name)
             if action.kind == AS_PARSE_COMPLETE or not action.server_name:
-                continue  # a no-op or precautionary Close: nothing to undo
+                continue  # a no-op or precautionary Close: nothing to undo on the server
             if action.parsed:
                 self.names.pop(action.server_name, None)
-                if action.client_name and client is not None:
-                    client.forget_if(action.client_name, action.server_name)
             else:
                 self.names[action.server_name] = b""
                 self.names.move_to_end(action.server_name, last=False)
@@ -202,7 +204,7 @@ class Rewriter:
         if target in server.names:
             server.names.move_to_end(target)
             self._send_counted(_CLOSE_ABSENT)
-            self._act(AS_PARSE_COMPLETE, target, parsed=False)
+            self._act(AS_PARSE_COMPLETE, target, parsed=False, client_name=name)
             return
         self._prepare(target, body, PASS, name)
 

@@ -126,8 +126,20 @@ def _statement(toks: list) -> Effects:
     return NOTHING
 
 
-@functools.lru_cache(maxsize=4096)
 def analyze(sql: str) -> Effects:
+    """What the statements in ``sql`` do to the session (cached for texts of everyday size)."""
+    return _analyze_cached(sql) if len(sql) <= _CACHED_TEXT_LENGTH else _analyze(sql)
+
+
+_CACHED_TEXT_LENGTH = 4096
+
+
+@functools.lru_cache(maxsize=4096)
+def _analyze_cached(sql: str) -> Effects:
+    return _analyze(sql)
+
+
+def _analyze(sql: str) -> Effects:
     statements = lex_statements(sql)
     found = [_statement(toks) for toks in statements]
     refusal = next((e.refusal for e in found if e.refusal), None)

@@ -104,6 +104,7 @@ class ServerConnection(asyncio.Protocol):
         self.statements: ServerStatements | None = None
         self.ps_answered = 0
         self.ps_rank = 0
+        self.epoch_failed = False  # an ErrorResponse since the last ReadyForQuery: skipping to Sync
         self.pool = None  # set by the owning ServerPool
         self.on_lost = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints bumped where the work happens, read by the admin
@@ -181,6 +182,7 @@ class ServerConnection(asyncio.Protocol):
         self._hold = b""
         self.ps_answered = 0
         self.ps_rank = 0
+        self.epoch_failed = False
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if len(self._buffer):
             self._buffer.take_raw()
@@ -231,6 +233,7 @@ class ServerConnection(asyncio.Protocol):
                 self.pending_syncs -= 1
                 self.query_count += 1
                 self.ps_answered = 0
+                self.epoch_failed = False
                 if self.pending_syncs <= 0 and not self.batch_open:
                     self._request_done(data, nxt)
                     return
@@ -242,6 +245,8 @@ class ServerConnection(asyncio.Protocol):
                 self._note_parameter(data[pos + 5:nxt])
             elif tag < 52 and tag != 50:  # ParseComplete '1' / CloseComplete '3'
                 self.ps_answered += 1
+            elif tag == _E:
+                self.epoch_failed = True
             if nxt >= n:
                 self._skip = nxt - n
                 pos = n
@@ -286,6 +291,7 @@ class ServerConnection(asyncio.Protocol):
                 self.pending_syncs -= 1
                 self.query_count += 1
                 self.ps_answered = 0
+                self.epoch_failed = False
                 statements.on_ready()
                 if self.pending_syncs <= 0 and not self.batch_open:
                     self._request_done(data[start:], nxt - start)
@@ -307,6 +313,7 @@ class ServerConnection(asyncio.Protocol):
                             write(PARSE_COMPLETE)
                         start = nxt
             elif tag == _E:
+                self.epoch_failed = True
                 statements.on_error(getattr(client, "statements", None))
             if nxt >= n:
                 self._skip = nxt - n

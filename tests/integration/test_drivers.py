@@ -218,3 +218,40 @@ def test_jdbc_default_prepare_threshold_and_batches(pooled, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == f"OK {CLIENTS * ROUNDS * ROWS}"
     assert_at_most_pool_size(sampler)
+
+
+# -------------------------------------------------------- harder protocol paths
+
+def test_error_inside_a_pipeline_leaves_statements_consistent(start_pypool):
+    """A failed message makes the server skip the rest of the batch, including Parses pypool sent."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
+    with psycopg.connect(pypool.dsn(), autocommit=True, prepare_threshold=0) as conn, \
+            psycopg.connect(pypool.dsn(), autocommit=True, prepare_threshold=0) as other:
+        for attempt in range(3):
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                with conn.pipeline():
+                    conn.execute("SELECT 10 / %s", (2,))
+                    conn.execute("SELECT 10 / %s", (0,))
+                    conn.execute(f"SELECT {attempt} + %s", (1,))  # skipped by the server
+            # Every statement works afterwards, on the same and on other clients.
+            assert conn.execute(f"SELECT {attempt} + %s", (1,)).fetchone() == (attempt + 1,)
+            assert other.execute(f"SELECT {attempt} + %s", (2,)).fetchone() == (attempt + 2,)
+            assert conn.execute("SELECT 10 / %s", (5,)).fetchone() == (2,)
+
+
+def test_large_bind_split_across_reads(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
+    big = "x" * 3_000_000
+
+    async def main() -> None:
+        a = await asyncpg.connect(pypool.dsn())
+        b = await asyncpg.connect(pypool.dsn())
+        try:
+            for conn in (a, b, a):
+                assert await conn.fetchval("SELECT length($1::text) + 0", big) == len(big)
+                assert await conn.fetchval("SELECT md5($1::text) = md5(repeat('x', 3000000))", big)
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))

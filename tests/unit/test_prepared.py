@@ -176,3 +176,11 @@ def test_config_accepts_pgbouncers_max_prepared_statements_as_an_alias():
     chosen, warnings = pool("prepared_statements_cache_size = 32\nmax_prepared_statements = 64\n")
     assert chosen.prepared_statements_cache_size == 32
     assert not [w for w in warnings if "prepared" in w]
+
+
+def test_messages_sent_after_the_error_was_relayed_are_undone_too():
+    """The server already failed this batch and skips to Sync: nothing sent now will run."""
+    client, server = ClientStatements(), ServerStatements(10)
+    run(client, server, (m.PARSE, parse(b"late", b"SELECT 5")))
+    server.on_error(client)  # what the client side does when the relay saw the error first
+    assert not server.names and not client.names and not server.actions
