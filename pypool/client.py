@@ -578,7 +578,7 @@ class ClientConnection(asyncio.Protocol):
                     self._discarding = False
                     self._write_ready()
                 continue
-            decision = self.app.route(self, tag, bytes(buf[5:1 + length]))
+            decision = self.app.route(self, *self._routable(tag, bytes(buf[5:1 + length])))
             if decision.reply is not None or decision.hold_begin or decision.ends_empty_transaction:
                 self._answer_locally(decision, length)
                 continue
@@ -640,6 +640,16 @@ class ClientConnection(asyncio.Protocol):
         self._replay = (data, role, None) if role != PRIMARY else None
         self._forward(server, data)
         return True
+
+    def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
+        """What the router sees of a message: a Bind of a named statement shows its text."""
+        statements = self.statements
+        if tag == m.BIND and statements is not None and statements.names:
+            portal_end = payload.find(b"\x00")
+            entry = statements.names.get(payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)])
+            if entry is not None:
+                return m.PARSE, b"\x00" + entry[1]
+        return tag, payload
 
     def _answer_locally(self, decision: "Decision", length: int) -> None:
         """Answer a simple Query without a server: custom commands and a held-back BEGIN."""

@@ -26,7 +26,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
+from tests.conftest import DATABASE, PASSWORD, USER, pool_overrides, user_overrides, wait_replicas_caught_up
 from tests.integration._support import PRIMARY_ONLY, assert_clean_pgbench, merge, pgbench
 from tests.integration.test_pool_limits import BackendSampler
 
@@ -255,3 +255,25 @@ def test_large_bind_split_across_reads(start_pypool):
             await b.close()
 
     asyncio.run(asyncio.wait_for(main(), 120))
+
+
+def test_named_statements_of_reads_still_go_to_replicas(start_pypool, pg_cluster):
+    """With read/write splitting, a Bind of a prepared SELECT is routed by the statement's text."""
+    pypool = start_pypool(pool_overrides(load_balancing_mode="round_robin", primary_reads_enabled=False))
+    replicas = {n.port for n in pg_cluster[1:]}
+
+    async def main() -> None:
+        conn = await asyncpg.connect(pypool.dsn())
+        try:
+            ports = {await conn.fetchval("SELECT inet_server_port() + $1::int", 0) for _ in range(8)}
+            assert ports == replicas
+            written = await conn.fetchval("SELECT inet_server_port() + $1::int FROM (SELECT nextval('drivers_seq')) s", 0)
+            assert written == pg_cluster[0].port
+        finally:
+            await conn.close()
+
+    with psycopg.connect(f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{pg_cluster[0].port}/{DATABASE}?sslmode=disable",
+                         autocommit=True) as direct:
+        direct.execute("CREATE SEQUENCE IF NOT EXISTS drivers_seq")
+    wait_replicas_caught_up(pg_cluster)
+    asyncio.run(asyncio.wait_for(main(), 60))
