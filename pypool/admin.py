@@ -400,10 +400,12 @@ class AdminConsole:
             for sp in view.pools:
                 for conn in stats._live(sp):
                     state = stats.server_state(conn, sp, now, check_delay)
+                    ps = conn.statements
+                    cache = (ps.hits, ps.misses, ps.evictions, len(ps.names)) if ps is not None else (0, 0, 0, 0)
                     rows.append([_hex_id(conn.backend_pid), view.pool_name, view.user, view.name,
                                  conn.applied_parameters.get("application_name", ""),
                                  "test" if state == "tested" else state, conn.xact_count, conn.query_count,
-                                 conn.bytes_sent, conn.bytes_received, int(now - conn.created_at), 0, 0, 0, 0])
+                                 conn.bytes_sent, conn.bytes_received, int(now - conn.created_at), *cache])
         return m.result_set(columns, rows, tag="SHOW")
 
     def show_clients(self, args: list[str]) -> bytes:

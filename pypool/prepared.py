@@ -76,13 +76,16 @@ def server_name(body: bytes) -> bytes:
 class ServerStatements:
     """What one server connection has prepared, and the actions waiting for its replies."""
 
-    __slots__ = ("capacity", "names", "actions", "epoch", "evictions")
+    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity if capacity > 0 else DEFAULT_CACHE_SIZE
         self.names: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # name -> body
         self.actions: collections.deque[Action] = collections.deque()
         self.epoch = 0  # ReadyForQuery replies seen while actions were waiting
+        # For SHOW SERVERS (PgCat's prepare_cache_* columns).
+        self.hits = 0  # a statement the server already had
+        self.misses = 0  # a statement pypool had to prepare
         self.evictions = 0
 
     def clear(self) -> None:
@@ -203,6 +206,7 @@ class Rewriter:
         server = self.server
         if target in server.names:
             server.names.move_to_end(target)
+            server.hits += 1
             self._send_counted(_CLOSE_ABSENT)
             self._act(AS_PARSE_COMPLETE, target, parsed=False, client_name=name)
             return
@@ -210,6 +214,7 @@ class Rewriter:
 
     def _prepare(self, target: bytes, body: bytes, kind: int, client_name: bytes = b"") -> None:
         server = self.server
+        server.misses += 1
         while len(server.names) >= server.capacity:
             evicted, _ = server.names.popitem(last=False)
             server.evictions += 1
@@ -232,6 +237,7 @@ class Rewriter:
         server = self.server
         if target in server.names:
             server.names.move_to_end(target)
+            server.hits += 1
         else:
             self._prepare(target, body, SWALLOW)
         return target

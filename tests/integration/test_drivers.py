@@ -106,6 +106,15 @@ def test_asyncpg_default_statement_cache(pooled):
 
     asyncio.run(asyncio.wait_for(main(), 240))
     assert_at_most_pool_size(sampler)
+    # The admin console shows the server-side statement caches at work (PgCat's columns).
+    admin = pypool.config["general"]
+    with psycopg.connect(pypool.dsn(user=admin["admin_username"], password=admin["admin_password"],
+                                    database="pgcat"), autocommit=True) as console:
+        cur = console.execute("SHOW SERVERS")
+        names = [c.name for c in cur.description]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    assert rows and all(int(r["prepare_cache_size"]) > 0 for r in rows), rows
+    assert sum(int(r["prepare_cache_hit"]) for r in rows) > sum(int(r["prepare_cache_miss"]) for r in rows)
 
 
 # ------------------------------------------------------------------- psycopg
