@@ -58,6 +58,7 @@ _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 _EXECUTE = m.EXECUTE
 _COPY_DATA = m.COPY_DATA
 _P = m.PARSE
+_B = m.BIND
 _C = m.CLOSE
 # Messages that may need rewriting in transaction mode (named statements, session statements).
 _CAREFUL_TAGS = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
@@ -422,6 +423,8 @@ class ClientConnection(asyncio.Protocol):
             return session.might_matter(data, start, end)
         if tag == _P:
             return data[start] != 0 or session.might_matter(data, start + 1, end)
+        if tag == _B and data[start] == 0:  # the usual unnamed portal: is the statement named?
+            return data[start + 1] != 0
         return names_statement(tag, data, start, end)
 
     def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
