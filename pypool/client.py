@@ -529,7 +529,17 @@ class ClientConnection(asyncio.Protocol):
         try:
             for op, channel in effects.listen:
                 if op == "LISTEN":
-                    await hub.listen(self, channel)
+                    # Shielded: the listener's conversation must not stop half-way if this client leaves.
+                    registration = asyncio.ensure_future(hub.listen(self, channel))
+                    try:
+                        await asyncio.shield(registration)
+                    except asyncio.CancelledError:
+                        def forget(done: asyncio.Future[None]) -> None:
+                            if not done.cancelled():
+                                done.exception()  # retrieved: the client is gone anyway
+                            hub.unlisten(self, "*")
+                        registration.add_done_callback(forget)
+                        raise
         except ServerError as exc:
             log.warning("client %s: LISTEN failed: %s", self.peer, exc)
             self._listen_error = str(exc)
