@@ -262,6 +262,8 @@ class ClientConnection(asyncio.Protocol):
             if name in params:
                 self.session_parameters[name] = params[name]
         self._startup_settings = {k.lower(): v for k, v in self.session_parameters.items()}
+        if params.get("options"):
+            self._startup_settings.update(session.startup_options(params["options"]))
         self._set_settings({})
         self._router = self.app.routers[self.database]
         self._session_mode = group.pool_mode == "session"

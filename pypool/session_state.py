@@ -181,6 +181,46 @@ def quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+def startup_options(options: str) -> dict[str, str]:
+    """Settings in a startup packet's ``options`` (``-c name=value`` / ``--name=value``, ``\\`` escapes).
+
+    PostgreSQL applies these at connection start; pypool applies them with the
+    client's other settings on every server connection it uses. Other
+    command-line switches are ignored.
+    """
+    words: list[str] = []
+    current: list[str] = []
+    chars = iter(options)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch.isspace():
+            if current:
+                words.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    settings: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        pair = None
+        if word == "-c" and i + 1 < len(words):
+            pair = words[i + 1]
+            i += 1
+        elif word.startswith("-c"):
+            pair = word[2:]
+        elif word.startswith("--"):
+            pair = word[2:]
+        if pair and "=" in pair:
+            name, value = pair.split("=", 1)
+            settings[name.strip().lower().replace("-", "_")] = value
+        i += 1
+    return settings
+
+
 def sync_statement(desired: dict[str, str], applied: dict[str, str]) -> str | None:
     """SQL making a server session's settings ``desired`` when pypool last left them ``applied``.
 

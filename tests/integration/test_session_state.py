@@ -140,3 +140,14 @@ def test_deallocate_forgets_only_the_clients_own_statement(one_connection):
         assert a.execute("SELECT 1 + %s", (4,)).fetchone() == (5,)
         with pytest.raises(psycopg.errors.InvalidSqlStatementName):
             a.execute("DEALLOCATE never_prepared")
+
+
+def test_startup_options_apply_on_every_server_connection(one_connection):
+    with connect(one_connection, options="-c%20statement_timeout%3D2500ms%20-c%20search_path%3Dopt_schema") as a, \
+            connect(one_connection) as b:
+        assert b.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert a.execute(SHOW).fetchone()[:2] == ("opt_schema", "2500ms")
+        assert b.execute("SHOW statement_timeout").fetchone() == ("0",)
+        a.execute("RESET statement_timeout")  # back to the value the client started with
+        b.execute("SELECT 1")
+        assert a.execute("SHOW statement_timeout").fetchone() == ("2500ms",)

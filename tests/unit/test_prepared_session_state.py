@@ -85,3 +85,10 @@ def test_sync_statement_sets_differences_and_resets_leftovers():
     assert sql == ("SELECT set_config('search_path', '\"$user\", public', false); "
                    'RESET "statement_timeout"')
     assert s.sync_statement({"a": "1"}, {"a": "1"}) is None
+
+
+def test_startup_options_become_settings():
+    assert s.startup_options(r"-c statement_timeout=5s -csearch_path=a,b --work-mem=8MB "
+                             r"-c application_name=my\ app --datestyle=ISO-8601 -d 5") == {
+        "statement_timeout": "5s", "search_path": "a,b", "work_mem": "8MB", "application_name": "my app",
+        "datestyle": "ISO-8601"}
