@@ -840,7 +840,7 @@ class ClientConnection(asyncio.Protocol):
             # Likewise a message to rewrite that is still arriving.
             self._pending[:0] = self._careful
             self._careful.clear()
-        if self._settings_dirty:
+        if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return

@@ -105,6 +105,7 @@ class ServerConnection(asyncio.Protocol):
         self.ps_answered = 0
         self.ps_rank = 0
         self.epoch_failed = False  # an ErrorResponse since the last ReadyForQuery: skipping to Sync
+        self.reported_change = False  # a ParameterStatus was relayed to the attached client
         self.pool = None  # set by the owning ServerPool
         self.on_lost = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints bumped where the work happens, read by the admin
@@ -183,6 +184,7 @@ class ServerConnection(asyncio.Protocol):
         self.ps_answered = 0
         self.ps_rank = 0
         self.epoch_failed = False
+        self.reported_change = False
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if len(self._buffer):
             self._buffer.take_raw()
@@ -374,6 +376,10 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolViolation:
             return
         self.parameters[name] = value
+        if self.client is not None:
+            # A reported setting changed while relaying: however the client did it (a SET
+            # inside a function, say), its session state must be read back (client.py).
+            self.reported_change = True
 
     def _drain_idle_messages(self) -> None:
         """Handle what an idle pooled server says on its own (NOTICE, ParameterStatus, FATAL)."""

@@ -151,3 +151,11 @@ def test_startup_options_apply_on_every_server_connection(one_connection):
         a.execute("RESET statement_timeout")  # back to the value the client started with
         b.execute("SELECT 1")
         assert a.execute("SHOW statement_timeout").fetchone() == ("2500ms",)
+
+
+def test_setting_changed_inside_a_function_is_noticed_through_parameter_status(one_connection):
+    """The statement text shows no SET, but the server reports the new application_name."""
+    with connect(one_connection, application_name="fn-a") as a, connect(one_connection, application_name="fn-b") as b:
+        a.execute("DO $$BEGIN PERFORM pg_catalog.set_config('application_name', 'changed-in-do', false); END$$")
+        assert b.execute("SHOW application_name").fetchone() == ("fn-b",)
+        assert a.execute("SHOW application_name").fetchone() == ("changed-in-do",)
