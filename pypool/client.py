@@ -55,6 +55,8 @@ _S = m.SYNC
 _F = m.FUNCTION_CALL
 _X = m.TERMINATE
 _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+# First messages _start_fast leaves to _dispatch_pending: a COPY tail, and Terminate (no checkout to say goodbye).
+_NOT_FAST_TAGS = _COPY_TAGS | {m.TERMINATE}
 _EXECUTE = m.EXECUTE
 _COPY_DATA = m.COPY_DATA
 _P = m.PARSE
@@ -628,7 +630,7 @@ class ClientConnection(asyncio.Protocol):
                 or self._held_begin is not None or self._discarding:
             return False
         n = len(data)
-        if n < HEADER_SIZE or data[0] in _COPY_TAGS:
+        if n < HEADER_SIZE or data[0] in _NOT_FAST_TAGS:
             return False
         end = 1 + int.from_bytes(data[1:5], "big")
         if end > n or end < HEADER_SIZE or end > self._max_message:
@@ -719,7 +721,8 @@ class ClientConnection(asyncio.Protocol):
             return
         except asyncio.CancelledError:
             if server is not None:
-                if server.status == _IDLE:
+                # Cancelled half-way through syncing: the server still owes that query's reply.
+                if server.status == _IDLE and not server.reply_owed:
                     group.checkin(server)
                 else:
                     group.checkin_broken(server)

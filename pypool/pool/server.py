@@ -106,6 +106,9 @@ class ServerConnection(asyncio.Protocol):
         self.ps_rank = 0
         self.epoch_failed = False  # an ErrorResponse since the last ReadyForQuery: skipping to Sync
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
+        # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
+        # connection's next reply is not for whoever uses it next.
+        self.reply_owed = False
         self.pool = None  # set by the owning ServerPool
         self.on_lost = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints bumped where the work happens, read by the admin
@@ -472,6 +475,7 @@ class ServerConnection(asyncio.Protocol):
         Raises ServerError with the server's fields if any statement fails.
         """
         self._write(m.query(sql))
+        self.reply_owed = True
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None
         while True:
@@ -484,6 +488,7 @@ class ServerConnection(asyncio.Protocol):
                 self._note_parameter(payload)
             elif tag == m.READY_FOR_QUERY:
                 self.status = payload[0]
+                self.reply_owed = False
                 if error is not None:
                     raise ServerError(f"server {self.label}: {error.get('M')}", error)
                 return rows

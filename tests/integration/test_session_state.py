@@ -159,3 +159,16 @@ def test_setting_changed_inside_a_function_is_noticed_through_parameter_status(o
         a.execute("DO $$BEGIN PERFORM pg_catalog.set_config('application_name', 'changed-in-do', false); END$$")
         assert b.execute("SHOW application_name").fetchone() == ("fn-b",)
         assert a.execute("SHOW application_name").fetchone() == ("changed-in-do",)
+
+
+def test_clients_leaving_while_their_settings_are_synced_leave_nothing_behind(one_connection):
+    """A client that leaves while pypool syncs or reads back its settings must not leave the
+    reply to that query for whoever gets the server connection next."""
+    with connect(one_connection) as stayer:
+        own = stayer.execute(SHOW).fetchone()
+        for i in range(15):
+            leaver = connect(one_connection, application_name=f"leaver-{i}")
+            leaver.execute(f"SET statement_timeout = '{1000 + i}ms'")
+            assert stayer.execute(SHOW).fetchone() == own  # the server now carries stayer's settings
+            leaver.close()  # its Terminate must not start a sync that the departure cuts short
+            assert stayer.execute(SHOW).fetchone() == own
