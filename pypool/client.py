@@ -457,6 +457,12 @@ class ClientConnection(asyncio.Protocol):
             if replacement is not None:
                 payload = payload[:text_at] + replacement.encode() + payload[text_end:]
                 raw = m.message(tag, payload)
+            if tag == _P and text_at > 1 and effects.settings:
+                self.statements.changing_settings.add(payload[:text_at - 1])  # type: ignore[union-attr]
+        elif tag == _B and self.statements.changing_settings:  # type: ignore[union-attr]
+            portal_end = payload.find(b"\x00")
+            if payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)] in self.statements.changing_settings:  # type: ignore[union-attr]
+                self._settings_dirty = True
         transport = server.transport
         if tag == _Q:
             server.pending_syncs += 1

@@ -126,10 +126,13 @@ class ServerStatements:
 class ClientStatements:
     """One client's named statements: client name -> (server name, Parse body)."""
 
-    __slots__ = ("names",)
+    __slots__ = ("names", "changing_settings")
 
     def __init__(self) -> None:
         self.names: dict[bytes, tuple[bytes, bytes]] = {}
+        # Names of statements that change session settings (a prepared SET): each Bind of
+        # one must mark the session for read-back, as its text is not sent again.
+        self.changing_settings: set[bytes] = set()
 
     def forget_if(self, name: bytes, server: bytes) -> None:
         entry = self.names.get(name)
@@ -138,6 +141,7 @@ class ClientStatements:
 
     def clear(self) -> None:
         self.names.clear()
+        self.changing_settings.clear()
 
 
 def names_statement(tag: int, data: bytes, start: int, end: int) -> bool:

@@ -172,3 +172,19 @@ def test_clients_leaving_while_their_settings_are_synced_leave_nothing_behind(on
             assert stayer.execute(SHOW).fetchone() == own  # the server now carries stayer's settings
             leaver.close()  # its Terminate must not start a sync that the departure cuts short
             assert stayer.execute(SHOW).fetchone() == own
+
+
+def test_a_prepared_set_executed_again_is_still_tracked(one_connection):
+    """psycopg prepares a statement run often enough, SET included: later runs send only Bind."""
+    with psycopg.connect(one_connection.dsn(), autocommit=True, prepare_threshold=0) as a, \
+            connect(one_connection) as b:
+        default = b.execute("SHOW search_path").fetchone()
+        # psycopg prepares (Parse + Sync) and then executes (Bind ... Sync) in two requests:
+        # the setting changes in the second, whose message carries no SQL text.
+        a.execute("SET search_path = first_schema")
+        a.execute("RESET search_path")
+        b.execute("SELECT 1")
+        assert a.execute("SHOW search_path").fetchone() == default
+        a.execute("SET search_path = first_schema")  # the same statement again: Bind only
+        assert b.execute("SHOW search_path").fetchone() != ("first_schema",)
+        assert a.execute("SHOW search_path").fetchone() == ("first_schema",)
