@@ -493,7 +493,8 @@ def servers_table(snap: Snapshot) -> Table:
         "prepare_cache_miss", "prepare_cache_eviction", "prepare_cache_size")
     rows = [[_hex_id(s.server_id), s.pool, s.user, s.address_name, s.application_name,
              s.state, s.transaction_count, s.query_count, s.bytes_sent,
-             s.bytes_received, int(s.age_seconds), 0, 0, 0, 0] for s in snap.servers]
+             s.bytes_received, int(s.age_seconds), s.prepare_cache_hit, s.prepare_cache_miss,
+             s.prepare_cache_eviction, s.prepare_cache_size] for s in snap.servers]
     return columns, rows
 
 

@@ -24,10 +24,12 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from pypool import admin, limits
+from pypool import admin, limits, listen
+from pypool import session_state as session
 from pypool.pool.group import PRIMARY
 from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
+from pypool.prepared import ClientStatements, Rewriter, ServerStatements, names_statement
 from pypool.routing.router import Router, RoutingState
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -54,8 +56,15 @@ _S = m.SYNC
 _F = m.FUNCTION_CALL
 _X = m.TERMINATE
 _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+# First messages _start_fast leaves to _dispatch_pending: a COPY tail, and Terminate (no checkout to say goodbye).
+_NOT_FAST_TAGS = _COPY_TAGS | {m.TERMINATE}
 _EXECUTE = m.EXECUTE
 _COPY_DATA = m.COPY_DATA
+_P = m.PARSE
+_B = m.BIND
+_C = m.CLOSE
+# Messages that may need rewriting in transaction mode (named statements, session statements).
+_CAREFUL_TAGS = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _IDLE = ord("I")
 
 # Startup parameters that must match on whichever server runs the client's
@@ -119,6 +128,16 @@ class ClientConnection(asyncio.Protocol):
         self._parameters_key: tuple[tuple[str, str], ...] = ()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
+        # Transaction mode: named statements (None in session mode), a message that needs
+        # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.
+        self.statements: ClientStatements | None = None
+        self._careful = bytearray()
+        self._startup_settings: dict[str, str] = {}
+        self._desired_settings: dict[str, str] = {}
+        self._settings_dirty = False
+        self._hub: listen.ListenHub | None = None
+        self._listen_error: str | None = None
+        self._notifications: list[bytes] = []
         self._max_message = app.config.general.max_message_size
         self.admin: admin.AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).
@@ -275,9 +294,14 @@ class ClientConnection(asyncio.Protocol):
         for name in TRACKED_STARTUP_PARAMETERS:
             if name in params:
                 self.session_parameters[name] = params[name]
-        self._parameters_key = tuple(sorted(self.session_parameters.items()))
+        self._startup_settings = {k.lower(): v for k, v in self.session_parameters.items()}
+        if params.get("options"):
+            self._startup_settings.update(session.startup_options(params["options"]))
+        self._set_settings({})
         self._router = self.app.routers[self.database]
         self._session_mode = group.pool_mode == "session"
+        if not self._session_mode:
+            self.statements = ClientStatements()
         server_params = await group.login_parameters()
         server_params.update(self.session_parameters)
         self.process_id, self.secret_key = self.app.register_cancel_key(self)
@@ -365,6 +389,14 @@ class ClientConnection(asyncio.Protocol):
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         """Relay client bytes to ``server``, counting requests that end in ReadyForQuery."""
         server.bytes_sent += len(data)
+        if self._careful:
+            # A message to rewrite is arriving in pieces: wait for all of it.
+            buf = self._careful
+            buf += data
+            if len(buf) < HEADER_SIZE or len(buf) < 1 + int.from_bytes(buf[1:5], "big"):
+                return
+            data = bytes(buf)
+            buf.clear()
         if self._hold:
             data = self._hold + data
             self._hold = b""
@@ -374,6 +406,8 @@ class ClientConnection(asyncio.Protocol):
             self._skip = pos - n
             server.transport.write(data)  # type: ignore[union-attr]
             return
+        start = 0  # first byte not yet written (moves past messages rewritten on the way)
+        careful = self.statements is not None
         while True:
             if n - pos < HEADER_SIZE:
                 self._hold = data[pos:]
@@ -384,13 +418,29 @@ class ClientConnection(asyncio.Protocol):
             if length < 4 or length > self._max_message:
                 self._protocol_violation(f"invalid message length {length} for message type {chr(tag)!r}")
                 return
+            if careful and tag in _CAREFUL_TAGS and self._needs_care(tag, data, pos + 5, pos + 1 + length):
+                if pos > start:
+                    server.transport.write(data[start:pos])  # type: ignore[union-attr]
+                nxt = pos + 1 + length
+                if nxt > n:
+                    self._careful += data[pos:]
+                    self._skip = 0
+                    return
+                if not self._forward_with_care(server, data, pos, nxt):
+                    return  # paused: the rest waits in _pending
+                start = pos = nxt
+                if pos >= n:
+                    self._skip = 0
+                    break
+                continue
             if tag == _Q or tag == _S or tag == _F:
                 server.pending_syncs += 1
                 server.batch_open = False
+                server.ps_rank = 0
                 self._syncs_after_execute = self._syncs_after_execute + 1 if tag == _S else 0
             elif tag == _X:
-                if pos:
-                    server.transport.write(data[:pos])  # type: ignore[union-attr]
+                if pos > start:
+                    server.transport.write(data[start:pos])  # type: ignore[union-attr]
                 self._close_session()
                 return
             elif tag in _COPY_TAGS:
@@ -404,16 +454,178 @@ class ClientConnection(asyncio.Protocol):
                 server.batch_open = True
                 if tag == _EXECUTE:
                     self._syncs_after_execute = 0
+                elif tag == _P or tag == _C:
+                    server.ps_rank += 1
             nxt = pos + 1 + length
             if nxt >= n:
                 self._skip = nxt - n
                 pos = n
                 break
             pos = nxt
-        if pos == n:
+        if start:
+            if pos > start:
+                server.transport.write(data[start:pos])  # type: ignore[union-attr]
+        elif pos == n:
             server.transport.write(data)  # type: ignore[union-attr]
         elif pos:
             server.transport.write(data[:pos])  # type: ignore[union-attr]
+
+    # ------------------------------------------- statements that need rewriting
+
+    @staticmethod
+    def _needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
+        """Transaction mode: does this message name a statement or change the session?"""
+        if end > len(data):
+            return True  # cannot tell yet: gather it whole
+        if tag == _Q:
+            return session.might_matter(data, start, end)
+        if tag == _P:
+            return data[start] != 0 or session.might_matter(data, start + 1, end)
+        if tag == _B and data[start] == 0:  # the usual unnamed portal: is the statement named?
+            return data[start + 1] != 0
+        return names_statement(tag, data, start, end)
+
+    def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
+        """Send one whole Query/Parse/Bind/Describe/Close at ``data[pos:end]``, rewritten as needed.
+
+        Returns False when forwarding must pause (a LISTEN waits for the
+        pool's listener): the message and what follows go to ``_pending``.
+        """
+        tag = data[pos]
+        payload = data[pos + 5:end]
+        raw = data[pos:end]
+        effects = session.NOTHING
+        if tag == _Q or tag == _P:
+            text_at = 0 if tag == _Q else payload.find(b"\x00") + 1
+            text_end = payload.find(b"\x00", text_at)
+            if text_end < 0:
+                self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
+                return False
+            sql = payload[text_at:text_end].decode("utf-8", "replace")
+            effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
+            if effects.listen and self._must_wait_for_listener(effects):
+                self._pending += data[pos:]
+                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
+                return False
+            replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
+            if replacement is not None:
+                payload = payload[:text_at] + replacement.encode() + payload[text_end:]
+                raw = m.message(tag, payload)
+            if tag == _P and text_at > 1 and effects.settings:
+                self.statements.changing_settings.add(payload[:text_at - 1])  # type: ignore[union-attr]
+        elif tag == _B and self.statements.changing_settings:  # type: ignore[union-attr]
+            portal_end = payload.find(b"\x00")
+            if payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)] in self.statements.changing_settings:  # type: ignore[union-attr]
+                self._settings_dirty = True
+        transport = server.transport
+        if tag == _Q:
+            server.pending_syncs += 1
+            server.batch_open = False
+            server.ps_rank = 0
+            self._syncs_after_execute = 0
+            transport.write(raw)  # type: ignore[union-attr]
+            return True
+        server.batch_open = True
+        statements = server.statements
+        if statements is None:
+            statements = server.statements = ServerStatements(self.group.config.prepared_statements_cache_size)  # type: ignore[union-attr]
+        rewriter = Rewriter(self.statements, statements, statements.epoch + server.pending_syncs,  # type: ignore[arg-type]
+                            server.ps_rank)
+        rewriter.message(tag, payload, raw)
+        server.ps_rank = rewriter.rank
+        if server.epoch_failed and server.pending_syncs <= 0:
+            # The server already reported an error for this batch and skips to its Sync.
+            statements.on_error(self.statements)
+        if effects.forget_all:
+            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
+            # keeps nothing, and each Bind of it prepares it again first.
+            statements.clear()
+        transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
+        return True
+
+    def _apply_session_effects(self, effects: session.Effects, server: ServerConnection) -> str | None:
+        """Note what a statement does to the client's session; the text to send instead, if any."""
+        if effects.refusal is not None:
+            self._listen_error = None
+            return session.refusal_sql(*effects.refusal)
+        if effects.settings:
+            self._settings_dirty = True
+        statements = self.statements
+        assert statements is not None
+        if effects.forget_all:
+            # DEALLOCATE ALL / DISCARD ALL run on the server as sent (drivers read their command
+            # tags), so it drops every statement it has; an error may make it skip them, which
+            # the Close that precedes each Parse pypool sends makes harmless.
+            statements.clear()
+            if server.statements is not None:
+                server.statements.clear()
+            if effects.settings and self._hub is not None:  # DISCARD ALL: the session starts over
+                self._hub.unlisten(self, "*")
+            return None
+        if effects.forget:
+            names = [name.encode() for name in effects.forget]
+            if not all(name in statements.names for name in names):
+                return None  # the server's "does not exist" error is the right answer
+            for name in names:
+                del statements.names[name]
+            return session.NOOP_STATEMENT
+        if effects.listen:
+            if self._listen_error is not None:
+                error, self._listen_error = self._listen_error, None
+                return session.refusal_sql(f"LISTEN failed: pypool's listener connection: {error}",
+                                           "retry later; the pool's primary must accept a connection")
+            for op, channel in effects.listen:
+                if op == "UNLISTEN" and self._hub is not None:
+                    self._hub.unlisten(self, channel)
+            return session.listen_stand_in(effects.listen)
+        return None
+
+    def _must_wait_for_listener(self, effects: session.Effects) -> bool:
+        if self._listen_error is not None:
+            return False
+        hub = self._hub
+        return any(op == "LISTEN" and (hub is None or not hub.is_listening(self, channel))
+                   for op, channel in effects.listen)
+
+    async def _listen_then_resume(self, effects: session.Effects) -> None:
+        """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
+        hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
+        try:
+            for op, channel in effects.listen:
+                if op == "LISTEN":
+                    # Shielded: the listener's conversation must not stop half-way if this client leaves.
+                    registration = asyncio.ensure_future(hub.listen(self, channel))
+                    try:
+                        await asyncio.shield(registration)
+                    except asyncio.CancelledError:
+                        def forget(done: asyncio.Future[None]) -> None:
+                            if not done.cancelled():
+                                done.exception()  # retrieved: the client is gone anyway
+                            hub.unlisten(self, "*")
+                        registration.add_done_callback(forget)
+                        raise
+        except ServerError as exc:
+            log.warning("client %s: LISTEN failed: %s", self.peer, exc)
+            self._listen_error = str(exc)
+        self._checkout_task = None
+        data = bytes(self._pending)
+        self._pending.clear()
+        server = self.server
+        if server is not None:
+            self._forward(server, data)
+        else:
+            self._pending += data
+            self._dispatch_pending()
+
+    def deliver_notification(self, message: bytes) -> None:
+        """A NotificationResponse from the pool's listener: write it between whole messages."""
+        transport = self.transport
+        if self.phase is not Phase.RELAY or transport is None or transport.is_closing():
+            return
+        if self.server is None:
+            transport.write(message)
+        else:
+            self._notifications.append(message)
 
     def _dispatch_pending(self) -> None:
         """No server attached: route the first complete message and get a connection."""
@@ -443,7 +655,7 @@ class ClientConnection(asyncio.Protocol):
                     self._discarding = False
                     self._write_ready()
                 continue
-            decision = self.app.route(self, tag, bytes(buf[5:1 + length]))
+            decision = self.app.route(self, *self._routable(tag, bytes(buf[5:1 + length])))
             if decision.reply is not None or decision.hold_begin or decision.ends_empty_transaction:
                 self._answer_locally(decision, length)
                 continue
@@ -478,7 +690,7 @@ class ClientConnection(asyncio.Protocol):
                 or self._held_begin is not None or self._discarding:
             return False
         n = len(data)
-        if n < HEADER_SIZE or data[0] in _COPY_TAGS:
+        if n < HEADER_SIZE or data[0] in _NOT_FAST_TAGS:
             return False
         end = 1 + int.from_bytes(data[1:5], "big")
         if end > n or end < HEADER_SIZE or end > self._max_message:
@@ -560,6 +772,16 @@ class ClientConnection(asyncio.Protocol):
             # Also the way to follow a reload that replaced the pool (PoolRetired).
             self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
 
+    def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
+        """What the router sees of a message: a Bind of a named statement shows its text."""
+        statements = self.statements
+        if tag == m.BIND and statements is not None and statements.names:
+            portal_end = payload.find(b"\x00")
+            entry = statements.names.get(payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)])
+            if entry is not None:
+                return m.PARSE, b"\x00" + entry[1]
+        return tag, payload
+
     def _answer_locally(self, decision: "Decision", length: int) -> None:
         """Answer a simple Query without a server: custom commands and a held-back BEGIN."""
         del self._pending[:1 + length]
@@ -613,7 +835,8 @@ class ClientConnection(asyncio.Protocol):
             return
         except asyncio.CancelledError:
             if server is not None:
-                if server.status == _IDLE:
+                # Cancelled half-way through syncing: the server still owes that query's reply.
+                if server.status == _IDLE and not server.reply_owed:
                     group.checkin(server)
                 else:
                     group.checkin_broken(server)
@@ -651,20 +874,50 @@ class ClientConnection(asyncio.Protocol):
     def _needs_sync(self, server: ServerConnection) -> bool:
         return server.applied_key != self._parameters_key
 
+    def _set_settings(self, session_settings: dict[str, str]) -> None:
+        """The client's settings: its startup parameters, overridden by what its SETs left."""
+        self._desired_settings = {**self._startup_settings, **session_settings}
+        self._parameters_key = tuple(sorted(self._desired_settings.items()))
+
     async def _sync_parameters(self, server: ServerConnection) -> None:
-        """Make the server session carry this client's startup parameters."""
-        statements = []
-        for name, value in self.session_parameters.items():
-            if server.applied_parameters.get(name) != value:
-                statements.append(f"SET {_quote_ident(name)} TO {_quote_literal(value)}")
-        if statements:
+        """Make the server session carry this client's settings (and no other client's)."""
+        statement = session.sync_statement(self._desired_settings, server.applied_parameters)
+        if statement is not None:
             try:
-                await server.query("; ".join(statements))
+                await server.query(statement)
             except ServerError as exc:
                 # A bad value from the client's startup packet: tell the client, keep the server.
-                raise ServerError(f"cannot apply startup parameter: {exc}", exc.fields) from None
-            server.applied_parameters.update(self.session_parameters)
+                raise ServerError(f"cannot apply session settings: {exc}", exc.fields) from None
+        server.applied_parameters = dict(self._desired_settings)
         server.applied_key = self._parameters_key
+
+    async def _read_back_settings(self, server: ServerConnection) -> None:
+        """After a transaction that ran SET/RESET: learn the session settings it left, then release.
+
+        PostgreSQL has already applied its rules (SET LOCAL ends with the
+        transaction, a rolled-back SET is undone), so the server's own view
+        is the client's new session state.
+        """
+        group = self.group
+        assert group is not None
+        server.detach()
+        try:
+            rows = await server.query(session.SETTINGS_QUERY)
+        except ServerError as exc:
+            log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
+            group.checkin_broken(server)
+        except asyncio.CancelledError:
+            group.checkin_broken(server)
+            raise
+        else:
+            settings = {str(name).lower(): str(value) for name, value in rows}
+            self._set_settings(settings)
+            server.applied_parameters = settings
+            server.applied_key = self._parameters_key if settings == self._desired_settings else None
+            group.checkin(server)
+        self._checkout_task = None
+        if self._pending and self.phase is Phase.RELAY:
+            self._dispatch_pending()
 
     def _attach(self, server: ServerConnection, role: str) -> None:
         self.server = server
@@ -685,6 +938,9 @@ class ClientConnection(asyncio.Protocol):
 
     def server_request_done(self, server: ServerConnection) -> None:
         """The server answered everything asked; in transaction mode, give it back."""
+        if self._notifications:
+            self.transport.write(b"".join(self._notifications))  # type: ignore[union-attr]
+            self._notifications.clear()
         self._replay = None
         self.query_count += 1
         if server.status != _IDLE:
@@ -697,6 +953,14 @@ class ClientConnection(asyncio.Protocol):
             # A message header split across reads after the end of the request.
             self._pending[:0] = self._hold
             self._hold = b""
+        if self._careful:
+            # Likewise a message to rewrite that is still arriving.
+            self._pending[:0] = self._careful
+            self._careful.clear()
+        if self._settings_dirty or server.reported_change:
+            self._settings_dirty = False
+            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+            return
         pool = server.pool
         if pool is not None:
             pool.release(server)
@@ -708,6 +972,7 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None
+        self._careful.clear()
         group = self.group
         replay = self._replay
         self._replay = None
@@ -778,6 +1043,8 @@ class ClientConnection(asyncio.Protocol):
         if self._queued is not None:
             self._queued.cancel()
             self._queued = None
+        if self._hub is not None:
+            self._hub.unlisten(self, "*")
         if self._handshake_task is not None and not self._handshake_task.done() \
                 and self._handshake_task is not asyncio.current_task():
             self._handshake_task.cancel()
@@ -792,7 +1059,7 @@ class ClientConnection(asyncio.Protocol):
         group = self.group
         assert group is not None
         clean = server.status == _IDLE and server.pending_syncs <= 0 and not server.batch_open \
-            and not self._skip and not self._hold
+            and not self._skip and not self._hold and not self._careful
         if clean and group.pool_mode != "session":
             group.checkin(server)
         elif clean:
@@ -808,20 +1075,14 @@ class ClientConnection(asyncio.Protocol):
     async def _reset_and_checkin(group: "PoolGroup", server: ServerConnection) -> None:
         try:
             await server.query("DISCARD ALL")
+            if server.statements is not None:
+                server.statements.clear()
             server.applied_parameters.clear()
             server.applied_key = None
         except ServerError:
             group.checkin_broken(server)
             return
         group.checkin(server)
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 def new_cancel_key() -> tuple[int, int]:

@@ -779,7 +779,9 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         checkout_timeout=t.integer("checkout_timeout", general.checkout_timeout),
         max_replica_lag_ms=t.integer("max_replica_lag_ms", None, minimum=1),
         read_only_functions=read_only_functions,
-        prepared_statements_cache_size=t.integer("prepared_statements_cache_size", ps_default),
+        prepared_statements_cache_size=t.integer(
+            "prepared_statements_cache_size", t.integer("max_prepared_statements", ps_default)
+        ),
         users=_parse_users(t, general.workers),
         shards=_parse_shards(t),
     )

@@ -127,6 +127,11 @@ class ServerRow:
     bytes_sent: int
     bytes_received: int
     age_seconds: float
+    # The connection's prepared-statement cache (pypool.prepared), PgCat's prepare_cache_* columns.
+    prepare_cache_hit: int = 0
+    prepare_cache_miss: int = 0
+    prepare_cache_eviction: int = 0
+    prepare_cache_size: int = 0
 
 
 @dataclass
@@ -354,9 +359,12 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
     for conn in live:
         state = _server_state(conn, idle_ids, now, check_delay)
         a.states[state] += 1
+        ps = conn.statements
+        cache = (ps.hits, ps.misses, ps.evictions, len(ps.names)) if ps is not None else (0, 0, 0, 0)
         servers.append(ServerRow(conn.backend_pid, a.pool, a.user, a.name, a.host, a.port,
                                  conn.applied_parameters.get("application_name", ""), state, conn.xact_count,
-                                 conn.query_count, conn.bytes_sent, conn.bytes_received, now - conn.created_at))
+                                 conn.query_count, conn.bytes_sent, conn.bytes_received, now - conn.created_at,
+                                 *cache))
     a.states["login"] += max(0, sp.size - len(live))
     a.current_connections += sp.size
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from pypool.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import MessageBuffer, ProtocolViolation
@@ -36,6 +37,8 @@ log = logging.getLogger("pypool.server")
 _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
 _E = m.ERROR_RESPONSE
+_PARSE_COMPLETE = m.PARSE_COMPLETE
+_CLOSE_COMPLETE = m.CLOSE_COMPLETE
 _IDLE = ord("I")
 
 
@@ -96,6 +99,18 @@ class ServerConnection(asyncio.Protocol):
         self.replied = False  # any byte relayed to the client since attach
         self._skip = 0  # bytes of the current message body still to forward
         self._hold = b""  # an incomplete header carried to the next chunk
+        # Named prepared statements (pypool/prepared.py): what this session has prepared, and
+        # the ParseComplete/CloseComplete replies counted since the last ReadyForQuery
+        # (ps_answered, by the relay) and Parse/Close messages sent since the last Sync
+        # (ps_rank, by the client side), which locate the replies to rewrite.
+        self.statements: ServerStatements | None = None
+        self.ps_answered = 0
+        self.ps_rank = 0
+        self.epoch_failed = False  # an ErrorResponse since the last ReadyForQuery: skipping to Sync
+        self.reported_change = False  # a ParameterStatus was relayed to the attached client
+        # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
+        # connection's next reply is not for whoever uses it next.
+        self.reply_owed = False
         self.pool = None  # set by the owning ServerPool
         self.on_lost = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints bumped where the work happens, read by the admin
@@ -171,6 +186,10 @@ class ServerConnection(asyncio.Protocol):
         self.replied = False
         self._skip = 0
         self._hold = b""
+        self.ps_answered = 0
+        self.ps_rank = 0
+        self.epoch_failed = False
+        self.reported_change = False
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if len(self._buffer):
             self._buffer.take_raw()
@@ -198,6 +217,10 @@ class ServerConnection(asyncio.Protocol):
             # connection unanswered so the client side can retry a read elsewhere.
             self.transport.abort()  # type: ignore[union-attr]
             return
+        statements = self.statements
+        if statements is not None and statements.actions:
+            self._relay_rewriting(data, statements)
+            return
         self.replied = True
         if self._hold:
             data = self._hold + data
@@ -221,6 +244,8 @@ class ServerConnection(asyncio.Protocol):
                 self.status = data[pos + 5]
                 self.pending_syncs -= 1
                 self.query_count += 1
+                self.ps_answered = 0
+                self.epoch_failed = False
                 if self.pending_syncs <= 0 and not self.batch_open:
                     self._request_done(data, nxt)
                     return
@@ -230,6 +255,10 @@ class ServerConnection(asyncio.Protocol):
                     self._skip = 0
                     break
                 self._note_parameter(data[pos + 5:nxt])
+            elif tag < 52 and tag != 50:  # ParseComplete '1' / CloseComplete '3'
+                self.ps_answered += 1
+            elif tag == _E:
+                self.epoch_failed = True
             if nxt >= n:
                 self._skip = nxt - n
                 pos = n
@@ -252,6 +281,71 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolViolation:
             return False
         return fields.get("V", fields.get("S")) == "FATAL" and fields.get("C", "").startswith("57P")
+
+    def _relay_rewriting(self, data: bytes, statements: ServerStatements) -> None:
+        """``_relay`` while prepared-statement actions wait for their replies (pypool/prepared.py).
+
+        Same walk, plus: swallow replies to messages pypool injected, turn the
+        CloseComplete of a stand-in Close into ParseComplete, and undo the
+        actions an ErrorResponse makes the server skip.
+        """
+        self.replied = True
+        if self._hold:
+            data = self._hold + data
+            self._hold = b""
+        n = len(data)
+        pos = self._skip
+        client = self.client
+        write = client.transport.write  # type: ignore[union-attr]
+        if pos >= n:
+            self._skip = pos - n
+            write(data)
+            return
+        start = 0  # first byte not yet written
+        from_bytes = int.from_bytes
+        while True:
+            if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
+                self._hold = data[pos:]
+                self._skip = 0
+                break
+            tag = data[pos]
+            nxt = pos + 1 + from_bytes(data[pos + 1:pos + 5], "big")
+            if tag == _Z:
+                self.status = data[pos + 5]
+                self.pending_syncs -= 1
+                self.query_count += 1
+                self.ps_answered = 0
+                self.epoch_failed = False
+                statements.on_ready()
+                if self.pending_syncs <= 0 and not self.batch_open:
+                    self._request_done(data[start:], nxt - start)
+                    return
+            elif tag == _S:
+                if nxt > n:
+                    self._hold = data[pos:]
+                    self._skip = 0
+                    break
+                self._note_parameter(data[pos + 5:nxt])
+            elif tag == _PARSE_COMPLETE or tag == _CLOSE_COMPLETE:
+                self.ps_answered += 1
+                if statements.actions:
+                    kind = statements.on_reply(self.ps_answered)
+                    if kind == SWALLOW or kind == AS_PARSE_COMPLETE:
+                        if pos > start:
+                            write(data[start:pos])
+                        if kind == AS_PARSE_COMPLETE:
+                            write(PARSE_COMPLETE)
+                        start = nxt
+            elif tag == _E:
+                self.epoch_failed = True
+                statements.on_error(getattr(client, "statements", None))
+            if nxt >= n:
+                self._skip = nxt - n
+                pos = n
+                break
+            pos = nxt
+        if pos > start:
+            write(data[start:pos])
 
     def _request_done(self, data: bytes, end: int) -> None:
         client = self.client
@@ -304,6 +398,10 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolViolation:
             return
         self.parameters[name] = value
+        if self.client is not None:
+            # A reported setting changed while relaying: however the client did it (a SET
+            # inside a function, say), its session state must be read back (client.py).
+            self.reported_change = True
 
     def _drain_idle_messages(self) -> None:
         """Handle what an idle pooled server says on its own (NOTICE, ParameterStatus, FATAL)."""
@@ -396,6 +494,7 @@ class ServerConnection(asyncio.Protocol):
         Raises ServerError with the server's fields if any statement fails.
         """
         self._write(m.query(sql))
+        self.reply_owed = True
         rows: list[list[str | None]] = []
         error: dict[str, str] | None = None
         while True:
@@ -408,6 +507,7 @@ class ServerConnection(asyncio.Protocol):
                 self._note_parameter(payload)
             elif tag == m.READY_FOR_QUERY:
                 self.status = payload[0]
+                self.reply_owed = False
                 if error is not None:
                     raise ServerError(f"server {self.label}: {error.get('M')}", error)
                 return rows
@@ -444,19 +544,20 @@ def _decode_data_row(payload: bytes) -> list[str | None]:
 
 async def open_connection(address: "ServerAddress", credentials: Credentials,
                           startup_params: dict[str, str], timeout: float,
-                          tls: ssl.SSLContext | None = None) -> ServerConnection:
+                          tls: ssl.SSLContext | None = None,
+                          factory: type[ServerConnection] = ServerConnection) -> ServerConnection:
     """Connect (over TLS when ``tls`` is given) and log in within ``timeout`` seconds, or raise ServerError."""
     loop = asyncio.get_running_loop()
     label = f"{address.host}:{address.port}"
 
     async def _connect() -> ServerConnection:
         if tls is None:
-            _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials),
+            _, conn = await loop.create_connection(lambda: factory(address, credentials),
                                                    address.host, address.port)
         else:
             sock = await connect_tls(address.host, address.port, tls)
             try:
-                _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials), sock=sock,
+                _, conn = await loop.create_connection(lambda: factory(address, credentials), sock=sock,
                                                        ssl=tls, server_hostname=address.host)
             except BaseException:
                 sock.close()

@@ -141,7 +141,7 @@ def test_garbage_after_login_is_08P01_and_closes(start_pypool, in_transaction):
     try:
         if in_transaction:
             conn.execute("BEGIN")
-            conn.execute("CREATE TEMP TABLE dirty_marker (x int)")
+            conn.execute("CREATE TEMP TABLE dirty_marker (x int) ON COMMIT DROP")
         with _dup_socket(conn) as sock:
             sock.sendall(b"Q\x00\x00\x00\x02")  # a Query whose length cannot hold even itself
             fields = read_until_error_or_close(sock)

@@ -59,7 +59,7 @@ def test_reads_go_to_replicas_and_writes_to_the_primary(splitting, pg_cluster):
 @pytest.mark.parametrize("sql", [
     "SELECT inet_server_port() FROM pg_class LIMIT 1 FOR UPDATE",
     "SELECT inet_server_port(), nextval('routing_seq')",
-    "WITH x AS (SELECT 1) SELECT inet_server_port() FROM x WHERE pg_try_advisory_lock(42)",
+    "WITH x AS (SELECT 1) SELECT inet_server_port() FROM x WHERE pg_try_advisory_xact_lock(42)",
 ])
 def test_locking_and_side_effect_reads_go_to_the_primary(splitting, pg_cluster, sql):
     cluster.run_sql(pg_cluster[0], "CREATE SEQUENCE IF NOT EXISTS routing_seq")

@@ -1,0 +1,166 @@
+"""LISTEN/NOTIFY for transaction-mode clients: one listener connection per pool, fanned out.
+
+A pooled server connection cannot listen for a client: it serves others
+between the client's transactions, and a notification arriving then would
+reach the wrong client or nobody. So a client's ``LISTEN`` is executed on a
+dedicated connection to the pool's primary (opened on first use), and each
+NotificationResponse it receives is copied to every client listening on
+that channel. A client gets it between its transactions, as PostgreSQL
+delivers them (one that is inside a transaction gets it when the current
+request is answered).
+
+The listener's ``LISTEN`` completes before the client's own statement is
+answered, so a ``NOTIFY`` committed after that reaches the client.
+Notifications sent while the listener connection is being re-opened after
+a loss are missed (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from typing import TYPE_CHECKING, Protocol
+
+from pypool.pool.server import ServerConnection, ServerError, open_connection
+from pypool.protocol import messages as m
+from pypool.protocol.frames import ProtocolViolation
+from pypool.session_state import quote_ident
+
+if TYPE_CHECKING:
+    from pypool.pool.group import PoolGroup
+
+log = logging.getLogger("pypool.listen")
+
+
+class Listener(Protocol):
+    def deliver_notification(self, message: bytes) -> None: ...
+
+
+class ListenerConnection(ServerConnection):
+    """A server connection that never relays: it only listens and hands notifications to its hub."""
+
+    hub: "ListenHub | None" = None
+
+    def _notification(self, payload: bytes) -> None:
+        try:
+            channel, _ = m.read_cstring(payload, 4)
+        except ProtocolViolation:
+            return
+        if self.hub is not None:
+            self.hub.deliver(channel, m.message(m.NOTIFICATION_RESPONSE, payload))
+
+    async def _read_message(self) -> tuple[int, bytes]:
+        while True:
+            tag, payload = await super()._read_message()
+            if tag != m.NOTIFICATION_RESPONSE:
+                return tag, payload
+            self._notification(payload)
+
+    def _drain_idle_messages(self) -> None:
+        try:
+            while (msg := self._buffer.next_message()) is not None:
+                tag, payload = msg
+                if tag == m.NOTIFICATION_RESPONSE:
+                    self._notification(payload)
+                elif tag == m.ERROR_RESPONSE:
+                    fields = m.parse_error_fields(payload)
+                    log.warning("listener connection %s reported %s: %s", self.label, fields.get("C"),
+                                fields.get("M"))
+                    self.close()
+                    return
+        except ProtocolViolation as exc:
+            log.warning("listener connection %s sent garbage (%s); closing it", self.label, exc)
+            self.close()
+
+
+class ListenHub:
+    """The channels a pool's clients listen on, and the one connection that listens for them."""
+
+    def __init__(self, group: "PoolGroup") -> None:
+        self.group = group
+        self.channels: dict[str, set[Listener]] = {}
+        self._conn: ListenerConnection | None = None
+        self._lock = asyncio.Lock()
+        self.delivered = 0
+
+    def is_listening(self, client: Listener, channel: str) -> bool:
+        clients = self.channels.get(channel)
+        return clients is not None and client in clients and self._alive()
+
+    def _alive(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    async def listen(self, client: Listener, channel: str) -> None:
+        """Start delivering ``channel`` to ``client``; raises ServerError if the listener cannot."""
+        async with self._lock:
+            conn = await self._connection()
+            if channel not in self.channels:
+                await conn.query(f"LISTEN {quote_ident(channel)}")
+                self.channels[channel] = set()
+            self.channels[channel].add(client)
+
+    def unlisten(self, client: Listener, channel: str) -> None:
+        """Stop delivering ``channel`` ("*": every channel) to ``client``."""
+        names = list(self.channels) if channel == "*" else [channel]
+        emptied = []
+        for name in names:
+            clients = self.channels.get(name)
+            if clients is None:
+                continue
+            clients.discard(client)
+            if not clients:
+                del self.channels[name]
+                emptied.append(name)
+        if emptied and self._alive():
+            asyncio.get_running_loop().create_task(self._unlisten(emptied))
+
+    async def _unlisten(self, names: list[str]) -> None:
+        async with self._lock:
+            names = [n for n in names if n not in self.channels]  # someone listened again meanwhile
+            if not names or not self._alive():
+                return
+            try:
+                await self._conn.query("; ".join(f"UNLISTEN {quote_ident(n)}" for n in names))  # type: ignore[union-attr]
+            except ServerError as exc:
+                log.warning("listener: UNLISTEN failed: %s", exc)
+
+    async def _connection(self) -> ListenerConnection:
+        if self._alive():
+            return self._conn  # type: ignore[return-value]
+        primary = self.group.primary
+        if primary is None:
+            raise ServerError(f"pool {self.group.name} has no primary server to listen on",
+                              {"C": m.SQLSTATE_CONNECTION_FAILURE})
+        if self._conn is not None:
+            log.warning("listener connection to %s was lost; re-listening on %d channel(s), notifications "
+                        "sent meanwhile were missed", primary.label, len(self.channels))
+        conn = await open_connection(primary.address, primary.credentials,
+                                     {"application_name": "pypool listener"},
+                                     primary.settings.connect_timeout, factory=ListenerConnection)
+        assert isinstance(conn, ListenerConnection)
+        conn.hub = self
+        if self.channels:
+            await conn.query("; ".join(f"LISTEN {quote_ident(n)}" for n in self.channels))
+        self._conn = conn
+        return conn
+
+    def deliver(self, channel: str, message: bytes) -> None:
+        for client in list(self.channels.get(channel, ())):
+            self.delivered += 1
+            client.deliver_notification(message)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self.channels.clear()
+
+
+_hubs: "weakref.WeakKeyDictionary[PoolGroup, ListenHub]" = weakref.WeakKeyDictionary()
+
+
+def hub_for(group: "PoolGroup") -> ListenHub:
+    hub = _hubs.get(group)
+    if hub is None:
+        hub = _hubs[group] = ListenHub(group)
+    return hub

@@ -1,0 +1,238 @@
+"""What a statement does to the session, for a client whose session spans many server connections.
+
+In transaction mode a client's "session" is spread over whichever server
+connections run its transactions, so pypool must notice the statements
+whose effect outlives the transaction:
+
+* ``SET``/``RESET``/``set_config()``/``SET SESSION ...`` change settings:
+  the client session is marked so that, when its transaction ends, pypool
+  reads back the server's session-level settings (PostgreSQL has already
+  undone ``SET LOCAL`` and rolled-back ``SET``s) and replays them on every
+  server connection the client uses next;
+* ``DEALLOCATE name`` forgets the client's statement (the server-side copy
+  is shared, so it stays); ``DEALLOCATE ALL``/``DISCARD ALL`` run on the
+  server and empty both the client's names and the server's statements;
+* ``LISTEN``/``UNLISTEN`` are served by the pool's listener connection;
+* what cannot survive pooling -- SQL ``PREPARE``/``EXECUTE``, session
+  advisory locks, temporary objects that outlive the transaction,
+  ``WITH HOLD`` cursors -- is refused with SQLSTATE 0A000 and a hint.
+
+A cheap byte-level test (``might_matter``) runs on every query text of the
+relay; only texts it flags are lexed (``analyze``, cached).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from pypool.routing.classify import _lex as lex_statements
+
+# Statements that may matter start with one of these words (after comments) ...
+_LEADING = re.compile(
+    rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create)\b",
+    re.S,
+)
+_ADVISORY_SESSION_FUNCTIONS = frozenset((
+    "PG_ADVISORY_LOCK", "PG_ADVISORY_LOCK_SHARED", "PG_TRY_ADVISORY_LOCK", "PG_TRY_ADVISORY_LOCK_SHARED",
+    "PG_ADVISORY_UNLOCK", "PG_ADVISORY_UNLOCK_SHARED", "PG_ADVISORY_UNLOCK_ALL",
+))
+# Settings pypool re-reads after a client changed some (base units, as SET accepts them back).
+SETTINGS_QUERY = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
+FEATURE_NOT_SUPPORTED = "0A000"
+# Stands in for a DEALLOCATE of a client's statement name (the server's copy stays).
+NOOP_STATEMENT = "DO $pypool$BEGIN END$pypool$"
+LISTEN_NOOP_CHANNEL = "pypool.listen"
+
+
+def might_matter(data: bytes, start: int, end: int) -> bool:
+    """Cheap pre-test on raw query text: False means ``analyze`` would find nothing."""
+    if _LEADING.match(data, start, end):
+        return True
+    semi = data.find(b";", start, end)
+    if 0 <= semi < end - 3:  # more than one statement: look at each
+        return True
+    return data.find(b"_config", start, end) >= 0 or data.find(b"advisory", start, end) >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class Effects:
+    settings: bool = False  # may change session-level settings
+    forget_all: bool = False  # DISCARD ALL / DEALLOCATE ALL
+    forget: tuple[str, ...] = ()  # DEALLOCATE name
+    listen: tuple[tuple[str, str], ...] = ()  # ("LISTEN"|"UNLISTEN", channel, "*" = all)
+    refusal: tuple[str, str] | None = None  # (message, hint)
+
+
+NOTHING = Effects()
+
+
+def _refuse(what: str, hint: str) -> Effects:
+    return Effects(refusal=(f"{what} cannot be used through pypool in transaction mode: "
+                            "the next transaction may run on another server connection", hint))
+
+
+def _identifier(tok: tuple) -> str:
+    kind, text = tok[0], tok[1]
+    if kind == "qid":
+        return text[1:-1].replace('""', '"')
+    return text.lower()
+
+
+def _statement(toks: list) -> Effects:
+    first = toks[0][1]
+    second = toks[1][1] if len(toks) > 1 else ""
+    words = [t[1] for t in toks if t[0] == "word"]
+    for i, tok in enumerate(toks[:-1]):
+        if tok[0] == "word" and tok[1] in _ADVISORY_SESSION_FUNCTIONS and toks[i + 1][1] == "(":
+            return _refuse(f"session-level advisory lock function {tok[1].lower()}()",
+                           "use the transaction-level pg_advisory_xact_lock() family inside a transaction, "
+                           "or pool_mode = \"session\"")
+    if first == "SET":
+        if second in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
+            return NOTHING  # ends with the transaction
+        return Effects(settings=True)
+    if first == "RESET":
+        return Effects(settings=True)
+    if first == "DISCARD":
+        return Effects(settings=True, forget_all=True) if second == "ALL" else NOTHING
+    if first == "DEALLOCATE":
+        rest = toks[2:] if second == "PREPARE" else toks[1:]
+        if not rest:
+            return NOTHING
+        if rest[0][0] == "word" and rest[0][1] == "ALL":
+            return Effects(forget_all=True)
+        return Effects(forget=(_identifier(rest[0]),))
+    if first == "PREPARE" and second != "TRANSACTION":
+        return _refuse("SQL PREPARE", "use your driver's prepared statements (protocol-level Parse/Bind), "
+                       "which pypool maps onto every server connection, or pool_mode = \"session\"")
+    if first == "EXECUTE":
+        return _refuse("SQL EXECUTE of a prepared statement",
+                       "use your driver's prepared statements (protocol-level Parse/Bind), or pool_mode = \"session\"")
+    if first in ("LISTEN", "UNLISTEN") and len(toks) == 2:
+        channel = "*" if toks[1][1] == "*" else _identifier(toks[1])
+        return Effects(listen=((first, channel),))
+    if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
+        return _refuse("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
+    if first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4]):
+        text = " ".join(words)
+        if "ON COMMIT DROP" not in text:
+            return _refuse("a temporary object that outlives its transaction",
+                           "create it inside a transaction with ON COMMIT DROP, or use pool_mode = \"session\"")
+    if "SET_CONFIG" in words:
+        return Effects(settings=True)
+    return NOTHING
+
+
+def analyze(sql: str) -> Effects:
+    """What the statements in ``sql`` do to the session (cached for texts of everyday size)."""
+    return _analyze_cached(sql) if len(sql) <= _CACHED_TEXT_LENGTH else _analyze(sql)
+
+
+_CACHED_TEXT_LENGTH = 4096
+
+
+@functools.lru_cache(maxsize=4096)
+def _analyze_cached(sql: str) -> Effects:
+    return _analyze(sql)
+
+
+def _analyze(sql: str) -> Effects:
+    statements = lex_statements(sql)
+    found = [_statement(toks) for toks in statements]
+    refusal = next((e.refusal for e in found if e.refusal), None)
+    if refusal:
+        return Effects(refusal=refusal)
+    merged = Effects(
+        settings=any(e.settings for e in found),
+        forget_all=any(e.forget_all for e in found),
+        forget=tuple(n for e in found for n in e.forget),
+        listen=tuple(op for e in found for op in e.listen),
+    )
+    special = sum(1 for e in found if e.forget_all or e.forget or e.listen)
+    if special and special != len(found):
+        # The pooler stands in for these or acts on them; mixed with other statements it cannot.
+        return Effects(refusal=("LISTEN, UNLISTEN, DEALLOCATE and DISCARD ALL must be sent on their own "
+                                "through pypool in transaction mode, not together with other statements",
+                                "send them as separate statements"))
+    return NOTHING if merged == NOTHING else merged
+
+
+def refusal_sql(message: str, hint: str) -> str:
+    """A statement that makes the server itself raise the pooler's error, in order with its other replies."""
+    def literal(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+    return (f"DO $pypool$BEGIN RAISE EXCEPTION USING ERRCODE = '{FEATURE_NOT_SUPPORTED}', "
+            f"MESSAGE = {literal(message)}, HINT = {literal(hint)}; END$pypool$")
+
+
+def listen_stand_in(ops: tuple[tuple[str, str], ...]) -> str:
+    """Statements with the same replies as the client's LISTEN/UNLISTEN, harmless on a pooled server."""
+    return "; ".join(f'{op} "{LISTEN_NOOP_CHANNEL}"' for op, _ in ops)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def startup_options(options: str) -> dict[str, str]:
+    """Settings in a startup packet's ``options`` (``-c name=value`` / ``--name=value``, ``\\`` escapes).
+
+    PostgreSQL applies these at connection start; pypool applies them with the
+    client's other settings on every server connection it uses. Other
+    command-line switches are ignored.
+    """
+    words: list[str] = []
+    current: list[str] = []
+    chars = iter(options)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, ""))
+        elif ch.isspace():
+            if current:
+                words.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if current:
+        words.append("".join(current))
+    settings: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        pair = None
+        if word == "-c" and i + 1 < len(words):
+            pair = words[i + 1]
+            i += 1
+        elif word.startswith("-c"):
+            pair = word[2:]
+        elif word.startswith("--"):
+            pair = word[2:]
+        if pair and "=" in pair:
+            name, value = pair.split("=", 1)
+            settings[name.strip().lower().replace("-", "_")] = value
+        i += 1
+    return settings
+
+
+def sync_statement(desired: dict[str, str], applied: dict[str, str]) -> str | None:
+    """SQL making a server session's settings ``desired`` when pypool last left them ``applied``.
+
+    ``set_config`` takes values as the configuration file does, so list
+    settings (``search_path``) and unit-less numbers read back from
+    pg_settings round-trip unchanged.
+    """
+    sets = [f"set_config({quote_literal(k)}, {quote_literal(v)}, false)"
+            for k, v in desired.items() if applied.get(k) != v]
+    resets = [f"RESET {quote_ident(k)}" for k in applied if k not in desired]
+    parts = []
+    if sets:
+        parts.append("SELECT " + ", ".join(sets))
+    parts.extend(resets)
+    return "; ".join(parts) if parts else None

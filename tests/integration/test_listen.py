@@ -1,0 +1,76 @@
+"""LISTEN/NOTIFY through pypool in transaction mode: the pool's listener fans notifications out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+
+from tests.conftest import user_overrides
+from tests.integration._support import PRIMARY_ONLY, merge
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def one_connection(start_pypool):
+    return start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
+
+
+def connect(pypool) -> psycopg.Connection:
+    return psycopg.connect(pypool.dsn(), autocommit=True)
+
+
+def received(conn: psycopg.Connection, count: int, timeout: float = 10) -> list[tuple[str, str]]:
+    return [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=count)]
+
+
+def test_psycopg_listen_gets_notify_from_another_client(one_connection):
+    with connect(one_connection) as listener, connect(one_connection) as other, connect(one_connection) as bystander:
+        listener.execute("LISTEN jobs")
+        listener.execute('LISTEN "Mixed Case"')
+        # The one pooled server connection serves everybody in between.
+        assert other.execute("SELECT 1").fetchone() == (1,)
+        other.execute("NOTIFY jobs, 'first'")
+        with other.transaction():
+            other.execute("SELECT pg_notify('Mixed Case', 'second')")
+        assert received(listener, 2) == [("jobs", "first"), ("Mixed Case", "second")]
+        assert received(bystander, 1, timeout=0.5) == [], "a client that did not LISTEN got a notification"
+
+        listener.execute("UNLISTEN jobs")
+        other.execute("NOTIFY jobs, 'dropped'")
+        other.execute("""NOTIFY "Mixed Case", 'kept'""")
+        assert received(listener, 1) == [("Mixed Case", "kept")]
+
+
+def test_notification_waits_for_the_listeners_transaction_to_answer(one_connection, pg_cluster):
+    with connect(one_connection) as listener, connect(one_connection) as other:
+        listener.execute("LISTEN during")
+        listener.execute("BEGIN")
+        listener.execute("SELECT 1")
+        # pool_size = 1 and the listener holds it in a transaction: notify from the primary itself.
+        direct_dsn = one_connection.dsn().replace(f":{one_connection.port}/", f":{pg_cluster[0].port}/")
+        with psycopg.connect(direct_dsn, autocommit=True) as direct:
+            direct.execute("NOTIFY during, 'x'")
+        assert listener.execute("SELECT 2").fetchone() == (2,)  # the reply is not disturbed
+        listener.execute("COMMIT")
+        assert received(listener, 1) == [("during", "x")]
+        assert other.execute("SELECT 3").fetchone() == (3,)
+
+
+def test_asyncpg_add_listener(one_connection):
+    async def main() -> None:
+        listener = await asyncpg.connect(one_connection.dsn())
+        sender = await asyncpg.connect(one_connection.dsn())
+        queue: asyncio.Queue = asyncio.Queue()
+        await listener.add_listener("events", lambda _c, _pid, channel, payload: queue.put_nowait((channel, payload)))
+        for i in range(3):
+            await sender.execute(f"NOTIFY events, 'n{i}'")
+        got = [await asyncio.wait_for(queue.get(), 10) for _ in range(3)]
+        assert got == [("events", "n0"), ("events", "n1"), ("events", "n2")]
+        await listener.close()
+        await sender.close()
+
+    asyncio.run(main())

@@ -1,0 +1,142 @@
+"""The relay rewriting named statements, with real ClientConnection/ServerConnection objects and no sockets.
+
+Every byte stream is fed one byte at a time, the worst split a TCP read can
+produce, so the header walks must carry partial messages across reads in
+both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pypool import prepared
+from pypool.app import Application
+from pypool.client import ClientConnection, Phase
+from pypool.config import default_config_dict, dump_config, parse_config
+from pypool.pool.server import Credentials, ServerConnection
+from pypool.protocol import messages as m
+
+
+class Recorder(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def write(self, data) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+    def take(self) -> bytes:
+        out = bytes(self.data)
+        self.data.clear()
+        return out
+
+
+def setup(clients: int = 2) -> tuple[list[ClientConnection], ServerConnection]:
+    cfg = default_config_dict({})
+    pool = cfg["pools"]["postgres"]
+    pool["default_role"] = "primary"
+    pool["query_parser_enabled"] = False
+    pool["query_parser_read_write_splitting"] = False
+    pool["users"]["0"]["pool_size"] = 1
+    app = Application(parse_config(dump_config(cfg)))
+    group = app.groups[("postgres", "postgres")]
+    sp = group.primary
+    server = ServerConnection(sp.address, Credentials("postgres", "x", "postgres"))
+    server.transport = Recorder()
+    server.pool = sp
+    server.applied_key = ()
+    sp.idle.append(server)
+    sp.size += 1
+    out = []
+    for _ in range(clients):
+        client = ClientConnection(app)
+        client.transport = Recorder()
+        client.group = group
+        client.database = "postgres"
+        client.phase = Phase.RELAY
+        client._router = app.routers["postgres"]
+        client._parameters_key = ()
+        client.statements = prepared.ClientStatements()
+        out.append(client)
+    return out, server
+
+
+def drip(receiver, data: bytes) -> None:
+    for i in range(len(data)):
+        receiver.data_received(data[i:i + 1])
+
+
+def parse(name: bytes, sql: bytes) -> bytes:
+    return m.message(m.PARSE, name + b"\0" + sql + b"\0\0\0")
+
+
+def bind(name: bytes) -> bytes:
+    return m.message(m.BIND, b"\0" + name + b"\0\0\0\0\0\0\0")
+
+
+EXECUTE = m.message(m.EXECUTE, b"\0\0\0\0\0")
+SYNC = m.message(m.SYNC)
+PARSE_COMPLETE = m.message(m.PARSE_COMPLETE)
+BIND_COMPLETE = m.message(m.BIND_COMPLETE)
+CLOSE_COMPLETE = m.message(m.CLOSE_COMPLETE)
+DONE = m.command_complete("SELECT 1") + m.ready_for_query()
+
+
+def test_named_statement_is_renamed_prepared_and_its_extra_reply_swallowed():
+    (client, _), server = setup()
+    target = prepared.server_name(b"SELECT 1\0\0\0")
+    client.data_received(b"")  # nothing yet
+    drip(client, parse(b"s1", b"SELECT 1") + bind(b"s1") + EXECUTE + SYNC)
+    assert client.server is server
+    assert server.transport.take() == (m.message(m.CLOSE, b"S" + target + b"\0") + parse(target, b"SELECT 1")
+                                       + bind(target) + EXECUTE + SYNC)
+    drip(server, CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + DONE)
+    assert client.transport.take() == PARSE_COMPLETE + BIND_COMPLETE + DONE
+    assert client.server is None, "the request is answered: the connection goes back to the pool"
+
+
+def test_second_client_binds_the_shared_copy_and_gets_parse_complete_from_a_no_op_close():
+    (first, second), server = setup()
+    drip(first, parse(b"s1", b"SELECT 1") + SYNC)
+    drip(server, CLOSE_COMPLETE + PARSE_COMPLETE + m.ready_for_query())
+    first.transport.take()
+    server.transport.take()
+    # Another client, same statement under another name: the server need not parse it again.
+    drip(second, parse(b"mine", b"SELECT 1") + bind(b"mine") + EXECUTE + SYNC)
+    target = prepared.server_name(b"SELECT 1\0\0\0")
+    assert server.transport.take() == (m.message(m.CLOSE, b"S" + prepared.ABSENT_NAME + b"\0")
+                                       + bind(target) + EXECUTE + SYNC)
+    drip(server, CLOSE_COMPLETE + BIND_COMPLETE + DONE)
+    assert second.transport.take() == PARSE_COMPLETE + BIND_COMPLETE + DONE
+
+
+def test_error_before_an_injected_parse_leaves_the_statement_unprepared():
+    (client, other), server = setup()
+    drip(client, parse(b"s1", b"SELECT 1") + SYNC)
+    drip(server, CLOSE_COMPLETE + PARSE_COMPLETE + m.ready_for_query())
+    server.statements.clear()  # as if this were another server connection that never saw it
+    drip(client, m.query("SELECT 1/0") + bind(b"s1") + EXECUTE + SYNC)
+    server.transport.take()
+    client.transport.take()
+    error = m.error_response("22012", "division by zero")
+    # The Query fails on its own; the extended batch after it runs and prepares s1.
+    drip(server, error + m.ready_for_query() + CLOSE_COMPLETE + PARSE_COMPLETE + BIND_COMPLETE + DONE)
+    assert client.transport.take() == error + m.ready_for_query() + BIND_COMPLETE + DONE
+    assert prepared.server_name(b"SELECT 1\0\0\0") in server.statements.names
+    # Now the Parse itself fails: the statement must not count as prepared, nor the client's name exist.
+    server.statements.clear()
+    drip(other, parse(b"x", b"SELECT 2") + SYNC)  # other's Parse of a new text, which fails
+    server.transport.take()
+    drip(server, CLOSE_COMPLETE + error + m.ready_for_query())
+    assert other.transport.take() == error + m.ready_for_query()
+    assert not server.statements.names and b"x" not in other.statements.names

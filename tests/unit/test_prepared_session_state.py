@@ -1,0 +1,94 @@
+"""What statements do to a pooled client's session (pypool/session_state.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pypool import session_state as s
+
+
+def matters(sql: str) -> bool:
+    data = b"Q\0\0\0\0" + sql.encode() + b"\0"
+    return s.might_matter(data, 5, len(data))
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 1;",
+    "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = 2",
+    "BEGIN;",
+    "END;",
+])
+def test_everyday_statements_skip_the_analysis(sql):
+    assert not matters(sql)
+
+
+@pytest.mark.parametrize("sql", [
+    "SET search_path = a", "  /* c */ reset all", "-- note\nSET x = 1", "BEGIN; SET LOCAL x = 1; COMMIT",
+    "SELECT set_config('a', 'b', false)", "SELECT pg_advisory_lock(1)", "LISTEN x", "deallocate all",
+])
+def test_session_statements_are_flagged(sql):
+    assert matters(sql)
+
+
+@pytest.mark.parametrize("sql, expected", [
+    ("SET statement_timeout = '1s'", s.Effects(settings=True)),
+    ("SET SESSION search_path TO a, b", s.Effects(settings=True)),
+    ("RESET ALL", s.Effects(settings=True)),
+    ("SELECT set_config('search_path', 'a', false)", s.Effects(settings=True)),
+    ("SET LOCAL statement_timeout = '1s'", s.NOTHING),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", s.NOTHING),
+    ("UPDATE t SET v = 1", s.NOTHING),
+    ("DISCARD ALL", s.Effects(settings=True, forget_all=True)),
+    ("DISCARD PLANS", s.NOTHING),
+    ("DEALLOCATE ALL", s.Effects(forget_all=True)),
+    ("DEALLOCATE PREPARE _pg3_0", s.Effects(forget=("_pg3_0",))),
+    ('DEALLOCATE "S_1"', s.Effects(forget=("S_1",))),
+    ("LISTEN Jobs", s.Effects(listen=(("LISTEN", "jobs"),))),
+    ('UNLISTEN "Jobs"', s.Effects(listen=(("UNLISTEN", "Jobs"),))),
+    ("UNLISTEN *", s.Effects(listen=(("UNLISTEN", "*"),))),
+    ("PREPARE TRANSACTION 'x'", s.NOTHING),
+    ("CREATE TEMP TABLE t (id int) ON COMMIT DROP", s.NOTHING),
+    ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", s.NOTHING),
+    ("SELECT pg_advisory_xact_lock(1)", s.NOTHING),
+    ("SELECT 'SET x = 1; PREPARE p AS SELECT 1'", s.NOTHING),
+])
+def test_analyze(sql, expected):
+    assert s.analyze(sql) == expected
+
+
+@pytest.mark.parametrize("sql, what", [
+    ("PREPARE p AS SELECT 1", "SQL PREPARE"),
+    ("EXECUTE p(1)", "SQL EXECUTE"),
+    ("SELECT pg_try_advisory_lock(7)", "pg_try_advisory_lock"),
+    ("select pg_advisory_unlock_all()", "pg_advisory_unlock_all"),
+    ("CREATE TEMPORARY TABLE t (id int)", "temporary object"),
+    ("CREATE GLOBAL TEMP TABLE t (id int) ON COMMIT DELETE ROWS", "temporary object"),
+    ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "WITH HOLD"),
+    ("SELECT 1; LISTEN x", "on their own"),
+])
+def test_refusals_say_what_and_how(sql, what):
+    refusal = s.analyze(sql).refusal
+    assert refusal is not None
+    message, hint = refusal
+    assert what in message and hint
+
+
+def test_refusal_sql_raises_feature_not_supported_with_quotes_escaped():
+    sql = s.refusal_sql("it's refused", "don't")
+    assert "ERRCODE = '0A000'" in sql and "'it''s refused'" in sql and "'don''t'" in sql
+
+
+def test_sync_statement_sets_differences_and_resets_leftovers():
+    sql = s.sync_statement({"search_path": '"$user", public', "application_name": "a"},
+                           {"application_name": "a", "statement_timeout": "5000"})
+    assert sql == ("SELECT set_config('search_path', '\"$user\", public', false); "
+                   'RESET "statement_timeout"')
+    assert s.sync_statement({"a": "1"}, {"a": "1"}) is None
+
+
+def test_startup_options_become_settings():
+    assert s.startup_options(r"-c statement_timeout=5s -csearch_path=a,b --work-mem=8MB "
+                             r"-c application_name=my\ app --datestyle=ISO-8601 -d 5") == {
+        "statement_timeout": "5s", "search_path": "a,b", "work_mem": "8MB", "application_name": "my app",
+        "datestyle": "ISO-8601"}
