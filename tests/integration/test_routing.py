@@ -112,7 +112,7 @@ def test_default_role_without_the_query_parser(start_pypool, pg_cluster, default
         if default_role == "replica":
             # Everything goes to a replica, so a write meets PostgreSQL's read-only error.
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-                conn.execute("CREATE TEMP TABLE routing_default (v int)")
+                conn.execute("CREATE TABLE routing_default_never_created (v int)")
     expected = {"primary": {primary}, "replica": replicas, "any": {primary} | replicas}[default_role]
     assert seen == expected
 
