@@ -57,7 +57,10 @@ _F = m.FUNCTION_CALL
 _X = m.TERMINATE
 _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 # First messages _start_fast leaves to _dispatch_pending: a COPY tail, and Terminate (no checkout to say goodbye).
-_NOT_FAST_TAGS = _COPY_TAGS | {m.TERMINATE}
+# Messages that may start a transaction. Anything else with no server attached is a
+# COPY tail to drop, a Terminate, or not a frontend message at all.
+_STARTS_TRANSACTION = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
+                                 m.FUNCTION_CALL))
 _EXECUTE = m.EXECUTE
 _COPY_DATA = m.COPY_DATA
 _P = m.PARSE
@@ -649,6 +652,10 @@ class ClientConnection(asyncio.Protocol):
                 # rather than check out a server and keep it for an idle client.
                 del buf[:1 + length]
                 continue
+            if tag not in _STARTS_TRANSACTION:
+                # PostgreSQL closes the connection too; forwarding would cost a server connection.
+                self._protocol_violation(f"invalid frontend message type {tag} ({chr(tag)!r})")
+                return
             if self._discarding:
                 del buf[:1 + length]
                 if tag == _S:
@@ -690,7 +697,7 @@ class ClientConnection(asyncio.Protocol):
                 or self._held_begin is not None or self._discarding:
             return False
         n = len(data)
-        if n < HEADER_SIZE or data[0] in _NOT_FAST_TAGS:
+        if n < HEADER_SIZE or data[0] not in _STARTS_TRANSACTION:
             return False
         end = 1 + int.from_bytes(data[1:5], "big")
         if end > n or end < HEADER_SIZE or end > self._max_message:

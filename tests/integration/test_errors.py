@@ -158,6 +158,26 @@ def test_garbage_after_login_is_08P01_and_closes(start_pypool, in_transaction):
                            "to_regclass('pg_temp.dirty_marker')").fetchone() == (True, None, None)
 
 
+def test_unknown_message_type_after_login_is_08P01_and_costs_no_server_connection(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
+    with psycopg.connect(pypool.dsn(), autocommit=True) as keeper:
+        backend = keeper.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn = psycopg.connect(pypool.dsn(), autocommit=True)
+        try:
+            with _dup_socket(conn) as sock:
+                sock.sendall(b"Z\x00\x00\x00\x04")  # a backend message type, sent by a client
+                fields = read_until_error_or_close(sock)
+                assert fields is not None, "pypool closed without an ErrorResponse"
+                assert fields["C"] == "08P01", fields
+                assert "invalid frontend message type" in fields["M"], fields
+                assert_closed(sock)
+        finally:
+            conn.close()
+        # The pool's only server connection was never handed to the broken client.
+        assert keeper.execute("SELECT pg_backend_pid()").fetchone()[0] == backend
+    assert_serving(pypool)
+
+
 # ---------------------------------------------------------------- SSL / GSS
 
 def test_ssl_request_is_answered_n_then_startup_works_on_the_same_socket(pypool):
