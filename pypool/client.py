@@ -483,8 +483,9 @@ class ClientConnection(asyncio.Protocol):
         if tag == _Q:
             return session.might_matter(data, start, end)
         if tag == _P:
-            return data[start] != 0 or session.might_matter(data, start + 1, end)
-        if tag == _B and data[start] == 0:  # the usual unnamed portal: is the statement named?
+            # An empty (malformed) Parse takes the careful path, which reports it.
+            return start >= end or data[start] != 0 or session.might_matter(data, start + 1, end)
+        if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
             return data[start + 1] != 0
         return names_statement(tag, data, start, end)
 

@@ -140,3 +140,15 @@ def test_error_before_an_injected_parse_leaves_the_statement_unprepared():
     drip(server, CLOSE_COMPLETE + error + m.ready_for_query())
     assert other.transport.take() == error + m.ready_for_query()
     assert not server.statements.names and b"x" not in other.statements.names
+
+
+def test_malformed_parse_and_bind_at_the_end_of_a_read_take_the_careful_path():
+    """Found by the live-listener fuzzer: an empty Parse as the last bytes of a read raised IndexError."""
+    from pypool.client import ClientConnection
+
+    empty_parse = b"P\x00\x00\x00\x04"
+    assert ClientConnection._needs_care(ord("P"), empty_parse, 5, 5) is True
+    short_bind = b"B\x00\x00\x00\x05\x00"  # an unnamed portal and nothing after it
+    assert ClientConnection._needs_care(ord("B"), short_bind, 5, 6) is True
+    plain_bind = b"B\x00\x00\x00\x0c\x00\x00" + b"\x00" * 6  # unnamed portal, unnamed statement
+    assert ClientConnection._needs_care(ord("B"), plain_bind, 5, len(plain_bind)) is False
