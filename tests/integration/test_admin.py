@@ -100,7 +100,7 @@ def test_every_show_has_pgcat_columns_and_live_values(pypool, pg_cluster):
             assert busy.execute("SELECT inet_server_port()").fetchone()[0] in replicas
         # A transaction held open on the primary: one active client, one active server.
         busy.execute("BEGIN")
-        busy.execute("CREATE TEMP TABLE admin_probe (x int)")
+        busy.execute("CREATE TEMP TABLE admin_probe (x int) ON COMMIT DROP")
 
         pools = show(conn, "POOLS")
         assert [(p["database"], p["user"], p["pool_mode"]) for p in pools] == [(DATABASE, USER, "transaction")]
