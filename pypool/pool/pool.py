@@ -55,14 +55,15 @@ class CallbackWaiter:
     """A client waiting in ``ServerPool.waiters`` to be called back, not awoken.
 
     Under contention most transactions wait for a connection, and a Future with
-    a coroutine and a timeout task per wait cost more than the transaction
-    itself. This waiter quacks like the Futures it queues with (done,
-    cancelled, exception, set_result, set_exception), so the pool serves both
-    kinds in one FIFO order. Callbacks run via ``call_soon``: the releasing
-    code path is never re-entered by the next client's request.
+    a coroutine and a timeout per wait cost more than the transaction itself.
+    This waiter quacks like the Futures it queues with (done, cancelled,
+    exception, set_result, set_exception), so the pool serves both kinds in one
+    FIFO order. Callbacks run via ``call_soon``: the releasing code path is
+    never re-entered by the next client's request. It has no timer of its own:
+    the pool's single ``_expire_waiters`` timer follows the oldest waiter.
     """
 
-    __slots__ = ("pool", "on_ready", "on_error", "started", "_timer", "_done", "_loop")
+    __slots__ = ("pool", "on_ready", "on_error", "started", "deadline", "_done", "_loop")
 
     def __init__(self, pool: "ServerPool", on_ready: "Callable[[ServerConnection], None]",
                  on_error: "Callable[[Exception], None]") -> None:
@@ -70,9 +71,9 @@ class CallbackWaiter:
         self.on_ready = on_ready
         self.on_error = on_error
         self.started = time.monotonic()
+        self.deadline = self.started + pool.settings.checkout_timeout
         self._done = False
-        self._loop = loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(pool.settings.checkout_timeout, self._time_out)
+        self._loop = asyncio.get_running_loop()
 
     def done(self) -> bool:
         return self._done
@@ -86,11 +87,9 @@ class CallbackWaiter:
     def cancel(self) -> None:
         """The client went away: skip this waiter (it stays queued until popped)."""
         self._done = True
-        self._timer.cancel()
 
     def set_result(self, conn: ServerConnection) -> None:
         self._done = True
-        self._timer.cancel()
         stats = self.pool.stats
         waited = time.monotonic() - self.started
         stats.checkouts += 1
@@ -100,22 +99,15 @@ class CallbackWaiter:
 
     def set_exception(self, exc: Exception) -> None:
         self._done = True
-        self._timer.cancel()
         self.pool.stats.checkout_wait_time += time.monotonic() - self.started
         self._loop.call_soon(self.on_error, exc)
 
-    def _time_out(self) -> None:
-        if self._done:
-            return
+    def time_out(self) -> None:
         self._done = True
         pool = self.pool
-        try:
-            pool.waiters.remove(self)
-        except ValueError:
-            pass
         pool.stats.checkout_timeouts += 1
         pool.stats.checkout_wait_time += time.monotonic() - self.started
-        self.on_error(pool.timeout_error())
+        self._loop.call_soon(self.on_error, pool.timeout_error())
 
 
 class PoolRetired(Exception):
@@ -174,6 +166,7 @@ class ServerPool:
         self._check_after = settings.healthcheck_delay  # read on every checkout
         self.idle: collections.deque[ServerConnection] = collections.deque()
         self.waiters: collections.deque[asyncio.Future[ServerConnection] | CallbackWaiter] = collections.deque()
+        self._expiry_timer: asyncio.TimerHandle | None = None  # for the oldest CallbackWaiter
         self.size = 0  # open + opening
         self.active = 0  # checked out
         self.stats = PoolStats()
@@ -349,8 +342,29 @@ class ServerPool:
         waiter = CallbackWaiter(self, on_ready, on_error)
         self.waiters.append(waiter)
         self.stats.checkout_waits += 1
+        if self._expiry_timer is None:
+            self._expiry_timer = waiter._loop.call_at(waiter.deadline, self._expire_waiters)
         self._serve_waiters_after_loss()  # room below pool_size: open one for it
         return waiter
+
+    def _expire_waiters(self) -> None:
+        """Time out the callback waiters past checkout_timeout, oldest first.
+
+        One timer per pool, set for the oldest callback waiter, instead of one
+        per wait. Futures queued by ``acquire`` time out by themselves.
+        """
+        self._expiry_timer = None
+        now = time.monotonic()
+        expired = [w for w in self.waiters
+                   if type(w) is CallbackWaiter and not w._done and w.deadline <= now]
+        if expired:
+            gone = set(map(id, expired))
+            self.waiters = collections.deque(w for w in self.waiters if id(w) not in gone)
+            for waiter in expired:
+                waiter.time_out()
+        pending = [w.deadline for w in self.waiters if type(w) is CallbackWaiter and not w._done]
+        if pending:
+            self._expiry_timer = asyncio.get_running_loop().call_at(min(pending), self._expire_waiters)
 
     def _startup_parameters(self) -> dict[str, str]:
         params = {"application_name": self.settings.application_name}
