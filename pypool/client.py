@@ -484,7 +484,11 @@ class ClientConnection(asyncio.Protocol):
             return session.might_matter(data, start, end)
         if tag == _P:
             # An empty (malformed) Parse takes the careful path, which reports it.
-            return start >= end or data[start] != 0 or session.might_matter(data, start + 1, end)
+            if start >= end or data[start] != 0:
+                return True
+            # Only the query text: the parameter types after it may contain any byte (';' too).
+            text_end = data.find(b"\x00", start + 1, end)
+            return text_end < 0 or session.might_matter(data, start + 1, text_end)
         if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
             return data[start + 1] != 0
         return names_statement(tag, data, start, end)

@@ -152,3 +152,16 @@ def test_malformed_parse_and_bind_at_the_end_of_a_read_take_the_careful_path():
     assert ClientConnection._needs_care(ord("B"), short_bind, 5, 6) is True
     plain_bind = b"B\x00\x00\x00\x0c\x00\x00" + b"\x00" * 6  # unnamed portal, unnamed statement
     assert ClientConnection._needs_care(ord("B"), plain_bind, 5, len(plain_bind)) is False
+
+
+def test_an_unnamed_parse_of_a_plain_select_stays_on_the_fast_path():
+    """pgbench -M extended: a ';' or any byte in the parameter types must not look like a second statement."""
+    from pypool.client import ClientConnection
+
+    text = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
+    payload = b"\x00" + text + b"\x00" + (1).to_bytes(2, "big") + (23).to_bytes(4, "big")
+    parse = b"P" + (4 + len(payload)).to_bytes(4, "big") + payload
+    assert ClientConnection._needs_care(ord("P"), parse, 5, len(parse)) is False
+    setting = b"\x00SET search_path TO app\x00\x00\x00"
+    parse_set = b"P" + (4 + len(setting)).to_bytes(4, "big") + setting
+    assert ClientConnection._needs_care(ord("P"), parse_set, 5, len(parse_set)) is True
