@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need and run the whole default suite (unit + integration
 # against a local primary + 2 replicas that the tests start themselves).
-# Long benchmarks are not part of it: see benchmarks/README.md.
+# Long benchmarks are not part of it: see the README, "Benchmarks".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
