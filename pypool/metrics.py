@@ -212,6 +212,12 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
         "closed_dirty": CounterMetricFamily("pypool_server_dirty_closes", "Server connections closed because a "
                                             "client left them mid-transaction or broken", labels=server_labels),
         "bans": CounterMetricFamily("pypool_server_bans", "Times the replica was banned", labels=server_labels),
+        "healthchecks": CounterMetricFamily("pypool_server_healthchecks",
+                                            "Idle connections checked with ';' before checkout (healthcheck_delay)",
+                                            labels=server_labels),
+        "healthcheck_failures": CounterMetricFamily("pypool_server_healthcheck_failures",
+                                                    "Pre-checkout health checks that failed or timed out",
+                                                    labels=server_labels),
     }
     xact_hist = HistogramMetricFamily("pypool_transaction_duration_seconds",
                                       "Transaction time from checkout to the ReadyForQuery that ends it",

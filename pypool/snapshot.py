@@ -36,7 +36,7 @@ CLIENT_STATES = ("active", "idle", "waiting")
 # Cumulative counters of one address; merged by summing.
 COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "checkouts",
             "wait_time", "wait_hist_sum", "checkout_timeouts", "connects", "connect_errors", "closed_dirty",
-            "bans")
+            "bans", "healthchecks", "healthcheck_failures")
 
 
 @dataclass
@@ -335,6 +335,7 @@ _POOL_STATS_FIELDS = {
     "bytes_sent": "bytes_sent", "xact_time": "xact_time", "checkouts": "checkouts",
     "wait_time": "checkout_wait_time", "wait_hist_sum": "wait_hist_sum", "checkout_timeouts": "checkout_timeouts",
     "connects": "connects", "connect_errors": "connect_errors", "closed_dirty": "closed_dirty",
+    "healthchecks": "healthchecks", "healthcheck_failures": "healthcheck_failures",
 }
 _CONNECTION_FIELDS = ("xact_count", "query_count", "bytes_received", "bytes_sent")
 

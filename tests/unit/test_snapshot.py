@@ -22,7 +22,8 @@ def address(port: int, role: str, index: int, xacts: int, states: dict[str, int]
                      name=f"app_shard_0_{role}" if role == "primary" else f"app_shard_0_replica_{index - 1}",
                      pool_mode="transaction", pool_size=5, min_pool_size=0)
     a.counters.update(xact_count=xacts, query_count=2 * xacts, checkouts=xacts, xact_time=xacts * 0.001,
-                      wait_time=0.5, bytes_sent=100 * xacts, bytes_received=200 * xacts)
+                      wait_time=0.5, bytes_sent=100 * xacts, bytes_received=200 * xacts,
+                      healthchecks=3, healthcheck_failures=1)
     a.states.update(states)
     a.current_connections = sum(states.values())
     a.xact_hist[3] = xacts
@@ -102,6 +103,9 @@ def test_merged_workers_add_up_in_show_and_metrics():
     assert sample(families, "pypool_routing_decisions_total", role="replica") == 80
     assert sample(families, "pypool_query_classification_cache_hit_ratio") == 0.9
     assert sample(families, "pypool_cancel_requests_total") == 4
+    # healthcheck_delay checks of both workers add up, per server.
+    assert sample(families, "pypool_server_healthchecks_total", port="5433") == 6
+    assert sample(families, "pypool_server_healthcheck_failures_total", port="5433") == 2
 
 
 def test_averages_follow_merged_snapshots():
