@@ -741,12 +741,16 @@ class ClientConnection(asyncio.Protocol):
         self._forward(server, data)
         return True
 
-    def _end_queued_wait(self) -> None:
-        self._queued = None
+    def _end_wait(self) -> None:
+        """A wait for a server connection ended: keep the longest (SHOW CLIENTS maxwait)."""
         waited = time.monotonic() - self.wait_started
         if waited > self.max_wait:
             self.max_wait = waited
         self.wait_started = 0.0
+
+    def _end_queued_wait(self) -> None:
+        self._queued = None
+        self._end_wait()
 
     def _queued_server_ready(self, role: str, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_start_fast``."""
@@ -757,7 +761,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 server.close()
             return
-        if server.applied_key != self._parameters_key:
+        if self._needs_sync(server):
             self._checkout_task = asyncio.get_running_loop().create_task(
                 self._checkout(role, server, server.pool))
             return
@@ -770,19 +774,19 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is not Phase.RELAY or group is None:
             return
         if isinstance(exc, PoolTimeout):
-            log.warning("client %s: %s", self.peer, exc)
-            self._fail_request(m.SQLSTATE_TOO_MANY_CONNECTIONS, str(exc))
-            self._dispatch_pending()
+            sqlstate = m.SQLSTATE_TOO_MANY_CONNECTIONS
         elif isinstance(exc, ServerError) and role == PRIMARY:
             exc = group.primary_unavailable(server_pool, exc)
-            log.warning("client %s: %s", self.peer, exc)
-            self._fail_request(exc.sqlstate, str(exc))
-            self._dispatch_pending()
+            sqlstate = exc.sqlstate
         else:
             if isinstance(exc, ServerError) and server_pool is not group.primary:
                 group.ban(server_pool, str(exc))  # it failed to connect: ``_checkout`` tries the others
             # Also the way to follow a reload that replaced the pool (PoolRetired).
             self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
+            return
+        log.warning("client %s: %s", self.peer, exc)
+        self._fail_request(sqlstate, str(exc))
+        self._dispatch_pending()
 
     def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
         """What the router sees of a message: a Bind of a named statement shows its text."""
@@ -821,7 +825,7 @@ class ClientConnection(asyncio.Protocol):
                         preferred: "ServerPool | None" = None) -> None:
         group = self.group
         assert group is not None
-        started = self.wait_started = time.monotonic()
+        self.wait_started = time.monotonic()
         try:
             if server is None:
                 server = await self._checkout_current(role, preferred)
@@ -854,10 +858,7 @@ class ClientConnection(asyncio.Protocol):
                     group.checkin_broken(server)
             raise
         finally:
-            waited = time.monotonic() - started
-            if waited > self.max_wait:
-                self.max_wait = waited
-            self.wait_started = 0.0
+            self._end_wait()
         self._checkout_task = None
         if self.phase is not Phase.RELAY:
             group.checkin(server)

@@ -355,16 +355,16 @@ class ServerPool:
         """
         self._expiry_timer = None
         now = time.monotonic()
-        expired = [w for w in self.waiters
-                   if type(w) is CallbackWaiter and not w._done and w.deadline <= now]
+        waiting = [w for w in self.waiters if type(w) is CallbackWaiter and not w._done]
+        expired = [w for w in waiting if w.deadline <= now]
+        for waiter in expired:
+            waiter.time_out()
         if expired:
-            gone = set(map(id, expired))
-            self.waiters = collections.deque(w for w in self.waiters if id(w) not in gone)
-            for waiter in expired:
-                waiter.time_out()
-        pending = [w.deadline for w in self.waiters if type(w) is CallbackWaiter and not w._done]
-        if pending:
-            self._expiry_timer = asyncio.get_running_loop().call_at(min(pending), self._expire_waiters)
+            # Dropped here rather than skipped at release: also the clients that went away.
+            self.waiters = collections.deque(w for w in self.waiters if not (type(w) is CallbackWaiter and w._done))
+        remaining = [w.deadline for w in waiting if w.deadline > now]
+        if remaining:
+            self._expiry_timer = asyncio.get_running_loop().call_at(min(remaining), self._expire_waiters)
 
     def _startup_parameters(self) -> dict[str, str]:
         params = {"application_name": self.settings.application_name}

@@ -134,6 +134,17 @@ def _dup_socket(conn: psycopg.Connection) -> socket.socket:
     return sock
 
 
+def _expect_08P01_and_close(conn: psycopg.Connection, garbage: bytes, message_part: str) -> None:
+    """Send ``garbage`` on a logged-in client's socket: an 08P01 naming the problem, then close."""
+    with _dup_socket(conn) as sock:
+        sock.sendall(garbage)
+        fields = read_until_error_or_close(sock)
+        assert fields is not None, "pypool closed without an ErrorResponse"
+        assert fields["C"] == "08P01", fields
+        assert message_part in fields["M"], fields
+        assert_closed(sock)
+
+
 @pytest.mark.parametrize("in_transaction", [False, True], ids=["idle", "in-transaction"])
 def test_garbage_after_login_is_08P01_and_closes(start_pypool, in_transaction):
     pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
@@ -142,13 +153,8 @@ def test_garbage_after_login_is_08P01_and_closes(start_pypool, in_transaction):
         if in_transaction:
             conn.execute("BEGIN")
             conn.execute("CREATE TEMP TABLE dirty_marker (x int) ON COMMIT DROP")
-        with _dup_socket(conn) as sock:
-            sock.sendall(b"Q\x00\x00\x00\x02")  # a Query whose length cannot hold even itself
-            fields = read_until_error_or_close(sock)
-            assert fields is not None, "pypool closed without an ErrorResponse"
-            assert fields["C"] == "08P01", fields
-            assert "length" in fields["M"], fields
-            assert_closed(sock)
+        # A Query whose length cannot hold even itself.
+        _expect_08P01_and_close(conn, b"Q\x00\x00\x00\x02", "length")
     finally:
         conn.close()
     assert_serving(pypool)
@@ -164,13 +170,8 @@ def test_unknown_message_type_after_login_is_08P01_and_costs_no_server_connectio
         backend = keeper.execute("SELECT pg_backend_pid()").fetchone()[0]
         conn = psycopg.connect(pypool.dsn(), autocommit=True)
         try:
-            with _dup_socket(conn) as sock:
-                sock.sendall(b"Z\x00\x00\x00\x04")  # a backend message type, sent by a client
-                fields = read_until_error_or_close(sock)
-                assert fields is not None, "pypool closed without an ErrorResponse"
-                assert fields["C"] == "08P01", fields
-                assert "invalid frontend message type" in fields["M"], fields
-                assert_closed(sock)
+            # A backend message type, sent by a client.
+            _expect_08P01_and_close(conn, b"Z\x00\x00\x00\x04", "invalid frontend message type")
         finally:
             conn.close()
         # The pool's only server connection was never handed to the broken client.
