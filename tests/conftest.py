@@ -89,14 +89,22 @@ def pg_cluster() -> list[cluster.Node]:
     return cluster.up()
 
 
+def pgbench_database(nodes: list[cluster.Node], database: str) -> str:
+    """``database`` (created if missing) with fresh pgbench tables (scale 1), replicated to the replicas."""
+    primary = nodes[0]
+    if cluster.run_sql(primary, f"SELECT 1 FROM pg_database WHERE datname = '{database}'") != "1":
+        cluster.run_sql(primary, f"CREATE DATABASE {database}")
+    env = {**os.environ, "PGPASSWORD": PASSWORD}
+    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(primary.port),
+                    "-U", USER, database], env=env, check=True, capture_output=True, timeout=120)
+    wait_replicas_caught_up(nodes)
+    return database
+
+
 @pytest.fixture(scope="session")
 def pgbench_tables(pg_cluster: list[cluster.Node]) -> None:
     """pgbench tables (scale 1) on the primary, replicated to both replicas."""
-    primary = pg_cluster[0]
-    env = {**os.environ, "PGPASSWORD": PASSWORD}
-    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(primary.port),
-                    "-U", USER, DATABASE], env=env, check=True, capture_output=True, timeout=120)
-    wait_replicas_caught_up(pg_cluster)
+    pgbench_database(pg_cluster, DATABASE)
 
 
 def wait_replicas_caught_up(nodes: list[cluster.Node], timeout: float = 30) -> None:

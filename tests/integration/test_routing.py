@@ -7,7 +7,6 @@ directly on each node -- never from pypool's own statistics.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import uuid
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 
 from pypool import cluster
-from tests.conftest import DATABASE, PASSWORD, USER, pool_overrides, wait_replicas_caught_up
+from tests.conftest import DATABASE, USER, pgbench_database, pool_overrides, wait_replicas_caught_up
 
 pytestmark = pytest.mark.integration
 
@@ -204,14 +203,7 @@ SHARE_DB = "pypool_routing_share"
 
 @pytest.fixture(scope="module")
 def share_db(pg_cluster) -> str:
-    primary = pg_cluster[0]
-    if cluster.run_sql(primary, f"SELECT 1 FROM pg_database WHERE datname = '{SHARE_DB}'") != "1":
-        cluster.run_sql(primary, f"CREATE DATABASE {SHARE_DB}")
-    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(primary.port), "-U", USER,
-                    SHARE_DB], env={**os.environ, "PGPASSWORD": PASSWORD}, check=True,
-                   capture_output=True, timeout=120)
-    wait_replicas_caught_up(pg_cluster)
-    return SHARE_DB
+    return pgbench_database(pg_cluster, SHARE_DB)
 
 
 def _share_overrides(**values: object) -> dict:
