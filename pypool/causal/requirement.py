@@ -1,0 +1,138 @@
+"""The WAL position a client's next read must see: its own writes (``session``) or everyone's (``global``).
+
+A write transaction's commit position is learnt after the client already has
+its reply: the session asks the primary (``COMMIT_POSITION_QUERY``) on the same
+server connection before checking it in. Until that answer arrives the
+position is *pending*, and a read that must see it waits for it (one primary
+round trip at most). Hence the tickets: ``begin_lookup`` when the write
+transaction ends, ``end_lookup`` with the answer.
+
+``CommitLog`` is one pool's log in this process, for ``global`` mode: the
+highest commit position learnt and the lookups still in flight. With several
+worker processes each worker publishes its log in its own slot of a shared
+table (``shared.py``) and a read looks at every worker's slot.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pypool.causal.lsn import Position, parse_position
+
+OFF, SESSION, GLOBAL = "off", "session", "global"
+MODES = (OFF, SESSION, GLOBAL)
+
+# Asked on the primary connection right after a write transaction ended. The insert
+# position, not the write position: under synchronous_commit = off the commit record
+# may not be written out yet, and a replica must not be taken as caught up before it.
+COMMIT_POSITION_QUERY = "SELECT pg_current_wal_insert_lsn(), pg_walfile_name(pg_current_wal_insert_lsn())"
+
+
+def parse_commit_row(row: list[str | None]) -> Position:
+    position = parse_position(row[0], row[1])
+    if position is None:
+        raise ValueError(f"commit position query returned {row!r}")
+    return position
+
+
+class ClientCausal:
+    """One client's own requirement (``session`` mode); a few attributes, no I/O."""
+
+    __slots__ = ("required", "pending")
+
+    def __init__(self) -> None:
+        self.required: Position | None = None  # highest commit position of this client's writes
+        self.pending = 0  # its commit-position lookups still in flight
+
+    def begin_lookup(self) -> None:
+        self.pending += 1
+
+    def end_lookup(self, position: Position | None) -> None:
+        """The lookup's answer; None if it failed (the caller then asks the primary another way)."""
+        self.pending -= 1
+        if position is not None and (self.required is None or position > self.required):
+            self.required = position
+
+    def __str__(self) -> str:  # SHOW CLIENTS
+        if self.pending:
+            return "pending"
+        return "" if self.required is None else str(self.required)
+
+
+class Slots(Protocol):
+    """Per-worker slots of one pool: (position, lookups started, all lookups below this ticket done)."""
+
+    index: int  # this worker's slot
+
+    def initial(self) -> tuple[Position | None, int]: ...
+    def publish(self, position: Position | None, started: int, done_below: int) -> None: ...
+    def read_all(self) -> list[tuple[Position | None, int, int]]: ...
+
+
+class LocalSlots:
+    """One process, one slot: ``global`` mode without worker processes."""
+
+    index = 0
+
+    def __init__(self) -> None:
+        self._slot: tuple[Position | None, int, int] = (None, 0, 0)
+
+    def initial(self) -> tuple[Position | None, int]:
+        return None, 0
+
+    def publish(self, position: Position | None, started: int, done_below: int) -> None:
+        self._slot = (position, started, done_below)
+
+    def read_all(self) -> list[tuple[Position | None, int, int]]:
+        return [self._slot]
+
+
+# What a global read must wait for: (slot, ticket) pairs whose lookups were in flight when it began.
+Barrier = tuple[tuple[int, int], ...]
+
+
+class CommitLog:
+    """One pool's commit positions in this process, published to its slot for ``global`` reads."""
+
+    def __init__(self, slots: Slots | None = None) -> None:
+        self.slots: Slots = slots if slots is not None else LocalSlots()
+        # A restarted worker goes on from its predecessor's slot; the lookups that one left
+        # in flight will never end, so they count as done.
+        self.position, self._started = self.slots.initial()
+        self._outstanding: set[int] = set()
+        self._publish()
+
+    def begin_lookup(self) -> int:
+        ticket = self._started
+        self._started += 1
+        self._outstanding.add(ticket)
+        self._publish()
+        return ticket
+
+    def end_lookup(self, ticket: int, position: Position | None) -> None:
+        self._outstanding.discard(ticket)
+        if position is not None and (self.position is None or position > self.position):
+            self.position = position
+        self._publish()
+
+    def _publish(self) -> None:
+        done_below = min(self._outstanding) if self._outstanding else self._started
+        self.slots.publish(self.position, self._started, done_below)
+
+    def read_barrier(self) -> tuple[Position | None, Barrier]:
+        """At the start of a global read: the highest commit known anywhere, and the lookups to await."""
+        best: Position | None = None
+        waits = []
+        for i, (position, started, done_below) in enumerate(self.slots.read_all()):
+            if position is not None and (best is None or position > best):
+                best = position
+            if done_below < started:
+                waits.append((i, started))
+        return best, tuple(waits)
+
+    def barrier_passed(self, barrier: Barrier) -> bool:
+        """Every lookup in flight when the read began has ended (then read the position again)."""
+        if not barrier:
+            return True
+        slots = self.slots.read_all()
+        return all(slots[i][2] >= ticket for i, ticket in barrier)
