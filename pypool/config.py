@@ -57,6 +57,7 @@ __all__ = [
     "LOAD_BALANCING_MODES",
     "CLIENT_AUTH_METHODS",
     "CLIENT_TLS_MODES",
+    "CAUSAL_READS_MODES",
 ]
 
 
@@ -94,6 +95,13 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # bytes; larger messages are refuse
 DEFAULT_WORKERS = 1
 MAX_WORKERS = 64
 DEFAULT_CLIENT_LOGIN_TIMEOUT_MS = 60_000  # a client must finish logging in within this
+# Causal reads (pypool addition): "session" whenever read/write splitting is on, else "off".
+# A read waits at most this long for a replica to replay the write it must see. Healthy
+# streaming replicas replay within milliseconds; a replica a second behind is in trouble,
+# and an interactive read-after-write should not hang longer: past it the read goes to the
+# primary (primary reads on) or fails with a message naming the lag. It also matches
+# connect_timeout and healthcheck_timeout, the other waits a client meets per request.
+DEFAULT_CAUSAL_READS_TIMEOUT_MS = 1000
 
 # Accepted spellings -> canonical value.  Matching is case-insensitive
 # (PgCat accepts e.g. "transaction" and "Transaction").
@@ -117,6 +125,9 @@ CLIENT_AUTH_METHODS: Mapping[str, str] = types.MappingProxyType(
 )
 CLIENT_TLS_MODES: Mapping[str, str] = types.MappingProxyType(
     {"disable": "disable", "allow": "allow", "require": "require"}
+)
+CAUSAL_READS_MODES: Mapping[str, str] = types.MappingProxyType(
+    {"off": "off", "session": "session", "global": "global"}
 )
 
 # PgCat settings pypool accepts but does not implement: each one present in a
@@ -234,6 +245,8 @@ class Pool:
     max_replica_lag_ms: int | None = None  # pypool addition, None = off
     read_only_functions: tuple[str, ...] = ()  # pypool addition, lower-case names
     prepared_statements_cache_size: int = DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE
+    causal_reads: str = "off"  # pypool addition: "off" | "session" | "global"
+    causal_reads_timeout: int = DEFAULT_CAUSAL_READS_TIMEOUT_MS  # pypool addition, ms
     users: Mapping[str, User] = field(
         default_factory=lambda: types.MappingProxyType({}), hash=False
     )
@@ -785,6 +798,8 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         prepared_statements_cache_size=t.integer(
             "prepared_statements_cache_size", t.integer("max_prepared_statements", ps_default)
         ),
+        causal_reads=t.choice("causal_reads", CAUSAL_READS_MODES, "session" if rw_splitting else "off"),
+        causal_reads_timeout=t.integer("causal_reads_timeout", DEFAULT_CAUSAL_READS_TIMEOUT_MS, minimum=1),
         users=_parse_users(t, general.workers),
         shards=_parse_shards(t),
     )
