@@ -7,3 +7,6 @@
 ``decide``       serve on this replica / check and wait / primary / error; no I/O
 ``stats``        counters for /metrics
 """
+
+# True once the client session calls this package (turns on tests/integration/test_causal_reads.py).
+WIRED = False
