@@ -38,24 +38,32 @@ def parse_commit_row(row: list[str | None]) -> Position:
 class ClientCausal:
     """One client's own requirement (``session`` mode); a few attributes, no I/O."""
 
-    __slots__ = ("required", "pending")
+    __slots__ = ("required", "pending", "unknown")
 
     def __init__(self) -> None:
         self.required: Position | None = None  # highest commit position of this client's writes
         self.pending = 0  # its commit-position lookups still in flight
+        self.unknown = False  # a write whose position nobody could learn: reads go to the primary
 
     def begin_lookup(self) -> None:
         self.pending += 1
 
     def end_lookup(self, position: Position | None) -> None:
-        """The lookup's answer; None if it failed (the caller then asks the primary another way)."""
+        """The lookup's answer; None if no answer could be had (then reads go to the primary
+        until a later write's position is known: that one is past every earlier commit)."""
         self.pending -= 1
-        if position is not None and (self.required is None or position > self.required):
+        if position is None:
+            self.unknown = True
+            return
+        self.unknown = False
+        if self.required is None or position > self.required:
             self.required = position
 
     def __str__(self) -> str:  # SHOW CLIENTS
         if self.pending:
             return "pending"
+        if self.unknown:
+            return "unknown (primary)"
         return "" if self.required is None else str(self.required)
 
 

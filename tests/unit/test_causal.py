@@ -161,8 +161,11 @@ def test_a_client_requires_its_highest_write_and_waits_while_one_is_pending() ->
     client.end_lookup(Position(1, 300))  # answers may arrive out of order
     assert client.required == Position(1, 500) and not client.pending
     client.begin_lookup()
-    client.end_lookup(None)  # failed lookup: nothing learnt, nothing pending
-    assert client.required == Position(1, 500) and not client.pending
+    client.end_lookup(None)  # nobody could say where that write ended: primary until a later one is known
+    assert client.unknown and str(client) == "unknown (primary)" and not client.pending
+    client.begin_lookup()
+    client.end_lookup(Position(1, 800))
+    assert not client.unknown and client.required == Position(1, 800)
 
 
 def test_a_global_read_waits_for_lookups_in_flight_when_it_began() -> None:
