@@ -68,6 +68,26 @@ def parse_position(lsn_text: str | None, timeline_text: str | None) -> Position 
     return Position(timeline, parse_lsn(lsn_text))
 
 
+# WAL page headers (MAXALIGNed): the first page of a segment carries the long one.
+SHORT_PAGE_HEADER = 24
+LONG_PAGE_HEADER = 40
+
+
+def record_end(lsn: int, segment_offset: int, block_size: int) -> int:
+    """The end of the last WAL record, from an insert position (``pg_current_wal_insert_lsn()``).
+
+    When the last record filled its page to the end, the insert position
+    already points past the next page's header, where nothing is written
+    yet; a replica that replayed everything reports the page boundary. The
+    boundary is the position to wait for.
+    """
+    if segment_offset == LONG_PAGE_HEADER:
+        return lsn - LONG_PAGE_HEADER
+    if segment_offset >= block_size and segment_offset % block_size == SHORT_PAGE_HEADER:
+        return lsn - SHORT_PAGE_HEADER
+    return lsn
+
+
 def lag_bytes(behind: Position | None, ahead: Position) -> int | None:
     """How many bytes of WAL ``behind`` still has to replay to reach ``ahead`` (None: not comparable)."""
     if behind is None or behind.timeline != ahead.timeline:

@@ -17,22 +17,29 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from pypool.causal.lsn import Position, parse_position
+from pypool.causal.lsn import Position, parse_lsn, record_end, timeline_from_walfile
 
 OFF, SESSION, GLOBAL = "off", "session", "global"
 MODES = (OFF, SESSION, GLOBAL)
 
 # Asked on the primary connection right after a write transaction ended. The insert
-# position, not the write position: under synchronous_commit = off the commit record
-# may not be written out yet, and a replica must not be taken as caught up before it.
-COMMIT_POSITION_QUERY = "SELECT pg_current_wal_insert_lsn(), pg_walfile_name(pg_current_wal_insert_lsn())"
+# position, not the write or flush position: under synchronous_commit = off the commit
+# record may not be written out yet, and a replica must not be taken as caught up before
+# it. Its WAL file gives the timeline, the offset and block size find a record's end.
+COMMIT_POSITION_QUERY = ("SELECT lsn, w.file_name, w.file_offset, current_setting('wal_block_size') "
+                         "FROM pg_current_wal_insert_lsn() lsn, pg_walfile_name_offset(lsn) w")
 
 
 def parse_commit_row(row: list[str | None]) -> Position:
-    position = parse_position(row[0], row[1])
-    if position is None:
+    """The row of COMMIT_POSITION_QUERY -> the position a replica must have replayed."""
+    if len(row) != 4 or any(value is None for value in row):
         raise ValueError(f"commit position query returned {row!r}")
-    return position
+    lsn_text, file_name, offset, block_size = row
+    try:
+        lsn = record_end(parse_lsn(lsn_text), int(offset), int(block_size))  # type: ignore[arg-type]
+        return Position(timeline_from_walfile(file_name), lsn)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"commit position query returned {row!r}: {exc}") from None
 
 
 class ClientCausal:

@@ -36,12 +36,13 @@ MONITOR_APPLICATION_NAME = "pypool-monitor"
 # The server's WAL position and timeline (``causal.lsn.parse_position`` reads the two columns).
 # A replica: how far it replayed, on the timeline it receives (pg_stat_wal_receiver hides that from
 # roles without pg_read_all_stats: then the timeline of its last restartpoint). The primary: its
-# insert position and, from the WAL file name, its current timeline (right after a promotion too).
+# flush position (a record end or page boundary a replica can reach) and, from the WAL file name,
+# its current timeline (right after a promotion too).
 POSITION_COLUMNS = (
-    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn() END, "
+    "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_flush_lsn() END, "
     "CASE WHEN pg_is_in_recovery() THEN COALESCE((SELECT received_tli FROM pg_stat_wal_receiver), "
     "(SELECT timeline_id FROM pg_control_checkpoint()))::text "
-    "ELSE pg_walfile_name(pg_current_wal_insert_lsn()) END"
+    "ELSE pg_walfile_name(pg_current_wal_flush_lsn()) END"
 )
 POSITION_QUERY = "SELECT " + POSITION_COLUMNS
 # Lag is 0 when the replica has replayed all it received (or receives nothing,
@@ -61,7 +62,7 @@ class HealthResult:
     in_recovery: bool | None = None
     lag_ms: float | None = None
     error: str | None = None
-    position: Position | None = None  # replay position of a replica, insert position of the primary
+    position: Position | None = None  # replay position of a replica, flush position of the primary
 
 
 class ServerMonitor:

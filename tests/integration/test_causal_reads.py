@@ -27,7 +27,7 @@ import pytest
 from pypool import causal, cluster
 from pypool.causal.lsn import Position
 from pypool.causal.positions import ReplicaPositions
-from pypool.causal.requirement import parse_commit_row
+from pypool.causal.requirement import COMMIT_POSITION_QUERY, parse_commit_row
 from pypool.config import ServerAddress
 from pypool.pool.health import ServerMonitor
 from pypool.pool.pool import PoolSettings, ServerPool
@@ -232,9 +232,8 @@ def test_monitor_reports_positions_and_a_delayed_replica_is_seen_behind(pg_clust
                 assert (await monitor.check()).ok
             with psycopg.connect(primary_dsn(pg_cluster), autocommit=True) as conn:
                 conn.execute(f"INSERT INTO {lagging} VALUES (424242)")
-                lsn, walfile = conn.execute("SELECT pg_current_wal_insert_lsn()::text, "
-                                            "pg_walfile_name(pg_current_wal_insert_lsn())").fetchone()
-            committed = parse_commit_row([lsn, walfile])
+                row = conn.execute(COMMIT_POSITION_QUERY).fetchone()
+            committed = parse_commit_row([str(value) for value in row])
             behind = await monitors[2].check_position()  # 200 ms from replaying that commit
             for monitor in monitors:
                 await monitor.check()

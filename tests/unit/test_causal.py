@@ -12,7 +12,8 @@ import pytest
 from pypool import sqlstates
 from pypool.causal import shared
 from pypool.causal.decide import Fail, Serve, UsePrimary, Wait, decide
-from pypool.causal.lsn import Position, format_lsn, parse_lsn, parse_position, timeline_from_walfile
+from pypool.causal.lsn import (Position, format_lsn, parse_lsn, parse_position, record_end,
+                               timeline_from_walfile)
 from pypool.causal.positions import RECHECK_INTERVAL, ReplicaPositions
 from pypool.causal.requirement import ClientCausal, CommitLog, parse_commit_row
 from pypool.causal.stats import CausalStats
@@ -47,7 +48,21 @@ def test_timeline_comes_from_the_wal_file_name_and_orders_first() -> None:
     assert Position(2, 0) > Position(1, 2**40)  # a promotion moves every later write after the switch
     with pytest.raises(ValueError):
         timeline_from_walfile("0000000Z000000000000001F")
-    assert parse_commit_row(["0/3000060", "000000010000000000000003"]) == Position(1, 0x3000060)
+    assert parse_commit_row(["0/3000060", "000000010000000000000003", "96", "8192"]) == Position(1, 0x3000060)
+    with pytest.raises(ValueError):
+        parse_commit_row(["0/3000060", None, "96", "8192"])
+
+
+@pytest.mark.parametrize("lsn, offset, expected", [
+    (0x3002018, 0x2018, 0x3002000),  # just past a page header: the last record ended at the page's start
+    (0x3000028, 0x28, 0x3000000),  # just past a segment's first (long) header
+    (0x3000018, 0x18, 0x3000018),  # 24 bytes into a segment's first page: record data, not a header
+    (0x3002019, 0x2019, 0x3002019),
+    (0x3002030, 0x2030, 0x3002030),
+])
+def test_a_commit_position_is_where_a_replica_that_replayed_it_stands(lsn, offset, expected) -> None:
+    assert record_end(lsn, offset, 8192) == expected
+    assert parse_commit_row([format_lsn(lsn), "000000010000000000000003", str(offset), "8192"]).lsn == expected
 
 
 # ----------------------------------------------------------------- the decision

@@ -20,16 +20,18 @@ class Cluster:
         self.insert = 0x1000
         self.replay = {"r1": 0x1000, "r2": 0x1000}
         self.primary_down = False
+        self.primary_asked = 0
 
     def write(self) -> list[str | None]:
         self.insert += 0x100
-        return [f"0/{self.insert:X}", "000000010000000000000001"]
+        return [f"0/{self.insert:X}", "000000010000000000000001", str(self.insert), "8192"]
 
     async def check(self, name: str) -> Position:
         await asyncio.sleep(0)
         return Position(1, self.replay[name])
 
     async def primary_position(self) -> Position:
+        self.primary_asked += 1
         if self.primary_down:
             raise OSError("primary unreachable")
         return Position(1, self.insert)
@@ -47,10 +49,10 @@ def test_session_mode_the_writer_waits_its_own_write_others_do_not() -> None:
         loop.call_soon(pool.commit_learnt, writer, ticket, cluster.write())
         loop.call_later(0.01, cluster.replay.__setitem__, "r2", 0x1100)
         decision = await pool.choose(writer, lambda: ["r1", "r2"], pick=first)
-        return decision, pool.must_wait(reader), str(writer)
+        return decision, pool.must_wait(reader), str(writer), cluster.primary_asked
 
-    decision, reader_waits, shown = asyncio.run(go())
-    assert decision == Serve("r2")
+    decision, reader_waits, shown, primary_asked = asyncio.run(go())
+    assert decision == Serve("r2") and primary_asked == 0
     assert not reader_waits
     assert shown == "0/1100 (timeline 1)"
 
