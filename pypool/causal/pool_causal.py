@@ -26,7 +26,7 @@ from typing import Generic, Hashable, TypeVar
 from pypool.causal.decide import Fail, Serve, UsePrimary
 from pypool.causal.lsn import Position
 from pypool.causal.positions import ReplicaPositions
-from pypool.causal.requirement import GLOBAL, OFF, ClientCausal, CommitLog, Slots, parse_commit_row
+from pypool.causal.requirement import GLOBAL, OFF, ClientCausal, CommitLog, parse_commit_row
 from pypool.causal.wait import CausalReads
 
 log = logging.getLogger("pypool.causal")
@@ -38,11 +38,13 @@ NO_TICKET = -1  # session mode: no pool-wide log to take a ticket from
 
 class PoolCausal(Generic[K]):
     def __init__(self, mode: str, timeout_ms: int, check: Callable[[K], Awaitable[Position | None]],
-                 primary_position: Callable[[], Awaitable[Position | None]], slots: Slots | None = None,
+                 primary_position: Callable[[], Awaitable[Position | None]], commits: CommitLog | None = None,
                  label: Callable[[K], str] = str) -> None:
+        """``commits``: the pool's commit log in ``global`` mode, one per pool name shared by the
+        groups of all its users (``CommitLog(worker.commit_slots(pool_name))`` with workers)."""
         self.mode = mode
         self.reads: CausalReads[K] = CausalReads(check, timeout_ms, label=label)
-        self.log = CommitLog(slots) if mode == GLOBAL else None
+        self.log = (commits if commits is not None else CommitLog()) if mode == GLOBAL else None
         self._primary_position = primary_position
         self._tasks: set[asyncio.Task[None]] = set()
 

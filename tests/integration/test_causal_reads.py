@@ -7,6 +7,11 @@ unless pypool waits for it. Every test counts stale reads over many
 write-then-read pairs: with ``causal_reads = "off"`` there are some (so the
 count can fail), with ``"session"``/``"global"`` there must be none.
 
+The clients commit with ``synchronous_commit = on`` (PostgreSQL's default; the
+local cluster runs with ``off``): under ``off`` a commit reaches the replicas
+only when the WAL writer flushes it (``wal_writer_delay``, 200 ms), so every
+read after a write would wait that long; one short test covers that case.
+
 The tests of the modes themselves need the session to call ``pypool.causal``
 (see that package's docstring); until it does they are skipped, while the
 ``off`` test and the position tests run now.
@@ -38,6 +43,7 @@ pytestmark = pytest.mark.integration
 
 PAIRS = 1000
 APPLY_DELAY_MS = 200
+SYNC_COMMIT = "-c synchronous_commit=on"  # startup options every client sends
 needs_wiring = pytest.mark.skipif(
     not causal.WIRED, reason="causal reads are not wired into the client session yet (issue 13 lands after "
                              "the session state machine); pypool.causal.WIRED turns these on")
@@ -107,13 +113,13 @@ def wait_until_delayed(nodes: list[cluster.Node], table: str, attempts: int = 50
 # ---------------------------------------------------------------- the clients
 
 
-def psql_stale_reads(pypool, table: str, pairs: int = PAIRS) -> int:
+def psql_stale_reads(pypool, table: str, pairs: int = PAIRS, options: str = SYNC_COMMIT) -> int:
     """psql's simple protocol, autocommit: one INSERT then one SELECT per pair, all in one session."""
     script = "".join(f"INSERT INTO {table} VALUES ({n});\nSELECT {n}, count(*) FROM {table} WHERE id = {n};\n"
                      for n in range(pairs))
     proc = subprocess.run(["psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(pypool.port), "-U", USER,
-                           "-d", DATABASE], input=script, env=pypool.env(), capture_output=True, text=True,
-                          timeout=300)
+                           "-d", DATABASE], input=script, env={**pypool.env(), "PGOPTIONS": options},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     seen = {line for line in proc.stdout.splitlines()}
     return sum(1 for n in range(pairs) if f"{n}|1" not in seen)
@@ -122,7 +128,7 @@ def psql_stale_reads(pypool, table: str, pairs: int = PAIRS) -> int:
 def psycopg_stale_reads(dsn: str, table: str, pairs: int = PAIRS, offset: int = 0) -> int:
     """psycopg 3, autocommit, extended protocol with parameters (prepared after 5 uses: the default)."""
     stale = 0
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True, options=SYNC_COMMIT) as conn:
         for n in range(offset, offset + pairs):
             conn.execute(f"INSERT INTO {table} VALUES (%s)", (n,))
             stale += conn.execute(f"SELECT count(*) FROM {table} WHERE id = %s", (n,)).fetchone()[0] == 0
@@ -132,7 +138,7 @@ def psycopg_stale_reads(dsn: str, table: str, pairs: int = PAIRS, offset: int = 
 async def asyncpg_stale_reads(dsn: str, table: str, pairs: int = PAIRS, offset: int = 0) -> int:
     """asyncpg with its statement cache (named prepared statements reused for every pair)."""
     stale = 0
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings={"options": SYNC_COMMIT})
     try:
         for n in range(offset, offset + pairs):
             await conn.execute(f"INSERT INTO {table} VALUES ($1)", n)
@@ -146,8 +152,10 @@ def two_connection_stale_reads(dsn: str, table: str, pairs: int = PAIRS, connect
     """Writes on some connections, each followed by a read of that row on another connection."""
     stale = 0
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(psycopg.connect(dsn, autocommit=True)) for _ in range(connections)]
-        readers = [stack.enter_context(psycopg.connect(dsn, autocommit=True)) for _ in range(connections)]
+        writers = [stack.enter_context(psycopg.connect(dsn, autocommit=True, options=SYNC_COMMIT))
+                   for _ in range(connections)]
+        readers = [stack.enter_context(psycopg.connect(dsn, autocommit=True, options=SYNC_COMMIT))
+                   for _ in range(connections)]
         for n in range(pairs):
             writers[n % connections].execute(f"INSERT INTO {table} VALUES (%s)", (n,))
             row = readers[(n + 1) % connections].execute(f"SELECT count(*) FROM {table} WHERE id = %s", (n,))
@@ -171,6 +179,13 @@ def test_off_reads_stale_rows_from_the_lagging_replica(start_pypool, lagging):
 def test_session_psql_simple_protocol_reads_its_writes(start_pypool, lagging):
     pypool = start_pypool(split("session"))
     assert psql_stale_reads(pypool, lagging) == 0
+
+
+@needs_wiring
+def test_session_waits_for_the_wal_writer_under_asynchronous_commit(start_pypool, lagging):
+    """synchronous_commit = off: the commit is replicated only once flushed; the read still sees it."""
+    pypool = start_pypool(split("session"))
+    assert psql_stale_reads(pypool, lagging, pairs=20, options="-c synchronous_commit=off") == 0
 
 
 @needs_wiring
@@ -208,7 +223,7 @@ def test_timeout_without_primary_reads_fails_naming_the_lag(start_pypool, laggin
     overrides["pools"][DATABASE]["shards"] = {"0": {"database": DATABASE, "servers": [
         ["127.0.0.1", pg_cluster[0].port, "primary"], ["127.0.0.1", pg_cluster[2].port, "replica"]]}}
     pypool = start_pypool(overrides)
-    with psycopg.connect(pypool.dsn(), autocommit=True) as conn:
+    with psycopg.connect(pypool.dsn(), autocommit=True, options=SYNC_COMMIT) as conn:
         conn.execute(f"INSERT INTO {lagging} VALUES (1)")
         with pytest.raises(psycopg.errors.QueryCanceled, match="causal_reads_timeout = 50 ms"):
             conn.execute(f"SELECT count(*) FROM {lagging} WHERE id = 1")
