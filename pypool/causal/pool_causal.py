@@ -9,8 +9,10 @@ pool's ``causal_reads`` is off) and calls, per transaction:
    reply went out and *before* the connection goes back to the pool, and
    reports the answer with ``commit_learnt(client, ticket, row)``, or
    ``commit_lookup_failed(client, ticket)`` if the query could not be answered.
-2. ``must_wait(client)`` before a read is given a replica: False is the fast
-   path (route as ever). True: ``await choose(...)`` tells where the read runs.
+2. ``must_wait(client, replicas)`` before a read is given a replica: False is
+   the fast path (route as ever: no requirement, or every replica the group
+   would choose from already replayed it). True: ``await choose(...)`` tells
+   where the read runs.
 
 Positions of the replicas come from the health monitors (``positions``,
 passed to each ServerMonitor) and from checks ``choose`` makes itself.
@@ -93,16 +95,32 @@ class PoolCausal(Generic[K]):
 
     # ----------------------------------------------------- before a read
 
-    def must_wait(self, client: ClientCausal | None) -> bool:
-        """False: the read has nothing to see that a replica might lack (the hot path: attribute tests)."""
+    def must_wait(self, client: ClientCausal | None, replicas: Sequence[K]) -> bool:
+        """False: any of ``replicas`` may serve this read as ever (the hot path, a few attribute tests).
+
+        True when the read must see a write that some replica is not known to
+        have replayed yet, or whose position is still being learnt: then
+        ``choose`` decides. ``replicas``: those the group would choose from.
+        """
         if client is None:
             return False
-        if client.required is not None or client.pending or client.unknown:
+        if client.pending or client.unknown:
             return True
-        if self.log is None:
+        required = client.required
+        log_ = self.log
+        if log_ is not None:  # global: any write through this pypool, on any worker
+            position, barrier = log_.read_barrier()
+            if barrier:
+                return True
+            if position is not None and (required is None or position > required):
+                required = position
+        if required is None:
             return False
-        position, barrier = self.log.read_barrier()  # global: any write through this pypool, any worker
-        return position is not None or bool(barrier)
+        caught_up = self.reads.positions.caught_up
+        for replica in replicas:
+            if not caught_up(replica, required):
+                return True
+        return False
 
     async def choose(self, client: ClientCausal, replicas: Callable[[], Sequence[K]], *,
                      pick: Callable[[Sequence[K]], K], primary: K | None = None) -> Serve | UsePrimary | Fail | None:

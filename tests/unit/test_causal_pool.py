@@ -42,17 +42,22 @@ def test_session_mode_the_writer_waits_its_own_write_others_do_not() -> None:
         cluster = Cluster()
         pool = PoolCausal("session", 1000, cluster.check, cluster.primary_position)
         writer, reader = pool.client(), pool.client()
-        assert not pool.must_wait(writer) and not pool.must_wait(reader)
+        replicas = ["r1", "r2"]
+        assert not pool.must_wait(writer, replicas) and not pool.must_wait(reader, replicas)
         ticket = pool.write_ended(writer)
-        assert pool.must_wait(writer)  # pending: the reply went out before the position came back
+        assert pool.must_wait(writer, replicas)  # pending: the reply went out before the position came back
         loop = asyncio.get_running_loop()
         loop.call_soon(pool.commit_learnt, writer, ticket, cluster.write())
         loop.call_later(0.01, cluster.replay.__setitem__, "r2", 0x1100)
-        decision = await pool.choose(writer, lambda: ["r1", "r2"], pick=first)
-        return decision, pool.must_wait(reader), str(writer), cluster.primary_asked
+        decision = await pool.choose(writer, lambda: replicas, pick=first)
+        still_behind = pool.must_wait(writer, replicas)  # r1 has not replayed it: choose again next time
+        pool.positions.observe("r1", Position(1, 0x1100), loop.time())
+        caught_up = pool.must_wait(writer, replicas)  # both have: the fast path again
+        return decision, pool.must_wait(reader, replicas), str(writer), cluster.primary_asked, still_behind, caught_up
 
-    decision, reader_waits, shown, primary_asked = asyncio.run(go())
+    decision, reader_waits, shown, primary_asked, still_behind, caught_up = asyncio.run(go())
     assert decision == Serve("r2") and primary_asked == 0
+    assert still_behind and not caught_up
     assert not reader_waits
     assert shown == "0/1100 (timeline 1)"
 
@@ -63,7 +68,7 @@ def test_global_mode_every_client_waits_for_every_write() -> None:
         pool = PoolCausal("global", 1000, cluster.check, cluster.primary_position)
         writer, reader = pool.client(), pool.client()
         ticket = pool.write_ended(writer)
-        assert pool.must_wait(reader)  # a lookup in flight anywhere
+        assert pool.must_wait(reader, ["r1", "r2"])  # a lookup in flight anywhere
         asyncio.get_running_loop().call_soon(pool.commit_learnt, writer, ticket, cluster.write())
         cluster.replay["r1"] = 0x1100
         return await pool.choose(reader, lambda: ["r1", "r2"], pick=lambda c: c[-1])
@@ -97,6 +102,6 @@ def test_off_gives_no_client_state_and_never_waits() -> None:
     async def go():
         cluster = Cluster()
         pool = PoolCausal("off", 1000, cluster.check, cluster.primary_position)
-        return pool.client(), pool.must_wait(None)
+        return pool.client(), pool.must_wait(None, ["r1"])
 
     assert asyncio.run(go()) == (None, False)
