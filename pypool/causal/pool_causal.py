@@ -64,9 +64,11 @@ class PoolCausal(Generic[K]):
         client.begin_lookup()
         return self.log.begin_lookup() if self.log is not None else NO_TICKET
 
-    def commit_learnt(self, client: ClientCausal, ticket: int, row: list[str | None]) -> None:
+    def commit_learnt(self, client: ClientCausal, ticket: int, row: list[str | None],
+                      asynchronous: bool = False) -> None:
+        """COMMIT_POSITION_QUERY's row; ``asynchronous``: the transaction set synchronous_commit = off locally."""
         try:
-            position = parse_commit_row(row)
+            position = parse_commit_row(row, asynchronous)
         except ValueError as exc:
             log.warning("causal reads: %s; asking the primary's monitor", exc)
             self.commit_lookup_failed(client, ticket)

@@ -22,21 +22,34 @@ from pypool.causal.lsn import Position, parse_lsn, record_end, timeline_from_wal
 OFF, SESSION, GLOBAL = "off", "session", "global"
 MODES = (OFF, SESSION, GLOBAL)
 
-# Asked on the primary connection right after a write transaction ended. The insert
-# position, not the write or flush position: under synchronous_commit = off the commit
-# record may not be written out yet, and a replica must not be taken as caught up before
-# it. Its WAL file gives the timeline, the offset and block size find a record's end.
-COMMIT_POSITION_QUERY = ("SELECT lsn, w.file_name, w.file_offset, current_setting('wal_block_size') "
-                         "FROM pg_current_wal_insert_lsn() lsn, pg_walfile_name_offset(lsn) w")
+# Asked on the primary connection right after a write transaction ended, with that
+# session's settings. A commit that waited for its WAL flush (synchronous_commit other
+# than off) lies before the flush position, which the replicas are sure to receive.
+# An asynchronous commit may lie past it: then the insert position, which covers it
+# (the WAL writer flushes it within wal_writer_delay). Each position is turned into the
+# record end a replica reports (``lsn.record_end``), from its offset in its WAL file.
+COMMIT_POSITION_QUERY = (
+    "SELECT i, fi.file_offset, f, ff.file_name, ff.file_offset, current_setting('wal_block_size'), "
+    "current_setting('synchronous_commit') FROM pg_current_wal_insert_lsn() i, pg_current_wal_flush_lsn() f, "
+    "pg_walfile_name_offset(i) fi, pg_walfile_name_offset(f) ff"
+)
 
 
-def parse_commit_row(row: list[str | None]) -> Position:
-    """The row of COMMIT_POSITION_QUERY -> the position a replica must have replayed."""
-    if len(row) != 4 or any(value is None for value in row):
+def parse_commit_row(row: list[str | None], asynchronous: bool = False) -> Position:
+    """The row of COMMIT_POSITION_QUERY -> the position a replica must have replayed.
+
+    ``asynchronous``: the transaction ran ``SET LOCAL synchronous_commit = off``
+    (the session's setting, read by the query, no longer shows it).
+    """
+    if len(row) != 7 or any(value is None for value in row):
         raise ValueError(f"commit position query returned {row!r}")
-    lsn_text, file_name, offset, block_size = row
+    insert, insert_offset, flush, file_name, flush_offset, block_size, synchronous_commit = row
     try:
-        lsn = record_end(parse_lsn(lsn_text), int(offset), int(block_size))  # type: ignore[arg-type]
+        block = int(block_size)  # type: ignore[arg-type]
+        if asynchronous or synchronous_commit == "off":
+            lsn = record_end(parse_lsn(insert), int(insert_offset), block)  # type: ignore[arg-type]
+        else:
+            lsn = record_end(parse_lsn(flush), int(flush_offset), block)  # type: ignore[arg-type]
         return Position(timeline_from_walfile(file_name), lsn)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ValueError(f"commit position query returned {row!r}: {exc}") from None

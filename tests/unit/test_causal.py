@@ -48,9 +48,19 @@ def test_timeline_comes_from_the_wal_file_name_and_orders_first() -> None:
     assert Position(2, 0) > Position(1, 2**40)  # a promotion moves every later write after the switch
     with pytest.raises(ValueError):
         timeline_from_walfile("0000000Z000000000000001F")
-    assert parse_commit_row(["0/3000060", "000000010000000000000003", "96", "8192"]) == Position(1, 0x3000060)
+    assert commit_row(0x3000060, 0x3000040) == Position(1, 0x3000040)  # flushed before the reply: flush position
+    assert commit_row(0x3000060, 0x3000040, "off") == Position(1, 0x3000060)  # asynchronous: insert position
+    assert commit_row(0x3000060, 0x3000040, "on", asynchronous=True) == Position(1, 0x3000060)  # SET LOCAL off
+    assert commit_row(0x3000060, 0x3000040, "remote_apply") == Position(1, 0x3000040)
     with pytest.raises(ValueError):
-        parse_commit_row(["0/3000060", None, "96", "8192"])
+        parse_commit_row(["0/3000060", None, "0/3000060", "000000010000000000000003", "96", "8192", "on"])
+
+
+def commit_row(insert: int, flush: int, synchronous_commit: str = "on", asynchronous: bool = False) -> Position:
+    segment = 16 << 20
+    return parse_commit_row([format_lsn(insert), str(insert % segment), format_lsn(flush),
+                             "000000010000000000000003", str(flush % segment), "8192", synchronous_commit],
+                            asynchronous)
 
 
 @pytest.mark.parametrize("lsn, offset, expected", [
@@ -62,7 +72,8 @@ def test_timeline_comes_from_the_wal_file_name_and_orders_first() -> None:
 ])
 def test_a_commit_position_is_where_a_replica_that_replayed_it_stands(lsn, offset, expected) -> None:
     assert record_end(lsn, offset, 8192) == expected
-    assert parse_commit_row([format_lsn(lsn), "000000010000000000000003", str(offset), "8192"]).lsn == expected
+    assert commit_row(lsn, lsn).lsn == expected
+    assert commit_row(lsn, 0, "off").lsn == expected
 
 
 # ----------------------------------------------------------------- the decision

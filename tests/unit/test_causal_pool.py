@@ -24,7 +24,8 @@ class Cluster:
 
     def write(self) -> list[str | None]:
         self.insert += 0x100
-        return [f"0/{self.insert:X}", "000000010000000000000001", str(self.insert), "8192"]
+        position = [f"0/{self.insert:X}", str(self.insert)]
+        return [*position, *position[:1], "000000010000000000000001", *position[1:], "8192", "on"]
 
     async def check(self, name: str) -> Position:
         await asyncio.sleep(0)
