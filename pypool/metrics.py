@@ -1,8 +1,8 @@
 """The Prometheus exporter: ``GET /metrics`` rendered from a statistics snapshot.
 
 Nothing here runs on the relay path, and nothing here reads live pool
-objects: the HTTP thread asks the event loop for ``Application.stats_snapshot()``
-(plain data, see ``pypool.snapshot``) and renders metric families from it, so
+objects: the HTTP thread asks the event loop for a snapshot (``Application.stats_snapshot()``,
+plain data, see ``pypool.snapshot``) and renders metric families from it, so
 every number in a scrape comes from one instant and merged snapshots of several
 processes render the same way.
 
@@ -28,7 +28,7 @@ import concurrent.futures
 import logging
 import socket
 import threading
-from typing import TYPE_CHECKING, Iterable
+from typing import Awaitable, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -41,16 +41,16 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from pypool import __version__
-from pypool.admin import pools_table, stats_values  # SHOW POOLS / SHOW STATS: one source of these numbers
+from pypool.admin.tables import pools_table, stats_values  # SHOW POOLS / SHOW STATS: one source of these numbers
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.snapshot import SERVER_STATES, AddressStats, Snapshot
-
-if TYPE_CHECKING:
-    from pypool.app import Application
 
 log = logging.getLogger("pypool.metrics")
 
 SCRAPE_TIMEOUT = 5.0  # seconds the HTTP thread waits for the event loop's snapshot
+
+# A coroutine function run on the event loop: the snapshot and the SHOW STATS averages.
+Scrape = Callable[[], Awaitable[tuple[Snapshot, dict[tuple, dict[str, float]]]]]
 
 # PgCat's labels of per-address series, plus ``user``: PgCat's own Grafana dashboard
 # filters these series by ``user=~"$user"`` although its exporter only sets ``username``.
@@ -297,17 +297,13 @@ def _float_str(value: float) -> str:
 class PypoolCollector:
     """prometheus-client collector: the snapshot is taken on the event loop, rendered on the HTTP thread."""
 
-    def __init__(self, app: "Application", loop: asyncio.AbstractEventLoop) -> None:
-        self.app = app
+    def __init__(self, scrape: Scrape, loop: asyncio.AbstractEventLoop) -> None:
+        self.scrape = scrape
         self.loop = loop
-
-    async def _scrape(self) -> tuple[Snapshot, dict[tuple, dict[str, float]]]:
-        snap = await self.app.stats_snapshot()
-        return snap, dict(self.app.averager.averages)
 
     def collect(self) -> Iterable[Metric]:
         try:
-            future = asyncio.run_coroutine_threadsafe(self._scrape(), self.loop)
+            future = asyncio.run_coroutine_threadsafe(self.scrape(), self.loop)
         except RuntimeError:
             return []  # the loop is closed: pypool is stopping
         try:
@@ -327,9 +323,9 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """``GET /metrics`` on host:prometheus_exporter_port, served from a daemon thread."""
 
-    def __init__(self, app: "Application", host: str, port: int) -> None:
+    def __init__(self, scrape: Scrape, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(PypoolCollector(app, asyncio.get_running_loop()))
+        self.registry.register(PypoolCollector(scrape, asyncio.get_running_loop()))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         metrics_app = make_wsgi_app(self.registry)
