@@ -41,8 +41,8 @@ import re
 from collections import OrderedDict
 
 from pypool.routing.classify import (
-    _TOKEN_RE,
     DEFAULT_READ_ONLY_FUNCTIONS,
+    TOKEN_RE,
     Classification,
     block_comment_span,
     classify,
@@ -152,7 +152,7 @@ def _fingerprint_exact(sql: str) -> str:
     out: list[str] = []
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = TOKEN_RE.match
     space = False
     while pos < n:
         m = match(sql, pos)

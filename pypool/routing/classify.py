@@ -6,7 +6,7 @@ WRITE and goes to the primary.
 
 How a text is examined:
 
-1. A small PostgreSQL-faithful lexer (``_lex``) splits the text into
+1. A small PostgreSQL-faithful lexer (``lex_statements``) splits the text into
    statements on top-level ``;`` (strings, ``E''`` strings, dollar quotes,
    quoted identifiers and nested ``/* */`` comments are honoured; SQL-standard
    ``BEGIN ATOMIC ... END`` function bodies are kept whole).
@@ -322,7 +322,7 @@ def _query_problem(text: str, allowed: frozenset[str]) -> str | None:
 _IDENT_START = r"A-Za-z_\x80-\U0010ffff"
 _IDENT_CONT = r"A-Za-z0-9_$\x80-\U0010ffff"
 
-_TOKEN_RE = re.compile(
+TOKEN_RE = re.compile(
     rf"""
      (?P<ws>[ \t\n\r\f\v]+)
     |(?P<lc>--[^\n\r]*)
@@ -368,7 +368,7 @@ def _block_comment_end(sql: str, start: int) -> int:
 
 
 # A string or quoted identifier token is complete only if it matches these
-# (``_TOKEN_RE`` also accepts one that runs to the end of the text unclosed).
+# (``TOKEN_RE`` also accepts one that runs to the end of the text unclosed).
 _CLOSED_QUOTE_RE = re.compile(
     r"[eE]'(?:[^'\\]|\\[\s\S]|'')*'"
     r"|(?:[bBxXnN]|[uU]&)?'(?:[^']|'')*'"
@@ -389,16 +389,16 @@ class Unterminated(Exception):
 
 
 # A token is (kind, TEXT, start, end); TEXT is upper-cased for words.
-_Tok = tuple[str, str, int, int]
+Token = tuple[str, str, int, int]
 
 
-def _lex(sql: str) -> list[list[_Tok]]:
+def lex_statements(sql: str) -> list[list[Token]]:
     """Split into statements of significant tokens (no whitespace/comments)."""
-    statements: list[list[_Tok]] = []
-    cur: list[_Tok] = []
+    statements: list[list[Token]] = []
+    cur: list[Token] = []
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = TOKEN_RE.match
     atomic = False  # inside CREATE ... BEGIN ATOMIC ... END
     while pos < n:
         m = match(sql, pos)
@@ -461,7 +461,7 @@ _QUERY_STARTS = frozenset(("SELECT", "WITH", "VALUES", "TABLE", "("))
 _R = tuple[bool, bool, "str | None", bool, bool, str]
 
 
-def _begin_mode(toks: list[_Tok], i: int) -> str:
+def _begin_mode(toks: list[Token], i: int) -> str:
     mode = "default"
     n = len(toks)
     while i < n:
@@ -479,13 +479,13 @@ def _begin_mode(toks: list[_Tok], i: int) -> str:
     return mode
 
 
-def _word(toks: list[_Tok], i: int) -> str:
+def _word(toks: list[Token], i: int) -> str:
     if i < len(toks) and toks[i][0] == "word":
         return toks[i][1]
     return ""
 
 
-def _matching_paren(toks: list[_Tok], i: int) -> int:
+def _matching_paren(toks: list[Token], i: int) -> int:
     """Index of the ``)`` closing the ``(`` at ``i``; len(toks) if none."""
     depth = 0
     for j in range(i, len(toks)):
@@ -499,7 +499,7 @@ def _matching_paren(toks: list[_Tok], i: int) -> int:
     return len(toks)
 
 
-def _find_top(toks: list[_Tok], i: int, words: tuple[str, ...]) -> int:
+def _find_top(toks: list[Token], i: int, words: tuple[str, ...]) -> int:
     """Index of the first top-level (paren depth 0) word in ``words``."""
     depth = 0
     for j in range(i, len(toks)):
@@ -513,7 +513,7 @@ def _find_top(toks: list[_Tok], i: int, words: tuple[str, ...]) -> int:
     return -1
 
 
-def _inner_query(sql: str, toks: list[_Tok], i: int, end: int, allowed: frozenset[str]) -> str | None:
+def _inner_query(sql: str, toks: list[Token], i: int, end: int, allowed: frozenset[str]) -> str | None:
     """Problem with the query starting at token ``i`` (up to offset ``end``)."""
     if i >= len(toks):
         return "parse error"
@@ -523,7 +523,7 @@ def _inner_query(sql: str, toks: list[_Tok], i: int, end: int, allowed: frozense
     return _query_problem(sql[toks[i][2] : end], allowed)
 
 
-def _statement(sql: str, toks: list[_Tok], allowed: frozenset[str]) -> _R:
+def _statement(sql: str, toks: list[Token], allowed: frozenset[str]) -> _R:
     first = toks[0][1]
     end = toks[-1][3]
 
@@ -660,7 +660,7 @@ for _c in (READ, EMPTY, PARSE_ERROR):
 def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_FUNCTIONS) -> Classification:
     """Classify one simple-query text (one or more statements).  Never raises."""
     try:
-        statements = _lex(sql)
+        statements = lex_statements(sql)
     except Unterminated:
         return PARSE_ERROR
     except Exception:  # pragma: no cover - the lexer matches every character
@@ -735,7 +735,7 @@ def role_hint(sql: str) -> str | None:
         return None
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = TOKEN_RE.match
     while pos < n:
         m = match(sql, pos)
         kind = m.lastgroup
