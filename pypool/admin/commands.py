@@ -147,9 +147,8 @@ class AdminCommands:
         return m.result_set([("version", TEXT)], [[f"pypool {__version__}"]], tag="SHOW")
 
     def show_help(self) -> bytes:
-        fields = (b"S" + m.cstr("NOTICE") + b"V" + m.cstr("NOTICE") + b"C" + m.cstr("00000")
-                  + b"M" + m.cstr("Console usage") + b"D" + m.cstr("\n\t" + "\n\t".join(HELP_LINES)) + b"\x00")
-        return m.message(m.NOTICE_RESPONSE, fields) + m.command_complete("SHOW")
+        usage = m.notice_response("Console usage", detail="\n\t" + "\n\t".join(HELP_LINES))
+        return usage + m.command_complete("SHOW")
 
     # ------------------------------------------------------------ commands
 

@@ -93,10 +93,6 @@ def authentication_md5(salt: bytes) -> bytes:
     return message(AUTHENTICATION, _INT32.pack(AUTH_MD5) + salt)
 
 
-def authentication_cleartext() -> bytes:
-    return message(AUTHENTICATION, _INT32.pack(AUTH_CLEARTEXT))
-
-
 def authentication_sasl(mechanisms: Iterable[str]) -> bytes:
     body = b"".join(cstr(m) for m in mechanisms) + b"\x00"
     return message(AUTHENTICATION, _INT32.pack(AUTH_SASL) + body)
@@ -135,8 +131,8 @@ def error_response(sqlstate: str, text: str, severity: str = "ERROR",
     return message(ERROR_RESPONSE, _fields(severity, sqlstate, text, detail, hint))
 
 
-def notice_response(text: str, severity: str = "NOTICE", sqlstate: str = "00000") -> bytes:
-    return message(NOTICE_RESPONSE, _fields(severity, sqlstate, text, None, None))
+def notice_response(text: str, severity: str = "NOTICE", sqlstate: str = "00000", detail: str | None = None) -> bytes:
+    return message(NOTICE_RESPONSE, _fields(severity, sqlstate, text, detail, None))
 
 
 def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:
@@ -239,13 +235,6 @@ def parse_parse(payload: bytes) -> tuple[str, str]:
     name, pos = read_cstring(payload)
     text, _ = read_cstring(payload, pos)
     return name, text
-
-
-def parse_bind_statement(payload: bytes) -> tuple[str, str]:
-    """(portal name, statement name) of a Bind message."""
-    portal, pos = read_cstring(payload)
-    stmt, _ = read_cstring(payload, pos)
-    return portal, stmt
 
 
 def parse_sasl_initial_response(payload: bytes) -> tuple[str, bytes]:

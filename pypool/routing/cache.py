@@ -268,10 +268,6 @@ class ClassificationCache:
             data.popitem(last=False)
         return c
 
-    def hit_ratio(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
-
     def __len__(self) -> int:
         return len(self._data)
 

@@ -225,7 +225,7 @@ class _Dialect(Postgres):
 
 
 _DIALECT = _Dialect()
-_NAME_KEY = "pypool_name"
+_NAME_KEY = _Dialect.ORIGINAL_NAME_META_KEY
 
 
 def _qualifier(node: exp.Expr) -> str | None:
