@@ -111,10 +111,6 @@ class Application:
         return await self.stats_snapshot(), dict(self.averager.averages)
 
     @property
-    def ports(self) -> list[int]:
-        return self.listener.ports
-
-    @property
     def accepting(self) -> bool:
         return self.registry.accepting
 
@@ -142,9 +138,6 @@ class Application:
 
     def request_shutdown(self, reason: str) -> None:
         self._shutdown.request(reason)
-
-    async def shutdown(self, reason: str = "shutdown", timeout: float | None = None) -> None:
-        await self._shutdown.run(reason, timeout)
 
     async def wait_stopped(self) -> None:
         await self._shutdown.wait()

@@ -28,10 +28,6 @@ class Listener:
         self._servers.append(server)
         return ", ".join(str(s.getsockname()) for s in server.sockets)
 
-    @property
-    def ports(self) -> list[int]:
-        return [s.getsockname()[1] for srv in self._servers for s in srv.sockets]
-
     def close(self) -> None:
         for server in self._servers:
             server.close()

@@ -56,20 +56,19 @@ class Shutdown:
     def request(self, reason: str) -> None:
         """Start the graceful shutdown; asked again while draining, stop waiting for transactions."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self.run(reason=reason))
+            self._task = asyncio.get_running_loop().create_task(self.run(reason))
         elif not self._stopped.is_set():
             log.warning("%s while draining: closing every connection now", reason)
             self._deadline = 0.0
 
-    async def run(self, reason: str = "shutdown", timeout: float | None = None) -> None:
+    async def run(self, reason: str) -> None:
         pooler = self.pooler
         registry = pooler.registry
         if not registry.accepting:
             return
         registry.accepting = False
         loop = asyncio.get_running_loop()
-        if timeout is None:
-            timeout = pooler.config.general.shutdown_timeout / 1000
+        timeout = pooler.config.general.shutdown_timeout / 1000
         self._deadline = loop.time() + timeout
         busy = [c for c in registry.clients if in_transaction(c)]
         log.info("shutting down (%s): no new clients or transactions; waiting up to %.1f s for %d "
