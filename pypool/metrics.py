@@ -160,11 +160,16 @@ _NO_AVERAGES = dict.fromkeys(("xact_count", "query_count", "recv", "sent", "erro
 
 def pypool_families(snap: Snapshot) -> list[Metric]:
     """pypool's own family, named the Prometheus way."""
-    out: list[Metric] = []
     info = GaugeMetricFamily("pypool_info", "pypool version", labels=["version"])
     info.add_metric([__version__], 1)
-    out.append(info)
+    reloads = CounterMetricFamily("pypool_config_reloads", "Config reloads (SIGHUP or RELOAD) by result",
+                                  labels=["result"])
+    reloads.add_metric(["success"], snap.reloads_ok)
+    reloads.add_metric(["failure"], snap.reloads_failed)
+    return [info, *_client_families(snap), *_server_families(snap), *_routing_families(snap), reloads]
 
+
+def _client_families(snap: Snapshot) -> list[Metric]:
     pool_labels = ["pool", "user"]
     clients = GaugeMetricFamily("pypool_client_connections", "Logged-in client connections by pool, user and state",
                                 labels=pool_labels + ["state"])
@@ -185,8 +190,10 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
     logins.add_metric([], sum(1 for c in snap.clients if c.state == "login"))
     admins = GaugeMetricFamily("pypool_admin_connections", "Client connections to the admin console")
     admins.add_metric([], sum(1 for c in snap.clients if c.admin))
-    out.extend([clients, waiting_max, paused, cancels, logins, admins])
+    return [clients, waiting_max, paused, cancels, logins, admins]
 
+
+def _server_families(snap: Snapshot) -> list[Metric]:
     server_labels = ["pool", "user", "host", "port", "role"]
     servers = GaugeMetricFamily("pypool_server_connections", "Server connections by state (PgBouncer's "
                                 "vocabulary: active, idle, used, tested, login)", labels=server_labels + ["state"])
@@ -247,8 +254,10 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
         is_primary.add_metric(labels, int(a.role == "primary"))
         if a.role == "replica" and a.lag_seconds is not None:
             lag.add_metric(labels, a.lag_seconds)
-    out.extend([servers, max_conns, *counters.values(), xact_hist, wait_hist, banned, healthy, is_primary, lag])
+    return [servers, max_conns, *counters.values(), xact_hist, wait_hist, banned, healthy, is_primary, lag]
 
+
+def _routing_families(snap: Snapshot) -> list[Metric]:
     hits = CounterMetricFamily("pypool_query_classification_cache_hits",
                                "Statements classified from the fingerprint cache", labels=["pool"])
     misses = CounterMetricFamily("pypool_query_classification_cache_misses",
@@ -267,12 +276,7 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
         entries.add_metric([r.pool], r.cache_entries)
         for role, n in sorted(r.decisions.items()):
             decisions.add_metric([r.pool, role], n)
-    reloads = CounterMetricFamily("pypool_config_reloads", "Config reloads (SIGHUP or RELOAD) by result",
-                                  labels=["result"])
-    reloads.add_metric(["success"], snap.reloads_ok)
-    reloads.add_metric(["failure"], snap.reloads_failed)
-    out.extend([hits, misses, ratio, entries, decisions, reloads])
-    return out
+    return [hits, misses, ratio, entries, decisions]
 
 
 def render_families(snap: Snapshot, averages: dict[tuple, dict[str, float]]) -> list[Metric]:
