@@ -12,10 +12,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from pypool.client import ClientError, new_cancel_key
+from pypool import sqlstates
+from pypool.client import new_cancel_key
+from pypool.errors import LoginRefused
 from pypool.limits import UserConnectionCounts
 from pypool.pool.server import send_cancel
-from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
     from pypool.client import ClientConnection
@@ -49,12 +50,12 @@ class ClientRegistry:
             log.info("client %s (%s@%s) disconnected", client.peer, client.user, client.database)
 
     def check_accepting(self, max_client_conn: int) -> None:
-        """Raises ClientError when a client that just connected must be turned away."""
+        """Raises LoginRefused when a client that just connected must be turned away."""
         if not self.accepting:
-            raise ClientError(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
+            raise LoginRefused(sqlstates.ADMIN_SHUTDOWN, "pypool is shutting down")
         if max_client_conn and len(self.clients) > max_client_conn:
-            raise ClientError(m.SQLSTATE_TOO_MANY_CONNECTIONS,
-                              f"too many client connections: max_client_conn is {max_client_conn}")
+            raise LoginRefused(sqlstates.TOO_MANY_CONNECTIONS,
+                               f"too many client connections: max_client_conn is {max_client_conn}")
 
     # ------------------------------------------------------------------- cancel
 

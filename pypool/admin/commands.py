@@ -13,10 +13,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-from pypool import __version__
+from pypool import __version__, sqlstates
 from pypool.admin import tables
 from pypool.admin.tables import BAN_COLUMNS, TEXT
 from pypool.config import ConfigError
+from pypool.errors import PoolerError
 from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -26,9 +27,6 @@ if TYPE_CHECKING:
     from pypool.snapshot import Averager, Snapshot
 
 log = logging.getLogger("pypool.admin")
-
-SQLSTATE_CONFIG_FILE_ERROR = "F0000"
-SQLSTATE_UNDEFINED_OBJECT = "42704"
 
 HELP_LINES = (
     "SHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|VERSION",
@@ -50,10 +48,8 @@ _SHOW_NOT_IMPLEMENTED = frozenset({"FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM", "S
                                    "PEERS", "PEER_POOLS", "TOTALS", "PREPARED_STATEMENTS"})
 
 
-class AdminError(Exception):
-    def __init__(self, sqlstate: str, text: str) -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
+class AdminError(PoolerError):
+    """An admin command failed: the console answers with an ERROR and keeps the session."""
 
 
 class Pooler(Protocol):
@@ -110,17 +106,17 @@ class AdminCommands:
         if handler is not None:
             return handler(tokens[1:])
         if verb in _NOT_IMPLEMENTED:
-            raise AdminError(m.SQLSTATE_FEATURE_NOT_SUPPORTED,
+            raise AdminError(sqlstates.FEATURE_NOT_SUPPORTED,
                              f"{verb} is a PgBouncer admin command that pypool does not implement; "
                              "SHOW HELP lists the commands pypool supports")
-        raise AdminError(m.SQLSTATE_SYNTAX_ERROR,
+        raise AdminError(sqlstates.SYNTAX_ERROR,
                          f'unsupported admin command "{statement[:60]}"; SHOW HELP lists the commands')
 
     # ---------------------------------------------------------------- SHOW
 
     async def show(self, args: list[str]) -> bytes:
         if not args:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "SHOW needs an argument; SHOW HELP lists them")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "SHOW needs an argument; SHOW HELP lists them")
         what = args[0].upper()
         static = self._show_static.get(what)
         if static is not None:
@@ -130,8 +126,8 @@ class AdminCommands:
             return m.result_set(*table(await self.pooler.stats_snapshot()),
                                 tag="SHOW BANS" if what == "BANS" else "SHOW")
         if what in _SHOW_NOT_IMPLEMENTED:
-            raise AdminError(m.SQLSTATE_FEATURE_NOT_SUPPORTED, f"SHOW {what} is not implemented by pypool")
-        raise AdminError(SQLSTATE_UNDEFINED_OBJECT,
+            raise AdminError(sqlstates.FEATURE_NOT_SUPPORTED, f"SHOW {what} is not implemented by pypool")
+        raise AdminError(sqlstates.UNDEFINED_OBJECT,
                          f'unsupported SHOW "{args[0]}" on the admin console; SHOW HELP lists them')
 
     def _stats_table(self, snap: Snapshot) -> tables.Table:
@@ -160,7 +156,7 @@ class AdminCommands:
         try:
             self.pooler.reload(reason="admin RELOAD")
         except ConfigError as exc:
-            raise AdminError(SQLSTATE_CONFIG_FILE_ERROR, f"config not reloaded, the old one stays: {exc}") from None
+            raise AdminError(sqlstates.CONFIG_FILE_ERROR, f"config not reloaded, the old one stays: {exc}") from None
         return m.command_complete("RELOAD")
 
     def _pool_target(self, verb: str, args: list[str]) -> tuple[list[PoolGroup], str]:
@@ -170,17 +166,17 @@ class AdminCommands:
             return list(groups.values()), verb
         parts = [p.strip() for p in text.split(",")]
         if len(parts) > 2 or not all(parts):
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, f"usage: {verb} [db[, user]]")
+            raise AdminError(sqlstates.SYNTAX_ERROR, f"usage: {verb} [db[, user]]")
         database = parts[0]
         if len(parts) == 2:
             group = groups.get((database, parts[1]))
             if group is None:
-                raise AdminError(m.SQLSTATE_INVALID_CATALOG,
+                raise AdminError(sqlstates.INVALID_CATALOG_NAME,
                                  f"No pool configured for database: {database}, user: {parts[1]}")
             return [group], f"{verb} {database},{parts[1]}"
         matching = [g for (name, _), g in groups.items() if name == database]
         if not matching:
-            raise AdminError(m.SQLSTATE_INVALID_CATALOG, f"No pool configured for database: {database}")
+            raise AdminError(sqlstates.INVALID_CATALOG_NAME, f"No pool configured for database: {database}")
         return matching, verb
 
     def pause(self, args: list[str]) -> bytes:
@@ -211,7 +207,7 @@ class AdminCommands:
         """(group, server pool) pairs whose server is ``host`` or ``host:port``."""
         host, _, port = target.partition(":")
         if port and not port.isdigit():
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, f"invalid port in {target!r}")
+            raise AdminError(sqlstates.SYNTAX_ERROR, f"invalid port in {target!r}")
         for (name, user), group in sorted(self.pooler.groups.items()):
             for sp in group.all_pools:
                 if sp.address.host == host and (not port or sp.address.port == int(port)):
@@ -219,13 +215,13 @@ class AdminCommands:
 
     def ban(self, args: list[str]) -> bytes:
         if len(args) != 2:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "usage: BAN hostname[:port] duration_seconds")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "usage: BAN hostname[:port] duration_seconds")
         try:
             seconds = int(args[1])
         except ValueError:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "duration_seconds must be an integer") from None
+            raise AdminError(sqlstates.SYNTAX_ERROR, "duration_seconds must be an integer") from None
         if seconds <= 0:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "duration_seconds must be > 0")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "duration_seconds must be > 0")
         rows = []
         for group, sp in list(self._matching(args[0])):
             if sp is group.primary or group.is_banned(sp):
@@ -237,7 +233,7 @@ class AdminCommands:
 
     def unban(self, args: list[str]) -> bytes:
         if len(args) != 1:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "UNBAN command requires a hostname[:port] to unban")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "UNBAN command requires a hostname[:port] to unban")
         rows = []
         for group, sp in list(self._matching(args[0])):
             if group.is_banned(sp):

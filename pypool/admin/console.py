@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
+from pypool import sqlstates
 from pypool.admin.commands import AdminCommands, AdminError, Pooler
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
@@ -69,7 +70,7 @@ class AdminConsole:
                 if not discarding:
                     discarding = True
                     self.write(m.error_response(
-                        m.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                        sqlstates.FEATURE_NOT_SUPPORTED,
                         "the pypool admin console supports only the simple query protocol",
                         hint="send admin commands as simple queries (psql does; in psycopg use "
                              "execute() without parameters)"))
@@ -92,11 +93,11 @@ class AdminConsole:
                     out.append(await self.commands.run(statement) if worker is None
                                else await worker.admin_command(self.commands, statement))
                 except AdminError as exc:
-                    out.append(m.error_response(exc.sqlstate, str(exc)))
+                    out.append(m.error_response_for(exc))
                     break
                 except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the session
                     log.exception("admin command %r failed", statement)
-                    out.append(m.error_response(m.SQLSTATE_INTERNAL_ERROR, f"internal error in pypool: {exc}"))
+                    out.append(m.error_response(sqlstates.INTERNAL_ERROR, f"internal error in pypool: {exc}"))
                     break
         finally:
             self.busy = False
