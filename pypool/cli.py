@@ -84,23 +84,8 @@ def _exit_with_parent() -> None:
         raise SystemExit(1)
 
 
-def read_env_file(path: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines of a Compose ``.env`` file (comments, blank lines and quotes as Compose reads them)."""
-    out = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith("#") or "=" not in line:
-                continue
-            key, _, value = line.partition("=")
-            value = value.strip()
-            if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-                value = value[1:-1]
-            out[key.strip()] = value
-    return out
-
-
 def config_command(args: argparse.Namespace) -> int:
+    from pypool import compose_env
     from pypool.config import ConfigError, default_config_dict, dump_config, load_config
 
     if args.action == "check":
@@ -117,11 +102,14 @@ def config_command(args: argparse.Namespace) -> int:
     env: dict[str, str] = {}
     try:
         if args.env_file:
-            env.update(read_env_file(args.env_file))
+            env.update(compose_env.read_env_file(args.env_file))
         env.update(os.environ)
-        text = dump_config(default_config_dict(env))
+        if args.base:
+            text = dump_config(compose_env.with_credentials(compose_env.read_toml(args.base), env, args.base))
+        else:
+            text = dump_config(default_config_dict(env))
     except OSError as exc:
-        print(f"error: {args.env_file}: {exc.strerror}", file=sys.stderr)
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -144,8 +132,14 @@ def _add_config_command(commands: "argparse._SubParsersAction") -> None:
                                            "0 or 1. Warnings (e.g. keys pypool ignores) go to stderr.")
     check.add_argument("path", metavar="CONFIG", help="the PgCat-format TOML file to check, e.g. pgcat.toml")
     init = actions.add_parser("init", help="write a config from the Compose .env variables",
-                              description="Write a config for the Compose topology (pg1 primary, pg2/pg3 "
-                                          "replicas) from POSTGRESQL_* and *_PORT variables.")
+                              description="Write a config from the Compose .env variables: the local cluster "
+                                          "(pg1 primary, pg2/pg3 replicas on 127.0.0.1) from POSTGRESQL_* and "
+                                          "*_PORT, or, with --from, the given config with its credentials from "
+                                          "POSTGRESQL_USERNAME, POSTGRESQL_PASSWORD and POSTGRESQL_DATABASE.")
+    init.add_argument("--from", dest="base", metavar="CONFIG",
+                      help="start from this config (e.g. config/pgcat.simple.toml) and set every user's name "
+                           "and password and every shard's database from the variables that are set; the pool "
+                           "is named after the database (Docker Compose starts pypool this way)")
     init.add_argument("--env-file", help="read the variables from this .env file too (e.g. docker/.env); "
                                          "the process environment wins, as with Docker Compose")
     init.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")

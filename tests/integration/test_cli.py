@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 def pypool_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pypool", *args], env={**os.environ, **(env or {})}, cwd=cwd,
+    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
+    return subprocess.run([sys.executable, "-m", "pypool", *args], env=merged, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -209,3 +210,24 @@ def test_startup_log_describes_the_config_and_warns_about_bad_servers(pg_cluster
     assert wrong not in text and PASSWORD not in text
     # The probe runs beside start-up: the listener came up, and the pooler stopped cleanly.
     assert "listening on" in text and "pypool stopped" in text
+
+
+def test_config_init_from_a_config_takes_the_credentials_from_the_env_file(tmp_path):
+    """What Docker Compose runs: config/pgcat.simple.toml with the credentials of docker/.env."""
+    simple = Path(__file__).parents[2] / "config" / "pgcat.simple.toml"
+    env_file = tmp_path / ".env"
+    env_file.write_text('POSTGRESQL_USERNAME=alice\nPOSTGRESQL_PASSWORD=\'s3"cr\\et\'\nPOSTGRESQL_DATABASE=shop\n')
+    written = tmp_path / "pgcat.toml"
+    out = pypool_cli("config", "init", "--from", str(simple), "--env-file", str(env_file), "-o", str(written),
+                     env={"POSTGRESQL_USERNAME": None, "POSTGRESQL_PASSWORD": None, "POSTGRESQL_DATABASE": None})
+    assert out.returncode == 0, out.stderr
+    config, original = tomllib.loads(written.read_text()), tomllib.loads(simple.read_text())
+    assert list(config["pools"]) == ["shop"]
+    user = config["pools"]["shop"]["users"]["0"]
+    assert (user["username"], user["password"]) == ("alice", 's3"cr\\et')
+    shard = config["pools"]["shop"]["shards"]["0"]
+    assert shard == {**original["pools"]["postgres"]["shards"]["0"], "database": "shop"}
+    assert config["general"] == original["general"]
+    assert pypool_cli("config", "check", str(written)).returncode == 0
+    out = pypool_cli("config", "init", "--from", str(tmp_path / "absent.toml"))
+    assert out.returncode == 1 and "absent.toml" in out.stderr
