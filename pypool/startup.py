@@ -17,9 +17,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pypool import __version__
+from pypool import __version__, sqlstates
 from pypool.pool.server import Credentials, ServerError, open_connection
-from pypool.protocol import messages as m
 from pypool.tls import server_context
 
 if TYPE_CHECKING:
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pypool.startup")
 
 # SQLSTATEs with which a reachable server refuses a login (wrong password, no such role or database).
-_REFUSALS = (m.SQLSTATE_INVALID_PASSWORD, m.SQLSTATE_INVALID_AUTHORIZATION, m.SQLSTATE_INVALID_CATALOG)
+_REFUSALS = (sqlstates.INVALID_PASSWORD, sqlstates.INVALID_AUTHORIZATION_SPECIFICATION, sqlstates.INVALID_CATALOG_NAME)
 
 
 def describe(config: "Config") -> list[str]:
