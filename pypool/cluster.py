@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -261,8 +262,13 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# A conninfo's password as PostgreSQL logs it (e.g. "parameter primary_conninfo changed to ...").
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s\"]+)")
+
+
 def _tail_text(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+    """The last ``lines`` lines of a server's output or log, with any conninfo password masked."""
+    return _CONNINFO_PASSWORD.sub(r"\1***", "\n".join(text.strip().splitlines()[-lines:]))
 
 
 def _log_tail(node: Node, lines: int = 30) -> str:
