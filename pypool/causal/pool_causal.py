@@ -4,11 +4,13 @@ The session holds one ``ClientCausal`` per client (``client()``; None when the
 pool's ``causal_reads`` is off) and calls, per transaction:
 
 1. ``write_ended(client)`` when a transaction that ran on the primary and was
-   not read-only has ended (ReadyForQuery 'I' relayed to the client), then
-   sends ``COMMIT_POSITION_QUERY`` on the same server connection *after* the
-   reply went out and *before* the connection goes back to the pool, and
-   reports the answer with ``commit_learnt(client, ticket, row)``, or
-   ``commit_lookup_failed(client, ticket)`` if the query could not be answered.
+   not read-only ends: on the server's ReadyForQuery 'I', *before* those bytes
+   are written to the client (with workers, a read the client sends on another
+   connection may reach another process at once: the lookup must already be
+   published). Then, after the reply went out and before the connection goes
+   back to the pool, send ``COMMIT_POSITION_QUERY`` on that server connection
+   and report the row with ``commit_learnt(client, ticket, row)``, or
+   ``commit_lookup_failed(client, ticket)`` if it could not be answered.
 2. ``must_wait(client, replicas)`` before a read is given a replica: False is
    the fast path (route as ever: no requirement, or every replica the group
    would choose from already replayed it). True: ``await choose(...)`` tells
