@@ -59,6 +59,7 @@ class Workload:
     clients: int = 1
     kind: str = "pgbench"  # pgbench | rtt | memory
     targets: tuple[str, ...] = PLAIN
+    options: str = ""  # PGOPTIONS for pgbench's sessions
 
 
 WORKLOADS: tuple[Workload, ...] = (
@@ -79,6 +80,12 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("mixed-split-c16", "Mixed TPC-B-like 1 : read-only 9, 16 clients, split: causal reads off vs session",
              ("-b", "tpcb-like@1", "-b", "select-only@9"), 16,
              targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
+    # The same with PostgreSQL's default synchronous_commit = on (the local cluster runs off, so a
+    # commit reaches the replicas only at the WAL writer's next flush, up to wal_writer_delay later).
+    Workload("mixed-split-sync-c16", "Mixed as above, synchronous_commit = on",
+             ("-b", "tpcb-like@1", "-b", "select-only@9"), 16,
+             targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw"),
+             options="-c synchronous_commit=on"),
     Workload("rtt", "SELECT 1 round trip, 1 client", kind="rtt", clients=1),
     Workload("memory", "RSS with idle client connections", kind="memory", targets=("pypool", "pgbouncer")),
 )
@@ -284,7 +291,8 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
     row.clients, row.duration_s = wl.clients, seconds
     cpu0 = target.cpu() if target.is_pooler else None
     try:
-        proc = subprocess.run(argv, env=pg_env(), capture_output=True, text=True, timeout=seconds + 90,
+        env = {**pg_env(), **({"PGOPTIONS": wl.options} if wl.options else {})}
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 90,
                               cwd=str(scratch))
         out, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:

@@ -10,8 +10,10 @@ lagging ones already left out), what is known of their replay positions
   primary reads allowed (role ``any``) the primary is always caught up and
   takes part in that choice, so such a read never waits.
 * ``Wait(check, until)``: no replica is known to be caught up yet. Ask the
-  replicas in ``check`` for ``pg_last_wal_replay_lsn()`` (report each answer to
-  the position table) and decide again when an answer arrives or at ``until``.
+  replicas in ``check`` (those not asked within the recheck interval) for
+  ``pg_last_wal_replay_lsn()``, report each answer to the position table, and
+  decide again when an answer arrives or at ``until``. (``wait.py`` polls every
+  candidate while reads wait on it, and wakes a read only when it can be served.)
 * ``UsePrimary(reason)``: the replicas are on another timeline than the write
   (a promotion happened): the primary serves until a replica is known to follow.
 * ``Fail(sqlstate, message)``: the deadline passed and the read may not run

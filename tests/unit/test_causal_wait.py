@@ -85,11 +85,16 @@ def test_a_failing_check_does_not_end_the_wait_and_the_primary_takes_reads_when_
         failed = await reads.choose(Position(1, 5), lambda: ["r1"], deadline=reads.deadline(), pick=first)
         primary = await reads.choose(Position(1, 5), lambda: ["r1"], deadline=reads.deadline(), pick=first,
                                      primary="p")
-        return failed, primary, reads.stats
+        for _ in range(100):  # the poller notices nobody waits any more at its next turn
+            if not reads.polling:
+                break
+            await asyncio.sleep(0.01)
+        return failed, primary, reads.stats, reads.polling
 
-    failed, primary, stats = asyncio.run(go())
+    failed, primary, stats, polling = asyncio.run(go())
     assert isinstance(failed, Fail) and "r1 position unknown" in failed.message
     assert primary == Serve("p") and stats.to_primary == 1
+    assert polling == 0
 
 
 def test_a_global_read_waits_for_a_commit_lookup_in_flight() -> None:
