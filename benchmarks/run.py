@@ -84,7 +84,7 @@ WORKLOADS: tuple[Workload, ...] = (
     # commit reaches the replicas only at the WAL writer's next flush, up to wal_writer_delay later).
     Workload("mixed-split-sync-c16", "Mixed as above, synchronous_commit = on",
              ("-b", "tpcb-like@1", "-b", "select-only@9"), 16,
-             targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw"),
+             targets=("pypool-rw", "pypool-rw-causal", "pgcat-rw"),  # PgBouncer refuses `options`
              options="-c synchronous_commit=on"),
     Workload("rtt", "SELECT 1 round trip, 1 client", kind="rtt", clients=1),
     Workload("memory", "RSS with idle client connections", kind="memory", targets=("pypool", "pgbouncer")),
