@@ -33,7 +33,7 @@ import logging
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
-from pypool import __version__
+from pypool import __version__, config_keys
 from pypool.snapshot import Averager, Snapshot
 from pypool.config import ConfigError, General, Pool, User
 from pypool.protocol import auth
@@ -78,10 +78,6 @@ _SHOW_NOT_IMPLEMENTED = frozenset({"FDS", "SOCKETS", "ACTIVE_SOCKETS", "MEM", "S
                                    "PEERS", "PEER_POOLS", "TOTALS", "PREPARED_STATEMENTS"})
 
 # Settings that only take effect at start (PgCat lists host, port and connect_timeout).
-_NOT_CHANGEABLE = frozenset({"host", "port", "workers", "enable_prometheus_exporter",
-                             "prometheus_exporter_port", "tls_certificate", "tls_private_key", "client_tls_mode",
-                             "server_tls", "verify_server_certificate", "server_tls_ca_file"})
-_GENERAL_KEYS: dict[str, str] = {}  # dataclass field -> PgCat's key, where they differ
 
 
 class AdminError(Exception):
@@ -558,11 +554,10 @@ def config_table(config) -> Table:
     for f in dataclasses.fields(General):
         if "password" in f.name:
             continue  # never shown
-        key = _GENERAL_KEYS.get(f.name, f.name)
         default = f.default if f.default is not dataclasses.MISSING else None
-        rows.append([key, _config_value(getattr(config.general, f.name)),
+        rows.append([config_keys.file_key(General, f.name), _config_value(getattr(config.general, f.name)),
                      "-" if default is None else _config_value(default),
-                     "no" if key in _NOT_CHANGEABLE else "yes"])
+                     "no" if config_keys.needs_restart(General, f.name) else "yes"])
     for name, pool in sorted(config.pools.items()):
         for f in dataclasses.fields(Pool):
             if f.name in ("name", "users", "shards"):

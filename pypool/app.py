@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import idle, limits, metrics, snapshot, tls
+from pypool import config_keys, idle, limits, metrics, snapshot, tls
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -24,7 +24,7 @@ from pypool.protocol import messages as m
 from pypool.routing.router import Decision, Router
 
 if TYPE_CHECKING:
-    from pypool.config import Config, General, Pool, User
+    from pypool.config import Config, Pool
     from pypool.instance import Worker
 
 log = logging.getLogger("pypool")
@@ -234,12 +234,9 @@ class Application:
             raise
         for warning in new.warnings:
             log.warning("%s", warning)
-        old_general = self.config.general
-        for name in ("host", "port", "workers", "enable_prometheus_exporter", "prometheus_exporter_port",
-                     "tls_certificate", "tls_private_key", "client_tls_mode", "server_tls",
-                     "verify_server_certificate", "server_tls_ca_file"):
-            if getattr(old_general, name) != getattr(new.general, name):
-                log.warning("config reload: %s changed; it takes effect only when pypool restarts", name)
+        for name in config_keys.restart_changes(self.config.general, new.general):
+            log.warning("config reload: %s changed; it takes effect only when pypool restarts", name)
+        new = dataclasses.replace(new, general=config_keys.keep_restart_values(self.config.general, new.general))
         groups: dict[tuple[str, str], PoolGroup] = {}
         kept = rebuilt = added = 0
         for pool in new.pools.values():
@@ -253,8 +250,8 @@ class Application:
             for user in pool.users.values():
                 key = (pool.name, user.username)
                 old = self.groups.get(key)
-                if old is not None and _group_signature(old.config, old.user, old.general) \
-                        == _group_signature(pool, user, new.general):
+                if old is not None and config_keys.group_signature(old.config, old.user, old.general) \
+                        == config_keys.group_signature(pool, user, new.general):
                     old.general = new.general
                     groups[key] = old
                     kept += 1
@@ -358,11 +355,6 @@ _IDLE_STATUS = ord("I")
 
 def _without_users(pool: "Pool") -> "Pool":
     return dataclasses.replace(pool, users={})
-
-
-def _group_signature(pool: "Pool", user: "User", general: "General") -> tuple:
-    """What a PoolGroup is built from; equal signatures mean the running group can stay."""
-    return (_without_users(pool), user, general.healthcheck_timeout)
 
 
 def _inherit(old: PoolGroup, new: PoolGroup) -> None:

@@ -103,6 +103,7 @@ def config_command(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("path")
+    check.add_argument("--strict", action="store_true", help="unknown keys are errors, not warnings")
     init = sub.add_parser("init", help="write a config from the Compose .env variables")
     init.add_argument("--env-file", help="read the variables from this .env file too (e.g. docker/.env); "
                                          "the process environment wins, as with Docker Compose")
@@ -110,7 +111,7 @@ def config_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action == "check":
         try:
-            config = load_config(args.path)
+            config = load_config(args.path, strict=args.strict)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1

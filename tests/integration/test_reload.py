@@ -14,6 +14,7 @@ from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._ops import admin, on_private_db, private_db, show, wait_for_log  # noqa: F401 - fixture
 from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, merge
+from tests.integration.test_metrics import scrape, total
 from tests.integration.test_pool_limits import BackendSampler
 
 pytestmark = pytest.mark.integration
@@ -141,3 +142,23 @@ def test_invalid_file_is_rejected_and_the_old_config_stays(start_pypool):
     with psycopg.connect(pypool.dsn(), autocommit=True) as app:
         assert app.execute("SELECT 1").fetchone() == (1,)
     assert pypool.proc.poll() is None
+
+
+def test_healthcheck_delay_change_applies_to_the_running_pools(start_pypool):
+    """A reload that changes only healthcheck_delay must use the new value, not just show it."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, {"general": {"enable_prometheus_exporter": True,
+                                                           "healthcheck_delay": 3_600_000}}))
+    metrics_port = pypool.config["general"]["prometheus_exporter_port"]
+
+    def healthchecks_after_queries() -> float:
+        with psycopg.connect(pypool.dsn(), autocommit=True) as app:
+            for _ in range(5):
+                app.execute("SELECT 1")
+        return total(scrape(metrics_port), "pypool_server_healthchecks", "_total")
+
+    assert healthchecks_after_queries() == 0  # an hour: no connection is old enough to be checked
+    rewrite(pypool, {"general": {"healthcheck_delay": 0}})  # 0: check before every reuse
+    with admin(pypool) as conn:
+        conn.execute("RELOAD")
+        assert {r["key"]: r["value"] for r in show(conn, "CONFIG")}["healthcheck_delay"] == "0"
+    assert healthchecks_after_queries() > 0
