@@ -12,14 +12,16 @@ functions in PgCat's ``src/config.rs``), not the example values shown in its
 ``pgcat.toml`` / ``CONFIG.md``, because the code defaults are what PgCat does
 when a key is absent.  Settings that pypool adds are marked "pypool addition".
 
-Keys are handled in three ways:
+Every key is declared once in :mod:`pypool.config_keys` (where it lives, the
+field it sets, how a reload applies it).  Keys are handled in three ways:
 
 * keys pypool implements are type-checked and land in the dataclasses;
-* PgCat keys pypool does not implement (sharding, plugins, auth_query, TCP
-  keepalive tuning, ...) are accepted and produce one warning each,
-  "PgCat setting not supported by pypool, ignored";
-* keys nobody knows produce a warning "unknown key, ignored", as PgCat
-  silently ignores unknown keys.
+* PgCat keys pypool does not use (sharding, plugins, auth_query, ...) are
+  type-checked and produce one warning each that says why pypool ignores them;
+* keys nobody knows produce a warning "unknown key in [table], ignored" with
+  the nearest known key, as PgCat silently ignores unknown keys; with
+  ``strict`` (``pypool config check --strict``) or ``general.reject_unknown_keys``
+  they are errors.
 
 Warnings are collected in :attr:`Config.warnings`; the caller decides whether
 to log them or (``pypool config check``) print them.
@@ -39,7 +41,7 @@ import tomli_w
 
 from pypool import config_keys
 from pypool import hba as _hba
-from pypool.config_keys import Applies, Section
+from pypool.config_keys import Section
 
 __all__ = [
     "ConfigError",

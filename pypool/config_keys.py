@@ -179,7 +179,7 @@ KEYS: tuple[Key, ...] = (
                                               "(DISCARD ALL) before another client gets it", bool),
     _ignored(P, "log_client_parameter_status_changes", "pypool does not log ParameterStatus changes", bool),
     _ignored(P, "checkout_failure_limit", "pypool never disconnects a client for failed checkouts; each one "
-                                          "gets an error (53300 or 57014) and may retry", int),
+                                          "gets an error (53300) and may retry", int),
     _ignored(P, "db_activity_based_routing", _NO_ACTIVITY_ROUTING, bool),
     _ignored(P, "db_activity_init_delay", _NO_ACTIVITY_ROUTING, int),
     _ignored(P, "db_activity_based_ms_init_delay", _NO_ACTIVITY_ROUTING, int),  # CONFIG.md's spelling
