@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_ROLES",
     "LOAD_BALANCING_MODES",
     "CLIENT_AUTH_METHODS",
+    "AUTH_TYPES",
     "CLIENT_TLS_MODES",
 ]
 
@@ -119,6 +120,10 @@ LOAD_BALANCING_MODES: Mapping[str, str] = types.MappingProxyType(
 CLIENT_AUTH_METHODS: Mapping[str, str] = types.MappingProxyType(
     {"scram-sha-256": "scram-sha-256", "md5": "md5"}
 )
+# PgCat's auth_type / admin_auth_type ("md5" or "trust"), plus pypool's scram-sha-256.
+AUTH_TYPES: Mapping[str, str] = types.MappingProxyType(
+    {"trust": "trust", "md5": "md5", "scram-sha-256": "scram-sha-256"}
+)
 CLIENT_TLS_MODES: Mapping[str, str] = types.MappingProxyType(
     {"disable": "disable", "allow": "allow", "require": "require"}
 )
@@ -176,6 +181,7 @@ class User:
     idle_timeout: int | None = None
     server_lifetime: int | None = None
     max_client_connections: int = 0  # pypool addition: clients of this user in this pool, 0 = unlimited
+    auth_type: str | None = None  # how this user logs in; None = general.client_auth_method (or hba)
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,7 @@ class General:
     # pypool addition: host-based access rules (general.hba or general.hba_file); None = no rules
     hba: tuple[_hba.HbaRule, ...] | None = None
     reject_unknown_keys: bool = False  # pypool addition: an unknown key is an error, not a warning
+    admin_auth_type: str | None = None  # how the admin logs in; None = client_auth_method
 
 
 @dataclass(frozen=True)
@@ -673,7 +680,8 @@ def _parse_general(t: _Table) -> General:
         prometheus_exporter_port=t.port("prometheus_exporter_port", DEFAULT_PROMETHEUS_EXPORTER_PORT),
         # PgCat has no default for these two: the keys are required.
         admin_username=t.string("admin_username"),
-        admin_password=t.string("admin_password"),
+        # Empty only where no password is asked (PgCat's trust example has admin_password = "").
+        admin_password=t.string("admin_password", nonempty=str(t.raw("admin_auth_type")).lower() != "trust"),
         client_auth_method=t.choice(
             "client_auth_method", CLIENT_AUTH_METHODS, DEFAULT_CLIENT_AUTH_METHOD
         ),
@@ -690,6 +698,7 @@ def _parse_general(t: _Table) -> General:
         client_login_timeout=t.integer("client_login_timeout", DEFAULT_CLIENT_LOGIN_TIMEOUT_MS, minimum=1),
         hba=_parse_hba(t),
         reject_unknown_keys=t.boolean("reject_unknown_keys", False),
+        admin_auth_type=t.choice("admin_auth_type", AUTH_TYPES, None),
     )
     if general.tls_certificate is not None and general.tls_private_key is None:
         raise t.error(
@@ -847,6 +856,7 @@ def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
             idle_timeout=u.integer("idle_timeout", None),
             server_lifetime=u.integer("server_lifetime", None),
             max_client_connections=u.integer("max_client_connections", 0),
+            auth_type=u.choice("auth_type", AUTH_TYPES, None),
         )
         u.finish()
         if username in users:

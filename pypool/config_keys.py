@@ -126,6 +126,7 @@ KEYS: tuple[Key, ...] = (
     Key(G, "hba", LIVE, "General.hba", pgcat=False),
     Key(G, "hba_file", LIVE, "General.hba", pgcat=False),
     Key(G, "reject_unknown_keys", LIVE, "General.reject_unknown_keys", pgcat=False),
+    Key(G, "admin_auth_type", LIVE, "General.admin_auth_type"),
     # Older PgCat releases set prepared statements here: the default of every pool's size.
     Key(G, "prepared_statements", REBUILD, "Pool.prepared_statements_cache_size"),
     Key(G, "prepared_statements_cache_size", REBUILD, "Pool.prepared_statements_cache_size"),
@@ -140,8 +141,6 @@ KEYS: tuple[Key, ...] = (
     _ignored(G, "dns_max_ttl", "pypool resolves a server's host name at each new connection", int),
     _ignored(G, "server_round_robin", "load_balancing_mode chooses the server, and `round_robin` is one of its "
                                       "values)", bool),
-    _ignored(G, "admin_auth_type", "not implemented yet; the admin console always asks for admin_password",
-             str),
     _ignored(G, "validate_config", "pypool always validates the whole file, at start and at every reload",
              bool),
     _ignored(G, "auth_query", _NO_AUTH_QUERY, str),
@@ -200,8 +199,7 @@ KEYS: tuple[Key, ...] = (
     Key(U, "idle_timeout", REBUILD, "User.idle_timeout"),
     Key(U, "server_lifetime", REBUILD, "User.server_lifetime"),
     Key(U, "max_client_connections", REBUILD, "User.max_client_connections", pgcat=False),
-    _ignored(U, "auth_type", "not implemented yet; clients log in with general.client_auth_method "
-                             "(scram-sha-256 or md5)", str),
+    Key(U, "auth_type", REBUILD, "User.auth_type"),
     # --------------------------------------------------- [pools.<name>.shards.<n>]
     Key(S, "database", REBUILD, "Shard.database"),
     Key(S, "servers", REBUILD, "Shard.servers"),

@@ -62,7 +62,7 @@ def test_config_check_strict_turns_a_misspelt_key_into_an_error(tmp_path, pg_clu
 
 
 @pytest.mark.parametrize("name", ["pgcat.toml", "examples_docker_pgcat.toml", "circleci_pgcat.toml",
-                                  "pgcat.minimal.toml"])
+                                  "pgcat.minimal.toml", "circleci_pgcat_trust.toml"])
 def test_config_check_passes_pgcats_own_examples(name):
     path = Path(__file__).parents[1] / "unit" / "pgcat_configs" / name
     out = pypool_cli("config", "check", str(path))

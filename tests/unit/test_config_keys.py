@@ -10,7 +10,7 @@ import pytest
 from pypool import config_keys
 from pypool.config import ConfigError, General, Pool, Shard, User, parse_config
 from pypool.config_keys import Applies, Section
-from tests.unit.test_config import FILE, MINIMAL, parse
+from tests.unit.test_config import ADMIN_SECRET, FILE, MINIMAL, parse
 
 PGCAT_CONFIGS = Path(__file__).parent / "pgcat_configs"
 
@@ -208,3 +208,24 @@ def test_show_config_names_and_changeability_come_from_the_table() -> None:
         key = config_keys.file_key(General, f.name)
         assert changeable[key] == ("no" if config_keys.needs_restart(General, f.name) else "yes")
     assert changeable["port"] == "no" and changeable["healthcheck_delay"] == "yes"
+
+
+# ------------------------------------------------------------------ trust
+
+def test_pgcat_trust_example_sets_trust_for_the_user_and_the_admin() -> None:
+    cfg = parse_config((PGCAT_CONFIGS / "circleci_pgcat_trust.toml").read_text(), FILE, strict=True)
+    assert cfg.general.admin_auth_type == "trust" and cfg.general.admin_password == ""
+    assert cfg.pools["sharded_db"].users["sharding_user"].auth_type == "trust"
+
+
+def test_auth_type_values_and_the_empty_admin_password() -> None:
+    assert parse(MINIMAL.replace("pool_size = 5\n", 'pool_size = 5\nauth_type = "MD5"\n')) \
+        .pools["app"].users["alice"].auth_type == "md5"
+    with pytest.raises(ConfigError) as excinfo:
+        parse(MINIMAL.replace("pool_size = 5\n", 'pool_size = 5\nauth_type = "ldap"\n'))
+    assert excinfo.value.key == "pools.app.users.0.auth_type" and '"trust"' in excinfo.value.reason
+    empty = MINIMAL.replace(f'admin_password = "{ADMIN_SECRET}"', 'admin_password = ""')
+    with pytest.raises(ConfigError) as excinfo:
+        parse(empty)
+    assert excinfo.value.key == "general.admin_password"
+    assert parse(empty.replace("[general]\n", '[general]\nadmin_auth_type = "trust"\n')).general.admin_password == ""
