@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import config_keys, idle, limits, metrics, snapshot, tls
+from pypool import config_keys, idle, keepalive, limits, metrics, snapshot, tls
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -72,6 +72,7 @@ class Application:
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         general = self.config.general
+        keepalive.configure(general)  # before the first server connection opens
         if sock is not None:
             server = await loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
         else:
@@ -79,6 +80,8 @@ class Application:
                                               reuse_address=True, reuse_port=self.worker is not None,
                                               backlog=1024)
         self._servers.append(server)
+        for listening in server.sockets:
+            keepalive.apply(listening)  # accepted client sockets inherit the options
         for group in self.groups.values():
             group.start()
         where = ", ".join(str(s.getsockname()) for s in server.sockets)

@@ -84,6 +84,11 @@ DEFAULT_POOL_MODE = "transaction"
 DEFAULT_DEFAULT_ROLE = "any"
 DEFAULT_LOAD_BALANCING_MODE = "random"
 DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE = 0
+# PgCat turns TCP keepalives on for every socket: a dead peer is noticed within about 30 s.
+DEFAULT_TCP_KEEPALIVES_IDLE_S = 5
+DEFAULT_TCP_KEEPALIVES_COUNT = 5
+DEFAULT_TCP_KEEPALIVES_INTERVAL_S = 5
+DEFAULT_TCP_USER_TIMEOUT_MS = 10_000
 
 # pypool additions (PgCat has no equivalent).
 # How long a client waits for a free server connection before it gets an
@@ -257,6 +262,10 @@ class General:
     hba: tuple[_hba.HbaRule, ...] | None = None
     reject_unknown_keys: bool = False  # pypool addition: an unknown key is an error, not a warning
     admin_auth_type: str | None = None  # how the admin logs in; None = client_auth_method
+    tcp_keepalives_idle: int = DEFAULT_TCP_KEEPALIVES_IDLE_S  # s; 0 = no keepalives (a pypool reading)
+    tcp_keepalives_count: int = DEFAULT_TCP_KEEPALIVES_COUNT
+    tcp_keepalives_interval: int = DEFAULT_TCP_KEEPALIVES_INTERVAL_S  # s
+    tcp_user_timeout: int = DEFAULT_TCP_USER_TIMEOUT_MS  # ms; 0 = the kernel's default
 
 
 @dataclass(frozen=True)
@@ -699,6 +708,12 @@ def _parse_general(t: _Table) -> General:
         hba=_parse_hba(t),
         reject_unknown_keys=t.boolean("reject_unknown_keys", False),
         admin_auth_type=t.choice("admin_auth_type", AUTH_TYPES, None),
+        tcp_keepalives_idle=t.integer("tcp_keepalives_idle", DEFAULT_TCP_KEEPALIVES_IDLE_S, maximum=32767),
+        tcp_keepalives_count=t.integer("tcp_keepalives_count", DEFAULT_TCP_KEEPALIVES_COUNT, minimum=1,
+                                       maximum=127),
+        tcp_keepalives_interval=t.integer("tcp_keepalives_interval", DEFAULT_TCP_KEEPALIVES_INTERVAL_S,
+                                          minimum=1, maximum=32767),
+        tcp_user_timeout=t.integer("tcp_user_timeout", DEFAULT_TCP_USER_TIMEOUT_MS, maximum=2**31 - 1),
     )
     if general.tls_certificate is not None and general.tls_private_key is None:
         raise t.error(

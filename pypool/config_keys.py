@@ -132,10 +132,10 @@ KEYS: tuple[Key, ...] = (
     Key(G, "prepared_statements_cache_size", REBUILD, "Pool.prepared_statements_cache_size"),
     _ignored(G, "autoreload", "pypool reloads on SIGHUP or the admin RELOAD command; it does not poll the "
                               "file", bool, int),
-    _ignored(G, "tcp_keepalives_idle", "not implemented yet; the kernel's keepalive settings apply", int),
-    _ignored(G, "tcp_keepalives_count", "not implemented yet; the kernel's keepalive settings apply", int),
-    _ignored(G, "tcp_keepalives_interval", "not implemented yet; the kernel's keepalive settings apply", int),
-    _ignored(G, "tcp_user_timeout", "not implemented yet; the kernel's settings apply", int),
+    Key(G, "tcp_keepalives_idle", RESTART, "General.tcp_keepalives_idle"),
+    Key(G, "tcp_keepalives_count", RESTART, "General.tcp_keepalives_count"),
+    Key(G, "tcp_keepalives_interval", RESTART, "General.tcp_keepalives_interval"),
+    Key(G, "tcp_user_timeout", RESTART, "General.tcp_user_timeout"),
     _ignored(G, "dns_cache_enabled", "pypool resolves a server's host name at each new connection, so a "
                                      "changed address is used at once", bool),
     _ignored(G, "dns_max_ttl", "pypool resolves a server's host name at each new connection", int),

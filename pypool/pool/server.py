@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from pypool import keepalive
 from pypool.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -138,6 +139,7 @@ class ServerConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            keepalive.apply(sock)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_received += len(data)
