@@ -162,3 +162,14 @@ def test_healthcheck_delay_change_applies_to_the_running_pools(start_pypool):
         conn.execute("RELOAD")
         assert {r["key"]: r["value"] for r in show(conn, "CONFIG")}["healthcheck_delay"] == "0"
     assert healthchecks_after_queries() > 0
+
+
+def test_reject_unknown_keys_refuses_a_misspelt_reload(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, {"general": {"reject_unknown_keys": True}}))
+    rewrite(pypool, {"pools": {DATABASE: {"pool_mod": "session"}}})
+    pypool.proc.send_signal(signal.SIGHUP)
+    log = wait_for_log(pypool, "rejected")
+    line = next(line for line in log.splitlines() if "rejected" in line)
+    assert f"pools.{DATABASE}.pool_mod" in line and "did you mean `pool_mode`?" in line, line
+    with admin(pypool) as conn:
+        assert {p["pool_mode"] for p in show(conn, "POOLS")} == {"transaction"}
