@@ -143,6 +143,8 @@ KEYS: tuple[Key, ...] = (
                                       "values)", bool),
     _ignored(G, "validate_config", "pypool always validates the whole file, at start and at every reload",
              bool),
+    _ignored(G, "verify_config", "pypool always validates the whole file, at start and at every reload",
+             bool),  # CONFIG.md's spelling of validate_config
     _ignored(G, "auth_query", _NO_AUTH_QUERY, str),
     _ignored(G, "auth_query_user", _NO_AUTH_QUERY, str),
     _ignored(G, "auth_query_password", _NO_AUTH_QUERY, str),

@@ -14,7 +14,8 @@ from tests.unit.test_config import ADMIN_SECRET, FILE, MINIMAL, parse
 
 PGCAT_CONFIGS = Path(__file__).parent / "pgcat_configs"
 
-# Every key of PgCat's src/config.rs (General, Pool, User, Shard, Config) and its CONFIG.md.
+# Every key of PgCat's src/config.rs (General, Pool, User, Shard, Config), and CONFIG.md's other spellings
+# (verify_config, db_activity_based_ms_init_delay).
 PGCAT_KEYS = {
     Section.TOP: ["path", "general", "pools", "plugins"],
     Section.GENERAL: [
@@ -26,6 +27,7 @@ PGCAT_KEYS = {
         "autoreload", "tls_certificate", "tls_private_key", "server_tls", "verify_server_certificate",
         "admin_username", "admin_password", "admin_auth_type", "validate_config", "auth_query",
         "auth_query_user", "auth_query_password", "prepared_statements", "prepared_statements_cache_size",
+        "verify_config",
     ],
     Section.POOL: [
         "pool_mode", "load_balancing_mode", "default_role", "query_parser_enabled", "query_parser_max_length",
@@ -35,6 +37,7 @@ PGCAT_KEYS = {
         "shard_id_regex", "regex_search_limit", "default_shard", "auth_query", "auth_query_user",
         "auth_query_password", "cleanup_server_connections", "log_client_parameter_status_changes",
         "prepared_statements_cache_size", "checkout_failure_limit", "plugins", "shards", "users",
+        "db_activity_based_ms_init_delay",
     ],
     Section.USER: [
         "username", "password", "server_username", "server_password", "pool_size", "min_pool_size",
