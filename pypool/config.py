@@ -462,7 +462,7 @@ class _Ctx:
     def __init__(self, path: str) -> None:
         self.path = path
         self.warnings: list[str] = []
-        self.unknown: list[tuple[tuple[str, ...], str]] = []  # (dotted key, "unknown key ...")
+        self.unknown: list[tuple[tuple[str, ...], str, str]] = []  # (key, "[table]", "; did you mean ...")
 
     def error(self, parts: Iterable[str], reason: str) -> ConfigError:
         return ConfigError(self.path, _key_text(parts) or None, reason)
@@ -582,10 +582,10 @@ class _Table:
                 continue
             key = config_keys.lookup(self.section, name)
             if key is None:
-                problem = _unknown_key(self.section, self.parts, name)
-                self.ctx.unknown.append((self.key(name), problem))
-                self.ctx.warn(self.key(name), problem.replace(", did you", ", ignored; did you", 1)
-                              if ", did you" in problem else problem + ", ignored")
+                where = f"[{_key_text(self.parts)}]" if self.parts else "the top level"
+                hint = _nearest_key_hint(self.section, name)
+                self.ctx.unknown.append((self.key(name), where, hint))
+                self.ctx.warn(self.key(name), f"unknown key in {where}, ignored{hint}")
                 continue
             if key.accepts and not _accepted(value, key.accepts):
                 raise self._wrong(name, " or ".join(_TYPE_NAMES[t] for t in key.accepts), value)
@@ -602,17 +602,15 @@ def _accepted(value: Any, types_: tuple[type, ...]) -> bool:
     return isinstance(value, types_)
 
 
-def _unknown_key(section: Section, parts: tuple[str, ...], name: str) -> str:
-    """"unknown key in [pools.app], did you mean `pool_mode`?" (the nearest known key, if one is near)."""
-    where = f"[{_key_text(parts)}]" if parts else "the top level"
-    text = f"unknown key in {where}"
+def _nearest_key_hint(section: Section, name: str) -> str:
+    """"; did you mean `pool_mode`?" for a misspelt key, or where a misplaced one belongs, or ""."""
     guess = config_keys.nearest(section, name)
     if guess is not None:
-        return f"{text}, did you mean `{guess}`?"
+        return f"; did you mean `{guess}`?"
     other = config_keys.elsewhere(section, name)
     if other is not None:
-        return f"{text} (`{name}` belongs in [{other.value}])"
-    return text
+        return f"; `{name}` belongs in [{other.value}]"
+    return ""
 
 
 def _build(ctx: _Ctx, data: dict, strict: bool) -> Config:
@@ -637,7 +635,7 @@ def _build(ctx: _Ctx, data: dict, strict: bool) -> Config:
     _note_pgcat_checkout_wait(ctx, general, general_data, pools, pools_data)
     top.finish()
     if ctx.unknown and (strict or general.reject_unknown_keys):
-        raise _unknown_keys_error(ctx, "--strict" if strict else "general.reject_unknown_keys is true")
+        raise _unknown_keys_error(ctx, "with --strict" if strict else "because general.reject_unknown_keys is true")
     return Config(
         path=ctx.path,
         general=general,
@@ -665,10 +663,10 @@ def _note_pgcat_checkout_wait(ctx: _Ctx, general: General, general_data: dict, p
 
 
 def _unknown_keys_error(ctx: _Ctx, why: str) -> ConfigError:
-    (first, problem), rest = ctx.unknown[0], ctx.unknown[1:]
-    reason = f"{problem}; unknown keys are errors ({why})"
+    (first, where, hint), rest = ctx.unknown[0], ctx.unknown[1:]
+    reason = f"unknown key in {where}, an error {why}{hint}"
     if rest:
-        reason += f"; also unknown: {', '.join(_key_text(parts) for parts, _ in rest)}"
+        reason += f"; also unknown: {', '.join(_key_text(parts) for parts, _, _ in rest)}"
     return ctx.error(first, reason)
 
 

@@ -87,8 +87,8 @@ STRUCTURAL_FIELDS = frozenset({"Pool.name"})
 
 KEYS: tuple[Key, ...] = (
     # ---------------------------------------------------------------- top level
-    Key(T, "general", LIVE, None, reason="the [general] table"),
-    Key(T, "pools", REBUILD, None, reason="the [pools.<name>] tables"),
+    Key(T, "general", LIVE),  # the tables themselves; their keys follow
+    Key(T, "pools", REBUILD),
     _ignored(T, "path", "PgCat writes the file's own path here", str, quiet=True),
     _ignored(T, "plugins", "PgCat's plugins (intercept, table_access, query_logger, prewarmer) are not "
                            "implemented", dict),

@@ -58,7 +58,7 @@ def test_config_check_strict_turns_a_misspelt_key_into_an_error(tmp_path, pg_clu
     out = pypool_cli("config", "check", "--strict", str(path))
     assert out.returncode == 1, out
     assert out.stderr.startswith(f"error: {path}: pools.postgres.pool_mod: unknown key in [pools.postgres], "
-                                 "did you mean `pool_mode`?"), out.stderr
+                                 "an error with --strict; did you mean `pool_mode`?"), out.stderr
 
 
 @pytest.mark.parametrize("name", ["pgcat.toml", "examples_docker_pgcat.toml", "circleci_pgcat.toml",

@@ -135,7 +135,8 @@ def test_a_misspelt_key_suggests_the_nearest(table: str, typo: str, meant: str) 
 def test_a_key_in_the_wrong_table_says_where_it_belongs() -> None:
     cfg = parse(MINIMAL.replace("[pools.app]\n", "[pools.app]\nstatement_timeout = 5\n"))
     [warning] = cfg.warnings
-    assert "`statement_timeout` belongs in [pools.<name>.users.<n>]" in warning
+    assert warning.endswith("unknown key in [pools.app], ignored; `statement_timeout` belongs in "
+                            "[pools.<name>.users.<n>]")
 
 
 def test_strict_makes_unknown_keys_errors_naming_each() -> None:
@@ -146,7 +147,7 @@ def test_strict_makes_unknown_keys_errors_naming_each() -> None:
         parse_config(text, FILE, strict=True)
     err = excinfo.value
     assert err.key == "general.frobnicate"
-    assert "unknown keys are errors (--strict)" in err.reason and "also unknown: pools.app.pool_mod" in err.reason
+    assert err.reason == "unknown key in [general], an error with --strict; also unknown: pools.app.pool_mod"
 
 
 def test_reject_unknown_keys_in_the_file_makes_them_errors() -> None:
@@ -155,8 +156,8 @@ def test_reject_unknown_keys_in_the_file_makes_them_errors() -> None:
     with pytest.raises(ConfigError) as excinfo:
         parse(text.replace("[pools.app]\n", '[pools.app]\npool_mod = "session"\n'))
     assert excinfo.value.key == "pools.app.pool_mod"
-    assert "did you mean `pool_mode`?" in str(excinfo.value)
-    assert "general.reject_unknown_keys is true" in str(excinfo.value)
+    assert excinfo.value.reason == ("unknown key in [pools.app], an error because general.reject_unknown_keys "
+                                    "is true; did you mean `pool_mode`?")
 
 
 def test_strict_accepts_pgcat_keys_pypool_ignores() -> None:
