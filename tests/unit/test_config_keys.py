@@ -202,7 +202,7 @@ def test_restart_only_changes_are_named_and_kept() -> None:
 
 
 def test_show_config_names_and_changeability_come_from_the_table() -> None:
-    from pypool.admin import config_table
+    from pypool.admin.tables import config_table
 
     _, rows = config_table(parse(MINIMAL))
     changeable = {row[0]: row[3] for row in rows}
