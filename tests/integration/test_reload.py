@@ -134,8 +134,8 @@ def test_invalid_file_is_rejected_and_the_old_config_stays(start_pypool):
     pypool = start_pypool(PRIMARY_ONLY)
     rewrite(pypool, user_overrides(pool_size=-5))
     pypool.proc.send_signal(signal.SIGHUP)
-    log = wait_for_log(pypool, "rejected")
-    line = next(line for line in log.splitlines() if "rejected" in line)
+    log = wait_for_log(pypool, "config reload (SIGHUP) rejected")
+    line = next(line for line in log.splitlines() if "config reload (SIGHUP) rejected" in line)
     assert str(pypool.config_path) in line and "pool_size" in line, line
     with admin(pypool) as conn:
         assert {d["pool_size"] for d in show(conn, "DATABASES")} == {10}
@@ -168,8 +168,8 @@ def test_reject_unknown_keys_refuses_a_misspelt_reload(start_pypool):
     pypool = start_pypool(merge(PRIMARY_ONLY, {"general": {"reject_unknown_keys": True}}))
     rewrite(pypool, {"pools": {DATABASE: {"pool_mod": "session"}}})
     pypool.proc.send_signal(signal.SIGHUP)
-    log = wait_for_log(pypool, "rejected")
-    line = next(line for line in log.splitlines() if "rejected" in line)
+    log = wait_for_log(pypool, "config reload (SIGHUP) rejected")
+    line = next(line for line in log.splitlines() if "config reload (SIGHUP) rejected" in line)
     assert f"pools.{DATABASE}.pool_mod" in line and "did you mean `pool_mode`?" in line, line
     with admin(pypool) as conn:
         assert {p["pool_mode"] for p in show(conn, "POOLS")} == {"transaction"}
