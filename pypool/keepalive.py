@@ -38,9 +38,14 @@ def configure(general: Any) -> None:
     _options = socket_options(general)
 
 
-def apply(sock: socket.socket | None) -> None:
-    """Set the configured options on a TCP socket (anything else is left alone)."""
+def apply(sock: socket.socket | None, nodelay: bool = False) -> None:
+    """Set the configured options on a TCP socket (anything else is left alone).
+
+    ``nodelay``: also send small writes at once (TCP_NODELAY), as the relay to a server wants.
+    """
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    if nodelay:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for level, name, value in _options:
         sock.setsockopt(level, name, value)

@@ -52,3 +52,11 @@ def test_unix_sockets_are_left_alone() -> None:
     left, right = socket.socketpair()
     with left, right:
         keepalive.apply(left)  # no TCP options on a Unix socket: no error
+
+
+def test_nodelay_for_server_sockets() -> None:
+    keepalive.configure(parse(MINIMAL).general)
+    with socket.socket() as sock:
+        keepalive.apply(sock, nodelay=True)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert _options(sock) == (1, 5, 5, 5, 10_000)
