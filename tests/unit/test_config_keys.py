@@ -233,3 +233,13 @@ def test_auth_type_values_and_the_empty_admin_password() -> None:
         parse(empty)
     assert excinfo.value.key == "general.admin_password"
     assert parse(empty.replace("[general]\n", '[general]\nadmin_auth_type = "trust"\n')).general.admin_password == ""
+
+
+def test_reload_plan_rebuilds_for_healthcheck_delay_and_names_restart_keys() -> None:
+    from pypool.reload import plan_reload
+
+    old = parse(MINIMAL)
+    assert plan_reload(old, parse(MINIMAL.replace("[general]\n", "[general]\nhealthcheck_delay = 5\n"))) \
+        .new_groups == {("app", "alice")}
+    plan = plan_reload(old, parse(MINIMAL.replace("[general]\n", "[general]\nban_time = 5\nport = 7777\n")))
+    assert (plan.new_groups, plan.restart_needed) == (set(), ["port"])
