@@ -25,11 +25,11 @@ import time
 from typing import TYPE_CHECKING
 
 from pypool import admin, limits, listen
-from pypool import session_state as session
-from pypool.pool.group import PRIMARY
+from pypool.session import session_state as session
+from pypool.roles import PRIMARY
 from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
-from pypool.prepared import ClientStatements, Rewriter, ServerStatements, names_statement
+from pypool.session.prepared import ClientStatements, Rewriter, ServerStatements, names_statement
 from pypool.routing.router import Router, RoutingState
 from pypool.protocol import auth
 from pypool.protocol import messages as m

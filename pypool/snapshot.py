@@ -127,7 +127,7 @@ class ServerRow:
     bytes_sent: int
     bytes_received: int
     age_seconds: float
-    # The connection's prepared-statement cache (pypool.prepared), PgCat's prepare_cache_* columns.
+    # The connection's prepared-statement cache (pypool.session.prepared), PgCat's prepare_cache_* columns.
     prepare_cache_hit: int = 0
     prepare_cache_miss: int = 0
     prepare_cache_eviction: int = 0

@@ -16,6 +16,7 @@ from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.protocol import messages as m
+from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.tls import server_context
 
 if TYPE_CHECKING:
@@ -23,9 +24,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypool.pool")
 
-PRIMARY = "primary"
-REPLICA = "replica"
-ANY = "any"  # any server: replicas and the primary
 
 # Parameters a client is told at login even before any server was reached.
 FALLBACK_PARAMETERS = {

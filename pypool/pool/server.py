@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from pypool.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
+from pypool.session.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import MessageBuffer, ProtocolViolation
@@ -99,7 +99,7 @@ class ServerConnection(asyncio.Protocol):
         self.replied = False  # any byte relayed to the client since attach
         self._skip = 0  # bytes of the current message body still to forward
         self._hold = b""  # an incomplete header carried to the next chunk
-        # Named prepared statements (pypool/prepared.py): what this session has prepared, and
+        # Named prepared statements (pypool/session/prepared.py): what this session has prepared, and
         # the ParseComplete/CloseComplete replies counted since the last ReadyForQuery
         # (ps_answered, by the relay) and Parse/Close messages sent since the last Sync
         # (ps_rank, by the client side), which locate the replies to rewrite.
@@ -283,7 +283,7 @@ class ServerConnection(asyncio.Protocol):
         return fields.get("V", fields.get("S")) == "FATAL" and fields.get("C", "").startswith("57P")
 
     def _relay_rewriting(self, data: bytes, statements: ServerStatements) -> None:
-        """``_relay`` while prepared-statement actions wait for their replies (pypool/prepared.py).
+        """``_relay`` while prepared-statement actions wait for their replies (pypool/session/prepared.py).
 
         Same walk, plus: swallow replies to messages pypool injected, turn the
         CloseComplete of a stand-in Close into ParseComplete, and undo the

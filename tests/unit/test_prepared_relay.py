@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pypool import prepared
+from pypool.session import prepared
 from pypool.app import Application
 from pypool.client import ClientConnection, Phase
 from pypool.config import default_config_dict, dump_config, parse_config
