@@ -151,12 +151,6 @@ class Application:
             log.warning("%s while draining: closing every connection now", reason)
             self._drain_deadline = 0.0
 
-    @staticmethod
-    def _in_transaction(client: ClientConnection) -> bool:
-        server = client.server
-        return server is not None and (server.status != _IDLE_STATUS or server.pending_syncs > 0
-                                       or server.batch_open)
-
     async def shutdown(self, reason: str = "shutdown", timeout: float | None = None) -> None:
         """Stop taking clients and transactions, let transactions in flight finish, then close everything.
 
@@ -172,7 +166,7 @@ class Application:
         if timeout is None:
             timeout = self.config.general.shutdown_timeout / 1000
         self._drain_deadline = loop.time() + timeout
-        busy = [c for c in self.clients if self._in_transaction(c)]
+        busy = [c for c in self.clients if c.in_transaction]
         log.info("shutting down (%s): no new clients or transactions; waiting up to %.1f s for %d "
                  "transaction(s) in flight", reason, timeout, len(busy))
         # No more checkouts: waiting clients get 57P01, connections in use close when their transaction ends.
@@ -181,7 +175,7 @@ class Application:
         while True:
             busy = []
             for client in list(self.clients):
-                if self._in_transaction(client):
+                if client.in_transaction:
                     busy.append(client)
                 elif client.phase is Phase.RELAY:
                     client.terminate_for_shutdown()
@@ -351,9 +345,6 @@ class Application:
                 group.cancels_in_flight -= 1
 
             task.add_done_callback(delivered)
-
-
-_IDLE_STATUS = ord("I")
 
 
 def _without_users(pool: "Pool") -> "Pool":

@@ -34,13 +34,16 @@ from pypool.routing.router import Router, RoutingState
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import (
+    ALL_TAGS,
     HEADER_SIZE,
     CancelRequest,
+    FrameWalker,
     GSSEncRequest,
     MessageBuffer,
     ProtocolViolation,
     SSLRequest,
     StartupMessage,
+    first_message,
 )
 
 if TYPE_CHECKING:
@@ -61,13 +64,10 @@ _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 # COPY tail to drop, a Terminate, or not a frontend message at all.
 _STARTS_TRANSACTION = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
                                  m.FUNCTION_CALL))
-_EXECUTE = m.EXECUTE
-_COPY_DATA = m.COPY_DATA
 _P = m.PARSE
 _B = m.BIND
-_C = m.CLOSE
 # Messages that may need rewriting in transaction mode (named statements, session statements).
-_CAREFUL_TAGS = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_CAREFUL_TAGS = bytes((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _IDLE = ord("I")
 
 # Startup parameters that must match on whichever server runs the client's
@@ -121,10 +121,8 @@ class ClientConnection(asyncio.Protocol):
         self._pending = bytearray()  # bytes received while no server is attached
         self._checkout_task: asyncio.Task[None] | None = None
         self._queued: CallbackWaiter | None = None  # queued in a pool by the fast path
-        self._skip = 0  # bytes of the current message body still to forward
-        self._hold = b""  # an incomplete header carried to the next chunk
+        self._walker = FrameWalker(app.config.general.max_message_size)  # the client's messages, relayed
         self._discarding = False  # after an error we answered, drop messages until Sync
-        self._syncs_after_execute = 0  # Syncs sent since the last Execute (see _forward)
         self.routing = RoutingState()
         self._router: Router | None = None
         self._session_mode = False
@@ -134,7 +132,6 @@ class ClientConnection(asyncio.Protocol):
         # Transaction mode: named statements (None in session mode), a message that needs
         # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.
         self.statements: ClientStatements | None = None
-        self._careful = bytearray()
         self._startup_settings: dict[str, str] = {}
         self._desired_settings: dict[str, str] = {}
         self._settings_dirty = False
@@ -174,15 +171,13 @@ class ClientConnection(asyncio.Protocol):
             if server is not None and not self._pending:
                 self._forward(server, data)
                 return
-            if server is None and self._skip:
+            if server is None and self._walker.skip:
                 # The tail of a CopyData the server stopped listening to (it ended
                 # the COPY with an error and was released): PostgreSQL drops it.
-                skip = self._skip
-                if len(data) <= skip:
-                    self._skip = skip - len(data)
+                data, pos = self._walker.start(data)
+                if pos >= len(data):
                     return
-                data = data[skip:]
-                self._skip = 0
+                data = data[pos:]
             if self._pending or self._checkout_task is not None or self._queued is not None \
                     or not self._start_fast(data):
                 self._pending += data
@@ -390,88 +385,52 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------- relay
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
-        """Relay client bytes to ``server``, counting requests that end in ReadyForQuery."""
-        server.bytes_sent += len(data)
-        if self._careful:
-            # A message to rewrite is arriving in pieces: wait for all of it.
-            buf = self._careful
-            buf += data
-            if len(buf) < HEADER_SIZE or len(buf) < 1 + int.from_bytes(buf[1:5], "big"):
-                return
-            data = bytes(buf)
-            buf.clear()
-        if self._hold:
-            data = self._hold + data
-            self._hold = b""
+        """Relay client bytes to ``server``, telling its request tracker about each message."""
         n = len(data)
-        pos = self._skip
+        server.bytes_sent += n
+        walker = self._walker
+        if walker.held or walker.skip:
+            data, pos = walker.start(data)
+            n = len(data)
+        else:
+            pos = 0
+        write = server.transport.write  # type: ignore[union-attr]
         if pos >= n:
-            self._skip = pos - n
-            server.transport.write(data)  # type: ignore[union-attr]
+            if n:
+                write(data)
             return
         start = 0  # first byte not yet written (moves past messages rewritten on the way)
-        careful = self.statements is not None
-        while True:
-            if n - pos < HEADER_SIZE:
-                self._hold = data[pos:]
-                self._skip = 0
-                break
-            tag = data[pos]
-            length = int.from_bytes(data[pos + 1:pos + 5], "big")
-            if length < 4 or length > self._max_message:
-                self._protocol_violation(f"invalid message length {length} for message type {chr(tag)!r}")
-                return
-            if careful and tag in _CAREFUL_TAGS and self._needs_care(tag, data, pos + 5, pos + 1 + length):
-                if pos > start:
-                    server.transport.write(data[start:pos])  # type: ignore[union-attr]
-                nxt = pos + 1 + length
-                if nxt > n:
-                    self._careful += data[pos:]
-                    self._skip = 0
-                    return
-                if not self._forward_with_care(server, data, pos, nxt):
-                    return  # paused: the rest waits in _pending
-                start = pos = nxt
-                if pos >= n:
-                    self._skip = 0
+        # Transaction mode: these may need rewriting, so the walker gathers them whole.
+        careful = _CAREFUL_TAGS if self.statements is not None else b""
+        requests = server.requests
+        try:
+            while True:
+                pos, end = walker.next(data, pos, n, ALL_TAGS, careful)
+                if end < 0:
                     break
-                continue
-            if tag == _Q or tag == _S or tag == _F:
-                server.pending_syncs += 1
-                server.batch_open = False
-                server.ps_rank = 0
-                self._syncs_after_execute = self._syncs_after_execute + 1 if tag == _S else 0
-            elif tag == _X:
-                if pos > start:
-                    server.transport.write(data[start:pos])  # type: ignore[union-attr]
-                self._close_session()
-                return
-            elif tag in _COPY_TAGS:
-                if tag != _COPY_DATA and self._syncs_after_execute:
-                    # A COPY FROM STDIN started by Execute: the server ignores Syncs that
-                    # arrive in copy-in mode (libpq sends one right after Execute), so
-                    # they will get no ReadyForQuery of their own.
-                    server.pending_syncs -= self._syncs_after_execute
-                    self._syncs_after_execute = 0
-            else:
-                server.batch_open = True
-                if tag == _EXECUTE:
-                    self._syncs_after_execute = 0
-                elif tag == _P or tag == _C:
-                    server.ps_rank += 1
-            nxt = pos + 1 + length
-            if nxt >= n:
-                self._skip = nxt - n
-                pos = n
-                break
-            pos = nxt
-        if start:
-            if pos > start:
-                server.transport.write(data[start:pos])  # type: ignore[union-attr]
-        elif pos == n:
-            server.transport.write(data)  # type: ignore[union-attr]
-        elif pos:
-            server.transport.write(data[:pos])  # type: ignore[union-attr]
+                tag = data[pos]
+                if careful and tag in careful and self._needs_care(tag, data, pos + 5, end):
+                    if pos > start:
+                        write(data[start:pos])
+                    if not self._forward_with_care(server, data, pos, end):
+                        return  # paused: the rest waits in _pending
+                    start = end
+                elif tag == _X:
+                    if pos > start:
+                        write(data[start:pos])
+                    self._close_session()
+                    return
+                else:
+                    requests.sent(tag)
+                if end == n:
+                    pos = n
+                    break
+                pos = end
+        except ProtocolViolation as exc:
+            self._protocol_violation(str(exc))
+            return
+        if pos > start:
+            write(data[start:pos] if start or pos < n else data)
 
     # ------------------------------------------- statements that need rewriting
 
@@ -526,22 +485,19 @@ class ClientConnection(asyncio.Protocol):
             if payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)] in self.statements.changing_settings:  # type: ignore[union-attr]
                 self._settings_dirty = True
         transport = server.transport
+        requests = server.requests
         if tag == _Q:
-            server.pending_syncs += 1
-            server.batch_open = False
-            server.ps_rank = 0
-            self._syncs_after_execute = 0
+            requests.sent(tag)
             transport.write(raw)  # type: ignore[union-attr]
             return True
-        server.batch_open = True
         statements = server.statements
         if statements is None:
             statements = server.statements = ServerStatements(self.group.config.prepared_statements_cache_size)  # type: ignore[union-attr]
-        rewriter = Rewriter(self.statements, statements, statements.epoch + server.pending_syncs,  # type: ignore[arg-type]
-                            server.ps_rank)
+        rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
+                            requests.parse_rank)
         rewriter.message(tag, payload, raw)
-        server.ps_rank = rewriter.rank
-        if server.epoch_failed and server.pending_syncs <= 0:
+        requests.sent_rewritten(rewriter.rank)
+        if requests.failed and requests.owed <= 0:
             # The server already reported an error for this batch and skips to its Sync.
             statements.on_error(self.statements)
         if effects.forget_all:
@@ -640,14 +596,16 @@ class ClientConnection(asyncio.Protocol):
         if self._checkout_task is not None or self._queued is not None or self.phase is not Phase.RELAY:
             return
         buf = self._pending
-        while len(buf) >= HEADER_SIZE:
-            tag = buf[0]
-            length = int.from_bytes(buf[1:5], "big")
-            if length < 4 or length > self._max_message:
-                self._protocol_violation(f"invalid message length {length} for message type {chr(tag)!r}")
+        while buf:
+            try:
+                first = first_message(buf, self._max_message)
+            except ProtocolViolation as exc:
+                self._protocol_violation(str(exc))
                 return
-            if len(buf) < 1 + length:
+            if first is None:
                 return  # wait for the whole first message: routing may need its text
+            tag, end = first
+            length = end - 1
             if tag == _X:
                 self._close_session()
                 return
@@ -735,8 +693,6 @@ class ClientConnection(asyncio.Protocol):
             return True
         self.server = server
         server.attach(self)
-        self._skip = 0
-        self._hold = b""
         self._replay = (data, role, None) if role != PRIMARY else None
         self._forward(server, data)
         return True
@@ -812,6 +768,12 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(decision.reply + self._ready_bytes())  # type: ignore[operator, union-attr]
 
     @property
+    def in_transaction(self) -> bool:
+        """Attached to a server connection that is inside a transaction or still owes replies."""
+        server = self.server
+        return server is not None and server.requests.in_transaction
+
+    @property
     def held_begin(self) -> str | None:
         return self._held_begin
 
@@ -841,7 +803,7 @@ class ClientConnection(asyncio.Protocol):
         except ServerError as exc:
             self._checkout_task = None
             if server is not None:
-                if server.closed or server.status != _IDLE:
+                if server.closed or server.requests.status != _IDLE:
                     group.checkin_broken(server)
                 else:
                     group.checkin(server)
@@ -852,7 +814,7 @@ class ClientConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             if server is not None:
                 # Cancelled half-way through syncing: the server still owes that query's reply.
-                if server.status == _IDLE and not server.reply_owed:
+                if server.requests.status == _IDLE and not server.reply_owed:
                     group.checkin(server)
                 else:
                     group.checkin_broken(server)
@@ -939,8 +901,7 @@ class ClientConnection(asyncio.Protocol):
             return
         data = bytes(self._pending)
         self._pending.clear()
-        self._skip = 0
-        self._hold = b""
+        self._walker.reset()
         # A read whose server dies before answering can be replayed elsewhere.
         self._replay = (data, role, self._held_begin) if role != PRIMARY else None
         self._held_begin = None
@@ -956,20 +917,15 @@ class ClientConnection(asyncio.Protocol):
             self._notifications.clear()
         self._replay = None
         self.query_count += 1
-        if server.status != _IDLE:
+        if server.requests.status != _IDLE:
             return
         self.xact_count += 1
         if self._session_mode:
             return
         self.server = None
-        if self._hold:
-            # A message header split across reads after the end of the request.
-            self._pending[:0] = self._hold
-            self._hold = b""
-        if self._careful:
-            # Likewise a message to rewrite that is still arriving.
-            self._pending[:0] = self._careful
-            self._careful.clear()
+        if self._walker.held:
+            # A message that started arriving after the end of the request goes to the next one.
+            self._pending[:0] = self._walker.take_held()
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
@@ -985,7 +941,7 @@ class ClientConnection(asyncio.Protocol):
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None
-        self._careful.clear()
+        self._walker.reset()
         group = self.group
         replay = self._replay
         self._replay = None
@@ -999,8 +955,6 @@ class ClientConnection(asyncio.Protocol):
                         self.peer, server.label)
             self._pending[:0] = data
             self._held_begin = held_begin
-            self._skip = 0
-            self._hold = b""
             self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
@@ -1017,12 +971,15 @@ class ClientConnection(asyncio.Protocol):
         self.error_count += 1
         self.transport.write(m.error_response(sqlstate, text))
         buf = self._pending
-        while len(buf) >= HEADER_SIZE:
-            tag = buf[0]
-            length = int.from_bytes(buf[1:5], "big")
-            if len(buf) < 1 + length:
+        while True:
+            try:
+                first = first_message(buf)
+            except ProtocolViolation:
+                first = None
+            if first is None:
                 break
-            del buf[:1 + length]
+            tag, end = first
+            del buf[:end]
             if tag in (_Q, _F, _S):
                 self.transport.write(m.ready_for_query())
                 return
@@ -1071,8 +1028,7 @@ class ClientConnection(asyncio.Protocol):
     def _release_on_disconnect(self, server: ServerConnection) -> None:
         group = self.group
         assert group is not None
-        clean = server.status == _IDLE and server.pending_syncs <= 0 and not server.batch_open \
-            and not self._skip and not self._hold and not self._careful
+        clean = not server.requests.in_transaction and not self._walker.mid_message
         if clean and group.pool_mode != "session":
             group.checkin(server)
         elif clean:

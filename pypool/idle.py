@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pypool.idle")
 
 SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
-_IDLE = ord("I")
 
 
 class IdleTransactionReaper:
@@ -51,7 +50,7 @@ class IdleTransactionReaper:
         seen: dict["ClientConnection", tuple[object, tuple[int, int], float]] = {}
         for client in self.app.clients:
             server = client.server
-            if server is None or server.status == _IDLE or server.pending_syncs > 0 or server.batch_open:
+            if server is None or not server.requests.idle_in_transaction:
                 continue
             counters = (server.bytes_sent, server.bytes_received)
             previous = self._seen.get(client)

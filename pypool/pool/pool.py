@@ -142,7 +142,7 @@ class PoolStats:
     xact_count: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
-    # Timed transactions (see ServerConnection._transaction_done) and waits that
+    # Timed transactions (see ServerConnection._request_done) and waits that
     # went through the slow path; immediate checkouts are zero-second waits.
     xact_time: float = 0.0
     xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))
@@ -399,8 +399,8 @@ class ServerPool:
         """Return a clean connection (status idle, no pending replies)."""
         conn.detach()
         self.active -= 1
-        if conn.closed or self.closing or conn.status != _IDLE:
-            if not conn.closed and conn.status != _IDLE:
+        if conn.closed or self.closing or conn.requests.status != _IDLE:
+            if not conn.closed and conn.requests.status != _IDLE:
                 self.stats.closed_dirty += 1
             self._discard(conn)
             return
