@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from pypool import admin, limits, listen
 from pypool.session import session_state as session
 from pypool.roles import PRIMARY
+from pypool.pool.group import CheckoutAgain
 from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.session.prepared import ClientStatements, Rewriter, ServerStatements, names_statement
@@ -49,7 +50,6 @@ from pypool.protocol.frames import (
 if TYPE_CHECKING:
     from pypool.app import Application
     from pypool.pool.group import PoolGroup
-    from pypool.pool.pool import ServerPool
     from pypool.routing.router import Decision
 
 log = logging.getLogger("pypool.client")
@@ -120,7 +120,10 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self._pending = bytearray()  # bytes received while no server is attached
         self._checkout_task: asyncio.Task[None] | None = None
-        self._queued: CallbackWaiter | None = None  # queued in a pool by the fast path
+        self._queued: CallbackWaiter | None = None  # queued in a pool by ``_begin_request``
+        self._queued_role = ""  # ... for this role
+        self._queued_ready = self._on_queued_ready  # bound once: passed on every checkout
+        self._queued_failed = self._on_queued_failed
         self._walker = FrameWalker(app.config.general.max_message_size)  # the client's messages, relayed
         self._discarding = False  # after an error we answered, drop messages until Sync
         self.routing = RoutingState()
@@ -629,21 +632,44 @@ class ClientConnection(asyncio.Protocol):
             if decision.reply is not None or decision.hold_begin or decision.ends_empty_transaction:
                 self._answer_locally(decision, length)
                 continue
-            group = self.group
-            assert group is not None
             try:
-                chosen = group.choose(decision.role)
+                self._begin_request(decision.role, None)
             except ServerError as exc:
                 self._fail_request(exc.sqlstate, str(exc))
                 continue
-            server = chosen.try_acquire() if chosen is not None else None
-            if server is not None and self._held_begin is None and not self._needs_sync(server):
-                self._attach(server, decision.role)
-                return
-            # Wait for a connection, sync parameters or replay a held BEGIN, in a coroutine.
-            self._checkout_task = asyncio.get_running_loop().create_task(
-                self._checkout(decision.role, server, chosen))
             return
+
+    def _begin_request(self, role: str, data: bytes | None) -> None:
+        """Check out a connection for ``role`` and attach it, or start waiting for one.
+
+        ``data`` is the request when it is not in ``_pending`` (the fast path).
+        One checkout: a connection now (attached at once when it is set up like
+        this client), else a queued callback, else the checkout coroutine, which
+        also syncs settings and replays a held BEGIN. Raises ServerError when the
+        pool has no primary.
+        """
+        got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
+        if got is None:
+            if data is not None:
+                self._pending += data
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
+        elif got.__class__ is CallbackWaiter:
+            if data is not None:
+                self._pending += data
+            self._queued = got  # type: ignore[assignment]
+            self._queued_role = role
+            self.wait_started = got.started  # type: ignore[union-attr]
+        elif self._held_begin is not None or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            if data is not None:
+                self._pending += data
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, got))  # type: ignore[arg-type]
+        elif data is None:
+            self._attach(got, role)  # type: ignore[arg-type]
+        else:
+            self.server = got  # type: ignore[assignment]
+            got.attach(self)  # type: ignore[union-attr]
+            self._replay = (data, role, None) if role != PRIMARY else None
+            self._forward(got, data)  # type: ignore[arg-type]
 
     def _start_fast(self, data: bytes) -> bool:
         """Start a transaction from ``data`` with an idle connection, without copying or waiting.
@@ -668,33 +694,10 @@ class ClientConnection(asyncio.Protocol):
         decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
         if decision is None:
             return False
-        group = self.group
-        role = decision.role
-        server_pool = group.primary if role == PRIMARY else group.choose(role)  # type: ignore[union-attr]
-        if server_pool is None:
-            return False
-        server = server_pool.try_acquire()
-        if server is None:
-            self._pending += data
-            waiter = server_pool.queue(lambda conn: self._queued_server_ready(role, conn),
-                                       lambda exc: self._queued_wait_failed(role, server_pool, exc))
-            if waiter is not None:
-                self._queued = waiter
-                self.wait_started = waiter.started
-                return True
-            self._checkout_task = asyncio.get_running_loop().create_task(
-                self._checkout(role, None, server_pool))
-            return True
-        if server.applied_key != self._parameters_key:
-            # Sync parameters first, in a coroutine.
-            self._pending += data
-            self._checkout_task = asyncio.get_running_loop().create_task(
-                self._checkout(role, server, server_pool))
-            return True
-        self.server = server
-        server.attach(self)
-        self._replay = (data, role, None) if role != PRIMARY else None
-        self._forward(server, data)
+        try:
+            self._begin_request(decision.role, data)
+        except ServerError:
+            return False  # ``_dispatch_pending`` answers it with the error
         return True
 
     def _end_wait(self) -> None:
@@ -708,40 +711,27 @@ class ClientConnection(asyncio.Protocol):
         self._queued = None
         self._end_wait()
 
-    def _queued_server_ready(self, role: str, server: ServerConnection) -> None:
-        """The pool handed over a connection this client queued for in ``_start_fast``."""
+    def _on_queued_ready(self, server: ServerConnection) -> None:
+        """The pool handed over a connection this client queued for in ``_begin_request``."""
         self._end_queued_wait()
         if self.phase is not Phase.RELAY:
-            if server.pool is not None:
-                server.pool.release(server)
-            else:
-                server.close()
+            self.group.checkin(server)  # type: ignore[union-attr]
             return
-        if self._needs_sync(server):
-            self._checkout_task = asyncio.get_running_loop().create_task(
-                self._checkout(role, server, server.pool))
+        if self._needs_sync(server) or self._held_begin is not None:
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(self._queued_role, server))
             return
-        self._attach(server, role)
+        self._attach(server, self._queued_role)
 
-    def _queued_wait_failed(self, role: str, server_pool: "ServerPool", exc: Exception) -> None:
-        """The queued wait ended without a connection; fail or retry as ``group.checkout`` would."""
+    def _on_queued_failed(self, exc: Exception) -> None:
+        """The queued wait ended without a connection: report why, or let the coroutine try."""
         self._end_queued_wait()
-        group = self.group
-        if self.phase is not Phase.RELAY or group is None:
+        if self.phase is not Phase.RELAY or self.group is None:
             return
-        if isinstance(exc, PoolTimeout):
-            sqlstate = m.SQLSTATE_TOO_MANY_CONNECTIONS
-        elif isinstance(exc, ServerError) and role == PRIMARY:
-            exc = group.primary_unavailable(server_pool, exc)
-            sqlstate = exc.sqlstate
-        else:
-            if isinstance(exc, ServerError) and server_pool is not group.primary:
-                group.ban(server_pool, str(exc))  # it failed to connect: ``_checkout`` tries the others
-            # Also the way to follow a reload that replaced the pool (PoolRetired).
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
+        if isinstance(exc, CheckoutAgain):
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(self._queued_role, None))
             return
         log.warning("client %s: %s", self.peer, exc)
-        self._fail_request(sqlstate, str(exc))
+        self._fail_request(_sqlstate_of(exc), str(exc))
         self._dispatch_pending()
 
     def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
@@ -783,41 +773,29 @@ class ClientConnection(asyncio.Protocol):
     def _write_ready(self) -> None:
         self.transport.write(self._ready_bytes())  # type: ignore[union-attr]
 
-    async def _checkout(self, role: str, server: ServerConnection | None,
-                        preferred: "ServerPool | None" = None) -> None:
+    async def _checkout(self, role: str, server: ServerConnection | None) -> None:
+        """Wait for a connection (unless given one), make it carry this client's settings, then attach."""
         group = self.group
         assert group is not None
         self.wait_started = time.monotonic()
         try:
             if server is None:
-                server = await self._checkout_current(role, preferred)
+                server = await self._checkout_current(role)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
-        except PoolTimeout as exc:
-            self._checkout_task = None
-            log.warning("client %s: %s", self.peer, exc)
-            self._fail_request(m.SQLSTATE_TOO_MANY_CONNECTIONS, str(exc))
-            self._dispatch_pending()
-            return
-        except ServerError as exc:
+        except (PoolTimeout, ServerError) as exc:
             self._checkout_task = None
             if server is not None:
-                if server.closed or server.requests.status != _IDLE:
-                    group.checkin_broken(server)
-                else:
-                    group.checkin(server)
+                group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
             log.warning("client %s: %s", self.peer, exc)
-            self._fail_request(exc.sqlstate, str(exc))
+            self._fail_request(_sqlstate_of(exc), str(exc))
             self._dispatch_pending()
             return
         except asyncio.CancelledError:
             if server is not None:
                 # Cancelled half-way through syncing: the server still owes that query's reply.
-                if server.requests.status == _IDLE and not server.reply_owed:
-                    group.checkin(server)
-                else:
-                    group.checkin_broken(server)
+                group.checkin(server, clean=server.requests.status == _IDLE and not server.reply_owed)
             raise
         finally:
             self._end_wait()
@@ -827,7 +805,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._attach(server, role)
 
-    async def _checkout_current(self, role: str, preferred: "ServerPool | None") -> ServerConnection:
+    async def _checkout_current(self, role: str) -> ServerConnection:
         """``group.checkout``, following a config reload that rebuilt this client's pool."""
         group = self.group
         assert group is not None
@@ -838,9 +816,8 @@ class ClientConnection(asyncio.Protocol):
                 self.group = group
                 self._router = self.app.routers.get(self.database, self._router)
                 self._session_mode = group.pool_mode == "session"
-                preferred = None
             try:
-                return await group.checkout(role, preferred)
+                return await group.checkout(role)
             except PoolRetired:
                 if group.successor is None:
                     raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '
@@ -880,9 +857,9 @@ class ClientConnection(asyncio.Protocol):
             rows = await server.query(session.SETTINGS_QUERY)
         except ServerError as exc:
             log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
-            group.checkin_broken(server)
+            group.checkin(server, clean=False)
         except asyncio.CancelledError:
-            group.checkin_broken(server)
+            group.checkin(server, clean=False)
             raise
         else:
             settings = {str(name).lower(): str(value) for name, value in rows}
@@ -930,12 +907,7 @@ class ClientConnection(asyncio.Protocol):
             self._settings_dirty = False
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
-        pool = server.pool
-        if pool is not None:
-            pool.release(server)
-        else:
-            server.detach()
-            server.close()
+        self.group.checkin(server)  # type: ignore[union-attr]
         if self._pending:
             self._dispatch_pending()
 
@@ -946,7 +918,7 @@ class ClientConnection(asyncio.Protocol):
         replay = self._replay
         self._replay = None
         if group is not None:
-            group.checkin_broken(server)
+            group.checkin(server, clean=False)
         if group is not None and replay is not None and not server.replied and self.phase is Phase.RELAY:
             # The read never got an answer: ban that replica and run it elsewhere.
             data, role, held_begin = replay
@@ -955,7 +927,7 @@ class ClientConnection(asyncio.Protocol):
                         self.peer, server.label)
             self._pending[:0] = data
             self._held_begin = held_begin
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
         self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,
@@ -1038,7 +1010,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             # Mid-transaction or mid-request: its state can't be trusted, close it.
             log.info("client %s left mid-transaction; closing server connection %s", self.peer, server.label)
-            group.checkin_broken(server)
+            group.checkin(server, clean=False)
 
     @staticmethod
     async def _reset_and_checkin(group: "PoolGroup", server: ServerConnection) -> None:
@@ -1049,9 +1021,16 @@ class ClientConnection(asyncio.Protocol):
             server.applied_parameters.clear()
             server.applied_key = None
         except ServerError:
-            group.checkin_broken(server)
+            group.checkin(server, clean=False)
             return
         group.checkin(server)
+
+
+def _sqlstate_of(exc: Exception) -> str:
+    """The SQLSTATE a client gets for a checkout that failed."""
+    if isinstance(exc, PoolTimeout):
+        return m.SQLSTATE_TOO_MANY_CONNECTIONS
+    return getattr(exc, "sqlstate", m.SQLSTATE_CONNECTION_FAILURE)
 
 
 def new_cancel_key() -> tuple[int, int]:
