@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pypool import idle, limits, metrics, snapshot, tls
-from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
+from pypool.client import ClientConnection, ClientError, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
 from pypool.pool.server import send_cancel
@@ -177,7 +177,7 @@ class Application:
             for client in list(self.clients):
                 if client.in_transaction:
                     busy.append(client)
-                elif client.phase is Phase.RELAY:
+                elif client.state.relaying:
                     client.terminate_for_shutdown()
             if not busy or loop.time() >= self._drain_deadline:
                 break

@@ -16,7 +16,6 @@ through a coroutine otherwise.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import secrets
 import socket
@@ -27,9 +26,10 @@ from typing import TYPE_CHECKING
 from pypool import admin, limits, listen
 from pypool.session import session_state as session
 from pypool.roles import PRIMARY
-from pypool.pool.group import CheckoutAgain
-from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
+from pypool.pool.group import WAITERS, CheckoutAgain
+from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
+from pypool.session.states import ClientState, IllegalTransition
 from pypool.session.prepared import ClientStatements, Rewriter, ServerStatements, names_statement
 from pypool.routing.router import Router, RoutingState
 from pypool.protocol import auth
@@ -49,7 +49,8 @@ from pypool.protocol.frames import (
 
 if TYPE_CHECKING:
     from pypool.app import Application
-    from pypool.pool.group import PoolGroup
+    from pypool.pool.group import CheckoutTask, PoolGroup
+    from pypool.pool.pool import CallbackWaiter
     from pypool.routing.router import Decision
 
 log = logging.getLogger("pypool.client")
@@ -81,12 +82,6 @@ TRACKED_STARTUP_PARAMETERS = (
 _DECOY_PASSWORD = secrets.token_hex(16)
 
 
-class Phase(enum.Enum):
-    HANDSHAKE = 1
-    RELAY = 2
-    CLOSED = 3
-
-
 class ClientError(Exception):
     """Ends the handshake with an ErrorResponse to the client."""
 
@@ -100,7 +95,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, app: "Application") -> None:
         self.app = app
         self.transport: asyncio.Transport | None = None
-        self.phase = Phase.HANDSHAKE
+        self.state = ClientState.STARTUP  # changed only by ``set_state``
         self.peer = "?"
         self.peer_host = ""  # the client's IP address, for the hba rules
         self.tls = False  # the connection was upgraded to TLS
@@ -120,7 +115,7 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self._pending = bytearray()  # bytes received while no server is attached
         self._checkout_task: asyncio.Task[None] | None = None
-        self._queued: CallbackWaiter | None = None  # queued in a pool by ``_begin_request``
+        self._queued: CallbackWaiter | CheckoutTask | None = None  # waiting for ``_begin_request``'s checkout
         self._queued_role = ""  # ... for this role
         self._queued_ready = self._on_queued_ready  # bound once: passed on every checkout
         self._queued_failed = self._on_queued_failed
@@ -154,6 +149,13 @@ class ClientConnection(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<Client {self.user}@{self.database} from {self.peer}>"
 
+    def set_state(self, new: ClientState) -> None:
+        """The one place a client changes state; the transitions are listed in pypool/session/states.py."""
+        state = self.state
+        if new not in state.may_become and new is not state:
+            raise IllegalTransition(f"client {self.peer}: {state.name} -> {new.name}")
+        self.state = new
+
     # ------------------------------------------------------------ asyncio hooks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -169,7 +171,7 @@ class ClientConnection(asyncio.Protocol):
         self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
 
     def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.RELAY:
+        if self.state.relaying:
             server = self.server
             if server is not None and not self._pending:
                 self._forward(server, data)
@@ -181,12 +183,11 @@ class ClientConnection(asyncio.Protocol):
                 if pos >= len(data):
                     return
                 data = data[pos:]
-            if self._pending or self._checkout_task is not None or self._queued is not None \
-                    or not self._start_fast(data):
+            if self._pending or self.state is not ClientState.IDLE or not self._start_fast(data):
                 self._pending += data
                 self._dispatch_pending()
             return
-        if self.phase is Phase.HANDSHAKE:
+        elif self.state is not ClientState.CLOSED:
             self._buffer.feed(data)
             waiter = self._waiter
             if waiter is not None and not waiter.done():
@@ -263,6 +264,7 @@ class ClientConnection(asyncio.Protocol):
         startup = await self._read_startup()
         if startup is None:
             return
+        self.set_state(ClientState.AUTHENTICATING)
         params = startup.params
         self.user = params["user"]
         self.database = params.get("database") or self.user
@@ -279,6 +281,7 @@ class ClientConnection(asyncio.Protocol):
             if self.auth_method == "trust":
                 self.auth_method = general.client_auth_method
             self.admin = await admin.login(self)
+            self.set_state(ClientState.ADMIN)
             return
         group = self.app.find_group(self.database, self.user)
         if group is None:
@@ -314,7 +317,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(b"".join(out))  # type: ignore[union-attr]
         if self.app.config.general.log_client_connections:
             log.info("client %s logged in as %s to %s", self.peer, self.user, self.database)
-        self.phase = Phase.RELAY
+        self.set_state(ClientState.IDLE)
         leftover = self._buffer.take_raw()
         if leftover:
             self._pending += leftover
@@ -475,6 +478,7 @@ class ClientConnection(asyncio.Protocol):
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
                 self._pending += data[pos:]
+                self.set_state(ClientState.WAITING_FOR_LISTENER)
                 self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
@@ -579,15 +583,17 @@ class ClientConnection(asyncio.Protocol):
         self._pending.clear()
         server = self.server
         if server is not None:
+            self.set_state(ClientState.ATTACHED)
             self._forward(server, data)
         else:
             self._pending += data
+            self.set_state(ClientState.IDLE)
             self._dispatch_pending()
 
     def deliver_notification(self, message: bytes) -> None:
         """A NotificationResponse from the pool's listener: write it between whole messages."""
         transport = self.transport
-        if self.phase is not Phase.RELAY or transport is None or transport.is_closing():
+        if not self.state.relaying or transport is None or transport.is_closing():
             return
         if self.server is None:
             transport.write(message)
@@ -596,7 +602,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _dispatch_pending(self) -> None:
         """No server attached: route the first complete message and get a connection."""
-        if self._checkout_task is not None or self._queued is not None or self.phase is not Phase.RELAY:
+        if self.state is not ClientState.IDLE:
             return
         buf = self._pending
         while buf:
@@ -644,28 +650,26 @@ class ClientConnection(asyncio.Protocol):
 
         ``data`` is the request when it is not in ``_pending`` (the fast path).
         One checkout: a connection now (attached at once when it is set up like
-        this client), else a queued callback, else the checkout coroutine, which
-        also syncs settings and replays a held BEGIN. Raises ServerError when the
-        pool has no primary.
+        this client, else handed to the checkout coroutine, which syncs settings
+        and replays a held BEGIN), or a waiter that calls back. Raises
+        ServerError when the pool has no primary.
         """
         got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
-        if got is None:
+        if got.__class__ in WAITERS:
             if data is not None:
                 self._pending += data
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
-        elif got.__class__ is CallbackWaiter:
-            if data is not None:
-                self._pending += data
+            self.set_state(ClientState.WAITING)
             self._queued = got  # type: ignore[assignment]
             self._queued_role = role
             self.wait_started = got.started  # type: ignore[union-attr]
         elif self._held_begin is not None or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
             if data is not None:
                 self._pending += data
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, got))  # type: ignore[arg-type]
+            self._start_checkout(role, got)  # type: ignore[arg-type]
         elif data is None:
             self._attach(got, role)  # type: ignore[arg-type]
         else:
+            self.set_state(ClientState.ATTACHED)
             self.server = got  # type: ignore[assignment]
             got.attach(self)  # type: ignore[union-attr]
             self._replay = (data, role, None) if role != PRIMARY else None
@@ -711,26 +715,32 @@ class ClientConnection(asyncio.Protocol):
         self._queued = None
         self._end_wait()
 
+    def _start_checkout(self, role: str, server: ServerConnection | None) -> None:
+        """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine."""
+        self.set_state(ClientState.WAITING if server is None else ClientState.SYNCING)
+        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
+
     def _on_queued_ready(self, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_begin_request``."""
         self._end_queued_wait()
-        if self.phase is not Phase.RELAY:
+        if self.state is not ClientState.WAITING:
             self.group.checkin(server)  # type: ignore[union-attr]
             return
         if self._needs_sync(server) or self._held_begin is not None:
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(self._queued_role, server))
+            self._start_checkout(self._queued_role, server)
             return
         self._attach(server, self._queued_role)
 
     def _on_queued_failed(self, exc: Exception) -> None:
         """The queued wait ended without a connection: report why, or let the coroutine try."""
         self._end_queued_wait()
-        if self.phase is not Phase.RELAY or self.group is None:
+        if self.state is not ClientState.WAITING:
             return
         if isinstance(exc, CheckoutAgain):
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(self._queued_role, None))
+            self._start_checkout(self._queued_role, None)
             return
         log.warning("client %s: %s", self.peer, exc)
+        self.set_state(ClientState.IDLE)
         self._fail_request(_sqlstate_of(exc), str(exc))
         self._dispatch_pending()
 
@@ -781,6 +791,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             if server is None:
                 server = await self._checkout_current(role)
+                self.set_state(ClientState.SYNCING)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
@@ -789,6 +800,7 @@ class ClientConnection(asyncio.Protocol):
             if server is not None:
                 group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
             log.warning("client %s: %s", self.peer, exc)
+            self.set_state(ClientState.IDLE)
             self._fail_request(_sqlstate_of(exc), str(exc))
             self._dispatch_pending()
             return
@@ -800,7 +812,7 @@ class ClientConnection(asyncio.Protocol):
         finally:
             self._end_wait()
         self._checkout_task = None
-        if self.phase is not Phase.RELAY:
+        if not self.state.relaying:
             group.checkin(server)
             return
         self._attach(server, role)
@@ -868,10 +880,13 @@ class ClientConnection(asyncio.Protocol):
             server.applied_key = self._parameters_key if settings == self._desired_settings else None
             group.checkin(server)
         self._checkout_task = None
-        if self._pending and self.phase is Phase.RELAY:
-            self._dispatch_pending()
+        if self.state.relaying:
+            self.set_state(ClientState.IDLE)
+            if self._pending:
+                self._dispatch_pending()
 
     def _attach(self, server: ServerConnection, role: str) -> None:
+        self.set_state(ClientState.ATTACHED)
         self.server = server
         server.attach(self)
         if self.transport is not None and self.transport.is_closing():
@@ -905,8 +920,10 @@ class ClientConnection(asyncio.Protocol):
             self._pending[:0] = self._walker.take_held()
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
+            self.set_state(ClientState.READING_BACK)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
+        self.set_state(ClientState.IDLE)
         self.group.checkin(server)  # type: ignore[union-attr]
         if self._pending:
             self._dispatch_pending()
@@ -919,7 +936,7 @@ class ClientConnection(asyncio.Protocol):
         self._replay = None
         if group is not None:
             group.checkin(server, clean=False)
-        if group is not None and replay is not None and not server.replied and self.phase is Phase.RELAY:
+        if group is not None and replay is not None and not server.replied and self.state.relaying:
             # The read never got an answer: ban that replica and run it elsewhere.
             data, role, held_begin = replay
             group.ban_address(server.address, f"connection lost during a request: {exc or 'closed'}")
@@ -927,7 +944,7 @@ class ClientConnection(asyncio.Protocol):
                         self.peer, server.label)
             self._pending[:0] = data
             self._held_begin = held_begin
-            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
+            self._start_checkout(role, None)
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
         self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,
@@ -972,9 +989,9 @@ class ClientConnection(asyncio.Protocol):
         self._send_error_and_close(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
 
     def _close_session(self) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.state is ClientState.CLOSED:
             return
-        self.phase = Phase.CLOSED
+        self.set_state(ClientState.CLOSED)
         self.app.client_disconnected(self)
         if self._counted_as is not None:
             self.app.user_clients.release(self._counted_as)

@@ -15,13 +15,14 @@ one call. The group is the session's only door to the pools:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
-from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, ServerPool
+from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, PoolTimeout, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.roles import ANY, PRIMARY, REPLICA
@@ -51,6 +52,23 @@ SESSION_PARAMETERS = ("application_name", "is_superuser", "session_authorization
 
 class CheckoutAgain(Exception):
     """A queued wait ended without a connection the caller can report: ask ``checkout`` instead."""
+
+
+class CheckoutTask:
+    """A checkout that needs the awaitable path (a paused pool, a health check due, no usable
+    replica), run in a task that calls back like a CallbackWaiter."""
+
+    __slots__ = ("task", "started")
+
+    def __init__(self, task: "asyncio.Task[None]") -> None:
+        self.task = task
+        self.started = time.monotonic()
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+WAITERS = (CallbackWaiter, CheckoutTask)  # what ``checkout_now`` returns when there is no connection yet
 
 
 def _override(user_value: int | None, pool_value: int) -> int:
@@ -252,14 +270,14 @@ class PoolGroup:
         }
 
     def checkout_now(self, role: str, on_ready: Callable[[ServerConnection], None],
-                     on_error: Callable[[Exception], None]) -> ServerConnection | CallbackWaiter | None:
-        """A connection for ``role`` at once, else a queued waiter, else None (use ``checkout``).
+                     on_error: Callable[[Exception], None]) -> ServerConnection | CallbackWaiter | CheckoutTask:
+        """A connection for ``role`` at once, else a waiter (one of WAITERS) that calls back.
 
-        A waiter calls ``on_ready(conn)`` later, or ``on_error(exc)`` with an
-        error to report to the client (PoolTimeout, ServerError) or with
-        CheckoutAgain when ``checkout`` should take over (a replica that could
-        not be reached, now banned, or a pool a reload replaced).
-        Raises ServerError when the pool has no primary.
+        The waiter calls ``on_ready(conn)`` later, never from inside this call, or
+        ``on_error(exc)`` with an error to report to the client (PoolTimeout,
+        ServerError) or with CheckoutAgain when the caller should ask ``checkout``
+        itself (a replica that could not be reached, now banned, or a pool a
+        reload replaced). Raises ServerError when the pool has no primary.
         """
         if role == PRIMARY:
             server_pool = self.primary
@@ -267,13 +285,30 @@ class PoolGroup:
                 server_pool = self._primary_pool()
         else:
             candidates = self._candidates.get(role)
-            if not candidates:
-                return None  # ``checkout`` clears the bans, or says why no server can serve
-            server_pool = self.balancer.pick(candidates)
-        conn = server_pool.try_acquire()
-        if conn is not None:
-            return conn
-        return server_pool.queue(on_ready, lambda exc: self._queued_wait_failed(role, server_pool, exc, on_error))
+            server_pool = self.balancer.pick(candidates) if candidates else None
+        if server_pool is not None:
+            conn = server_pool.try_acquire()
+            if conn is not None:
+                return conn
+            waiter = server_pool.queue(on_ready,
+                                       lambda exc: self._queued_wait_failed(role, server_pool, exc, on_error))
+            if waiter is not None:
+                return waiter
+        # The awaitable path, on the balancer's pick: a health check due there is run there.
+        return CheckoutTask(asyncio.get_running_loop().create_task(
+            self._checkout_then_call(role, server_pool, on_ready, on_error)))
+
+    async def _checkout_then_call(self, role: str, preferred: ServerPool | None,
+                                  on_ready: Callable[[ServerConnection], None],
+                                  on_error: Callable[[Exception], None]) -> None:
+        try:
+            conn = await self.checkout(role, preferred)
+        except PoolRetired as exc:
+            on_error(CheckoutAgain(str(exc)))
+        except (PoolTimeout, ServerError) as exc:
+            on_error(exc)
+        else:
+            on_ready(conn)
 
     def _queued_wait_failed(self, role: str, server_pool: ServerPool, exc: Exception,
                             on_error: Callable[[Exception], None]) -> None:
@@ -289,8 +324,11 @@ class PoolGroup:
         else:
             on_error(exc)
 
-    async def checkout(self, role: str) -> ServerConnection:
-        """A connection for ``role``, waiting if need be; replicas that cannot be reached are banned."""
+    async def checkout(self, role: str, preferred: ServerPool | None = None) -> ServerConnection:
+        """A connection for ``role``, waiting if need be; replicas that cannot be reached are banned.
+
+        ``preferred`` is the balancer's earlier pick, kept if still usable.
+        """
         if role == PRIMARY:
             primary = self._primary_pool()
             try:
@@ -311,7 +349,10 @@ class PoolGroup:
             if not candidates:
                 raise ServerError(f"pool {self.name}: no server can serve reads: " + "; ".join(errors),
                                   {"C": m.SQLSTATE_CONNECTION_FAILURE})
-            server_pool = self.balancer.pick(candidates)
+            if preferred is not None and preferred in candidates:
+                server_pool, preferred = preferred, None
+            else:
+                server_pool = self.balancer.pick(candidates)
             try:
                 conn = await server_pool.acquire()
             except ServerError as exc:

@@ -19,7 +19,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from pypool.pool.server import Credentials, ServerConnection, ServerError, open_connection
+from pypool.pool.server import IDLE, TESTED, Credentials, ServerConnection, ServerError, open_connection
 from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -213,6 +213,7 @@ class ServerPool:
             if now - conn.last_used > self._check_after:
                 idle.append(conn)  # idle too long: ``acquire`` health-checks it first
                 return None
+            conn.state = TESTED
             self.active += 1
             self.stats.checkouts += 1
             return conn
@@ -261,6 +262,7 @@ class ServerPool:
         replica and picks another server, or reconnects to the primary.
         """
         conn = self.idle.pop()
+        conn.state = TESTED
         self.active += 1
         self.stats.checkouts += 1
         self.stats.healthchecks += 1
@@ -385,6 +387,7 @@ class ServerPool:
             self.stats.connect_errors += 1
             raise
         conn.pool = self
+        conn.state = TESTED  # logged in, not yet idle or a client's
         conn.on_lost = self._on_lost
         conn.stats = self.stats
         self.connections.add(conn)
@@ -408,6 +411,7 @@ class ServerPool:
             self._discard(conn)  # past server_lifetime
             return
         if not self.waiters:
+            conn.state = IDLE
             self.idle.append(conn)
             return
         while self.waiters:
@@ -416,6 +420,7 @@ class ServerPool:
                 self.active += 1
                 fut.set_result(conn)
                 return
+        conn.state = IDLE
         self.idle.append(conn)
 
     def release_broken(self, conn: ServerConnection) -> None:
@@ -474,6 +479,7 @@ class ServerPool:
                 self.active += 1
                 fut.set_result(conn)
                 return
+        conn.state = IDLE
         self.idle.append(conn)
 
     # -------------------------------------------------------------- maintenance
@@ -516,6 +522,7 @@ class ServerPool:
                 self.size -= 1
                 log.debug("min_pool_size connect to %s failed: %s", self.label, exc)
                 return
+            conn.state = IDLE
             self.idle.appendleft(conn)
 
     async def close(self) -> None:

@@ -39,6 +39,13 @@ _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
 _E = m.ERROR_RESPONSE
 _IDLE = ord("I")
+
+# A server connection's state in PgBouncer's vocabulary, set where it changes and read by SHOW SERVERS
+# and /metrics: being opened, linked to a client, idle in its pool, or held by pypool itself (syncing
+# settings, reading them back, a health check, a reset). "used" (idle past healthcheck_delay) is an idle
+# connection seen at snapshot time.
+LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
+SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
 # Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
 _REPLY_STOPS = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
 _REPLY_WHOLE = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
@@ -80,6 +87,7 @@ class ServerConnection(asyncio.Protocol):
         self._buffer = MessageBuffer()
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
+        self.state = LOGIN
         # Filled at login: the server's reported parameters and its cancel key.
         self.parameters: dict[str, str] = {}
         # Session parameters pypool itself SET on this connection, as the client spelled them,
@@ -171,6 +179,7 @@ class ServerConnection(asyncio.Protocol):
 
     def attach(self, client: RelayTarget) -> None:
         self.client = client
+        self.state = ACTIVE
         self.xact_start = time.monotonic()
         requests = self.requests
         if requests.owed or requests.batch_open or requests.failed:
@@ -186,6 +195,7 @@ class ServerConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         self.client = None
+        self.state = TESTED  # until its pool takes it back
         self.last_used = time.monotonic()
         if self.reading_paused:
             self.resume_reading()

@@ -11,7 +11,8 @@ import asyncio
 
 from pypool.session import prepared
 from pypool.app import Application
-from pypool.client import ClientConnection, Phase
+from pypool.client import ClientConnection
+from pypool.session.states import ClientState
 from pypool.config import default_config_dict, dump_config, parse_config
 from pypool.pool.server import Credentials, ServerConnection
 from pypool.protocol import messages as m
@@ -63,7 +64,7 @@ def setup(clients: int = 2) -> tuple[list[ClientConnection], ServerConnection]:
         client.transport = Recorder()
         client.group = group
         client.database = "postgres"
-        client.phase = Phase.RELAY
+        client.state = ClientState.IDLE  # logged in
         client._router = app.routers["postgres"]
         client._parameters_key = ()
         client.statements = prepared.ClientStatements()
