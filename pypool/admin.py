@@ -99,7 +99,7 @@ async def login(client: "ClientConnection") -> "AdminConsole":
     if client.user == general.admin_username:
         identity = SimpleNamespace(user=SimpleNamespace(username=general.admin_username,
                                                         password=general.admin_password))
-    await client._authenticate(identity)  # type: ignore[arg-type]
+    await client.authenticate(identity)  # type: ignore[arg-type]
     if identity is None:
         raise auth.AuthError("not the admin user")
     console = AdminConsole(client)
@@ -158,9 +158,9 @@ class AdminConsole:
         client = self.client
         discarding = False
         while True:
-            tag, payload = await client._read_message()
+            tag, payload = await client.read_message()
             if tag == m.TERMINATE:
-                client._close_session()
+                client.close()
                 return
             if tag == m.QUERY:
                 discarding = False

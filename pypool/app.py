@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import idle, limits, metrics, snapshot, tls
+from pypool import admin, idle, limits, metrics, snapshot, tls
 from pypool.client import ClientConnection, ClientError, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -291,6 +291,15 @@ class Application:
         self._cancel_keys.pop((client.process_id, client.secret_key), None)
         if self.config.general.log_client_disconnections and client.user:
             log.info("client %s (%s@%s) disconnected", client.peer, client.user, client.database)
+
+    @staticmethod
+    def is_admin_database(database: str) -> bool:
+        return database in admin.ADMIN_DATABASES
+
+    @staticmethod
+    async def admin_login(client: ClientConnection) -> "admin.AdminConsole":
+        """Hand a client that asked for an admin database to the console (it authenticates it)."""
+        return await admin.login(client)
 
     def check_accepting(self, client: ClientConnection) -> None:
         if not self.accepting:

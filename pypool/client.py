@@ -21,9 +21,9 @@ import secrets
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pypool import admin, limits, listen
+from pypool import limits, listen
 from pypool.session import session_state as session
 from pypool.roles import PRIMARY
 from pypool.pool.group import WAITERS, CheckoutAgain
@@ -48,7 +48,6 @@ from pypool.protocol.frames import (
 )
 
 if TYPE_CHECKING:
-    from pypool.app import Application
     from pypool.pool.group import CheckoutTask, PoolGroup
     from pypool.pool.pool import CallbackWaiter
     from pypool.routing.router import Decision
@@ -82,6 +81,35 @@ TRACKED_STARTUP_PARAMETERS = (
 _DECOY_PASSWORD = secrets.token_hex(16)
 
 
+class AdminConsole(Protocol):
+    """The admin console a client is handed to (pypool.admin.AdminConsole)."""
+
+    busy: bool
+
+    async def run(self) -> None: ...
+
+
+class ClientHost(Protocol):
+    """What a client needs of the pooler it belongs to (pypool.app.Application)."""
+
+    config: Any
+    client_tls: Any
+    user_clients: limits.UserConnectionCounts
+    routers: dict[str, Router]
+
+    def client_connected(self, client: "ClientConnection") -> None: ...
+    def client_disconnected(self, client: "ClientConnection") -> None: ...
+    def check_accepting(self, client: "ClientConnection") -> None: ...
+    def is_admin_database(self, database: str) -> bool: ...
+    async def admin_login(self, client: "ClientConnection") -> AdminConsole: ...
+    def find_group(self, database: str, user: str) -> "PoolGroup | None": ...
+    def has_database(self, database: str) -> bool: ...
+    def register_cancel_key(self, client: "ClientConnection") -> tuple[int, int]: ...
+    def cancel(self, process_id: int, secret_key: int) -> None: ...
+    def scram_verifier(self, group: "PoolGroup") -> auth.ScramVerifier: ...
+    def route(self, client: "ClientConnection", tag: int, payload: bytes) -> "Decision": ...
+
+
 class ClientError(Exception):
     """Ends the handshake with an ErrorResponse to the client."""
 
@@ -92,7 +120,7 @@ class ClientError(Exception):
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, app: "Application") -> None:
+    def __init__(self, app: ClientHost) -> None:
         self.app = app
         self.transport: asyncio.Transport | None = None
         self.state = ClientState.STARTUP  # changed only by ``set_state``
@@ -137,7 +165,7 @@ class ClientConnection(asyncio.Protocol):
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []
         self._max_message = app.config.general.max_message_size
-        self.admin: admin.AdminConsole | None = None  # set when logged in to the admin database
+        self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).
         self.connected_at = time.monotonic()
         self.xact_count = 0
@@ -194,7 +222,7 @@ class ClientConnection(asyncio.Protocol):
                 waiter.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._close_session()
+        self.close()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionResetError("client disconnected"))
@@ -212,7 +240,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --------------------------------------------------------------- handshake
 
-    async def _read_message(self) -> tuple[int, bytes]:
+    async def read_message(self) -> tuple[int, bytes]:
         while True:
             msg = self._buffer.next_message()
             if msg is not None:
@@ -235,30 +263,30 @@ class ClientConnection(asyncio.Protocol):
                 await self.admin.run()
         except ClientError as exc:
             log.info("client %s rejected: %s", self.peer, exc)
-            self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
+            self.close_with_error(exc.sqlstate, str(exc), exc.severity)
         except limits.Refused as exc:
             log.info("client %s (user %r, database %r) refused: %s", self.peer, self.user, self.database, exc)
-            self._send_error_and_close(exc.sqlstate, str(exc))
+            self.close_with_error(exc.sqlstate, str(exc))
         except ProtocolViolation as exc:
             log.info("client %s: protocol violation during startup: %s", self.peer, exc)
-            self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
+            self.close_with_error(m.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
         except auth.AuthError as exc:
             log.info("client %s (user %r): authentication failed: %s", self.peer, self.user, exc)
-            self._send_error_and_close(m.SQLSTATE_INVALID_PASSWORD,
+            self.close_with_error(m.SQLSTATE_INVALID_PASSWORD,
                                        f'password authentication failed for user "{self.user}"')
         except asyncio.TimeoutError:
             log.info("client %s did not log in within client_login_timeout; dropped", self.peer)
-            self._send_error_and_close(
+            self.close_with_error(
                 m.SQLSTATE_QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
                 f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
         except ssl.SSLError as exc:
             log.info("client %s: TLS handshake failed: %s", self.peer, exc)
-            self._close_session()
+            self.close()
         except (ConnectionResetError, asyncio.CancelledError):
-            self._close_session()
+            self.close()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
             log.exception("client %s: unexpected error during login", self.peer)
-            self._send_error_and_close(m.SQLSTATE_INTERNAL_ERROR, "internal error in pypool during login")
+            self.close_with_error(m.SQLSTATE_INTERNAL_ERROR, "internal error in pypool during login")
 
     async def _login(self) -> None:
         startup = await self._read_startup()
@@ -276,22 +304,22 @@ class ClientConnection(asyncio.Protocol):
                               "encrypted; connect with sslmode=require")
         self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
                                                 self.database, self.user, self.tls)
-        if self.database in admin.ADMIN_DATABASES:
+        if self.app.is_admin_database(self.database):
             # The admin console always asks for the admin password, whatever hba says.
             if self.auth_method == "trust":
                 self.auth_method = general.client_auth_method
-            self.admin = await admin.login(self)
+            self.admin = await self.app.admin_login(self)
             self.set_state(ClientState.ADMIN)
             return
         group = self.app.find_group(self.database, self.user)
         if group is None:
             # Unknown user: run the same exchange with a decoy, so it looks like a wrong password.
             if self.app.has_database(self.database):
-                await self._authenticate(None)
+                await self.authenticate(None)
                 raise auth.AuthError("password authentication failed")
             raise ClientError(m.SQLSTATE_INVALID_CATALOG,
                               f'no such database: "{self.database}" is not a pool in pypool\'s config')
-        await self._authenticate(group)
+        await self.authenticate(group)
         self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
         self._counted_as = (self.database, self.user)
         self.group = group
@@ -337,7 +365,7 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if isinstance(packet, CancelRequest):
                 self.app.cancel(packet.process_id, packet.secret_key)
-                self._close_session()
+                self.close()
                 return None
             return packet
 
@@ -355,7 +383,7 @@ class ClientConnection(asyncio.Protocol):
             transport, self, self.app.client_tls.context, server_side=True)  # type: ignore[arg-type]
         self.tls = True
 
-    async def _authenticate(self, group: "PoolGroup | None") -> None:
+    async def authenticate(self, group: "PoolGroup | None") -> None:
         method = self.auth_method
         username = self.user
         if method == "trust":
@@ -365,7 +393,7 @@ class ClientConnection(asyncio.Protocol):
         if method == "md5":
             salt = auth.random_salt()
             self.transport.write(m.authentication_md5(salt))  # type: ignore[union-attr]
-            tag, payload = await self._read_message()
+            tag, payload = await self.read_message()
             if tag != m.PASSWORD:
                 raise ProtocolViolation(f"expected password response, got message type {chr(tag)!r}")
             response = m.parse_password(payload)
@@ -377,12 +405,12 @@ class ClientConnection(asyncio.Protocol):
         verifier = self.app.scram_verifier(group) if group is not None else None
         session = auth.ScramServerSession(verifier, username=username)
         self.transport.write(m.authentication_sasl(session.MECHANISMS))  # type: ignore[union-attr]
-        tag, payload = await self._read_message()
+        tag, payload = await self.read_message()
         if tag != m.PASSWORD:
             raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(tag)!r}")
         mechanism, data = m.parse_sasl_initial_response(payload)
         self.transport.write(m.authentication_sasl_continue(session.handle_client_first(mechanism, data)))  # type: ignore[union-attr]
-        tag, payload = await self._read_message()
+        tag, payload = await self.read_message()
         if tag != m.PASSWORD:
             raise ProtocolViolation(f"expected SASLResponse, got message type {chr(tag)!r}")
         final = session.handle_client_final(payload)
@@ -424,7 +452,7 @@ class ClientConnection(asyncio.Protocol):
                 elif tag == _X:
                     if pos > start:
                         write(data[start:pos])
-                    self._close_session()
+                    self.close()
                     return
                 else:
                     requests.sent(tag)
@@ -616,7 +644,7 @@ class ClientConnection(asyncio.Protocol):
             tag, end = first
             length = end - 1
             if tag == _X:
-                self._close_session()
+                self.close()
                 return
             if tag in _COPY_TAGS:
                 # The tail of a COPY the server already ended with an error (it went
@@ -947,7 +975,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_checkout(role, None)
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
-        self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,
+        self.close_with_error(m.SQLSTATE_CONNECTION_FAILURE,
                                    f"server connection to {server.label} was lost; the transaction, "
                                    "if any, was rolled back")
 
@@ -977,18 +1005,18 @@ class ClientConnection(asyncio.Protocol):
 
     def _protocol_violation(self, text: str) -> None:
         log.warning("client %s: protocol violation: %s", self.peer, text)
-        self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, text)
+        self.close_with_error(m.SQLSTATE_PROTOCOL_VIOLATION, text)
 
-    def _send_error_and_close(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
+    def close_with_error(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(m.error_response(sqlstate, text, severity=severity))
-        self._close_session()
+        self.close()
 
     def terminate_for_shutdown(self) -> None:
-        self._send_error_and_close(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
+        self.close_with_error(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
 
-    def _close_session(self) -> None:
+    def close(self) -> None:
         if self.state is ClientState.CLOSED:
             return
         self.set_state(ClientState.CLOSED)

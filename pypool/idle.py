@@ -15,15 +15,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Iterable, Protocol
 
-if TYPE_CHECKING:
-    from pypool.app import Application
-    from pypool.client import ClientConnection
+from pypool.pool.server import ServerConnection
 
 log = logging.getLogger("pypool.idle")
 
 SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
+
+
+class ClientConnection(Protocol):
+    """What the reaper needs of a client (pypool.client.ClientConnection)."""
+
+    peer: str
+    user: str
+    database: str
+    server: ServerConnection | None
+
+    def close_with_error(self, sqlstate: str, text: str, severity: str = "FATAL") -> None: ...
+
+
+class Application(Protocol):
+    config: Any
+    clients: Iterable[ClientConnection]
 
 
 class IdleTransactionReaper:
@@ -66,7 +80,7 @@ class IdleTransactionReaper:
         self.terminated += 1
         log.info("client %s (%s@%s) idle in transaction for more than %.0f ms; closing it", client.peer,
                  client.user, client.database, timeout * 1000)
-        client._send_error_and_close(
+        client.close_with_error(
             SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT,
             "terminating connection due to idle-in-transaction timeout: idle in a transaction for more than "
             f"idle_client_in_transaction_timeout ({timeout * 1000:.0f} ms); the transaction was rolled back")

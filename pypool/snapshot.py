@@ -15,17 +15,45 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.pool.server import IDLE, SERVER_STATES
-from pypool.session.states import CLIENT_STATES
+from pypool.session.states import CLIENT_STATES, ClientState
 
 if TYPE_CHECKING:
-    from pypool.app import Application
-    from pypool.client import ClientConnection
     from pypool.pool.group import PoolGroup
     from pypool.pool.pool import ServerPool
+
+class ClientConnection(Protocol):
+    """What a snapshot reads of a client (pypool.client.ClientConnection)."""
+
+    state: ClientState
+    admin: Any  # the admin console (``busy``) when logged in to the admin database
+    group: "PoolGroup | None"
+    process_id: int
+    database: str
+    user: str
+    session_parameters: dict[str, str]
+    xact_count: int
+    query_count: int
+    error_count: int
+    connected_at: float
+    wait_started: float
+    max_wait: float
+
+
+class Application(Protocol):
+    """What a snapshot reads of the running pooler (pypool.app.Application)."""
+
+    config: Any
+    groups: dict[tuple[str, str], "PoolGroup"]
+    draining: list["PoolGroup"]
+    clients: Iterable[ClientConnection]
+    routers: dict[str, Any]
+    reloads_ok: int
+    reloads_failed: int
+
 
 STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's period)
 
