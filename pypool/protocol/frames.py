@@ -189,7 +189,8 @@ class FrameWalker:
         while True:
             if n - pos < HEADER_SIZE:
                 if pos >= n:
-                    self.skip = pos - n
+                    if pos > n:  # (at n, ``skip`` is what ``start`` left: the chunk may be all body)
+                        self.skip = pos - n
                     return n, -1
                 self.held += data[pos:]
                 self._need = HEADER_SIZE
