@@ -16,8 +16,8 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pypool import limits, listen
-from pypool.login import TRACKED_STARTUP_PARAMETERS, ClientError, LoginHandshake
+from pypool import limits, listen, sqlstates
+from pypool.login import TRACKED_STARTUP_PARAMETERS, LoginHandshake
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pypool.pool.pool import CallbackWaiter
     from pypool.routing.router import Decision
 
-__all__ = ["ClientConnection", "ClientError", "TRACKED_STARTUP_PARAMETERS", "new_cancel_key"]
+__all__ = ["ClientConnection", "TRACKED_STARTUP_PARAMETERS", "new_cancel_key"]
 
 log = logging.getLogger("pypool.client")
 
@@ -205,7 +205,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self.close()
 
     def terminate_for_shutdown(self) -> None:
-        self.close_with_error(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
+        self.close_with_error(sqlstates.ADMIN_SHUTDOWN, "pypool is shutting down")
 
     def close(self) -> None:
         if self.state is ClientState.CLOSED:

@@ -17,11 +17,10 @@ import logging
 import time
 from typing import Any, Iterable, Protocol
 
+from pypool import sqlstates
 from pypool.pool.server import ServerConnection
 
 log = logging.getLogger("pypool.idle")
-
-SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 
 
 class ClientConnection(Protocol):
@@ -81,6 +80,6 @@ class IdleTransactionReaper:
         log.info("client %s (%s@%s) idle in transaction for more than %.0f ms; closing it", client.peer,
                  client.user, client.database, timeout * 1000)
         client.close_with_error(
-            SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT,
+            sqlstates.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             "terminating connection due to idle-in-transaction timeout: idle in a transaction for more than "
             f"idle_client_in_transaction_timeout ({timeout * 1000:.0f} ms); the transaction was rolled back")

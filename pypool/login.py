@@ -13,7 +13,8 @@ import secrets
 import ssl
 from typing import TYPE_CHECKING
 
-from pypool import limits
+from pypool import limits, sqlstates
+from pypool.errors import LoginRefused
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import CancelRequest, GSSEncRequest, ProtocolViolation, SSLRequest, StartupMessage
@@ -34,15 +35,6 @@ TRACKED_STARTUP_PARAMETERS = (
 )
 
 _DECOY_PASSWORD = secrets.token_hex(16)
-
-
-class ClientError(Exception):
-    """Ends the handshake with an ErrorResponse to the client."""
-
-    def __init__(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
-        self.severity = severity
 
 
 class LoginHandshake:
@@ -69,23 +61,20 @@ class LoginHandshake:
             await asyncio.wait_for(self._login(), self.app.config.general.client_login_timeout / 1000)
             if self.admin is not None:
                 await self.admin.run()
-        except ClientError as exc:
-            log.info("client %s rejected: %s", self.peer, exc)
-            self.close_with_error(exc.sqlstate, str(exc), exc.severity)
-        except limits.Refused as exc:
+        except LoginRefused as exc:
             log.info("client %s (user %r, database %r) refused: %s", self.peer, self.user, self.database, exc)
-            self.close_with_error(exc.sqlstate, str(exc))
+            self.close_with_error(exc.sqlstate, str(exc), exc.severity)
         except ProtocolViolation as exc:
             log.info("client %s: protocol violation during startup: %s", self.peer, exc)
-            self.close_with_error(m.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
+            self.close_with_error(exc.sqlstate, str(exc), exc.severity)
         except auth.AuthError as exc:
             log.info("client %s (user %r): authentication failed: %s", self.peer, self.user, exc)
-            self.close_with_error(m.SQLSTATE_INVALID_PASSWORD,
-                                       f'password authentication failed for user "{self.user}"')
+            self.close_with_error(exc.sqlstate, f'password authentication failed for user "{self.user}"',
+                                  exc.severity)
         except asyncio.TimeoutError:
             log.info("client %s did not log in within client_login_timeout; dropped", self.peer)
             self.close_with_error(
-                m.SQLSTATE_QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
+                sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
                 f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
         except ssl.SSLError as exc:
             log.info("client %s: TLS handshake failed: %s", self.peer, exc)
@@ -94,7 +83,7 @@ class LoginHandshake:
             self.close()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
             log.exception("client %s: unexpected error during login", self.peer)
-            self.close_with_error(m.SQLSTATE_INTERNAL_ERROR, "internal error in pypool during login")
+            self.close_with_error(sqlstates.INTERNAL_ERROR, "internal error in pypool during login")
 
     async def _login(self) -> None:
         startup = await self._read_startup()
@@ -107,15 +96,13 @@ class LoginHandshake:
         self.app.check_accepting(self)
         general = self.app.config.general
         if self.app.client_tls.required and not self.tls:
-            raise ClientError(m.SQLSTATE_INVALID_AUTHORIZATION,
-                              'pypool requires TLS (client_tls_mode = "require"): this connection is not '
-                              "encrypted; connect with sslmode=require")
+            raise LoginRefused(sqlstates.INVALID_AUTHORIZATION_SPECIFICATION,
+                               'pypool requires TLS (client_tls_mode = "require"): this connection is not '
+                               "encrypted; connect with sslmode=require")
         self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
                                                 self.database, self.user, self.tls)
         if self.app.is_admin_database(self.database):
-            # The admin console always asks for the admin password, whatever hba says.
-            if self.auth_method == "trust":
-                self.auth_method = general.client_auth_method
+            self.auth_method = limits.admin_method(general, self.auth_method)
             self.admin = await self.app.admin_login(self)
             self.set_state(ClientState.ADMIN)
             return
@@ -125,8 +112,9 @@ class LoginHandshake:
             if self.app.has_database(self.database):
                 await self.authenticate(None)
                 raise auth.AuthError("password authentication failed")
-            raise ClientError(m.SQLSTATE_INVALID_CATALOG,
-                              f'no such database: "{self.database}" is not a pool in pypool\'s config')
+            raise LoginRefused(sqlstates.INVALID_CATALOG_NAME,
+                               f'no such database: "{self.database}" is not a pool in pypool\'s config')
+        self.auth_method = limits.user_method(general, self.auth_method, group.user)
         await self.authenticate(group)
         self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
         self._counted_as = (self.database, self.user)

@@ -15,15 +15,17 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Protocol
 
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.pool.server import IDLE, SERVER_STATES
 from pypool.session.states import CLIENT_STATES, ClientState
 
 if TYPE_CHECKING:
+    from pypool.config import Config
     from pypool.pool.group import PoolGroup
     from pypool.pool.pool import ServerPool
+    from pypool.routing.router import Router
 
 class ClientConnection(Protocol):
     """What a snapshot reads of a client (pypool.client.ClientConnection)."""
@@ -41,18 +43,6 @@ class ClientConnection(Protocol):
     connected_at: float
     wait_started: float
     max_wait: float
-
-
-class Application(Protocol):
-    """What a snapshot reads of the running pooler (pypool.app.Application)."""
-
-    config: Any
-    groups: dict[tuple[str, str], "PoolGroup"]
-    draining: list["PoolGroup"]
-    clients: Iterable[ClientConnection]
-    routers: dict[str, Any]
-    reloads_ok: int
-    reloads_failed: int
 
 
 STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's period)
@@ -274,7 +264,19 @@ def _server_state(conn, now: float, check_delay: float) -> str:
     return state
 
 
-def take(app: "Application") -> Snapshot:
+class StatsSource(Protocol):
+    """What ``take`` reads of the running pooler (``pypool.app.Application`` is one)."""
+
+    config: Config
+    groups: dict[tuple[str, str], PoolGroup]
+    draining: list[PoolGroup]  # replaced by a reload, still closing
+    clients: Collection[ClientConnection]
+    routers: dict[str, Router]
+    reloads_ok: int
+    reloads_failed: int
+
+
+def take(app: StatsSource) -> Snapshot:
     """Read every counter of the running pooler. Call on the event loop thread."""
     now = time.monotonic()
     wall = time.time()

@@ -16,7 +16,7 @@ import time
 from pypool.pool.group import WAITERS, CheckoutAgain
 from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
-from pypool.protocol import messages as m
+from pypool import sqlstates
 from pypool.roles import PRIMARY
 from pypool.session.states import ClientState
 
@@ -27,9 +27,7 @@ _IDLE = ord("I")
 
 def sqlstate_of(exc: Exception) -> str:
     """The SQLSTATE a client gets for a checkout that failed."""
-    if isinstance(exc, PoolTimeout):
-        return m.SQLSTATE_TOO_MANY_CONNECTIONS
-    return getattr(exc, "sqlstate", m.SQLSTATE_CONNECTION_FAILURE)
+    return getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE)
 
 
 class SessionCheckout:
@@ -153,7 +151,7 @@ class SessionCheckout:
             except PoolRetired:
                 if group.successor is None:
                     raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '
-                                      "pypool's configuration", {"C": m.SQLSTATE_INVALID_CATALOG}) from None
+                                      "pypool's configuration", {"C": sqlstates.INVALID_CATALOG_NAME}) from None
 
     def _attach(self, server: ServerConnection, role: str) -> None:
         self.set_state(ClientState.ATTACHED)

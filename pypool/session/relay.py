@@ -13,6 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, ProtocolViolation, first_message
@@ -244,7 +245,7 @@ class SessionRelay:
             self._start_checkout(role, None)
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
-        self.close_with_error(m.SQLSTATE_CONNECTION_FAILURE,
+        self.close_with_error(sqlstates.CONNECTION_FAILURE,
                                    f"server connection to {server.label} was lost; the transaction, "
                                    "if any, was rolled back")
 
@@ -272,4 +273,4 @@ class SessionRelay:
 
     def _protocol_violation(self, text: str) -> None:
         log.warning("client %s: protocol violation: %s", self.peer, text)
-        self.close_with_error(m.SQLSTATE_PROTOCOL_VIOLATION, text)
+        self.close_with_error(sqlstates.PROTOCOL_VIOLATION, text)
