@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pypool import limits, listen, sqlstates
+from pypool.flow import ReadingPause
 from pypool.login import TRACKED_STARTUP_PARAMETERS, LoginHandshake
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import auth
@@ -73,6 +74,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
     def __init__(self, app: ClientHost) -> None:
         self.app = app
         self.transport: asyncio.Transport | None = None
+        self.reading = ReadingPause()  # paused while its server cannot take more
         self.state = ClientState.STARTUP  # changed only by ``set_state``
         self.peer = "?"
         self.peer_host = ""  # the client's IP address, for the hba rules
@@ -138,6 +140,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.reading.transport = self.transport
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
@@ -181,12 +184,12 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         # The client reads slower than its server sends: stop reading that server.
         server = self.server
         if server is not None:
-            server.pause_reading()
+            server.reading.pause()
 
     def resume_writing(self) -> None:
         server = self.server
         if server is not None:
-            server.resume_reading()
+            server.reading.resume()
 
     # --------------------------------------------------------------- handshake
 

@@ -177,6 +177,7 @@ class LoginHandshake:
         # ClientHello cannot land in the startup buffer.
         self.transport = await asyncio.get_running_loop().start_tls(
             transport, self, self.app.client_tls.context, server_side=True)  # type: ignore[arg-type]
+        self.reading.transport = self.transport
         self.tls = True
 
     async def authenticate(self, group: "PoolGroup | None") -> None:

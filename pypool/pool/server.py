@@ -28,6 +28,7 @@ from pypool.session.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, 
 from pypool.session.tracker import RequestTracker
 from pypool.protocol import auth
 from pypool.protocol import messages as m
+from pypool.flow import ReadingPause
 from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation
 from pypool.tls import connect_tls
 
@@ -64,6 +65,7 @@ class RelayTarget(Protocol):
     """What a ServerConnection needs from the client it relays to."""
 
     transport: asyncio.Transport
+    reading: ReadingPause  # paused while this server's socket cannot take more
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
@@ -96,7 +98,7 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.expires_at = float("inf")  # server_lifetime, set by the owning pool
-        self.reading_paused = False  # paused because the client reads slower than we send
+        self.reading = ReadingPause()  # paused while the client reads slower than this server sends
         # Relay-mode state
         self.client: RelayTarget | None = None
         self.requests = RequestTracker()  # what the attached client asked and is owed; the status byte
@@ -132,12 +134,14 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.reading.transport = self.transport
         keepalive.apply(transport.get_extra_info("socket"), nodelay=True)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_received += len(data)
+        n = len(data)
+        self.bytes_received += n
         if self.client is not None:
-            self._relay(data)
+            self._relay(data, n)
             return
         self._buffer.feed(data)
         waiter = self._waiter
@@ -163,12 +167,12 @@ class ServerConnection(asyncio.Protocol):
         # Our writes to the server are backing up: stop reading from the client.
         client = self.client
         if client is not None:
-            client.transport.pause_reading()
+            client.reading.pause()
 
     def resume_writing(self) -> None:
         client = self.client
         if client is not None:
-            client.transport.resume_reading()
+            client.reading.resume()
 
     # ---------------------------------------------------------------- relaying
 
@@ -192,20 +196,10 @@ class ServerConnection(asyncio.Protocol):
         self.client = None
         self.state = TESTED  # until its pool takes it back
         self.last_used = time.monotonic()
-        if self.reading_paused:
-            self.resume_reading()
+        if self.reading.paused:
+            self.reading.resume()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
-
-    def _relay(self, data: bytes) -> None:
+    def _relay(self, data: bytes, n: int) -> None:
         """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors.
 
         While prepared-statement actions wait for their replies
@@ -223,9 +217,9 @@ class ServerConnection(asyncio.Protocol):
         walker = self._walker
         if walker.held or walker.skip:
             data, pos = walker.start(data)
+            n = len(data)
         else:
             pos = 0
-        n = len(data)
         client = self.client
         write = client.transport.write  # type: ignore[union-attr]
         if pos >= n:
@@ -247,7 +241,7 @@ class ServerConnection(asyncio.Protocol):
                     if rewriting:
                         statements.on_ready()  # type: ignore[union-attr]
                     if requests.ready(data[pos + 5]):
-                        self._request_done(data[start:] if start else data, end - start)
+                        self._request_done(data[start:] if start else data, end - start, n - start)
                         return
                 elif tag == _S:
                     self._note_parameter(data[pos + 5:end])
@@ -288,11 +282,12 @@ class ServerConnection(asyncio.Protocol):
             return False
         return fields.get("V", fields.get("S")) == "FATAL" and fields.get("C", "").startswith("57P")
 
-    def _request_done(self, data: bytes, end: int) -> None:
+    def _request_done(self, data: bytes, end: int, n: int) -> None:
+        """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
         client = self.client
         assert client is not None
-        client.transport.write(data if end == len(data) else data[:end])
-        rest = data[end:]
+        client.transport.write(data if end == n else data[:end])
+        rest = data[end:] if end < n else b""
         if self.requests.status == _IDLE:
             # A transaction ended: count it and time it. The clock starts at ``attach``, so in
             # transaction mode this is the checkout-to-commit time; a session-mode client's later
@@ -308,7 +303,7 @@ class ServerConnection(asyncio.Protocol):
             # Asynchronous messages after the final ReadyForQuery: relay them if
             # still attached (session mode), otherwise treat them as idle traffic.
             if self.client is not None:
-                self._relay(rest)
+                self._relay(rest, len(rest))
             else:
                 self._buffer.feed(rest)
                 self._drain_idle_messages()
