@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pypool.pool.group import ANY, PRIMARY, REPLICA
+from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.cache import ClassificationCache
