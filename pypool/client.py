@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pypool import limits, listen, sqlstates
+from pypool.causal.requirement import ClientCausal
 from pypool.flow import ReadingPause
 from pypool.login import TRACKED_STARTUP_PARAMETERS, LoginHandshake
 from pypool.pool.server import ServerConnection, ServerError
@@ -107,6 +108,10 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._parameters_key: tuple[tuple[str, str], ...] = ()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
+        # Causal reads (pypool.causal): what this client's reads must see (None: off, or a session
+        # pool), and the ticket of a write whose commit position is to be learnt once it is released.
+        self.causal: ClientCausal | None = None
+        self._commit_ticket: int | None = None
         # Transaction mode: named statements (None in session mode), a message that needs
         # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.
         self.statements: ClientStatements | None = None

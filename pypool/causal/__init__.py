@@ -36,5 +36,5 @@ groups):
   ErrorResponse with its SQLSTATE and message), None (route as ever).
 """
 
-# True once the client session calls this package (turns on tests/integration/test_causal_reads.py).
-WIRED = False
+# The client session calls this package (turns on the mode tests of tests/integration/test_causal_reads.py).
+WIRED = True

@@ -30,7 +30,8 @@ from typing import Generic, Hashable, TypeVar
 from pypool.causal.decide import Fail, Serve, UsePrimary
 from pypool.causal.lsn import Position
 from pypool.causal.positions import ReplicaPositions
-from pypool.causal.requirement import GLOBAL, OFF, ClientCausal, CommitLog, parse_commit_row
+from pypool.causal.requirement import GLOBAL, OFF, ClientCausal, CommitLog, Slots, parse_commit_row
+from pypool.causal.stats import CausalStats
 from pypool.causal.wait import CausalReads
 
 log = logging.getLogger("pypool.causal")
@@ -55,6 +56,10 @@ class PoolCausal(Generic[K]):
     @property
     def positions(self) -> ReplicaPositions[K]:
         return self.reads.positions
+
+    @property
+    def stats(self) -> CausalStats:
+        return self.reads.stats
 
     def client(self) -> ClientCausal | None:
         return None if self.mode == OFF else ClientCausal()
@@ -124,6 +129,7 @@ class PoolCausal(Generic[K]):
         for replica in replicas:
             if not caught_up(replica, required):
                 return True
+        self.reads.stats.at_once += 1  # a read with a requirement that every replica already meets
         return False
 
     async def choose(self, client: ClientCausal, replicas: Callable[[], Sequence[K]], *,
@@ -137,16 +143,16 @@ class PoolCausal(Generic[K]):
         reads = self.reads
         deadline = reads.deadline()
         if client.pending and not await reads.wait_for_commits(lambda: not client.pending, deadline):
-            return UsePrimary("the position of this client's last write is not known yet")
+            return self._to_primary("the position of this client's last write is not known yet")
         if client.unknown:
-            return UsePrimary("the position of this client's last write could not be learnt")
+            return self._to_primary("the position of this client's last write could not be learnt")
         required = client.required
         if self.log is not None:
             position, barrier = self.log.read_barrier()
             if barrier:
                 commits = self.log
                 if not await reads.wait_for_commits(lambda: commits.barrier_passed(barrier), deadline):
-                    return UsePrimary("writes committed before this read are still being located")
+                    return self._to_primary("writes committed before this read are still being located")
                 position, _ = commits.read_barrier()
             if position is not None and (required is None or position > required):
                 required = position
@@ -154,8 +160,34 @@ class PoolCausal(Generic[K]):
             return None
         return await reads.choose(required, replicas, deadline=deadline, pick=pick, primary=primary)
 
+    def _to_primary(self, reason: str) -> UsePrimary:
+        self.reads.stats.to_primary += 1
+        return UsePrimary(reason)
+
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.reads.close()
+
+
+class CommitLogs:
+    """The ``global`` mode commit log of each pool name, shared by its groups and kept across reloads.
+
+    ``slots_for(pool_name)``: this worker's slots in the table shared by worker
+    processes (``Worker.commit_slots``); None without workers (or when the
+    table cannot take the pool: then the log is this process's own).
+    """
+
+    def __init__(self, slots_for: Callable[[str], Slots | None] | None = None) -> None:
+        self._slots_for = slots_for
+        self._logs: dict[str, CommitLog] = {}
+
+    def for_pool(self, pool_name: str, mode: str) -> CommitLog | None:
+        if mode != GLOBAL:
+            return None
+        commits = self._logs.get(pool_name)
+        if commits is None:
+            slots = self._slots_for(pool_name) if self._slots_for is not None else None
+            commits = self._logs[pool_name] = CommitLog(slots)
+        return commits

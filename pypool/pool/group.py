@@ -10,7 +10,9 @@ one call. The group is the session's only door to the pools:
 * ``checkout``: the awaitable path, with failover between replicas;
 * ``checkin(conn, clean)``: back to its pool, or closed when its state
   cannot be trusted;
-* bans and health results beside them, so the policy lives in one place.
+* bans and health results beside them, so the policy lives in one place;
+* ``causal``: the pool's causal reads (``pypool.causal.PoolCausal``), fed by
+  its monitors' replay positions and asked by the session before a read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from pypool import sqlstates
+from pypool.causal.lsn import Position
+from pypool.causal.pool_causal import PoolCausal
+from pypool.causal.requirement import CommitLog
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, PoolTimeout, ServerPool
@@ -76,7 +81,8 @@ def _override(user_value: int | None, pool_value: int) -> int:
 
 
 class PoolGroup:
-    def __init__(self, pool: "Pool", user: "User", general: "General") -> None:
+    def __init__(self, pool: "Pool", user: "User", general: "General", commits: CommitLog | None = None) -> None:
+        """``commits``: the pool's commit log when its causal_reads is "global" (``CommitLogs.for_pool``)."""
         self.config = pool
         self.user = user
         self.general = general
@@ -111,6 +117,10 @@ class PoolGroup:
         self.balancer = Balancer(pool.load_balancing_mode)
         self.server_parameters: dict[str, str] | None = None
         self.monitors: list[ServerMonitor] = []
+        self._monitor_of: dict[ServerPool, ServerMonitor] = {}
+        self.causal: PoolCausal[ServerPool] = PoolCausal(
+            pool.causal_reads, pool.causal_reads_timeout, self._check_position, self._primary_position,
+            commits=commits, label=lambda sp: sp.label)
         # Set by a config reload that rebuilt this pool: clients move there at their next checkout.
         self.successor: PoolGroup | None = None
         self.cancel_requests = 0  # CancelRequests forwarded for this pool's clients
@@ -129,15 +139,25 @@ class PoolGroup:
     def start(self) -> None:
         for server_pool in self.all_pools:
             server_pool.start()
-            monitor = ServerMonitor(server_pool, self.general.healthcheck_timeout / 1000, self.health_result)
+            monitor = ServerMonitor(server_pool, self.general.healthcheck_timeout / 1000, self.health_result,
+                                    positions=self.causal.positions)
             self.monitors.append(monitor)
+            self._monitor_of[server_pool] = monitor
             monitor.start()
 
     async def close(self) -> None:
         for monitor in self.monitors:
             await monitor.stop()
+        await self.causal.close()
         for server_pool in self.all_pools:
             await server_pool.close()
+
+    async def _check_position(self, server_pool: ServerPool) -> Position | None:
+        """A waiting causal read asks this replica's monitor for its replay position now."""
+        return await self._monitor_of[server_pool].check_position()
+
+    async def _primary_position(self) -> Position | None:
+        return await self._monitor_of[self._primary_pool()].check_position()
 
     # -------------------------------------------------------- health and bans
 
@@ -177,6 +197,7 @@ class PoolGroup:
 
     def health_result(self, server_pool: ServerPool, result: HealthResult) -> None:
         """Called by the monitor after every check of ``server_pool``."""
+        self.causal.reads.notify()  # its position is recorded: wake the causal reads it satisfies
         server_pool.healthy = result.ok
         if not result.ok:
             server_pool.last_error = result.error or "health check failed"
@@ -256,6 +277,10 @@ class PoolGroup:
             return self._primary_pool()
         candidates = self._candidates.get(role)
         return self.balancer.pick(candidates) if candidates else None
+
+    def replica_candidates(self) -> list[ServerPool]:
+        """The replicas a read would be given now (banned and lagging ones left out)."""
+        return self._candidates[REPLICA]
 
     def refresh_candidates(self) -> None:
         """Recompute who may serve reads; called on every health result, ban and failover.

@@ -68,6 +68,7 @@ class RelayTarget(Protocol):
     reading: ReadingPause  # paused while this server's socket cannot take more
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
+    def write_committed(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
 
 
@@ -107,6 +108,9 @@ class ServerConnection(asyncio.Protocol):
         # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
+        # Causal reads: the attached client's transaction may write on the primary; it is told
+        # (``write_committed``) when it ends, before the client can see that it did.
+        self.track_commit = False
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -188,6 +192,7 @@ class ServerConnection(asyncio.Protocol):
         if walker.held or walker.skip:
             walker.reset()
         self.reported_change = False
+        self.track_commit = False
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if self._buffer.buffered:
             self._buffer.take_raw()
@@ -286,9 +291,12 @@ class ServerConnection(asyncio.Protocol):
         """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
         client = self.client
         assert client is not None
+        idle = self.requests.status == _IDLE
+        if idle and self.track_commit:
+            client.write_committed(self)  # before the client (or, through it, anyone) can read after it
         client.transport.write(data if end == n else data[:end])
         rest = data[end:] if end < n else b""
-        if self.requests.status == _IDLE:
+        if idle:
             # A transaction ended: count it and time it. The clock starts at ``attach``, so in
             # transaction mode this is the checkout-to-commit time; a session-mode client's later
             # transactions on the same attachment are counted but not timed (their start is unknown).

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from pypool import listen
+from pypool.causal.requirement import COMMIT_POSITION_QUERY
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
 from pypool.session.prepared import Rewriter, ServerStatements, names_statement
 from pypool.session.states import ClientState
 
+if TYPE_CHECKING:
+    from pypool.pool.group import PoolGroup
+
 log = logging.getLogger("pypool.client")
+
+# Commit-position lookups running after their client was let go (the loop keeps only weak references).
+_COMMIT_LOOKUPS: set[asyncio.Task[None]] = set()
 
 _Q = m.QUERY
 _P = m.PARSE
@@ -207,32 +215,69 @@ class SessionEffects:
         server.applied_parameters = dict(self._desired_settings)
         server.applied_key = self._parameters_key
 
-    async def _read_back_settings(self, server: ServerConnection) -> None:
-        """After a transaction that ran SET/RESET: learn the session settings it left, then release.
+    def _learn_commit_position(self, server: ServerConnection, ticket: int) -> None:
+        """Learn a write's commit position on its released connection; the client goes on meanwhile."""
+        task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket))
+        _COMMIT_LOOKUPS.add(task)
+        task.add_done_callback(_COMMIT_LOOKUPS.discard)
 
-        PostgreSQL has already applied its rules (SET LOCAL ends with the
-        transaction, a rolled-back SET is undone), so the server's own view
-        is the client's new session state.
+    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None) -> None:
+        """Talk to a released connection before it goes back: read back settings, learn a commit position.
+
+        ``read_back``: the transaction ran SET/RESET; the client waits in
+        READING_BACK until its settings are known. ``ticket``: the transaction
+        may have written (causal reads, ``write_committed``); its commit
+        position is asked on the same connection, whose session is the one
+        that committed, after the client was let go.
         """
         group = self.group
         assert group is not None
         server.detach()
+        clean = True
+        try:
+            if read_back:
+                clean = await self._read_back_settings(server)
+                self._checkout_task = None
+                if self.state.relaying:
+                    self.set_state(ClientState.IDLE)
+                    if self._pending:
+                        self._dispatch_pending()
+            if ticket is not None and clean:
+                clean = await self._learn_commit(group, server, ticket)
+                ticket = None
+        except asyncio.CancelledError:
+            clean = False
+            raise
+        finally:
+            if ticket is not None:  # not learnt here: the primary's current position covers it
+                group.causal.commit_lookup_failed(self.causal, ticket)  # type: ignore[arg-type]
+            group.checkin(server, clean=clean)
+
+    async def _read_back_settings(self, server: ServerConnection) -> bool:
+        """Learn the session settings a transaction left; False if the server could not say.
+
+        PostgreSQL has already applied its rules (SET LOCAL ends with the
+        transaction, a rolled-back SET is undone), so the server's own view is
+        the client's new session state.
+        """
         try:
             rows = await server.query(session.SETTINGS_QUERY)
         except ServerError as exc:
             log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
-            group.checkin(server, clean=False)
-        except asyncio.CancelledError:
-            group.checkin(server, clean=False)
-            raise
-        else:
-            settings = {str(name).lower(): str(value) for name, value in rows}
-            self._set_settings(settings)
-            server.applied_parameters = settings
-            server.applied_key = self._parameters_key if settings == self._desired_settings else None
-            group.checkin(server)
-        self._checkout_task = None
-        if self.state.relaying:
-            self.set_state(ClientState.IDLE)
-            if self._pending:
-                self._dispatch_pending()
+            return False
+        settings = {str(name).lower(): str(value) for name, value in rows}
+        self._set_settings(settings)
+        server.applied_parameters = settings
+        server.applied_key = self._parameters_key if settings == self._desired_settings else None
+        return True
+
+    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: int) -> bool:
+        """Ask the connection that committed where its commit lies; False if it could not say."""
+        try:
+            rows = await server.query(COMMIT_POSITION_QUERY)
+        except ServerError as exc:
+            log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, exc)
+            return False
+        group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [])  # type: ignore[arg-type]
+        return True
+

@@ -216,15 +216,32 @@ class SessionRelay:
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.
             self._pending[:0] = self._walker.take_held()
+        ticket = self._commit_ticket
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
+            self._commit_ticket = None
             self.set_state(ClientState.READING_BACK)
-            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+            self._checkout_task = asyncio.get_running_loop().create_task(
+                self._after_transaction(server, True, ticket))
             return
         self.set_state(ClientState.IDLE)
-        self.group.checkin(server)  # type: ignore[union-attr]
+        if ticket is None:
+            self.group.checkin(server)  # type: ignore[union-attr]
+        else:
+            self._commit_ticket = None
+            self._learn_commit_position(server, ticket)
         if self._pending:
             self._dispatch_pending()
+
+    def write_committed(self, server: ServerConnection) -> None:
+        """A transaction that may have written on the primary ended; its reply is not written yet.
+
+        Its commit position is pending from now on (in ``global`` mode for
+        every worker's reads too): a read that must see it waits for the
+        lookup the connection runs once it is released. Session pools have no
+        causal state, so this is transaction pooling only.
+        """
+        self._commit_ticket = self.group.causal.write_ended(self.causal)  # type: ignore[union-attr, arg-type]
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None

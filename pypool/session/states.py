@@ -10,7 +10,10 @@ than a flag elsewhere.
                       v             v  │ (error)          │ │  └──> READING_BACK ──> IDLE
                     ADMIN        WAITING ──> SYNCING ─────┘ │
                                     ▲                       └──> WAITING_FOR_LISTENER ──> ATTACHED
-                                    └── ATTACHED (its server died before answering a read: retry)
+                                    ├── ATTACHED (its server died before answering a read: retry)
+                                    └── WAITING_FOR_REPLICA <── IDLE, ATTACHED (retry), WAITING (again)
+                                          (a read that must see a write no usable replica is known
+                                          to have replayed; ends in WAITING, or IDLE with an error)
     any state ──> CLOSED
 
 ``shown`` is the state in PgBouncer's vocabulary, as SHOW CLIENTS, SHOW POOLS
@@ -36,6 +39,7 @@ class ClientState(enum.Enum):
     ATTACHED = "attached"  # relaying a request or transaction on its server connection
     READING_BACK = "reading back settings"  # learning the settings its transaction left, then releasing
     WAITING_FOR_LISTENER = "waiting for the listener"  # a LISTEN waits for the pool's listener connection
+    WAITING_FOR_REPLICA = "waiting for a replica"  # a causal read waits for a replica to replay its write
     CLOSED = "closed"
 
     # Set below for every member (plain attributes: read on the relay's hot path).
@@ -49,10 +53,12 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.STARTUP: (_S.AUTHENTICATING, _S.CLOSED),
     _S.AUTHENTICATING: (_S.IDLE, _S.ADMIN, _S.CLOSED),
     _S.ADMIN: (_S.CLOSED,),
-    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.CLOSED),
-    _S.WAITING: (_S.SYNCING, _S.ATTACHED, _S.IDLE, _S.CLOSED),
+    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.WAITING_FOR_REPLICA, _S.CLOSED),
+    _S.WAITING: (_S.SYNCING, _S.ATTACHED, _S.IDLE, _S.WAITING_FOR_REPLICA, _S.CLOSED),
+    _S.WAITING_FOR_REPLICA: (_S.WAITING, _S.IDLE, _S.CLOSED),
     _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
-    _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CLOSED),
+    _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.WAITING_FOR_REPLICA,
+                  _S.CLOSED),
     _S.READING_BACK: (_S.IDLE, _S.CLOSED),
     _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.CLOSED),
     _S.CLOSED: (),
@@ -60,7 +66,7 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
 _SHOWN = {
     _S.STARTUP: "login", _S.AUTHENTICATING: "login", _S.ADMIN: "active", _S.IDLE: "idle",
     _S.WAITING: "waiting", _S.SYNCING: "waiting", _S.ATTACHED: "active", _S.READING_BACK: "active",
-    _S.WAITING_FOR_LISTENER: "waiting", _S.CLOSED: "closed",
+    _S.WAITING_FOR_LISTENER: "waiting", _S.WAITING_FOR_REPLICA: "waiting", _S.CLOSED: "closed",
 }
 for _state in ClientState:
     _state.may_become = _TRANSITIONS[_state]
