@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Protocol
 
+from pypool.causal.stats import WAIT_BUCKETS as CAUSAL_WAIT_BUCKETS
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.pool.server import IDLE, SERVER_STATES
 from pypool.session.states import CLIENT_STATES, ClientState
@@ -43,6 +44,7 @@ class ClientConnection(Protocol):
     connected_at: float
     wait_started: float
     max_wait: float
+    causal: Any  # pypool.causal.requirement.ClientCausal or None: str() is the position its reads must see
 
 
 STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's period)
@@ -51,6 +53,9 @@ STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's 
 # (pypool/pool/server.py, pypool/session/states.py); only "used" (idle for longer
 # than healthcheck_delay) is told from the clock here.
 __all__ = ["CLIENT_STATES", "SERVER_STATES"]
+
+# Causal reads of one (pool, user) by outcome (pypool.causal.stats.CausalStats); merged by summing.
+CAUSAL_OUTCOMES = ("at_once", "after_wait", "to_primary", "timed_out")
 
 # Cumulative counters of one address; merged by summing.
 COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "checkouts",
@@ -109,6 +114,11 @@ class PoolStatsRow:
     cancel_requests: int = 0
     maxwait: float = 0.0  # seconds: the longest current wait of a waiting client
     paused: bool = False
+    causal_mode: str = "off"
+    causal: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CAUSAL_OUTCOMES, 0))
+    # Reads that waited for a replica: counts per CAUSAL_WAIT_BUCKETS bound (the last is +Inf), total seconds.
+    causal_wait_hist: list[int] = field(default_factory=lambda: [0] * len(CAUSAL_WAIT_BUCKETS))
+    causal_wait_sum: float = 0.0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -129,6 +139,7 @@ class ClientRow:
     age_seconds: float
     maxwait: float  # seconds
     connected_at: float  # wall clock, for ordering across processes
+    causal_required: str = ""  # the WAL position its next read must see ("pending" while being learnt)
 
 
 @dataclass
@@ -223,9 +234,13 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for p in snap.pools:
             into = pools.get(p.key)
             if into is None:
-                pools[p.key] = dataclasses.replace(p, clients=dict(p.clients))
+                pools[p.key] = dataclasses.replace(p, clients=dict(p.clients), causal=dict(p.causal),
+                                                   causal_wait_hist=list(p.causal_wait_hist))
                 continue
             _add(into.clients, p.clients)
+            _add(into.causal, p.causal)
+            into.causal_wait_hist = [x + y for x, y in zip(into.causal_wait_hist, p.causal_wait_hist)]
+            into.causal_wait_sum += p.causal_wait_sum
             into.cancels_in_flight += p.cancels_in_flight
             into.cancel_requests += p.cancel_requests
             into.maxwait = max(into.maxwait, p.maxwait)
@@ -302,8 +317,12 @@ def take(app: StatsSource) -> Snapshot:
 
     pools: dict[tuple, PoolStatsRow] = {}
     for (name, user), group in app.groups.items():
+        causal = group.causal.stats  # a rebuilt group inherits its predecessor's: count live groups only
         pools[(name, user)] = PoolStatsRow(name, user, group.pool_mode,
-                                           paused=any(sp.paused for sp in group.all_pools))
+                                           paused=any(sp.paused for sp in group.all_pools),
+                                           causal_mode=group.causal.mode,
+                                           causal={k: getattr(causal, k) for k in CAUSAL_OUTCOMES},
+                                           causal_wait_hist=list(causal.wait_counts), causal_wait_sum=causal.wait_sum)
     for group in live_groups + list(app.draining):
         row = pools.get((group.name, group.user.username))
         if row is not None:
@@ -400,7 +419,8 @@ def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRo
     return ClientRow(client.process_id, client.database or "", client.user or "",
                      client.session_parameters.get("application_name", ""), state, client.admin is not None,
                      client.xact_count, client.query_count, client.error_count, now - client.connected_at,
-                     max(client.max_wait, current_wait), wall - (now - client.connected_at))
+                     max(client.max_wait, current_wait), wall - (now - client.connected_at),
+                     str(client.causal) if client.causal is not None else "")
 
 
 # ------------------------------------------------------------------ averages

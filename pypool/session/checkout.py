@@ -110,7 +110,7 @@ class SessionCheckout:
         if isinstance(decision, Fail):
             return decision
         if isinstance(decision, UsePrimary) or decision.server is group.primary:
-            return PRIMARY, None
+            return ANY, group.primary  # still a read: "any" server, the primary preferred
         return role, decision.server
 
     def _track_writes(self, server: ServerConnection, role: str) -> None:

@@ -38,6 +38,8 @@ from pypool.pool.health import ServerMonitor
 from pypool.pool.pool import PoolSettings, ServerPool
 from pypool.pool.server import Credentials
 from tests.conftest import DATABASE, PASSWORD, USER, pool_overrides, wait_replicas_caught_up
+from tests.integration._ops import admin_rows
+from tests.integration._support import merge, metric_sum, scrape, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -207,13 +209,79 @@ def test_session_is_per_client_another_connection_may_read_stale(start_pypool, l
     assert two_connection_stale_reads(pypool.dsn(), lagging) > 0
 
 
+def causal_reads_by_outcome(pypool) -> dict[str, float]:
+    samples = wait_for(lambda: _scrape_or_none(pypool), what="the metrics exporter")
+    return {outcome: metric_sum(samples, "pypool_causal_reads_total", outcome=outcome)
+            for outcome in ("replica_at_once", "replica_after_wait", "primary", "timed_out")}
+
+
+def _scrape_or_none(pypool) -> dict | None:
+    try:
+        return scrape(pypool)
+    except OSError:
+        return None
+
+
 @needs_wiring
 @pytest.mark.parametrize("workers", [1, 2])
 def test_global_reads_see_writes_of_other_connections(start_pypool, lagging, workers):
     overrides = split("global")
-    overrides["general"] = {"workers": workers}
+    overrides["general"] = {"workers": workers, "enable_prometheus_exporter": True}
     pypool = start_pypool(overrides)
     assert two_connection_stale_reads(pypool.dsn(), lagging) == 0
+    # Every read followed a write: each is counted, whichever worker served it (plus the requests
+    # that prepare the SELECT: psycopg prepares a statement at its fifth use).
+    outcomes = causal_reads_by_outcome(pypool)
+    assert PAIRS <= sum(outcomes.values()) <= PAIRS + 8 and outcomes["timed_out"] == 0, outcomes
+
+
+@needs_wiring
+def test_show_clients_and_metrics_tell_what_reads_waited_for(start_pypool, lagging):
+    pypool = start_pypool(merge(split("session"), {"general": {"enable_prometheus_exporter": True}}))
+    pairs = 50
+    with psycopg.connect(pypool.dsn(), autocommit=True, options=SYNC_COMMIT, application_name="writer") as conn:
+        assert [r["causal_required"] for r in admin_rows(pypool, "SHOW CLIENTS")
+                if r["application_name"] == "writer"] == [""]  # no write yet: nothing to wait for
+        for n in range(pairs):
+            conn.execute(f"INSERT INTO {lagging} VALUES (%s)", (n,))
+            assert conn.execute(f"SELECT count(*) FROM {lagging} WHERE id = %s", (n,)).fetchone()[0] == 1
+        required = [r["causal_required"] for r in admin_rows(pypool, "SHOW CLIENTS")
+                    if r["application_name"] == "writer"]
+        committed = parse_commit_row([str(v) for v in conn.execute(COMMIT_POSITION_QUERY).fetchone()])
+    assert len(required) == 1 and required[0].endswith(f"(timeline {committed.timeline})"), required
+    outcomes = causal_reads_by_outcome(pypool)
+    assert pairs <= sum(outcomes.values()) <= pairs + 1 and outcomes["timed_out"] == 0, outcomes
+    samples = scrape(pypool)
+    waited = metric_sum(samples, "pypool_causal_read_wait_seconds_count")
+    assert waited >= outcomes["replica_after_wait"]
+
+
+@needs_wiring
+def test_read_only_transactions_role_hints_and_server_role_see_the_writes(start_pypool, lagging):
+    """Reads routed to replicas however they got there: BEGIN READ ONLY, a hint, SET SERVER ROLE."""
+    pypool = start_pypool(split("session"))
+    stale = 0
+    with psycopg.connect(pypool.dsn(), autocommit=True, options=SYNC_COMMIT) as conn:
+        for n in range(0, 300, 3):
+            conn.execute(f"INSERT INTO {lagging} VALUES (%s)", (n,))
+            conn.execute("BEGIN READ ONLY")
+            stale += conn.execute(f"SELECT count(*) FROM {lagging} WHERE id = %s", (n,)).fetchone()[0] == 0
+            conn.execute("COMMIT")
+            conn.execute(f"INSERT INTO {lagging} VALUES (%s)", (n + 1,))
+            stale += conn.execute(f"/* pypool: role=replica */ SELECT count(*) FROM {lagging} WHERE id = %s",
+                                  (n + 1,)).fetchone()[0] == 0
+        conn.execute("SET SERVER ROLE TO 'replica'")
+        for n in range(300, 400):
+            conn.execute(f"/* pypool: role=primary */ INSERT INTO {lagging} VALUES (%s)", (n,))
+            stale += conn.execute(f"SELECT count(*) FROM {lagging} WHERE id = %s", (n,)).fetchone()[0] == 0
+    assert stale == 0
+
+
+@needs_wiring
+def test_session_pool_reads_its_writes(start_pypool, lagging):
+    """A session pool keeps a client on one server: nothing to wait for, and nothing breaks."""
+    pypool = start_pypool(split("session", pool_mode="session"))
+    assert psycopg_stale_reads(pypool.dsn(), lagging, pairs=200) == 0
 
 
 @needs_wiring

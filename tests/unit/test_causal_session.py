@@ -1,0 +1,170 @@
+"""Causal reads in the session, without sockets: when a write's ticket is taken, where its position is
+learnt, and how a read that must see it waits (WAITING_FOR_REPLICA) or goes straight to a replica.
+
+Real ClientConnection/ServerConnection/PoolGroup objects with recording
+transports; replica positions are fed to the group's position table the way
+its health monitors feed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from pypool.app import Application
+from pypool.causal.lsn import Position
+from pypool.causal.requirement import COMMIT_POSITION_QUERY, parse_commit_row
+from pypool.config import default_config_dict, dump_config, parse_config
+from pypool.protocol import messages as m
+from pypool.session.states import ClientState
+from pypool.snapshot import take
+from tests.unit._fakes import Recorder, idle_server, logged_in_client
+
+INSERT = m.query("INSERT INTO t VALUES (1)")
+INSERTED = m.command_complete("INSERT 0 1") + m.ready_for_query()
+SELECT = m.query("SELECT x FROM t")
+SELECTED = m.row_description(["x"]) + m.data_row([1]) + m.command_complete("SELECT 1") + m.ready_for_query()
+# COMMIT_POSITION_QUERY's row: insert and flush positions at 0/3000100 of timeline 1's file 3.
+ROW = ["0/3000100", "256", "0/3000100", "000000010000000000000003", "256", "8192", "on"]
+COMMITTED = parse_commit_row(list(ROW))
+
+
+def split_app(**pool: object) -> Application:
+    """Read/write splitting on (causal reads "session" by default), one primary and two replicas."""
+    cfg = default_config_dict({})
+    cfg["pools"]["postgres"].update(pool)
+    return Application(parse_config(dump_config(cfg)))
+
+
+def commit_position_reply() -> bytes:
+    return (m.row_description([f"c{i}" for i in range(7)]) + m.data_row(ROW) + m.command_complete("SELECT 1")
+            + m.ready_for_query())
+
+
+class ClientTransport(Recorder):
+    """Notes whether the client's write was pending each time bytes reach the client."""
+
+    def __init__(self, client) -> None:
+        super().__init__()
+        self.client = client
+        self.pending_when_written: list[int] = []
+
+    def write(self, data) -> None:
+        self.pending_when_written.append(self.client.causal.pending)
+        super().write(data)
+
+
+def setup(**pool: object):
+    app = split_app(**pool)
+    group = app.groups[("postgres", "postgres")]
+    primary = idle_server(group.primary)
+    replicas = [idle_server(sp) for sp in group.replicas]
+    client = logged_in_client(app)
+    client.causal = client._causal_for(group)  # as login does
+    client.transport = ClientTransport(client)
+    return app, group, client, primary, replicas
+
+
+async def write(client, primary) -> None:
+    """The client's INSERT runs on the primary; its lookup starts once the reply is out."""
+    client.data_received(INSERT)
+    assert client.server is primary and primary.track_commit
+    primary.data_received(INSERTED)
+    await asyncio.sleep(0)
+
+
+def test_a_reads_with_no_write_before_it_goes_straight_to_a_replica():
+    async def scenario() -> None:
+        _, group, client, _, replicas = setup()
+        client.data_received(SELECT)
+        assert client.state is ClientState.ATTACHED and client.server in replicas
+        assert not client.server.track_commit, "a read on a replica commits nothing to learn"
+        assert group.causal.stats.at_once == 0, "a read that must see nothing is not a causal read"
+    asyncio.run(scenario())
+
+
+def test_a_writes_ticket_is_taken_before_its_reply_and_its_position_learnt_on_the_same_connection():
+    async def scenario() -> None:
+        app, group, client, primary, _ = setup()
+        await write(client, primary)
+        # The ReadyForQuery that tells the client its write committed went out with the lookup pending.
+        assert client.transport.take() == INSERTED
+        assert client.transport.pending_when_written == [1]
+        assert client.state is ClientState.IDLE, "the client is never held for the lookup"
+        assert primary.transport.take() == INSERT + m.query(COMMIT_POSITION_QUERY)
+        assert primary not in group.primary.idle, "the connection is back only once it answered"
+        assert [c.causal_required for c in take(app).clients] == ["pending"]
+        primary.data_received(commit_position_reply())
+        await asyncio.sleep(0)
+        assert client.causal.pending == 0 and client.causal.required == COMMITTED
+        assert primary in group.primary.idle
+        assert [c.causal_required for c in take(app).clients] == [str(COMMITTED)]
+    asyncio.run(scenario())
+
+
+def test_a_read_after_a_write_waits_for_a_replica_that_replayed_it():
+    async def scenario() -> None:
+        _, group, client, primary, replicas = setup()
+        await write(client, primary)
+        client.data_received(SELECT)  # before the lookup answered: the position is not known yet
+        assert client.state is ClientState.WAITING_FOR_REPLICA and client.server is None
+        assert [c.state for c in take(client.app).clients] == ["waiting"]
+        primary.data_received(commit_position_reply())
+        await asyncio.sleep(0.01)
+        assert client.state is ClientState.WAITING_FOR_REPLICA, "no replica is known to have replayed it"
+        behind = Position(COMMITTED.timeline, COMMITTED.lsn - 1)
+        group.causal.positions.observe(group.replicas[0], behind, time.monotonic())
+        group.causal.positions.observe(group.replicas[1], COMMITTED, time.monotonic())
+        group.causal.reads.notify()  # as a health result does
+        await asyncio.sleep(0.01)
+        assert client.state is ClientState.ATTACHED and client.server is replicas[1]
+        assert replicas[1].transport.take() == SELECT
+        replicas[1].data_received(SELECTED)
+        assert client.transport.take().endswith(SELECTED)
+        assert group.causal.stats.after_wait == 1
+        # Both replicas replayed it now: the next read takes the fast path again.
+        group.causal.positions.observe(group.replicas[0], COMMITTED, time.monotonic())
+        client.data_received(SELECT)
+        assert client.state is ClientState.ATTACHED and group.causal.stats.at_once == 1
+    asyncio.run(scenario())
+
+
+def test_a_read_no_replica_catches_up_for_fails_with_57014_naming_the_lag_and_the_session_goes_on():
+    async def scenario() -> None:
+        _, group, client, primary, _ = setup(causal_reads_timeout=20)
+        await write(client, primary)
+        primary.data_received(commit_position_reply())
+        await asyncio.sleep(0)
+        client.transport.take()
+        client.data_received(SELECT)
+        assert client.state is ClientState.WAITING_FOR_REPLICA
+        await asyncio.sleep(0.1)
+        reply = client.transport.take()
+        assert b"C57014\x00" in reply and b"causal_reads_timeout = 20 ms" in reply
+        assert reply.endswith(m.ready_for_query())
+        assert client.state is ClientState.IDLE and group.causal.stats.timed_out == 1
+        client.data_received(INSERT)  # a write goes ahead as ever
+        assert client.server is primary
+    asyncio.run(scenario())
+
+
+def test_primary_reads_allowed_a_read_after_a_write_runs_on_the_primary_without_waiting():
+    async def scenario() -> None:
+        _, group, client, primary, _ = setup(primary_reads_enabled=True)
+        await write(client, primary)
+        primary.data_received(commit_position_reply())
+        await asyncio.sleep(0)
+        client.data_received(SELECT)
+        await asyncio.sleep(0)
+        assert client.state is ClientState.ATTACHED and client.server is primary
+        assert not primary.track_commit, "a read the router sent to any server writes nothing"
+        assert group.causal.stats.to_primary == 1
+    asyncio.run(scenario())
+
+
+def test_causal_reads_off_and_session_pools_keep_no_causal_state():
+    for pool in ({"causal_reads": "off"}, {"pool_mode": "session"}):
+        app = split_app(**pool)
+        group = app.groups[("postgres", "postgres")]
+        client = logged_in_client(app)
+        assert client._causal_for(group) is None
