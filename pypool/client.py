@@ -112,6 +112,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         # pool), and the ticket of a write whose commit position is to be learnt once it is released.
         self.causal: ClientCausal | None = None
         self._commit_ticket: int | None = None
+        self._asynchronous_commit = False  # its transaction ran SET LOCAL synchronous_commit = off
         # Transaction mode: named statements (None in session mode), a message that needs
         # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.
         self.statements: ClientStatements | None = None

@@ -125,6 +125,8 @@ class PoolCausal(Generic[K]):
                 required = position
         if required is None:
             return False
+        if not replicas:
+            return True  # no usable replica: ``choose`` decides (the primary, or wait for one)
         caught_up = self.reads.positions.caught_up
         for replica in replicas:
             if not caught_up(replica, required):

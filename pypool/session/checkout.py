@@ -54,7 +54,8 @@ class SessionCheckout:
         if self.causal is not None and role != PRIMARY and self._must_wait_for_replica():
             if data is not None:
                 self._pending += data
-            self._start_checkout(role, None)
+            self.set_state(ClientState.WAITING_FOR_REPLICA)
+            self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
             return
         got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
         if got.__class__ in WAITERS:

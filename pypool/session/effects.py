@@ -116,6 +116,8 @@ class SessionEffects:
             return session.refusal_sql(*effects.refusal)
         if effects.settings:
             self._settings_dirty = True
+        if effects.asynchronous_commit:
+            self._asynchronous_commit = True  # the commit position to learn is the insert position
         statements = self.statements
         assert statements is not None
         if effects.forget_all:
@@ -215,20 +217,22 @@ class SessionEffects:
         server.applied_parameters = dict(self._desired_settings)
         server.applied_key = self._parameters_key
 
-    def _learn_commit_position(self, server: ServerConnection, ticket: int) -> None:
+    def _learn_commit_position(self, server: ServerConnection, ticket: int, asynchronous: bool) -> None:
         """Learn a write's commit position on its released connection; the client goes on meanwhile."""
-        task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket))
+        task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket, asynchronous))
         _COMMIT_LOOKUPS.add(task)
         task.add_done_callback(_COMMIT_LOOKUPS.discard)
 
-    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None) -> None:
+    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None,
+                                 asynchronous: bool = False) -> None:
         """Talk to a released connection before it goes back: read back settings, learn a commit position.
 
         ``read_back``: the transaction ran SET/RESET; the client waits in
         READING_BACK until its settings are known. ``ticket``: the transaction
         may have written (causal reads, ``write_committed``); its commit
         position is asked on the same connection, whose session is the one
-        that committed, after the client was let go.
+        that committed, after the client was let go (``asynchronous``: it ran
+        SET LOCAL synchronous_commit = off).
         """
         group = self.group
         assert group is not None
@@ -243,7 +247,7 @@ class SessionEffects:
                     if self._pending:
                         self._dispatch_pending()
             if ticket is not None and clean:
-                clean = await self._learn_commit(group, server, ticket)
+                clean = await self._learn_commit(group, server, ticket, asynchronous)
                 ticket = None
         except asyncio.CancelledError:
             clean = False
@@ -271,13 +275,19 @@ class SessionEffects:
         server.applied_key = self._parameters_key if settings == self._desired_settings else None
         return True
 
-    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: int) -> bool:
-        """Ask the connection that committed where its commit lies; False if it could not say."""
+    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: int,
+                            asynchronous: bool) -> bool:
+        """Ask the connection that committed where its commit lies; False if it could not say.
+
+        ``asynchronous``: the transaction ran SET LOCAL synchronous_commit = off
+        (the session's own setting the query reads itself).
+        """
         try:
             rows = await server.query(COMMIT_POSITION_QUERY)
         except ServerError as exc:
             log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, exc)
             return False
-        group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [])  # type: ignore[arg-type]
+        group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [],  # type: ignore[arg-type]
+                                   asynchronous=asynchronous)
         return True
 

@@ -217,19 +217,21 @@ class SessionRelay:
             # A message that started arriving after the end of the request goes to the next one.
             self._pending[:0] = self._walker.take_held()
         ticket = self._commit_ticket
+        asynchronous = False
+        if ticket is not None:
+            self._commit_ticket = None
+            asynchronous, self._asynchronous_commit = self._asynchronous_commit, False
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
-            self._commit_ticket = None
             self.set_state(ClientState.READING_BACK)
             self._checkout_task = asyncio.get_running_loop().create_task(
-                self._after_transaction(server, True, ticket))
+                self._after_transaction(server, True, ticket, asynchronous))
             return
         self.set_state(ClientState.IDLE)
         if ticket is None:
             self.group.checkin(server)  # type: ignore[union-attr]
         else:
-            self._commit_ticket = None
-            self._learn_commit_position(server, ticket)
+            self._learn_commit_position(server, ticket, asynchronous)
         if self._pending:
             self._dispatch_pending()
 

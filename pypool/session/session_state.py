@@ -13,6 +13,9 @@ whose effect outlives the transaction:
   is shared, so it stays); ``DEALLOCATE ALL``/``DISCARD ALL`` run on the
   server and empty both the client's names and the server's statements;
 * ``LISTEN``/``UNLISTEN`` are served by the pool's listener connection;
+* ``SET LOCAL synchronous_commit = off`` makes the transaction's commit
+  asynchronous: causal reads must then wait for its insert position, not its
+  flush position (``pypool.causal.requirement.parse_commit_row``);
 * what cannot survive pooling -- SQL ``PREPARE``/``EXECUTE``, session
   advisory locks, temporary objects that outlive the transaction,
   ``WITH HOLD`` cursors -- is refused with SQLSTATE 0A000 and a hint.
@@ -45,6 +48,8 @@ SETTINGS_QUERY = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source 
 # Stands in for a DEALLOCATE of a client's statement name (the server's copy stays).
 NOOP_STATEMENT = "DO $pypool$BEGIN END$pypool$"
 LISTEN_NOOP_CHANNEL = "pypool.listen"
+# synchronous_commit's spellings of off (it is an enum that also takes boolean words).
+_SYNCHRONOUS_COMMIT_OFF = frozenset(("off", "false", "no", "0"))
 
 
 def might_matter(data: bytes, start: int, end: int) -> bool:
@@ -64,6 +69,7 @@ class Effects:
     forget: tuple[str, ...] = ()  # DEALLOCATE name
     listen: tuple[tuple[str, str], ...] = ()  # ("LISTEN"|"UNLISTEN", channel, "*" = all)
     refusal: tuple[str, str] | None = None  # (message, hint)
+    asynchronous_commit: bool = False  # SET LOCAL synchronous_commit = off: this transaction's commit
 
 
 NOTHING = Effects()
@@ -91,6 +97,9 @@ def _statement(toks: list) -> Effects:
                            "use the transaction-level pg_advisory_xact_lock() family inside a transaction, "
                            "or pool_mode = \"session\"")
     if first == "SET":
+        if second == "LOCAL" and len(toks) > 4 and toks[2][1] == "SYNCHRONOUS_COMMIT" \
+                and toks[-1][1].strip("'\"").lower() in _SYNCHRONOUS_COMMIT_OFF:
+            return Effects(asynchronous_commit=True)
         if second in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
             return NOTHING  # ends with the transaction
         return Effects(settings=True)
@@ -150,6 +159,7 @@ def _analyze(sql: str) -> Effects:
         forget_all=any(e.forget_all for e in found),
         forget=tuple(n for e in found for n in e.forget),
         listen=tuple(op for e in found for op in e.listen),
+        asynchronous_commit=any(e.asynchronous_commit for e in found),
     )
     special = sum(1 for e in found if e.forget_all or e.forget or e.listen)
     if special and special != len(found):

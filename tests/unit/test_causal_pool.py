@@ -106,3 +106,18 @@ def test_off_gives_no_client_state_and_never_waits() -> None:
         return pool.client(), pool.must_wait(None, ["r1"])
 
     assert asyncio.run(go()) == (None, False)
+
+
+def test_with_no_usable_replica_a_read_after_a_write_is_not_waved_through() -> None:
+    """Every replica banned: the read must not take the fast path to whichever replica the bans clear."""
+    async def go():
+        cluster = Cluster()
+        pool = PoolCausal("session", 20, cluster.check, cluster.primary_position)
+        writer = pool.client()
+        pool.commit_learnt(writer, pool.write_ended(writer), cluster.write())
+        waits = pool.must_wait(writer, [])
+        with_primary = await pool.choose(writer, lambda: [], pick=first, primary="p")
+        return waits, with_primary, pool.stats.at_once
+
+    waits, with_primary, at_once = asyncio.run(go())
+    assert waits and with_primary == Serve("p") and at_once == 0

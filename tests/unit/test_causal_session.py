@@ -16,6 +16,7 @@ from pypool.causal.lsn import Position
 from pypool.causal.requirement import COMMIT_POSITION_QUERY, parse_commit_row
 from pypool.config import default_config_dict, dump_config, parse_config
 from pypool.protocol import messages as m
+from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState
 from pypool.snapshot import take
 from tests.unit._fakes import Recorder, idle_server, logged_in_client
@@ -61,6 +62,7 @@ def setup(**pool: object):
     replicas = [idle_server(sp) for sp in group.replicas]
     client = logged_in_client(app)
     client.causal = client._causal_for(group)  # as login does
+    client.statements = ClientStatements()  # transaction mode: statements are looked at on the way
     client.transport = ClientTransport(client)
     return app, group, client, primary, replicas
 
@@ -99,6 +101,20 @@ def test_a_writes_ticket_is_taken_before_its_reply_and_its_position_learnt_on_th
         assert client.causal.pending == 0 and client.causal.required == COMMITTED
         assert primary in group.primary.idle
         assert [c.causal_required for c in take(app).clients] == [str(COMMITTED)]
+    asyncio.run(scenario())
+
+
+def test_a_transaction_that_commits_asynchronously_must_be_waited_for_up_to_its_insert_position():
+    async def scenario() -> None:
+        _, _, client, primary, _ = setup()
+        client.data_received(m.query("BEGIN; SET LOCAL synchronous_commit = off; INSERT INTO t VALUES (1); COMMIT"))
+        primary.data_received(INSERTED)
+        await asyncio.sleep(0)
+        ahead = ["0/3000200", "512", *ROW[2:]]  # the insert position is past the flush position
+        primary.data_received(m.row_description([f"c{i}" for i in range(7)]) + m.data_row(ahead)
+                              + m.command_complete("SELECT 1") + m.ready_for_query())
+        await asyncio.sleep(0)
+        assert client.causal.required == parse_commit_row(list(ahead), asynchronous=True) > COMMITTED
     asyncio.run(scenario())
 
 
