@@ -121,9 +121,10 @@ class SessionCheckout:
         primary writes nothing; one sent there by SET SERVER ROLE 'any' or
         without the query parser may.
         """
-        if role == PRIMARY or (server.pool is self.group.primary  # type: ignore[union-attr]
-                               and (self.routing.role_override == ANY or not self._router.splitting)):  # type: ignore[union-attr]
+        if role == PRIMARY:
             server.track_commit = True
+        elif server.pool is self.group.primary:  # type: ignore[union-attr]
+            server.track_commit = self.routing.role_override == ANY or not self._router.splitting  # type: ignore[union-attr]
 
     def _causal_for(self, group: PoolGroup) -> ClientCausal | None:
         """This client's causal-read state in ``group`` (None: off, or a session pool); kept across a reload."""

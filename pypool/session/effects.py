@@ -248,7 +248,8 @@ class SessionEffects:
                         self._dispatch_pending()
             if ticket is not None and clean:
                 clean = await self._learn_commit(group, server, ticket, asynchronous)
-                ticket = None
+                if clean:
+                    ticket = None  # learnt
         except asyncio.CancelledError:
             clean = False
             raise
@@ -282,10 +283,13 @@ class SessionEffects:
         ``asynchronous``: the transaction ran SET LOCAL synchronous_commit = off
         (the session's own setting the query reads itself).
         """
+        timeout = group.settings.healthcheck_timeout
         try:
-            rows = await server.query(COMMIT_POSITION_QUERY)
-        except ServerError as exc:
-            log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, exc)
+            # A connection that hangs now (its server stopped) must not stay out of the pool for good.
+            rows = await asyncio.wait_for(server.query(COMMIT_POSITION_QUERY), timeout)
+        except (ServerError, asyncio.TimeoutError) as exc:
+            why = str(exc) or f"no answer within healthcheck_timeout ({timeout * 1000:.0f} ms)"
+            log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, why)
             return False
         group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [],  # type: ignore[arg-type]
                                    asynchronous=asynchronous)

@@ -52,10 +52,12 @@ needs_wiring = pytest.mark.skipif(
 
 
 def split(mode: str, **extra: object) -> dict:
-    # round_robin: every other read reaches the lagging replica, whatever the random seed.
-    return pool_overrides(query_parser_enabled=True, query_parser_read_write_splitting=True,
-                          primary_reads_enabled=False, load_balancing_mode="round_robin",
-                          causal_reads=mode, **extra)
+    # round_robin: every other read reaches the lagging replica, whatever the random seed. A long
+    # causal_reads_timeout: these tests count stale reads; on a loaded machine even the replica
+    # that is not delayed can fall a second behind.
+    return pool_overrides(**{"query_parser_enabled": True, "query_parser_read_write_splitting": True,
+                             "primary_reads_enabled": False, "load_balancing_mode": "round_robin",
+                             "causal_reads": mode, "causal_reads_timeout": 10_000, **extra})
 
 
 def primary_dsn(nodes: list[cluster.Node]) -> str:

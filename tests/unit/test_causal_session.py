@@ -30,9 +30,10 @@ ROW = ["0/3000100", "256", "0/3000100", "000000010000000000000003", "256", "8192
 COMMITTED = parse_commit_row(list(ROW))
 
 
-def split_app(**pool: object) -> Application:
+def split_app(general: dict | None = None, **pool: object) -> Application:
     """Read/write splitting on (causal reads "session" by default), one primary and two replicas."""
     cfg = default_config_dict({})
+    cfg["general"].update(general or {})
     cfg["pools"]["postgres"].update(pool)
     return Application(parse_config(dump_config(cfg)))
 
@@ -55,8 +56,8 @@ class ClientTransport(Recorder):
         super().write(data)
 
 
-def setup(**pool: object):
-    app = split_app(**pool)
+def setup(general: dict | None = None, **pool: object):
+    app = split_app(general, **pool)
     group = app.groups[("postgres", "postgres")]
     primary = idle_server(group.primary)
     replicas = [idle_server(sp) for sp in group.replicas]
@@ -67,12 +68,18 @@ def setup(**pool: object):
     return app, group, client, primary, replicas
 
 
+async def settle() -> None:
+    """Let the tasks the last event started take their next steps."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
 async def write(client, primary) -> None:
     """The client's INSERT runs on the primary; its lookup starts once the reply is out."""
     client.data_received(INSERT)
     assert client.server is primary and primary.track_commit
     primary.data_received(INSERTED)
-    await asyncio.sleep(0)
+    await settle()
 
 
 def test_a_reads_with_no_write_before_it_goes_straight_to_a_replica():
@@ -97,7 +104,7 @@ def test_a_writes_ticket_is_taken_before_its_reply_and_its_position_learnt_on_th
         assert primary not in group.primary.idle, "the connection is back only once it answered"
         assert [c.causal_required for c in take(app).clients] == ["pending"]
         primary.data_received(commit_position_reply())
-        await asyncio.sleep(0)
+        await settle()
         assert client.causal.pending == 0 and client.causal.required == COMMITTED
         assert primary in group.primary.idle
         assert [c.causal_required for c in take(app).clients] == [str(COMMITTED)]
@@ -109,12 +116,27 @@ def test_a_transaction_that_commits_asynchronously_must_be_waited_for_up_to_its_
         _, _, client, primary, _ = setup()
         client.data_received(m.query("BEGIN; SET LOCAL synchronous_commit = off; INSERT INTO t VALUES (1); COMMIT"))
         primary.data_received(INSERTED)
-        await asyncio.sleep(0)
+        await settle()
         ahead = ["0/3000200", "512", *ROW[2:]]  # the insert position is past the flush position
         primary.data_received(m.row_description([f"c{i}" for i in range(7)]) + m.data_row(ahead)
                               + m.command_complete("SELECT 1") + m.ready_for_query())
-        await asyncio.sleep(0)
+        await settle()
         assert client.causal.required == parse_commit_row(list(ahead), asynchronous=True) > COMMITTED
+    asyncio.run(scenario())
+
+
+def test_a_lookup_the_server_never_answers_closes_that_connection_and_sends_reads_to_the_primary():
+    async def scenario() -> None:
+        _, group, client, primary, _ = setup({"healthcheck_timeout": 20})
+        await write(client, primary)
+        await asyncio.sleep(0.1)  # the server hangs: no answer to the lookup
+        assert primary.closed and primary not in group.primary.idle
+        assert client.causal.unknown and str(client.causal) == "unknown (primary)"
+        fresh = idle_server(group.primary)
+        client.data_received(SELECT)
+        await settle()
+        assert client.server is fresh, "its write's position is unknown: the primary has it"
+        assert group.causal.stats.to_primary == 1
     asyncio.run(scenario())
 
 
@@ -150,7 +172,7 @@ def test_a_read_no_replica_catches_up_for_fails_with_57014_naming_the_lag_and_th
         _, group, client, primary, _ = setup(causal_reads_timeout=20)
         await write(client, primary)
         primary.data_received(commit_position_reply())
-        await asyncio.sleep(0)
+        await settle()
         client.transport.take()
         client.data_received(SELECT)
         assert client.state is ClientState.WAITING_FOR_REPLICA
@@ -169,9 +191,9 @@ def test_primary_reads_allowed_a_read_after_a_write_runs_on_the_primary_without_
         _, group, client, primary, _ = setup(primary_reads_enabled=True)
         await write(client, primary)
         primary.data_received(commit_position_reply())
-        await asyncio.sleep(0)
+        await settle()
         client.data_received(SELECT)
-        await asyncio.sleep(0)
+        await settle()
         assert client.state is ClientState.ATTACHED and client.server is primary
         assert not primary.track_commit, "a read the router sent to any server writes nothing"
         assert group.causal.stats.to_primary == 1
