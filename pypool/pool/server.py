@@ -29,7 +29,7 @@ from pypool.session.tracker import RequestTracker
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.flow import ReadingPause
-from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation
+from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation, tag_table
 from pypool.tls import connect_tls
 
 if TYPE_CHECKING:
@@ -49,8 +49,9 @@ _IDLE = ord("I")
 LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
 SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
 # Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
-_REPLY_STOPS = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
-_REPLY_WHOLE = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
+_REPLY_STOPS = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
+                          m.CLOSE_COMPLETE))
+_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
 
 
 class ServerError(PoolerError):

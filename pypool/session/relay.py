@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
-from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, ProtocolViolation, first_message
+from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
 from pypool.session.states import ClientState
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 _STARTS_TRANSACTION = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
                                  m.FUNCTION_CALL))
 # Messages that may need rewriting in transaction mode (named statements, session statements).
-_CAREFUL_TAGS = bytes((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_CAREFUL_TAGS = tag_table((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _IDLE = ord("I")
 
 
@@ -56,7 +56,7 @@ class SessionRelay:
             return
         start = 0  # first byte not yet written (moves past messages rewritten on the way)
         # Transaction mode: these may need rewriting, so the walker gathers them whole.
-        careful = _CAREFUL_TAGS if self.statements is not None else b""
+        careful = _CAREFUL_TAGS if self.statements is not None else NO_TAGS
         requests = server.requests
         try:
             while True:
@@ -64,7 +64,7 @@ class SessionRelay:
                 if end < 0:
                     break
                 tag = data[pos]
-                if careful and tag in careful and self._needs_care(tag, data, pos + 5, end):
+                if careful[tag] and self._needs_care(tag, data, pos + 5, end):
                     if pos > start:
                         write(data[start:pos])
                     if not self._forward_with_care(server, data, pos, end):

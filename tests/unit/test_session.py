@@ -17,7 +17,7 @@ from pypool.app import Application
 from pypool.client import ClientConnection
 from pypool.pool.server import ACTIVE, IDLE, ServerConnection
 from pypool.protocol import messages as m
-from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation
+from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation, tag_table
 from pypool.session.states import ClientState, IllegalTransition
 from pypool.session.tracker import RequestTracker
 from pypool.snapshot import take
@@ -202,7 +202,7 @@ def test_the_walker_finds_every_message_whatever_the_chunking(msgs, data):
 def test_a_tag_wanted_whole_is_only_returned_whole(msgs):
     stream = b"".join(m.message(tag, body) for tag, body in msgs)
     walker = FrameWalker()
-    whole = bytes(range(65, 91))
+    whole = tag_table(range(65, 91))
     bodies = []
     for i in range(len(stream)):
         chunk, pos = walker.start(stream[i:i + 1])
