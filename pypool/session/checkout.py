@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 
-from pypool.pool.group import WAITERS, CheckoutAgain
+from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter
 from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
@@ -31,35 +31,30 @@ def sqlstate_of(exc: Exception) -> str:
 
 
 class SessionCheckout:
-    def _begin_request(self, role: str, data: bytes | None) -> None:
-        """Check out a connection for ``role`` and attach it, or start waiting for one.
+    def _begin_request(self, role: str) -> None:
+        """Check out a connection for ``role`` for the request in ``_pending``: attach it, or wait.
 
-        ``data`` is the request when it is not in ``_pending`` (the fast path).
         One checkout: a connection now (attached at once when it is set up like
-        this client, else handed to the checkout coroutine, which syncs settings
-        and replays a held BEGIN), or a waiter that calls back. Raises
-        ServerError when the pool has no primary.
+        this client), or a waiter that calls back. Raises ServerError when the
+        pool has no primary. ``_start_fast`` is the same without ``_pending``.
         """
         got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
+        if got.__class__ in WAITERS or self._held_begin is not None \
+                or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            self._not_ready_yet(role, got)
+        else:
+            self._attach(got, role)  # type: ignore[arg-type]
+
+    def _not_ready_yet(self, role: str, got: "ServerConnection | CheckoutWaiter") -> None:
+        """No connection to attach yet: wait for the waiter's call (WAITING), or set the connection up
+        in the checkout coroutine (SYNCING: the client's settings, a held BEGIN)."""
         if got.__class__ in WAITERS:
-            if data is not None:
-                self._pending += data
             self.set_state(ClientState.WAITING)
             self._queued = got  # type: ignore[assignment]
             self._queued_role = role
             self.wait_started = got.started  # type: ignore[union-attr]
-        elif self._held_begin is not None or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
-            if data is not None:
-                self._pending += data
-            self._start_checkout(role, got)  # type: ignore[arg-type]
-        elif data is None:
-            self._attach(got, role)  # type: ignore[arg-type]
         else:
-            self.set_state(ClientState.ATTACHED)
-            self.server = got  # type: ignore[assignment]
-            got.attach(self)  # type: ignore[union-attr]
-            self._replay = (data, role, None) if role != PRIMARY else None
-            self._forward(got, data)  # type: ignore[arg-type]
+            self._start_checkout(role, got)  # type: ignore[arg-type]
 
     def _start_checkout(self, role: str, server: ServerConnection | None) -> None:
         """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine."""

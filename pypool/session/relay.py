@@ -14,7 +14,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from pypool import sqlstates
+from pypool.pool.group import WAITERS
 from pypool.pool.server import ServerConnection, ServerError
+from pypool.roles import PRIMARY
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
 from pypool.session.states import ClientState
@@ -126,7 +128,7 @@ class SessionRelay:
                 self._answer_locally(decision, length)
                 continue
             try:
-                self._begin_request(decision.role, None)
+                self._begin_request(decision.role)
             except ServerError as exc:
                 self._fail_request(exc.sqlstate, str(exc))
                 continue
@@ -155,10 +157,21 @@ class SessionRelay:
         decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
         if decision is None:
             return False
+        role = decision.role
         try:
-            self._begin_request(decision.role, data)
+            got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
         except ServerError:
             return False  # ``_dispatch_pending`` answers it with the error
+        if got.__class__ in WAITERS or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            self._pending += data
+            self._not_ready_yet(role, got)
+            return True
+        # ``_attach`` without the copy through ``_pending``.
+        self.set_state(ClientState.ATTACHED)
+        self.server = got  # type: ignore[assignment]
+        got.attach(self)  # type: ignore[union-attr]
+        self._replay = (data, role, None) if role != PRIMARY else None
+        self._forward(got, data)  # type: ignore[arg-type]
         return True
 
     def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
