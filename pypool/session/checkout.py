@@ -18,7 +18,7 @@ from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
 from pypool.roles import PRIMARY
-from pypool.session.states import ClientState
+from pypool.session import states
 
 log = logging.getLogger("pypool.client")
 
@@ -49,7 +49,7 @@ class SessionCheckout:
         """No connection to attach yet: wait for the waiter's call (WAITING), or set the connection up
         in the checkout coroutine (SYNCING: the client's settings, a held BEGIN)."""
         if got.__class__ in WAITERS:
-            self.set_state(ClientState.WAITING)
+            self.set_state(states.WAITING)
             self._queued = got  # type: ignore[assignment]
             self._queued_role = role
             self.wait_started = got.started  # type: ignore[union-attr]
@@ -58,13 +58,13 @@ class SessionCheckout:
 
     def _start_checkout(self, role: str, server: ServerConnection | None) -> None:
         """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine."""
-        self.set_state(ClientState.WAITING if server is None else ClientState.SYNCING)
+        self.set_state(states.WAITING if server is None else states.SYNCING)
         self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_begin_request``."""
         self._end_queued_wait()
-        if self.state is not ClientState.WAITING:
+        if self.state is not states.WAITING:
             self.group.checkin(server)  # type: ignore[union-attr]
             return
         if self._needs_sync(server) or self._held_begin is not None:
@@ -75,13 +75,13 @@ class SessionCheckout:
     def _on_queued_failed(self, exc: Exception) -> None:
         """The queued wait ended without a connection: report why, or let the coroutine try."""
         self._end_queued_wait()
-        if self.state is not ClientState.WAITING:
+        if self.state is not states.WAITING:
             return
         if isinstance(exc, CheckoutAgain):
             self._start_checkout(self._queued_role, None)
             return
         log.warning("client %s: %s", self.peer, exc)
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         self._fail_request(sqlstate_of(exc), str(exc))
         self._dispatch_pending()
 
@@ -104,7 +104,7 @@ class SessionCheckout:
         try:
             if server is None:
                 server = await self._checkout_current(role)
-                self.set_state(ClientState.SYNCING)
+                self.set_state(states.SYNCING)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
@@ -113,7 +113,7 @@ class SessionCheckout:
             if server is not None:
                 group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
             log.warning("client %s: %s", self.peer, exc)
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             self._fail_request(sqlstate_of(exc), str(exc))
             self._dispatch_pending()
             return
@@ -149,7 +149,7 @@ class SessionCheckout:
                                       "pypool's configuration", {"C": sqlstates.INVALID_CATALOG_NAME}) from None
 
     def _attach(self, server: ServerConnection, role: str) -> None:
-        self.set_state(ClientState.ATTACHED)
+        self.set_state(states.ATTACHED)
         self.server = server
         server.attach(self)
         if self.transport is not None and self.transport.is_closing():

@@ -19,7 +19,7 @@ from pypool.pool.server import ServerConnection, ServerError
 from pypool.roles import PRIMARY
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
-from pypool.session.states import ClientState
+from pypool.session import states
 
 if TYPE_CHECKING:
     from pypool.routing.router import Decision
@@ -91,7 +91,7 @@ class SessionRelay:
 
     def _dispatch_pending(self) -> None:
         """No server attached: route the first complete message and get a connection."""
-        if self.state is not ClientState.IDLE:
+        if self.state is not states.IDLE:
             return
         buf = self._pending
         while buf:
@@ -167,7 +167,7 @@ class SessionRelay:
             self._not_ready_yet(role, got)
             return True
         # ``_attach`` without the copy through ``_pending``.
-        self.set_state(ClientState.ATTACHED)
+        self.set_state(states.ATTACHED)
         self.server = got  # type: ignore[assignment]
         got.attach(self)  # type: ignore[union-attr]
         self._replay = (data, role, None) if role != PRIMARY else None
@@ -231,10 +231,10 @@ class SessionRelay:
             self._pending[:0] = self._walker.take_held()
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
-            self.set_state(ClientState.READING_BACK)
+            self.set_state(states.READING_BACK)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         self.group.checkin(server)  # type: ignore[union-attr]
         if self._pending:
             self._dispatch_pending()
