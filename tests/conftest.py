@@ -89,6 +89,15 @@ def pg_cluster() -> list[cluster.Node]:
     return cluster.up()
 
 
+def run_database_name(prefix: str) -> str:
+    """``prefix`` and this test run's pid: a test run sharing the cluster with this one uses another database."""
+    return f"{prefix}_{os.getpid()}"
+
+
+def drop_database(nodes: list[cluster.Node], database: str) -> None:
+    cluster.run_sql(nodes[0], f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
 def pgbench_database(nodes: list[cluster.Node], database: str) -> str:
     """``database`` (created if missing) with fresh pgbench tables (scale 1), replicated to the replicas."""
     primary = nodes[0]

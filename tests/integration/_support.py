@@ -10,9 +10,14 @@ import re
 import socket
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import psycopg
+
+from pypool import cluster
 from tests.conftest import DATABASE, PASSWORD, USER, deep_merge
 
 # Where the server choice matters (counting connections on the primary, pool
@@ -39,6 +44,42 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def pg1_leads(base: Path) -> bool:
+    """On disk, pg1 of the cluster in ``base`` is the primary and pg2, pg3 its standbys
+    (a promotion or a rebuild changes that)."""
+    standby = {n.name: (n.data_dir / "standby.signal").exists() for n in cluster.nodes(base)}
+    return standby == {"pg1": False, "pg2": True, "pg3": True}
+
+
+def cancel_when_running(conn: psycopg.Connection, server_dsn: str, marker: str,
+                        timeout: float = 30) -> threading.Thread:
+    """A started thread that calls ``conn.cancel()`` once the server at ``server_dsn`` runs a
+    statement containing ``marker``: the cancel cannot arrive before the statement it is for."""
+    def running() -> bool:
+        return watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                               "AND pid <> pg_backend_pid() AND strpos(query, %s) > 0", [marker]).fetchone()[0] > 0
+
+    def run() -> None:
+        try:
+            wait_for(running, timeout, what=f"a running statement with {marker!r}", interval=0.05)
+            conn.cancel()
+        finally:
+            watcher.close()
+
+    watcher = psycopg.connect(server_dsn, autocommit=True)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_failed_on_one_connect(message: str, connect_timeout_ms: int) -> None:
+    """The error reports one failed attempt to reach the server (refused, or cut off by
+    connect_timeout): the client was answered at once, not queued for a pool slot."""
+    assert "could not connect to server" in message, message
+    assert "Connection refused" in message or f"timed out after {connect_timeout_ms} ms" in message, message
+    assert "checkout_timeout" not in message, message
 
 
 def psql(pypool, *args: str, input: str | None = None, password: str = PASSWORD,

@@ -18,13 +18,14 @@ import resource
 import socket
 import struct
 import time
+import uuid
 
 import asyncpg
 import psycopg
 import pytest
 
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
-from tests.integration._support import PRIMARY_ONLY, login, merge
+from tests.integration._support import PRIMARY_ONLY, login, merge, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -155,17 +156,17 @@ def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool):
 
 def test_idle_client_in_transaction_timeout(start_pypool, pg_cluster):
     proc = start_pypool(merge(PRIMARY_ONLY, {"general": {"idle_client_in_transaction_timeout": 1000}}))
-    table = "pypool_idle_tx_probe"
+    table = f"pypool_idle_tx_{uuid.uuid4().hex[:8]}"  # other test sessions share the cluster
     with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as setup:
-        setup.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v int)")
-        setup.execute(f"INSERT INTO {table} VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET v = 0")
+        setup.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+        setup.execute(f"INSERT INTO {table} VALUES (1, 0)")
     idler = psycopg.connect(proc.dsn(), prepare_threshold=None)
     idler.execute(f"UPDATE {table} SET v = 99 WHERE id = 1")  # psycopg opened a transaction
     busy = psycopg.connect(proc.dsn(), prepare_threshold=None)
     outside = psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None)
     # A transaction that is working (a long statement) is not idle, however long it takes.
     assert busy.execute("SELECT pg_sleep(2.5), 1").fetchone()[1] == 1
-    time.sleep(1.0)
+    wait_for(lambda: "idle in transaction for more than 1000 ms" in proc.log(), what="pypool to end the idle transaction")
     with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as excinfo:
         idler.execute("SELECT 1")
     assert excinfo.value.sqlstate == "25P03", excinfo.value
@@ -187,10 +188,9 @@ def test_idle_client_in_transaction_timeout(start_pypool, pg_cluster):
 def test_user_statement_timeout_cancels_long_statements(start_pypool):
     proc = start_pypool(merge(PRIMARY_ONLY, user_overrides(statement_timeout=500)))
     with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as conn:
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+        # Not cancelled, the sleep would end without an error; the message names the server's timeout.
+        with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement due to statement timeout"):
             conn.execute("SELECT pg_sleep(5)")
-        assert time.monotonic() - started < 4
         # The session goes on, with the configured default in force on whichever server connection.
         assert conn.execute("SHOW statement_timeout").fetchone() == ("500ms",)
         # A client may still choose its own value for its transaction.

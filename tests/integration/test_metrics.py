@@ -1,6 +1,6 @@
 """/metrics and SHOW STATS under a running pgbench, checked against what the servers themselves count.
 
-The pool serves a database of its own (``tests/integration/_private_db.py``) so that the
+The pool serves a database of this test run's own (``PRIVATE_DB`` in ``tests/integration/_ops.py``) so that the
 servers' ``pg_stat_database`` counters for it move only with this test's
 traffic (and pypool's health checks, about one a second per server), not with
 other tests sharing the cluster.
