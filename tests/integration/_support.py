@@ -46,11 +46,28 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval
         time.sleep(interval)
 
 
-def pg1_leads(base: Path) -> bool:
-    """On disk, pg1 of the cluster in ``base`` is the primary and pg2, pg3 its standbys
-    (a promotion or a rebuild changes that)."""
+def _pg1_leads(base: Path) -> bool:
+    """On disk, pg1 is the primary and pg2, pg3 its standbys (a promotion or a rebuild changes that)."""
     standby = {n.name: (n.data_dir / "standby.signal").exists() for n in cluster.nodes(base)}
     return standby == {"pg1": False, "pg2": True, "pg3": True}
+
+
+def _pg1_streams_to_both(base: Path) -> bool:
+    nodes = cluster.nodes(base)
+    return all(cluster._running_pid(n) for n in nodes) and cluster._try_sql(
+        nodes[0], "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", timeout=3) == "2"
+
+
+def make_standard_cluster(base: Path) -> tuple[list[cluster.Node], bool]:
+    """Make the private cluster in ``base`` pg1 primary with pg2 and pg3 streaming from it, whatever
+    a test left (stopped, killed, promoted, destroyed); returns its nodes and whether it is new."""
+    if (base / "pg1" / "PG_VERSION").is_file():
+        if not _pg1_leads(base):
+            cluster.destroy(base)  # the primary moved: start afresh rather than fail back
+        elif _pg1_streams_to_both(base):
+            return cluster.nodes(base), False
+    fresh = not (base / "pg1" / "PG_VERSION").is_file()
+    return cluster.up(base, timeout=120), fresh
 
 
 def cancel_when_running(conn: psycopg.Connection, server_dsn: str, marker: str,

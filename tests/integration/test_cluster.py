@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pypool import cluster
-from tests.integration._support import pg1_leads, wait_for
+from tests.integration._support import make_standard_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,21 +66,10 @@ def no_cluster(cluster_dir):
     return cluster_dir
 
 
-def _streaming_from_pg1(base: Path) -> bool:
-    pg1 = _node("pg1", base)
-    return all(cluster._running_pid(n) for n in cluster.nodes(base)) and cluster._try_sql(
-        pg1, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", timeout=3) == "2"
-
-
 @pytest.fixture
 def standard_cluster(cluster_dir):
     """pg1 primary, pg2 and pg3 streaming from it, all running: made so whatever an earlier test left."""
-    if (cluster_dir / "pg1" / "PG_VERSION").is_file():
-        if not pg1_leads(cluster_dir):
-            cluster.destroy(cluster_dir)  # the primary moved: start afresh rather than fail back
-        elif _streaming_from_pg1(cluster_dir):
-            return cluster_dir
-    cluster.up(cluster_dir, timeout=60)
+    make_standard_cluster(cluster_dir)
     return cluster_dir
 
 

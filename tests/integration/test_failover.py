@@ -25,7 +25,7 @@ import pytest
 from pypool import cluster
 from tests.conftest import (DATABASE, USER, free_port, local_config, start_pypool_process,
                             wait_replicas_caught_up)
-from tests.integration._support import assert_failed_on_one_connect, pg1_leads
+from tests.integration._support import assert_failed_on_one_connect, make_standard_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -53,10 +53,7 @@ def failover_dir():
 @pytest.fixture
 def private_cluster(failover_dir):
     """pg1 primary with pgbench tables, pg2 and pg3 streaming and caught up: whatever an earlier test left."""
-    fresh = not (failover_dir / "pg1" / "PG_VERSION").is_file() or not pg1_leads(failover_dir)
-    if fresh:
-        cluster.destroy(failover_dir)  # the primary moved: start afresh rather than fail back
-    nodes = cluster.up(failover_dir)  # starts what a test stopped or killed
+    nodes, fresh = make_standard_cluster(failover_dir)
     if fresh:
         subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(nodes[0].port),
                         "-U", USER, DATABASE], env={**os.environ, "PGPASSWORD": cluster._credentials()["password"]},
