@@ -96,7 +96,7 @@ def test_error_response_fields_round_trip(sqlstate, text, severity, detail, hint
 
 
 def test_error_response_field_order_and_bytes():
-    _, payload = one(m.error_response(m.SQLSTATE_TOO_MANY_CONNECTIONS, "too many clients", hint="later"))
+    _, payload = one(m.error_response("53300", "too many clients", hint="later"))
     assert payload == b"SERROR\x00VERROR\x00C53300\x00Mtoo many clients\x00Hlater\x00\x00"
 
 
@@ -111,7 +111,7 @@ def test_parse_error_fields_from_a_real_server_shape():
     payload = (b"SFATAL\x00VFATAL\x00C28P01\x00Mpassword authentication failed for user \"x\"\x00"
                b"Fauth.c\x00L335\x00Rauth_failed\x00\x00")
     fields = m.parse_error_fields(payload)
-    assert fields["C"] == m.SQLSTATE_INVALID_PASSWORD
+    assert fields["C"] == "28P01"
     assert fields["M"] == 'password authentication failed for user "x"'
     assert fields["R"] == "auth_failed"
 
@@ -152,7 +152,8 @@ def test_small_fixed_messages():
 
 def test_authentication_requests():
     assert m.parse_auth_request(one(m.authentication_ok())[1]) == (m.AUTH_OK, b"")
-    assert m.parse_auth_request(one(m.authentication_cleartext())[1]) == (m.AUTH_CLEARTEXT, b"")
+    cleartext = m.message(m.AUTHENTICATION, struct.pack("!i", m.AUTH_CLEARTEXT))
+    assert m.parse_auth_request(one(cleartext)[1]) == (m.AUTH_CLEARTEXT, b"")
     assert m.parse_auth_request(one(m.authentication_md5(b"salt"))[1]) == (m.AUTH_MD5, b"salt")
     assert m.parse_auth_request(one(m.authentication_sasl_continue(b"r=abc"))[1]) == (m.AUTH_SASL_CONTINUE, b"r=abc")
     assert m.parse_auth_request(one(m.authentication_sasl_final(b"v=xyz"))[1]) == (m.AUTH_SASL_FINAL, b"v=xyz")
@@ -276,17 +277,6 @@ def test_parse_message_round_trip(name, sql, oids):
     assert m.parse_parse(got) == (name, sql)
 
 
-@given(portal=cstring_text, stmt=cstring_text, params=st.lists(st.none() | st.binary(max_size=10), max_size=4))
-def test_bind_message_round_trip(portal, stmt, params):
-    body = m.cstr(portal) + m.cstr(stmt) + struct.pack("!HH", 0, len(params))
-    for p in params:
-        body += struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
-    body += struct.pack("!H", 0)
-    tag, got = one(m.message(m.BIND, body))
-    assert tag == m.BIND
-    assert m.parse_bind_statement(got) == (portal, stmt)
-
-
 @given(params=st.dictionaries(nonempty_cstring_text, cstring_text, max_size=5), user=nonempty_cstring_text)
 def test_startup_message_round_trip(params, user):
     params = {**params, "user": user}
@@ -354,7 +344,6 @@ def test_sasl_response_is_raw():
 PARSERS = [
     m.parse_query,
     m.parse_parse,
-    m.parse_bind_statement,
     m.parse_sasl_initial_response,
     m.parse_password,
     m.parse_parameter_status,
