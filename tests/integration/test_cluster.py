@@ -73,6 +73,14 @@ def standard_cluster(cluster_dir):
     return cluster_dir
 
 
+@pytest.fixture
+def some_cluster(cluster_dir):
+    """A cluster on disk, in whatever shape an earlier test left it (stopping and destroying take any)."""
+    if not (cluster_dir / "pg1" / "PG_VERSION").is_file():
+        cluster.up(cluster_dir, timeout=60)
+    return cluster_dir
+
+
 def _new_table(node: cluster.Node, *rows: str) -> str:
     """A table of this test's own (id, note), holding ``rows`` as ids 1, 2, ..."""
     name = f"cluster_probe_{uuid.uuid4().hex[:8]}"
@@ -233,21 +241,6 @@ def test_start_failure_reports_log_tail(standard_cluster):
         blocker.close()
 
 
-def test_down_and_destroy(standard_cluster):
-    cluster_dir = standard_cluster
-    cluster.down(cluster_dir)
-    rows = cluster.status(cluster_dir)
-    assert all(r["role"] == "down" and not r["running"] for r in rows)
-    assert (cluster_dir / "pg1" / "PG_VERSION").is_file()  # down keeps the data
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert cluster.main(["destroy", "--data-dir", str(cluster_dir)]) == 0
-    assert not cluster_dir.exists()
-    for port in (int(os.environ[f"PG{i}_PORT"]) for i in (1, 2, 3)):
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0
-
-
 def _fail_over_to_pg2(base: Path) -> str:
     """Stop pg1, promote pg2, write there; returns the table holding one row from before and one after."""
     table = _new_table(_node("pg1", base), "before failover")
@@ -281,3 +274,18 @@ def test_rebuild_replica_follows_new_primary(standard_cluster):
     assert [r["role"] for r in rows.values()].count("primary") == 1
     assert rows["pg2"]["role"] == "primary"
     assert rows["pg1"]["streaming"] and rows["pg3"]["streaming"]
+
+
+def test_down_and_destroy(some_cluster):
+    cluster_dir = some_cluster
+    cluster.down(cluster_dir)
+    rows = cluster.status(cluster_dir)
+    assert all(r["role"] == "down" and not r["running"] for r in rows)
+    assert (cluster_dir / "pg1" / "PG_VERSION").is_file()  # down keeps the data
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cluster.main(["destroy", "--data-dir", str(cluster_dir)]) == 0
+    assert not cluster_dir.exists()
+    for port in (int(os.environ[f"PG{i}_PORT"]) for i in (1, 2, 3)):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
