@@ -90,7 +90,7 @@ def config_command(args: argparse.Namespace) -> int:
 
     if args.action == "check":
         try:
-            config = load_config(args.path)
+            config = load_config(args.path, strict=args.strict)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -131,6 +131,9 @@ def _add_config_command(commands: "argparse._SubParsersAction") -> None:
                                            "pools and users, or an error naming the file and the key; exit status "
                                            "0 or 1. Warnings (e.g. keys pypool ignores) go to stderr.")
     check.add_argument("path", metavar="CONFIG", help="the PgCat-format TOML file to check, e.g. pgcat.toml")
+    check.add_argument("--strict", action="store_true",
+                       help="unknown keys are errors, not warnings (as [general] reject_unknown_keys = true makes "
+                            "them for the pooler)")
     init = actions.add_parser("init", help="write a config from the Compose .env variables",
                               description="Write a config from the Compose .env variables: the local cluster "
                                           "(pg1 primary, pg2/pg3 replicas on 127.0.0.1) from POSTGRESQL_* and "
