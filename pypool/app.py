@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import idle, limits, metrics, snapshot, tls
+from pypool import autoreload, idle, limits, metrics, snapshot, tls
 from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
@@ -93,6 +93,7 @@ class Application:
                 log.info("Prometheus metrics on http://%s:%s/metrics", general.host, general.prometheus_exporter_port)
         self._housekeeping = loop.create_task(self._housekeep())
         self._idle_reaping = loop.create_task(self.idle_reaper.run())
+        self._autoreload = autoreload.watch(self)  # PgCat's `autoreload`: None unless configured
 
     async def _housekeep(self) -> None:
         """Once a second: forget drained pools; every stats period: roll the SHOW STATS averages."""

@@ -74,6 +74,7 @@ DEFAULT_HEALTHCHECK_TIMEOUT_MS = 1000
 DEFAULT_HEALTHCHECK_DELAY_MS = 30_000
 DEFAULT_BAN_TIME_S = 60  # seconds, like PgCat
 DEFAULT_SHUTDOWN_TIMEOUT_MS = 60_000
+DEFAULT_AUTORELOAD_MS = 15_000  # PgCat's interval for the old `autoreload = true`
 DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS = 0  # 0 = off
 DEFAULT_PROMETHEUS_EXPORTER_PORT = 9930
 DEFAULT_POOL_MODE = "transaction"
@@ -131,7 +132,6 @@ _UNSUPPORTED_GENERAL = frozenset(
         "dns_cache_enabled",
         "dns_max_ttl",
         "server_round_robin",
-        "autoreload",
         "admin_auth_type",
         "validate_config",
         "auth_query",
@@ -284,6 +284,7 @@ class General:
     client_login_timeout: int = DEFAULT_CLIENT_LOGIN_TIMEOUT_MS  # pypool addition, ms
     # pypool addition: host-based access rules (general.hba or general.hba_file); None = no rules
     hba: tuple[_hba.HbaRule, ...] | None = None
+    autoreload: int | None = None  # ms between looks at the config file (pypool.autoreload); None = off
 
 
 @dataclass(frozen=True)
@@ -664,6 +665,7 @@ def _parse_general(t: _Table) -> General:
         server_tls_ca_file=t.string("server_tls_ca_file", None),
         client_login_timeout=t.integer("client_login_timeout", DEFAULT_CLIENT_LOGIN_TIMEOUT_MS, minimum=1),
         hba=_parse_hba(t),
+        autoreload=_parse_autoreload(t),
     )
     if general.tls_certificate is not None and general.tls_private_key is None:
         raise t.error(
@@ -686,6 +688,19 @@ def _parse_workers(t: _Table) -> int:
     threads = t.integer("worker_threads", None, minimum=1)
     del threads  # a valid PgCat setting with no pypool meaning: no warning, PgCat files stay quiet
     return t.integer("workers", DEFAULT_WORKERS, minimum=1, maximum=MAX_WORKERS)
+
+
+def _parse_autoreload(t: _Table) -> int | None:
+    """PgCat's ``autoreload``: milliseconds between looks at the file; PgCat before 1.0 took
+    true (every 15 s) or false, which pypool reads too."""
+    value = t.raw("autoreload")
+    if value is _MISSING or value is False:
+        return None
+    if value is True:
+        return DEFAULT_AUTORELOAD_MS
+    if isinstance(value, int) and value >= 1:
+        return value
+    raise t.error("autoreload", f"expected milliseconds (a positive integer), or true/false, got {_describe(value)}")
 
 
 def _parse_hba(t: _Table) -> tuple[_hba.HbaRule, ...] | None:

@@ -436,7 +436,7 @@ def test_unknown_keys_warn_at_every_level() -> None:
 def test_unsupported_pgcat_keys_warn_consistently() -> None:
     text = (
         GENERAL
-        + "tcp_keepalives_idle = 5\nautoreload = 15000\nserver_round_robin = true\n"
+        + "tcp_keepalives_idle = 5\nserver_round_robin = true\n"
         + POOL.replace(
             "[pools.app]\n",
             '[pools.app]\nsharding_function = "pg_bigint_hash"\nauth_query = "SELECT 1"\n',
@@ -447,7 +447,6 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
     cfg = parse(text)
     expected = {
         "general.tcp_keepalives_idle",
-        "general.autoreload",
         "general.server_round_robin",
         "pools.app.sharding_function",
         "pools.app.auth_query",

@@ -1,0 +1,110 @@
+"""PgCat's ``autoreload``: re-read the config file when it changes, with the rules of SIGHUP.
+
+Every ``autoreload`` milliseconds the file's bytes are compared with what was
+seen last; when they differ the config is reloaded exactly as SIGHUP does
+(``Application.reload``): unchanged pools keep their connections, an invalid
+file is logged with its file and key and the running config stays. The same
+broken bytes are not reported again; the next edit is.
+
+Comparing bytes rather than modification times is what a Kubernetes ConfigMap
+volume needs: the kubelet swaps a symlink to a new directory, so the path's
+content changes while times and sizes may not say so.
+
+Enabling ``autoreload`` takes a restart, as in PgCat; changing its interval
+or turning it off applies at the next reload. With ``workers = N`` the
+supervisor watches the file and reloads every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any, Callable, Protocol
+
+from pypool.config import Config, ConfigError, load_config
+
+log = logging.getLogger("pypool.autoreload")
+
+
+class ConfigWatcher:
+    """Tells whether a file's bytes changed since the last look."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._seen = self._fingerprint()
+
+    def _fingerprint(self) -> bytes | None:
+        try:
+            with open(self.path, "rb") as fh:
+                return hashlib.sha256(fh.read()).digest()
+        except OSError:
+            return None  # being replaced, or gone: keep the running config, look again later
+
+    def changed(self) -> bool:
+        now = self._fingerprint()
+        if now is None or now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+
+class Reloadable(Protocol):
+    """What autoreload uses of ``pypool.app.Application`` (no import: the app starts the watcher)."""
+
+    config: Config
+    worker: Any
+    accepting: bool
+
+    def reload(self, reason: str = ...) -> None: ...
+
+
+def watch(app: Reloadable) -> "asyncio.Task[None] | None":
+    """Start watching the file of a single-process pooler (workers: the supervisor watches)."""
+    if app.config.general.autoreload is None or app.worker is not None:
+        return None
+    return asyncio.get_running_loop().create_task(_run(app, ConfigWatcher(app.config.path)))
+
+
+async def _run(app: Reloadable, watcher: ConfigWatcher) -> None:
+    log.info("autoreload: checking %s every %d ms", watcher.path, app.config.general.autoreload)
+    while app.accepting:
+        period = app.config.general.autoreload
+        if period is None:
+            log.info("autoreload turned off by a config reload")
+            return
+        await asyncio.sleep(period / 1000)
+        if app.accepting and watcher.changed():
+            try:
+                app.reload(reason="autoreload")
+            except ConfigError:
+                pass  # logged by reload() with the file and the key; the running config stays
+
+
+class SupervisorAutoreload:
+    """The supervisor's watcher: polled from its loop; a changed, valid file reloads every worker."""
+
+    def __init__(self, path: str, config: Config, reload_workers: Callable[[str], None]) -> None:
+        self.period = config.general.autoreload
+        self.reload_workers = reload_workers
+        self.watcher = ConfigWatcher(path) if self.period is not None else None
+        self._next = 0.0
+        if self.watcher is not None:
+            log.info("autoreload: checking %s every %d ms", path, self.period)
+
+    def poll(self, now: float) -> None:
+        if self.watcher is None or self.period is None or now < self._next:
+            return
+        self._next = now + self.period / 1000
+        if not self.watcher.changed():
+            return
+        try:
+            # Checked here once, so an invalid file is reported once rather than by every worker.
+            new = load_config(self.watcher.path)
+        except ConfigError as exc:
+            log.error("config reload (autoreload) rejected, the running config stays: %s", exc)
+            return
+        self.period = new.general.autoreload
+        if self.period is None:
+            log.info("autoreload turned off by a config reload")
+        self.reload_workers("autoreload")
