@@ -103,6 +103,11 @@ def config_command(argv: list[str]) -> int:
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("path")
+    check.add_argument("--instances", type=int, default=1,
+                       help="how many pypool instances run this config (warns when they may open more "
+                            "connections than --max-connections)")
+    check.add_argument("--max-connections", type=int, default=None,
+                       help="the servers' max_connections (default: PostgreSQL's 100)")
     init = sub.add_parser("init", help="write a config from the Compose .env variables")
     init.add_argument("--env-file", help="read the variables from this .env file too (e.g. docker/.env); "
                                          "the process environment wins, as with Docker Compose")
@@ -114,7 +119,7 @@ def config_command(argv: list[str]) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        for warning in config.warnings:
+        for warning in config.warnings + tuple(_capacity_warnings(config, args)):
             print(f"warning: {warning}", file=sys.stderr)
         users = sum(len(p.users) for p in config.pools.values())
         print(f"{args.path}: OK ({len(config.pools)} pool(s), {users} user(s))")
@@ -137,6 +142,15 @@ def config_command(argv: list[str]) -> int:
         with open(args.output, "w", encoding="utf-8") as fh:
             fh.write(text)
     return 0
+
+
+def _capacity_warnings(config, args: argparse.Namespace) -> list[str]:  # type: ignore[no-untyped-def]
+    from pypool import capacity
+
+    if args.instances == 1 and args.max_connections is None:
+        return []
+    return capacity.instance_warnings(config, args.instances,
+                                      args.max_connections or capacity.POSTGRES_MAX_CONNECTIONS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping
 
 import tomli_w
 
+from pypool import config_env
 from pypool import hba as _hba
 
 __all__ = [
@@ -327,6 +328,10 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         # tomllib's messages carry "(at line L, column C)" and never echo the
         # offending text, so no secret can leak through here.
         raise ConfigError(path, None, f"invalid TOML: {exc}") from None
+    try:
+        data = config_env.expand(data)  # "${NAME}" values from the environment (secrets)
+    except config_env.MissingVariable as exc:
+        raise ConfigError(path, exc.key, str(exc)) from None
     return _build(_Ctx(path), data)
 
 

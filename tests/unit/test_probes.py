@@ -7,6 +7,7 @@ import pytest
 from pypool.autoreload import ConfigWatcher
 from pypool.config import ConfigError, parse_config
 from pypool.probes import ServerView, Verdict, combine_workers, readiness
+from tests.unit._minimal_config import MINIMAL
 
 PRIMARY = ServerView("app", "u", "primary", "10.0.0.1", 5432, True)
 REPLICA = ServerView("app", "u", "replica", "10.0.0.2", 5432, True)
@@ -56,7 +57,7 @@ def test_instance_is_ready_with_one_ready_worker_and_not_while_stopping() -> Non
     assert not combine_workers(True, [ok, ok]).ok
 
 
-GENERAL = '[general]\nadmin_username = "a"\nadmin_password = "b"\n{}\n[pools]\n'
+GENERAL = MINIMAL.replace("{general}", "{}")
 
 
 @pytest.mark.parametrize("line, expected", [("", None), ("autoreload = 2500", 2500),
