@@ -320,8 +320,9 @@ def load_config(path: str | os.PathLike) -> Config:
     return parse_config(text, spath)
 
 
-def parse_config(text: str, path: str = "<string>") -> Config:
-    """Parse PgCat-format TOML text; ``path`` is only used in messages."""
+def parse_config(text: str, path: str = "<string>", environ: Mapping[str, str] | None = None) -> Config:
+    """Parse PgCat-format TOML text; ``path`` is only used in messages; ``"${NAME}"`` values come
+    from ``environ`` (default: the process environment)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -329,7 +330,7 @@ def parse_config(text: str, path: str = "<string>") -> Config:
         # offending text, so no secret can leak through here.
         raise ConfigError(path, None, f"invalid TOML: {exc}") from None
     try:
-        data = config_env.expand(data)  # "${NAME}" values from the environment (secrets)
+        data = config_env.expand(data, environ)  # "${NAME}" values from the environment (secrets)
     except config_env.MissingVariable as exc:
         raise ConfigError(path, exc.key, str(exc)) from None
     return _build(_Ctx(path), data)
