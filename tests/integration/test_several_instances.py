@@ -37,7 +37,8 @@ import pytest
 
 from tests.conftest import (DATABASE, PASSWORD, USER, PyPoolProcess, free_port, local_config, pgbench_database,
                             start_pypool_process)
-from tests.integration._haproxy import HAProxy, Backend
+from benchmarks.targets import install_debian_package
+from tests.integration._haproxy import Backend, HAProxy, haproxy_config
 from tests.integration._ops import admin_rows
 from tests.integration._support import PRIMARY_ONLY, PgbenchResult, merge, pgbench, wait_for
 
@@ -349,3 +350,16 @@ def test_kill_9_only_its_clients_see_an_error_and_they_reconnect(fleet):
     fleet.assert_invariant()
     print(f"\nkill -9: the dead instance held {held} of 6 app connections; {errors_after_kill} errors, "
           f"then {app.committed} transactions committed in all over the two others")
+
+
+def test_readme_haproxy_example_is_valid_and_checks_what_this_file_checks(tmp_path):
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    example = re.search(r"### Behind HAProxy.*?```\n(.*?)```", text, re.S).group(1)
+    path = tmp_path / "readme-haproxy.cfg"
+    path.write_text(example)
+    check = subprocess.run([install_debian_package("haproxy", "haproxy"), "-c", "-f", str(path)],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tested = haproxy_config(5432, [], tmp_path / "s.sock")
+    for line in ("mode tcp", "option redispatch", "option httpchk GET /readyz", "http-check expect status 200"):
+        assert line in example and line in tested, line
