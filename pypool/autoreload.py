@@ -79,6 +79,8 @@ async def _run(app: Reloadable, watcher: ConfigWatcher) -> None:
                 app.reload(reason="autoreload")
             except ConfigError:
                 pass  # logged by reload() with the file and the key; the running config stays
+            except Exception:  # noqa: BLE001 - the watcher must outlive one bad reload
+                log.exception("autoreload: the reload failed; the running config stays")
 
 
 class SupervisorAutoreload:
