@@ -14,7 +14,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import autoreload, idle, limits, metrics, snapshot, sqlstates, tls
+from pypool import autoreload, idle, limits, metrics, shutdown_delay, snapshot, sqlstates, tls
 from pypool.client import ClientConnection, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
 from pypool.errors import LoginRefused
@@ -47,6 +47,7 @@ class Application:
         self.accepting = True
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()  # a second signal: cut shutdown_delay and the drain short
         self._drain_deadline = 0.0
         # Groups a config reload replaced or removed, until their last connection closes.
         self.draining: list[PoolGroup] = []
@@ -145,12 +146,19 @@ class Application:
         await self._stopped.wait()
 
     def request_shutdown(self, reason: str) -> None:
-        """Start the graceful shutdown; asked again while draining, stop waiting for transactions."""
+        """Start the graceful shutdown (after shutdown_delay); asked again, stop waiting for transactions."""
         if self._shutdown_task is None:
-            self._shutdown_task = asyncio.get_running_loop().create_task(self.shutdown(reason=reason))
+            self._shutdown_task = asyncio.get_running_loop().create_task(
+                shutdown_delay.then_drain(self, reason, self._hurry))
         elif not self._stopped.is_set():
             log.warning("%s while draining: closing every connection now", reason)
             self._drain_deadline = 0.0
+            self._hurry.set()
+
+    @property
+    def leaving(self) -> bool:
+        """A shutdown was asked for: /readyz fails from then on, during shutdown_delay too."""
+        return self._shutdown_task is not None
 
     @staticmethod
     def _in_transaction(client: ClientConnection) -> bool:

@@ -269,6 +269,7 @@ class General:
     healthcheck_delay: int = DEFAULT_HEALTHCHECK_DELAY_MS
     ban_time: int = DEFAULT_BAN_TIME_S  # seconds
     shutdown_timeout: int = DEFAULT_SHUTDOWN_TIMEOUT_MS
+    shutdown_delay: int = 0  # pypool addition, ms: serve on with /readyz failing before the drain
     idle_client_in_transaction_timeout: int = DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS
     enable_prometheus_exporter: bool = False
     prometheus_exporter_port: int = DEFAULT_PROMETHEUS_EXPORTER_PORT
@@ -651,6 +652,7 @@ def _parse_general(t: _Table) -> General:
         healthcheck_delay=t.integer("healthcheck_delay", DEFAULT_HEALTHCHECK_DELAY_MS),
         ban_time=t.integer("ban_time", DEFAULT_BAN_TIME_S),
         shutdown_timeout=t.integer("shutdown_timeout", DEFAULT_SHUTDOWN_TIMEOUT_MS),
+        shutdown_delay=t.integer("shutdown_delay", 0),
         idle_client_in_transaction_timeout=t.integer(
             "idle_client_in_transaction_timeout", DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS
         ),

@@ -44,7 +44,7 @@ class ServerView:
 
 def readiness(accepting: bool, servers: Iterable[ServerView]) -> Verdict:
     if not accepting:
-        return Verdict(False, "draining: not accepting new clients")
+        return Verdict(False, "shutting down: send new clients elsewhere")
     groups: dict[tuple[str, str], list[ServerView]] = {}
     for server in servers:
         groups.setdefault((server.pool, server.user), []).append(server)
@@ -75,7 +75,7 @@ def combine_workers(stopping: bool, answers: list[Verdict | None]) -> Verdict:
     workers that listen, and a worker being restarted does not.
     """
     if stopping:
-        return Verdict(False, "draining: not accepting new clients")
+        return Verdict(False, "shutting down: send new clients elsewhere")
     ready = [a for a in answers if a is not None and a.ok]
     if ready:
         return Verdict(True, f"{ready[0].reason} ({len(ready)}/{len(answers)} workers ready)")
@@ -89,6 +89,7 @@ class Pooler(Protocol):
     """What readiness reads of ``pypool.app.Application`` (no import: the app imports the exporter)."""
 
     accepting: bool
+    leaving: bool  # a shutdown was asked for (true during shutdown_delay, before the drain)
     groups: dict[tuple[str, str], Any]  # PoolGroup by (pool, user)
 
 
@@ -105,7 +106,7 @@ def app_servers(app: Pooler) -> list[ServerView]:
 
 def app_readiness(app: Pooler) -> Verdict:
     """Call on the event loop thread."""
-    return readiness(app.accepting, app_servers(app))
+    return readiness(app.accepting and not app.leaving, app_servers(app))
 
 
 class AppProbes:
@@ -134,7 +135,7 @@ class AppProbes:
         return answer or Verdict(False, f"the event loop did not answer within {LOOP_ANSWER_TIMEOUT:.0f} s")
 
     def readiness(self) -> Verdict:
-        if not self.app.accepting:  # a plain flag: answered even while the loop is busy draining
+        if not self.app.accepting or self.app.leaving:  # plain flags: answered even while the loop is busy
             return readiness(False, ())
         answer = self._on_loop(lambda: app_readiness(self.app))
         return answer or Verdict(False, f"the event loop did not answer within {LOOP_ANSWER_TIMEOUT:.0f} s")

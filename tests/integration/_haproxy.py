@@ -1,8 +1,8 @@
 """A real HAProxy (Debian's package) in TCP mode in front of several pypool instances.
 
 Each server is health-checked with ``GET /readyz`` on its metrics port, as in
-the README's example; the runtime API (a stats socket) lets a test take a
-server out of rotation and read what HAProxy thinks of each server.
+the README's example; the runtime API (a stats socket) tells a test what
+HAProxy thinks of each server.
 """
 
 from __future__ import annotations
@@ -95,11 +95,6 @@ class HAProxy:
 
     def status(self, name: str) -> str:
         return self.servers()[name]["status"].split()[0]
-
-    def set_state(self, name: str, state: str) -> None:
-        """``ready``, ``drain`` (no new connections, existing ones stay) or ``maint``."""
-        answer = self.command(f"set server pypool/{name} state {state}")
-        assert answer.strip() == "", answer
 
     def stop(self) -> None:
         stop_process(self.proc)

@@ -71,12 +71,32 @@ def test_readiness_fails_at_once_on_drain_while_the_listener_still_answers(start
     holder.execute("SELECT 1")  # a transaction in flight keeps the drain going
     pypool.proc.send_signal(signal.SIGTERM)
     wait_for_log(pypool, "shutting down")
-    assert http_get(pypool, "/readyz") == (503, "draining: not accepting new clients\n")
+    assert http_get(pypool, "/readyz") == (503, "shutting down: send new clients elsewhere\n")
     assert http_get(pypool, "/healthz") == (200, "alive\n")  # draining is not dead: no kubelet restart
     assert login_error(pypool)[0] == "57P01"  # the listener is still open and says why
     holder.commit()
     holder.close()
     assert pypool.proc.wait(30) == 0
+
+
+def test_shutdown_delay_serves_new_clients_while_readiness_already_fails(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, EXPORTER, {"general": {"shutdown_delay": 600000}}))
+    wait_for(lambda: probe_ready(pypool)[0] == 200, what="ready")
+    busy = psycopg.connect(pypool.dsn())
+    busy.execute("SELECT 1")  # a transaction open when the signal comes
+    pypool.proc.send_signal(signal.SIGTERM)
+    wait_for_log(pypool, "(shutdown_delay) before the drain")
+    assert http_get(pypool, "/readyz") == (503, "shutting down: send new clients elsewhere\n")
+    with psycopg.connect(pypool.dsn(), autocommit=True) as late:  # a load balancer's late client is served
+        assert late.execute("SELECT 2").fetchone() == (2,)
+    busy.commit()
+    assert busy.execute("SELECT 3").fetchone() == (3,)  # and clients go on with new transactions
+    busy.rollback()
+    assert "shutting down (" not in pypool.log()  # no drain yet
+    pypool.proc.send_signal(signal.SIGTERM)  # a second signal cuts the delay short and stops at once
+    assert pypool.proc.wait(30) == 0
+    assert "closing every connection now" in pypool.log()
+    busy.close()
 
 
 def test_readiness_follows_the_servers(start_pypool, pg_cluster):
@@ -102,7 +122,7 @@ def test_two_workers_answer_as_one_instance(start_pypool):
     holder.execute("SELECT 1")
     pypool.proc.send_signal(signal.SIGTERM)
     wait_for_log(pypool, "draining every worker")
-    assert http_get(pypool, "/readyz") == (503, "draining: not accepting new clients\n")
+    assert http_get(pypool, "/readyz") == (503, "shutting down: send new clients elsewhere\n")
     holder.commit()
     holder.close()
     assert pypool.proc.wait(30) == 0

@@ -5,7 +5,9 @@ three pypool processes and health-checks ``GET /readyz`` on each one's metrics
 port, as in the README's example. Clients only know HAProxy's port:
 
 * pgbench tpcb-like with ``-C`` (a connection per transaction) while every
-  instance is restarted in turn: no failed transaction, no aborted client;
+  instance is restarted in turn with SIGTERM (``shutdown_delay`` keeps it
+  serving while its failing /readyz takes it out of HAProxy, then it drains):
+  no failed transaction, no aborted client;
 * persistent clients (pgbench without ``-C``, an asyncpg pool that reconnects)
   while one instance drains: only that instance's clients are closed, each
   with 57P01 between transactions, and the pool's transactions all commit;
@@ -38,7 +40,7 @@ import pytest
 from tests.conftest import (DATABASE, PASSWORD, USER, PyPoolProcess, free_port, local_config, pgbench_database,
                             start_pypool_process)
 from benchmarks.targets import install_debian_package
-from tests.integration._haproxy import Backend, HAProxy, haproxy_config
+from tests.integration._haproxy import CHECK_INTERVAL_MS, Backend, HAProxy, haproxy_config
 from tests.integration._ops import admin_rows
 from tests.integration._support import PRIMARY_ONLY, PgbenchResult, merge, pgbench, wait_for
 
@@ -50,6 +52,8 @@ CLIENTS = 8 if LONG else 4
 PRIVATE_DB = "pypool_instances"  # its own pgbench tables: other tests re-initialise the default database's
 POOL_SIZE = 4  # per instance: 3 x 4 server connections, far under the primary's max_connections
 SHUTDOWN_TIMEOUT_MS = 15000
+# Serve on with /readyz failing for ten of HAProxy's check intervals before draining (README).
+SHUTDOWN_DELAY_MS = 10 * CHECK_INTERVAL_MS
 
 
 @dataclass
@@ -119,7 +123,8 @@ def fleet(pg_cluster, tmp_path_factory):
     for name in ("a", "b", "c"):
         port = free_port()
         config = local_config(pg_cluster, port, merge(PRIMARY_ONLY, {
-            "general": {"enable_prometheus_exporter": True, "shutdown_timeout": SHUTDOWN_TIMEOUT_MS},
+            "general": {"enable_prometheus_exporter": True, "shutdown_timeout": SHUTDOWN_TIMEOUT_MS,
+                        "shutdown_delay": SHUTDOWN_DELAY_MS},
             "pools": {DATABASE: {"shards": {"0": {"database": PRIVATE_DB}},
                                  "users": {"0": {"pool_size": POOL_SIZE}}}}}))
         instances.append(Instance(name, config, directory))
@@ -142,23 +147,16 @@ def fleet(pg_cluster, tmp_path_factory):
             instance.process.stop()
 
 
-def rolling_restart(fleet: Fleet, instance: Instance, take_out_first: bool) -> None:
+def rolling_restart(fleet: Fleet, instance: Instance) -> None:
     """SIGTERM, wait for the drain to end, start again, wait until HAProxy sends clients again.
 
-    ``take_out_first``: the operator's step before SIGTERM, as a Kubernetes
-    preStop sleep does: HAProxy stops sending new clients (state drain), and
-    connections already routed there (one transaction each with -C) finish.
+    Nothing else: during ``shutdown_delay`` /readyz fails while pypool still
+    serves, HAProxy's check takes the instance out, and only then the drain
+    starts.
     """
-    if take_out_first:
-        fleet.haproxy.set_state(instance.name, "drain")
-        wait_for(lambda: fleet.haproxy.status(instance.name) == "DRAIN", what="DRAIN")
-        wait_for(lambda: int(fleet.haproxy.servers()[instance.name]["scur"]) == 0,
-                 what=f"{instance.name}'s connections through HAProxy to end")
     instance.process.proc.send_signal(signal.SIGTERM)
     assert instance.process.proc.wait(SHUTDOWN_TIMEOUT_MS / 1000 + 15) == 0, instance.process.log()[-3000:]
     instance.start()
-    if take_out_first:
-        fleet.haproxy.set_state(instance.name, "ready")
     fleet.wait_up(instance)
 
 
@@ -190,7 +188,7 @@ def test_rolling_restart_with_a_connection_per_transaction_fails_nothing(fleet):
         wait_for(lambda: load.results, what="a first pgbench run")  # the load runs before the first restart
         for _ in range(ROUNDS):
             for instance in fleet.instances:
-                rolling_restart(fleet, instance, take_out_first=True)
+                rolling_restart(fleet, instance)
     finally:
         results = load.finish()
     processed = sum(r.processed for r in results)
@@ -285,7 +283,7 @@ def test_drain_closes_only_that_instances_persistent_clients_between_transaction
         on_drained = drained.clients("pgbench")
         app_on_drained = drained.clients("app-pool")
         assert on_drained > 0 and app_on_drained > 0  # HAProxy's round robin spread both over the three
-        # SIGTERM alone: /readyz fails at once and HAProxy stops sending new clients there.
+        # SIGTERM: /readyz fails at once and HAProxy stops sending new clients there; the drain follows.
         holder = psycopg.connect(drained.process.dsn())
         holder.execute("SELECT 1")  # a transaction in flight on the drained instance keeps the drain going
         drained.process.proc.send_signal(signal.SIGTERM)
