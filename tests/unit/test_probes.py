@@ -102,3 +102,10 @@ def test_watcher_follows_a_configmap_style_symlink_swap(tmp_path) -> None:
     (tmp_path / "..data_tmp").symlink_to("v2")
     (tmp_path / "..data_tmp").rename(tmp_path / "..data")
     assert watcher.changed()
+
+
+def test_shutdown_delay_is_milliseconds_and_off_by_default() -> None:
+    assert parse_config(GENERAL.format(""), "f.toml").general.shutdown_delay == 0
+    assert parse_config(GENERAL.format("shutdown_delay = 5000"), "f.toml").general.shutdown_delay == 5000
+    with pytest.raises(ConfigError, match="f.toml: general.shutdown_delay: expected a non-negative integer"):
+        parse_config(GENERAL.format("shutdown_delay = -1"), "f.toml")
