@@ -59,11 +59,11 @@ class Reloadable(Protocol):
     def reload(self, reason: str = ...) -> None: ...
 
 
-def watch(app: Reloadable) -> "asyncio.Task[None] | None":
-    """Start watching the file of a single-process pooler (workers: the supervisor watches)."""
+def watch(app: Reloadable) -> "list[asyncio.Task[None]]":
+    """The task watching a single-process pooler's file, if any (workers: the supervisor watches)."""
     if app.config.general.autoreload is None or app.worker is not None:
-        return None
-    return asyncio.get_running_loop().create_task(_run(app, ConfigWatcher(app.config.path)))
+        return []
+    return [asyncio.get_running_loop().create_task(_run(app, ConfigWatcher(app.config.path)))]
 
 
 async def _run(app: Reloadable, watcher: ConfigWatcher) -> None:

@@ -67,7 +67,6 @@ __all__ = [
 # PgCat code defaults (src/config.rs, General::default_* / Pool::default_*).
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 5432  # General::default_port(); PgCat's docs/example file say 6432
-DEFAULT_WORKER_THREADS = 4  # PgCat's tokio threads; pypool does not start processes from it
 DEFAULT_CONNECT_TIMEOUT_MS = 1000
 DEFAULT_IDLE_TIMEOUT_MS = 600_000  # 10 minutes
 DEFAULT_SERVER_LIFETIME_MS = 3_600_000  # 1 hour

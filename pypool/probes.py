@@ -112,9 +112,9 @@ def app_readiness(app: Pooler) -> Verdict:
 class AppProbes:
     """The probes of one pooler process, asked from the HTTP thread."""
 
-    def __init__(self, app: Pooler, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, app: Pooler) -> None:
         self.app = app
-        self.loop = loop
+        self.loop = asyncio.get_running_loop()
 
     def _on_loop(self, fn) -> Verdict | None:  # type: ignore[no-untyped-def]
         async def call() -> Verdict:

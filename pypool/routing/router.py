@@ -52,7 +52,6 @@ class RoutingState:
     role_override: str | None = None  # "primary" | "replica" | "any"; None = automatic
     auto: bool = False  # SET SERVER ROLE TO 'auto' (SHOW SERVER ROLE says so)
     primary_reads: bool | None = None  # None = the pool's primary_reads_enabled
-    last_role: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +70,6 @@ class Decision:
 class Router:
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
-        self.parser_enabled = pool.query_parser_enabled
         self.splitting = pool.query_parser_enabled and pool.query_parser_read_write_splitting
         self.cache = ClassificationCache(
             read_only_functions=DEFAULT_READ_ONLY_FUNCTIONS | frozenset(pool.read_only_functions),
@@ -169,7 +167,6 @@ class Router:
                 return Decision(PRIMARY, "custom command", reply=reply)
         decision = self._decide(state, tag, sql, held_begin)
         self.decisions[decision.role] += 1
-        state.last_role = decision.role
         return decision
 
     def _decide(self, state: RoutingState, tag: int, sql: str | None, held_begin: bool) -> Decision:
