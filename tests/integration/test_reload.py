@@ -133,8 +133,8 @@ def test_invalid_file_is_rejected_and_the_old_config_stays(start_pypool):
     pypool = start_pypool(PRIMARY_ONLY)
     rewrite(pypool, user_overrides(pool_size=-5))
     pypool.proc.send_signal(signal.SIGHUP)
-    log = wait_for_log(pypool, "rejected")
-    line = next(line for line in log.splitlines() if "rejected" in line)
+    log = wait_for_log(pypool, "rejected, the running config stays")
+    line = next(line for line in log.splitlines() if "rejected, the running config stays" in line)
     assert str(pypool.config_path) in line and "pool_size" in line, line
     with admin(pypool) as conn:
         assert {d["pool_size"] for d in show(conn, "DATABASES")} == {10}
