@@ -159,3 +159,13 @@ def test_replicas_budget_and_server_connections_fit() -> None:
     per_server = capacity.connections_per_server(pypool_config(), hpa["maxReplicas"])
     comment = (DIRECTORY / "configmap.yaml").read_text()
     assert re.search(rf"= {max(per_server.values())} < max_connections \({max_connections}\)", comment)
+
+
+def test_the_pod_runs_the_image_as_docker_dockerfile_builds_it() -> None:
+    dockerfile = (DIRECTORY.parents[1] / "docker" / "Dockerfile").read_text()
+    uid = re.search(r"useradd .*--uid (\d+)", dockerfile).group(1)
+    pod = OBJECTS["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == int(uid)
+    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split()}
+    assert {p["containerPort"] for p in container()["ports"]} == exposed
+    assert re.search(r'^ENTRYPOINT \["pypool"\]$', dockerfile, re.M)  # args are pypool's: the config path
