@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 LOOP_ANSWER_TIMEOUT = 2.0  # seconds the HTTP thread waits for the event loop (kubelet's default timeout is 1 s)
 
@@ -116,26 +116,25 @@ class AppProbes:
         self.app = app
         self.loop = asyncio.get_running_loop()
 
-    def _on_loop(self, fn) -> Verdict | None:  # type: ignore[no-untyped-def]
+    def _on_loop(self, fn: Callable[[], Verdict]) -> Verdict:
+        """``fn()`` run on the event loop; a stuck or closed loop is the answer's reason."""
         async def call() -> Verdict:
             return fn()
 
         try:
             future = asyncio.run_coroutine_threadsafe(call(), self.loop)
         except RuntimeError:
-            return None  # the loop is closed: pypool is stopping
+            return Verdict(False, "the event loop is closed: pypool is stopping")
         try:
             return future.result(LOOP_ANSWER_TIMEOUT)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            return None
+            return Verdict(False, f"the event loop did not answer within {LOOP_ANSWER_TIMEOUT:.0f} s")
 
     def liveness(self) -> Verdict:
-        answer = self._on_loop(lambda: Verdict(True, "alive"))
-        return answer or Verdict(False, f"the event loop did not answer within {LOOP_ANSWER_TIMEOUT:.0f} s")
+        return self._on_loop(lambda: Verdict(True, "alive"))
 
     def readiness(self) -> Verdict:
         if not self.app.accepting or self.app.leaving:  # plain flags: answered even while the loop is busy
             return readiness(False, ())
-        answer = self._on_loop(lambda: app_readiness(self.app))
-        return answer or Verdict(False, f"the event loop did not answer within {LOOP_ANSWER_TIMEOUT:.0f} s")
+        return self._on_loop(lambda: app_readiness(self.app))
