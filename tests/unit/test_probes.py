@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import types
+
 import pytest
 
+from pypool import probes
 from pypool.autoreload import ConfigWatcher
 from pypool.config import ConfigError, parse_config
 from pypool.probes import ServerView, Verdict, combine_workers, readiness
@@ -109,3 +114,31 @@ def test_shutdown_delay_is_milliseconds_and_off_by_default() -> None:
     assert parse_config(GENERAL.format("shutdown_delay = 5000"), "f.toml").general.shutdown_delay == 5000
     with pytest.raises(ConfigError, match="f.toml: general.shutdown_delay: expected a non-negative integer"):
         parse_config(GENERAL.format("shutdown_delay = -1"), "f.toml")
+
+
+def test_liveness_and_readiness_fail_while_the_event_loop_is_stuck(monkeypatch) -> None:
+    monkeypatch.setattr(probes, "LOOP_ANSWER_TIMEOUT", 0.2)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    app = types.SimpleNamespace(accepting=True, leaving=False, groups={})
+
+    async def make() -> probes.AppProbes:
+        return probes.AppProbes(app)
+
+    app_probes = asyncio.run_coroutine_threadsafe(make(), loop).result(5)
+    try:
+        assert app_probes.liveness() == Verdict(True, "alive")
+        assert app_probes.readiness() == Verdict(True, "ready")
+        release = threading.Event()
+        loop.call_soon_threadsafe(release.wait)  # a callback that never returns: the loop is stuck
+        assert app_probes.liveness().reason.startswith("the event loop did not answer")
+        assert not app_probes.readiness().ok
+        app.leaving = True  # a drain is answered from the flag, without the loop
+        assert app_probes.readiness() == Verdict(False, "shutting down: send new clients elsewhere")
+        release.set()
+        assert app_probes.liveness().ok
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
