@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import autoreload, idle, metrics, probes, snapshot, tls
+from pypool import autoreload, idle, keepalive, metrics, probes, snapshot, tls
 from pypool.client import ClientConnection
 from pypool.config import ConfigError
 from pypool.listener import Listener
@@ -67,6 +67,7 @@ class Application:
     async def start(self, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         general = self.config.general
+        keepalive.configure(general)  # before the first client or server connection
         where = await self.listener.start(lambda: ClientConnection(self), general, sock,
                                           reuse_port=self.worker is not None)
         for group in self.groups.values():

@@ -10,9 +10,9 @@ Comparing bytes rather than modification times is what a Kubernetes ConfigMap
 volume needs: the kubelet swaps a symlink to a new directory, so the path's
 content changes while times and sizes may not say so.
 
-Enabling ``autoreload`` takes a restart, as in PgCat; changing its interval
-or turning it off applies at the next reload. With ``workers = N`` the
-supervisor watches the file and reloads every worker.
+``autoreload`` itself is read at start, as in PgCat (``config_keys``: a
+reload keeps the running value). With ``workers = N`` the supervisor watches
+the file and reloads every worker.
 """
 
 from __future__ import annotations
@@ -67,12 +67,9 @@ def watch(app: Reloadable) -> "list[asyncio.Task[None]]":
 
 
 async def _run(app: Reloadable, watcher: ConfigWatcher) -> None:
-    log.info("autoreload: checking %s every %d ms", watcher.path, app.config.general.autoreload)
+    period = app.config.general.autoreload
+    log.info("autoreload: checking %s every %d ms", watcher.path, period)
     while app.accepting:
-        period = app.config.general.autoreload
-        if period is None:
-            log.info("autoreload turned off by a config reload")
-            return
         await asyncio.sleep(period / 1000)
         if app.accepting and watcher.changed():
             try:
@@ -87,26 +84,24 @@ class SupervisorAutoreload:
     """The supervisor's watcher: polled from its loop; a changed, valid file reloads every worker."""
 
     def __init__(self, path: str, config: Config, reload_workers: Callable[[str], None]) -> None:
-        self.period = config.general.autoreload
+        period = config.general.autoreload
         self.reload_workers = reload_workers
-        self.watcher = ConfigWatcher(path) if self.period is not None else None
+        self.watcher = ConfigWatcher(path) if period is not None else None
+        self.period_s = (period or 0) / 1000
         self._next = 0.0
         if self.watcher is not None:
-            log.info("autoreload: checking %s every %d ms", path, self.period)
+            log.info("autoreload: checking %s every %d ms", path, period)
 
     def poll(self, now: float) -> None:
-        if self.watcher is None or self.period is None or now < self._next:
+        if self.watcher is None or now < self._next:
             return
-        self._next = now + self.period / 1000
+        self._next = now + self.period_s
         if not self.watcher.changed():
             return
         try:
             # Checked here once, so an invalid file is reported once rather than by every worker.
-            new = load_config(self.watcher.path)
+            load_config(self.watcher.path)
         except ConfigError as exc:
             log.error("config reload (autoreload) rejected, the running config stays: %s", exc)
             return
-        self.period = new.general.autoreload
-        if self.period is None:
-            log.info("autoreload turned off by a config reload")
         self.reload_workers("autoreload")

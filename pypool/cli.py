@@ -90,7 +90,7 @@ def config_command(args: argparse.Namespace) -> int:
 
     if args.action == "check":
         try:
-            config = load_config(args.path)
+            config = load_config(args.path, strict=args.strict)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -145,6 +145,9 @@ def _add_config_command(commands: "argparse._SubParsersAction") -> None:
                             "connections than --max-connections)")
     check.add_argument("--max-connections", type=int, default=None,
                        help="the servers' max_connections (default: PostgreSQL's 100)")
+    check.add_argument("--strict", action="store_true",
+                       help="unknown keys are errors, not warnings (as [general] reject_unknown_keys = true makes "
+                            "them for the pooler)")
     init = actions.add_parser("init", help="write a config from the Compose .env variables",
                               description="Write a config from the Compose .env variables: the local cluster "
                                           "(pg1 primary, pg2/pg3 replicas on 127.0.0.1) from POSTGRESQL_* and "

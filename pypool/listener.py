@@ -6,6 +6,8 @@ import asyncio
 import socket
 from typing import TYPE_CHECKING, Callable
 
+from pypool import keepalive
+
 if TYPE_CHECKING:
     from pypool.client import ClientConnection
     from pypool.config import General
@@ -26,6 +28,8 @@ class Listener:
             server = await loop.create_server(new_client, general.host, general.port, reuse_address=True,
                                               reuse_port=reuse_port, backlog=1024)
         self._servers.append(server)
+        for listening in server.sockets:
+            keepalive.apply(listening)  # accepted client sockets inherit the options
         return ", ".join(str(s.getsockname()) for s in server.sockets)
 
     def close(self) -> None:

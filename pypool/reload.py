@@ -15,20 +15,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from pypool import config_keys
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
 from pypool.routing.router import Router
 
 if TYPE_CHECKING:
-    from pypool.config import Config, General, Pool, User
+    from pypool.config import Config, Pool
 
 log = logging.getLogger("pypool")
-
-# [general] keys that take effect only when pypool restarts (PgCat lists host, port and connect_timeout).
-RESTART_ONLY_KEYS = frozenset({"host", "port", "workers", "enable_prometheus_exporter",
-                               "prometheus_exporter_port", "tls_certificate", "tls_private_key", "client_tls_mode",
-                               "server_tls", "verify_server_certificate", "server_tls_ca_file"})
-
 
 class Worker(Protocol):
     """One worker of several processes (``pypool.instance.Worker``): runs its share of every pool."""
@@ -59,11 +54,12 @@ class ReloadPlan:
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """The one place that decides what a reload changes; everything not listed keeps running.
 
-    A group is rebuilt when its pool settings (users aside), its user or
-    ``healthcheck_timeout`` changed; a kept group takes the new ``[general]``.
+    How each key applies is declared in ``pypool.config_keys``: a group is
+    rebuilt when a key it is built from changed (its pool's and user's keys,
+    the [general] timeouts); a kept group takes the new ``[general]``, except
+    the restart-only keys, which keep their running values.
     """
-    restart = [key for key in sorted(RESTART_ONLY_KEYS)
-               if getattr(old.general, key) != getattr(new.general, key)]
+    restart = config_keys.restart_changes(old.general, new.general)
     routers, groups = set(), set()
     for pool in new.pools.values():
         before = old.pools.get(pool.name)
@@ -71,8 +67,8 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
             routers.add(pool.name)
         for user in pool.users.values():
             old_user = before.users.get(user.username) if before is not None else None
-            if old_user is None or _group_signature(before, old_user, old.general) \
-                    != _group_signature(pool, user, new.general):
+            if old_user is None or config_keys.group_signature(before, old_user, old.general) \
+                    != config_keys.group_signature(pool, user, new.general):
                 groups.add((pool.name, user.username))
     return ReloadPlan(restart, routers, groups)
 
@@ -109,6 +105,7 @@ class Reloader:
         plan = plan_reload(pooler.config, new)
         for key in plan.restart_needed:
             log.warning("config reload: %s changed; it takes effect only when pypool restarts", key)
+        new = dataclasses.replace(new, general=config_keys.keep_restart_values(pooler.config.general, new.general))
         groups, kept, rebuilt = self._apply(new, plan)
         replaced = [(key, g) for key, g in pooler.groups.items() if groups.get(key) is not g]
         pooler.config = new
@@ -163,11 +160,6 @@ class Reloader:
 
 def _without_users(pool: Pool) -> Pool:
     return dataclasses.replace(pool, users={})
-
-
-def _group_signature(pool: Pool, user: User, general: General) -> tuple:
-    """What a PoolGroup is built from; equal signatures mean the running group can stay."""
-    return (_without_users(pool), user, general.healthcheck_timeout)
 
 
 def _inherit(old: PoolGroup, new: PoolGroup) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
+from pypool import config_keys
 from pypool.config import General, Pool, User
-from pypool.reload import RESTART_ONLY_KEYS
 from pypool.snapshot import Averager, Snapshot
 
 # Type OIDs of the result columns.
@@ -206,11 +206,10 @@ def config_table(config) -> Table:
     for f in dataclasses.fields(General):
         if "password" in f.name:
             continue  # never shown
-        key = f.name
         default = f.default if f.default is not dataclasses.MISSING else None
-        rows.append([key, _config_value(getattr(config.general, f.name)),
+        rows.append([config_keys.file_key(General, f.name), _config_value(getattr(config.general, f.name)),
                      "-" if default is None else _config_value(default),
-                     "no" if key in RESTART_ONLY_KEYS else "yes"])
+                     "no" if config_keys.needs_restart(General, f.name) else "yes"])
     for name, pool in sorted(config.pools.items()):
         for f in dataclasses.fields(Pool):
             if f.name in ("name", "users", "shards"):

@@ -51,6 +51,32 @@ def test_config_check_reports_file_and_key(tmp_path, pg_cluster):
     assert out.returncode == 1 and str(missing) in out.stderr
 
 
+def test_config_check_strict_turns_a_misspelt_key_into_an_error(tmp_path, pg_cluster):
+    config = local_config(pg_cluster, 6432)
+    config["pools"]["postgres"]["pool_mod"] = "session"
+    path = tmp_path / "typo.toml"
+    path.write_text(dump_config(config))
+    out = pypool_cli("config", "check", str(path))
+    assert out.returncode == 0, out
+    assert f"warning: {path}: pools.postgres.pool_mod: unknown key in [pools.postgres], ignored; " \
+           "did you mean `pool_mode`?" in out.stderr
+    out = pypool_cli("config", "check", "--strict", str(path))
+    assert out.returncode == 1, out
+    assert out.stderr.startswith(f"error: {path}: pools.postgres.pool_mod: unknown key in [pools.postgres], "
+                                 "an error with --strict; did you mean `pool_mode`?"), out.stderr
+
+
+@pytest.mark.parametrize("name", ["pgcat.toml", "examples_docker_pgcat.toml", "circleci_pgcat.toml",
+                                  "pgcat.minimal.toml", "circleci_pgcat_trust.toml"])
+def test_config_check_passes_pgcats_own_examples(name):
+    path = Path(__file__).parents[1] / "unit" / "pgcat_configs" / name
+    out = pypool_cli("config", "check", str(path))
+    assert out.returncode == 0, out
+    assert f"{path}: OK" in out.stdout
+    if name == "pgcat.toml":  # says plainly what it does not use, and why
+        assert f"warning: {path}: general.worker_threads: PgCat setting accepted, not used by pypool: " in out.stderr
+
+
 def test_config_init_from_the_compose_env_file(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("# like docker/.env\nPOSTGRESQL_USERNAME=alice\nPOSTGRESQL_PASSWORD='s3cret'\n"
