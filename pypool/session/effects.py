@@ -216,7 +216,6 @@ class SessionEffects:
         """
         group = self.group
         assert group is not None
-        server.detach()
         try:
             rows = await server.query(session.SETTINGS_QUERY)
         except ServerError as exc:

@@ -232,6 +232,7 @@ class SessionRelay:
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
             self.set_state(states.READING_BACK)
+            server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
         self.set_state(states.IDLE)
