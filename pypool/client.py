@@ -109,8 +109,9 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._parameters_key: tuple[tuple[str, str], ...] = ()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
-        # Causal reads (pypool.causal): what this client's reads must see (None: off, or a session
-        # pool), and the ticket of a write whose commit position is to be learnt once it is released.
+        # Causal reads (pypool.causal): whether its writes are tracked, what its reads must see (None:
+        # nothing yet, or off), the ticket of a write whose commit position is learnt once it is released.
+        self._causal_writes = False
         self.causal: ClientCausal | None = None
         self._commit_ticket: int | None = None
         self._asynchronous_commit = False  # its transaction ran SET LOCAL synchronous_commit = off

@@ -128,7 +128,7 @@ class LoginHandshake:
         self._set_settings({})
         self._router = self.app.routers[self.database]
         self._session_mode = group.pool_mode == "session"
-        self.causal = self._causal_for(group)
+        self._join_causal(group)
         if not self._session_mode:
             self.statements = ClientStatements()
         server_params = await group.login_parameters()

@@ -22,7 +22,7 @@ import logging
 import time
 
 from pypool.causal.decide import Fail, UsePrimary
-from pypool.causal.requirement import OFF, ClientCausal
+from pypool.causal.requirement import GLOBAL, OFF
 from pypool.errors import PoolerError
 from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup
 from pypool.pool.pool import PoolRetired, ServerPool
@@ -118,11 +118,16 @@ class SessionCheckout:
         elif server.pool is self.group.primary:  # type: ignore[union-attr]
             server.track_commit = self.routing.role_override == ANY or not self._router.splitting  # type: ignore[union-attr]
 
-    def _causal_for(self, group: PoolGroup) -> ClientCausal | None:
-        """This client's causal-read state in ``group`` (None: off, or a session pool); kept across a reload."""
-        if group.pool_mode == "session" or group.causal.mode == OFF:
-            return None
-        return self.causal if self.causal is not None else group.causal.client()
+    def _join_causal(self, group: PoolGroup) -> None:
+        """At login and when a reload moves the client: do its writes count (``_causal_writes``), and in
+        ``global`` mode its reads' state. In ``session`` mode that state (``causal``) is made by the first
+        write, so reads of a client that never wrote cost one attribute test."""
+        on = group.pool_mode != "session" and group.causal.mode != OFF
+        self._causal_writes = on
+        if not on:
+            self.causal = None
+        elif self.causal is None and group.causal.mode == GLOBAL:
+            self.causal = group.causal.client()
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_begin_request``."""
@@ -211,7 +216,7 @@ class SessionCheckout:
                 self.group = group
                 self._router = self.app.routers.get(self.database, self._router)
                 self._session_mode = group.pool_mode == "session"
-                self.causal = self._causal_for(group)
+                self._join_causal(group)
                 preferred = None
             try:
                 return await group.checkout(role, preferred)
@@ -224,7 +229,7 @@ class SessionCheckout:
         self.set_state(states.ATTACHED)
         self.server = server
         server.attach(self)
-        if self.causal is not None and role != REPLICA:
+        if self._causal_writes and role != REPLICA:
             self._track_writes(server, role)
         if self.transport is not None and self.transport.is_closing():
             return

@@ -158,8 +158,7 @@ class SessionRelay:
         if decision is None:
             return False
         role = decision.role
-        causal = self.causal
-        if causal is not None and role != PRIMARY and self._must_wait_for_replica():
+        if self.causal is not None and role != PRIMARY and self._must_wait_for_replica():
             self._pending += data
             self._wait_for_replica(role)
             return True
@@ -175,7 +174,7 @@ class SessionRelay:
         self.set_state(states.ATTACHED)
         self.server = got  # type: ignore[assignment]
         got.attach(self)  # type: ignore[union-attr]
-        if causal is not None and role != REPLICA:
+        if self._causal_writes and role != REPLICA:
             self._track_writes(got, role)  # type: ignore[arg-type]
         self._replay = (data, role, None) if role != PRIMARY else None
         self._forward(got, data)  # type: ignore[arg-type]
@@ -265,7 +264,10 @@ class SessionRelay:
         lookup the connection runs once it is released. Session pools have no
         causal state, so this is transaction pooling only.
         """
-        self._commit_ticket = self.group.causal.write_ended(self.causal)  # type: ignore[union-attr, arg-type]
+        causal = self.group.causal  # type: ignore[union-attr]
+        if self.causal is None:
+            self.causal = causal.client()  # its first write: from now on its reads must see its writes
+        self._commit_ticket = causal.write_ended(self.causal)  # type: ignore[arg-type]
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None

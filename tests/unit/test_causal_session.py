@@ -62,7 +62,7 @@ def setup(general: dict | None = None, **pool: object):
     primary = idle_server(group.primary)
     replicas = [idle_server(sp) for sp in group.replicas]
     client = logged_in_client(app)
-    client.causal = client._causal_for(group)  # as login does
+    client._join_causal(group)  # as login does
     client.statements = ClientStatements()  # transaction mode: statements are looked at on the way
     client.transport = ClientTransport(client)
     return app, group, client, primary, replicas
@@ -200,9 +200,10 @@ def test_primary_reads_allowed_a_read_after_a_write_runs_on_the_primary_without_
     asyncio.run(scenario())
 
 
-def test_causal_reads_off_and_session_pools_keep_no_causal_state():
-    for pool in ({"causal_reads": "off"}, {"pool_mode": "session"}):
+def test_causal_state_session_mode_from_the_first_write_global_from_login_off_and_session_pools_never():
+    for pool, tracked, at_login in (({}, True, False), ({"causal_reads": "global"}, True, True),
+                                    ({"causal_reads": "off"}, False, False), ({"pool_mode": "session"}, False, False)):
         app = split_app(**pool)
-        group = app.groups[("postgres", "postgres")]
         client = logged_in_client(app)
-        assert client._causal_for(group) is None
+        client._join_causal(app.groups[("postgres", "postgres")])
+        assert (client._causal_writes, client.causal is not None) == (tracked, at_login), pool
