@@ -18,7 +18,9 @@ groups):
   ``check`` = that replica's ``monitor.check_position()`` and
   ``primary_position`` = the primary monitor's, and calls
   ``causal.reads.notify()`` from ``health_result``;
-* a client gets ``causal.client()`` at login (None: off, or a session pool);
+* a client gets ``causal.client()`` at login in ``global`` mode, with its
+  first write in ``session`` mode (never: off, or a session pool), so reads of
+  a client that never wrote cost one attribute test;
 * when a transaction on the primary ends and it was not read-only:
   ``ticket = causal.write_ended(c)`` as the server's ReadyForQuery 'I' is seen,
   *before* it is written to the client (else, with workers, the client's next
