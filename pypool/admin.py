@@ -39,6 +39,7 @@ from pypool.config import ConfigError, General, Pool, User
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
+from pypool.routing.sharding import Sharding
 
 if TYPE_CHECKING:
     from pypool.app import Application
@@ -565,11 +566,14 @@ def config_table(config) -> Table:
                      "no" if key in _NOT_CHANGEABLE else "yes"])
     for name, pool in sorted(config.pools.items()):
         for f in dataclasses.fields(Pool):
-            if f.name in ("name", "users", "shards"):
+            if f.name in ("name", "users", "shards", "sharding"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append([f"pools.{name}.{f.name}", _config_value(getattr(pool, f.name)),
                          "-" if default is None else _config_value(default), "yes"])
+        defaults = Sharding().settings()
+        for key, value in pool.sharding.settings().items():
+            rows.append([f"pools.{name}.{key}", value, defaults[key], "yes"])
         for username, user in sorted(pool.users.items()):
             for f in dataclasses.fields(User):
                 if "password" in f.name or f.name == "username":

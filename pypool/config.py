@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping
 import tomli_w
 
 from pypool import hba as _hba
+from pypool.routing.sharding import DEFAULT_REGEX_SEARCH_LIMIT, Sharding, parse_default_shard
 
 __all__ = [
     "ConfigError",
@@ -141,12 +142,6 @@ _UNSUPPORTED_GENERAL = frozenset(
 )
 _UNSUPPORTED_POOL = frozenset(
     {
-        "sharding_function",
-        "automatic_sharding_key",
-        "sharding_key_regex",
-        "shard_id_regex",
-        "regex_search_limit",
-        "default_shard",
         "auth_query",
         "auth_query_user",
         "auth_query_password",
@@ -235,6 +230,7 @@ class Pool:
         default_factory=lambda: types.MappingProxyType({}), hash=False
     )
     shards: tuple[Shard, ...] = ()
+    sharding: Sharding = Sharding()
 
     def primary(self) -> ServerAddress | None:
         """The primary of shard 0, or None if that shard has only replicas."""
@@ -745,6 +741,8 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
             "expected false unless query_parser_enabled is true, got true",
         )
     ps_default = legacy_ps_size if legacy_ps_size is not None else DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE
+    users = _parse_users(t, general.workers)
+    shards = _parse_shards(t)
 
     functions_raw = t.raw("read_only_functions")
     read_only_functions: tuple[str, ...] = ()
@@ -782,8 +780,9 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         prepared_statements_cache_size=t.integer(
             "prepared_statements_cache_size", t.integer("max_prepared_statements", ps_default)
         ),
-        users=_parse_users(t, general.workers),
-        shards=_parse_shards(t),
+        users=users,
+        shards=shards,
+        sharding=_parse_sharding(t, len(shards), query_parser_enabled),
     )
     t.finish(_UNSUPPORTED_POOL)
     return pool
@@ -792,6 +791,7 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
 def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
     users_data = pool.table("users")
     users: dict[str, User] = {}
+    owners: dict[str, str] = {}  # username -> its users.<index>
     for index, user_data in users_data.items():
         parts = pool.key("users") + (index,)
         if not isinstance(user_data, dict):
@@ -826,8 +826,16 @@ def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
         )
         u.finish(_UNSUPPORTED_USER)
         if username in users:
-            raise u.error("username", f"expected a username unique in the pool, got {_quote(username)} twice")
+            # PgCat keeps one pool per username: the user listed last in key order wins.
+            earlier = owners[username]
+            # (PgCat's users are a BTreeMap<String, _>: string order, "10" < "2")
+            kept, dropped = (index, earlier) if index > earlier else (earlier, index)
+            u.ctx.warn(u.key("username"), f"{_quote(username)} is also users.{earlier}; as in PgCat, only "
+                                          f"users.{kept} is used and users.{dropped} is ignored")
+            if kept == earlier:
+                continue
         users[username] = user
+        owners[username] = index
     if not users:
         pool.ctx.warn(pool.key("users"), "no users configured; no client can log in to this pool")
     return types.MappingProxyType(users)
@@ -867,6 +875,54 @@ def _parse_shards(pool: _Table) -> tuple[Shard, ...]:
     return tuple(shard for _, shard in numbered)
 
 
+_SHARDING_FUNCTIONS = {"pg_bigint_hash": "pg_bigint_hash", "pgbiginthash": "pg_bigint_hash", "sha1": "sha1"}
+
+
+def _parse_sharding(pool: _Table, shards: int, query_parser_enabled: bool) -> Sharding:
+    """PgCat's sharding keys of a pool, validated as PgCat does."""
+    key = pool.string("automatic_sharding_key", None)
+    if key is not None:
+        # PgCat drops quotes so that quoted and unquoted names compare alike.
+        parts = key.replace('"', "").split(".")
+        if len(parts) != 2 or not all(parts):
+            raise pool.error("automatic_sharding_key",
+                             f'expected "table.column" or "*.column", got {_quote(key)}')
+        key = ".".join(parts).lower()
+        if not query_parser_enabled:
+            pool.ctx.warn(pool.key("automatic_sharding_key"),
+                          "needs query_parser_enabled = true to read keys from queries; ignored")
+            key = None
+    regexes = {name: _regex(pool, name) for name in ("sharding_key_regex", "shard_id_regex")}
+    default = pool.string("default_shard", None)
+    try:
+        default_shard = parse_default_shard(default, shards) if default is not None else Sharding().default_shard
+    except ValueError as exc:
+        raise pool.error("default_shard", str(exc)) from None
+    return Sharding(
+        shards=shards,
+        function=pool.choice("sharding_function", _SHARDING_FUNCTIONS, "pg_bigint_hash"),
+        default_shard=default_shard,
+        automatic_sharding_key=key,
+        sharding_key_regex=regexes["sharding_key_regex"],
+        shard_id_regex=regexes["shard_id_regex"],
+        regex_search_limit=pool.integer("regex_search_limit", DEFAULT_REGEX_SEARCH_LIMIT, minimum=1),
+    )
+
+
+def _regex(pool: _Table, name: str) -> re.Pattern[str] | None:
+    text = pool.string(name, None)
+    if text is None:
+        return None
+    try:
+        pattern = re.compile(text)
+    except re.error as exc:
+        raise pool.error(name, f"expected a regular expression, got {_quote(text)} ({exc})") from None
+    if pattern.groups < 1:
+        # PgCat accepts it too, but reads the shard from group 1: this one never routes.
+        pool.ctx.warn(pool.key(name), "has no capture group (...) for the shard number or key; it never matches")
+    return pattern
+
+
 def _parse_servers(s: _Table) -> tuple[ServerAddress, ...]:
     raw = s.raw("servers")
     what = 'an array of [host, port, role] entries, e.g. [["127.0.0.1", 5432, "primary"]]'
@@ -875,7 +931,7 @@ def _parse_servers(s: _Table) -> tuple[ServerAddress, ...]:
     if not isinstance(raw, list):
         raise s._wrong("servers", what, raw)
     servers: list[ServerAddress] = []
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int, str]] = set()
     for i, entry in enumerate(raw):
         key = s.key("servers") + (str(i),)
         if not isinstance(entry, list) or len(entry) != 3:
@@ -893,10 +949,13 @@ def _parse_servers(s: _Table) -> tuple[ServerAddress, ...]:
             raise s.ctx.error(
                 key, f'expected the role (3rd element) to be "primary" or "replica", got {_describe(role)}'
             )
-        if (host, port) in seen:
-            raise s.ctx.error(key, f"expected each server once in a shard, got {host}:{port} twice")
-        seen.add((host, port))
-        servers.append(ServerAddress(host=host, port=port, role=ROLES[role.lower()]))
+        role = ROLES[role.lower()]
+        # PgCat's rule: one server per (host, port, role); the same server may be listed
+        # as primary and as replica (its Docker example does).
+        if (host, port, role) in seen:
+            raise s.ctx.error(key, f"expected each server once per role in a shard, got {host}:{port} as {role} twice")
+        seen.add((host, port, role))
+        servers.append(ServerAddress(host=host, port=port, role=role))
     if not servers:
         raise s.error("servers", "expected at least one primary or replica server, got none")
     primaries = [srv for srv in servers if srv.role == "primary"]

@@ -190,6 +190,17 @@ class Sharding:
     shard_id_regex: re.Pattern[str] | None = None
     regex_search_limit: int = DEFAULT_REGEX_SEARCH_LIMIT
 
+    def settings(self) -> dict[str, str]:
+        """The PgCat keys and their values as text (SHOW CONFIG); "-" for unset."""
+        return {
+            "sharding_function": self.function,
+            "default_shard": str(self.default_shard),
+            "automatic_sharding_key": self.automatic_sharding_key or "-",
+            "sharding_key_regex": self.sharding_key_regex.pattern if self.sharding_key_regex else "-",
+            "shard_id_regex": self.shard_id_regex.pattern if self.shard_id_regex else "-",
+            "regex_search_limit": str(self.regex_search_limit),
+        }
+
     def shard_for_key(self, key: int) -> int:
         return SHARDING_FUNCTIONS[self.function](key, self.shards)
 

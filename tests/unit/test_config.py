@@ -439,7 +439,7 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
         + "tcp_keepalives_idle = 5\nautoreload = 15000\nserver_round_robin = true\n"
         + POOL.replace(
             "[pools.app]\n",
-            '[pools.app]\nsharding_function = "pg_bigint_hash"\nauth_query = "SELECT 1"\n',
+            '[pools.app]\nauth_query = "SELECT 1"\n',
         ).replace('database = "appdb"\n', 'database = "appdb"\nmirrors = [["m", 5432, 0]]\n')
         + '\n[pools.app.plugins.query_logger]\nenabled = true\n'
         + '\n[plugins.prewarmer]\nenabled = false\n'
@@ -449,7 +449,6 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
         "general.tcp_keepalives_idle",
         "general.autoreload",
         "general.server_round_robin",
-        "pools.app.sharding_function",
         "pools.app.auth_query",
         "pools.app.shards.0.mirrors",
         "pools.app.plugins",
@@ -613,8 +612,9 @@ def test_pool_without_users_or_shards_tables() -> None:
         # unknown role
         ('database = "d"\nservers = [["a", 1, "primary"], ["b", 2, "standby"]]', "pools.app.shards.0.servers.1",
          ['"primary" or "replica"', '"standby"']),
-        ('database = "d"\nservers = [["a", 1, "primary"], ["a", 1, "replica"]]', "pools.app.shards.0.servers.1",
-         ["each server once", "a:1"]),
+        # PgCat's rule is one server per (host, port, role): the same one twice as replica is refused.
+        ('database = "d"\nservers = [["a", 1, "primary"], ["a", 1, "replica"], ["a", 1, "replica"]]',
+         "pools.app.shards.0.servers.2", ["each server once per role", "a:1 as replica"]),
     ],
 )
 def test_bad_shards(shard_body: str, key: str, fragments: list[str]) -> None:
@@ -630,9 +630,16 @@ def test_bad_shard_keys() -> None:
     assert_error(colliding, "pools.app.shards", "each shard number once")
 
 
-def test_duplicate_usernames_in_a_pool() -> None:
+def test_duplicate_usernames_in_a_pool_keep_the_last_as_pgcat_does() -> None:
+    # PgCat's Docker example lists the same username twice; PgCat keeps the last one in key order.
     text = MINIMAL + f'\n[pools.app.users.1]\nusername = "alice"\npassword = "{SECRET}"\npool_size = 1\n'
-    assert_error(text, "pools.app.users.1.username", "unique", '"alice"')
+    cfg = parse(text)
+    assert cfg.pools["app"].users["alice"].pool_size == 1
+    assert any("pools.app.users.1.username" in w and "only users.1 is used" in w for w in cfg.warnings)
+    assert all(SECRET not in w for w in cfg.warnings)
+    # Key order, not file order: users.2 comes after users.1.
+    later_first = text.replace("[pools.app.users.0]", "[pools.app.users.2]")
+    assert parse(later_first).pools["app"].users["alice"].pool_size == 5
 
 
 def test_non_table_sections() -> None:
@@ -655,7 +662,6 @@ def test_non_table_sections() -> None:
         MINIMAL.replace("pool_size = 5", "pool_size = 5\nserver_password = 987654321"),
         MINIMAL.replace("pool_size = 5", f'pool_size = 5\nserver_password = ["{SECRET}"]'),
         MINIMAL.replace("pool_size = 5", "pool_size = 0"),
-        MINIMAL + f'\n[pools.app.users.1]\nusername = "alice"\npassword = "{SECRET}"\npool_size = 1\n',
     ],
 )
 def test_passwords_never_appear_in_errors(text: str) -> None:
