@@ -898,6 +898,10 @@ def _parse_sharding(pool: _Table, shards: int, query_parser_enabled: bool) -> Sh
         default_shard = parse_default_shard(default, shards) if default is not None else Sharding().default_shard
     except ValueError as exc:
         raise pool.error("default_shard", str(exc)) from None
+    if default_shard.kind == "all" and not query_parser_enabled:
+        # A statement runs on every shard only when the parser has shown it is a read.
+        raise pool.error("default_shard", 'expected query_parser_enabled = true with "all" (pypool must tell '
+                                          'reads, which run on every shard, from writes, which need a key)')
     return Sharding(
         shards=shards,
         function=pool.choice("sharding_function", _SHARDING_FUNCTIONS, "pg_bigint_hash"),

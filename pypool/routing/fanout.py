@@ -62,6 +62,7 @@ class FanoutPlan:
     order_by: tuple[OrderKey, ...] = ()
     limit: int | None = None
     offset: int = 0
+    reads_tables: bool = True  # False: SELECT now() and the like, one shard answers for all
 
     @property
     def aggregates(self) -> bool:
@@ -90,8 +91,10 @@ def plan_fanout(sql: str, key: str) -> FanoutPlan:
     order_by = _order_by(select, missing)
     limit = _constant(select.args.get("limit"), "LIMIT", missing)
     offset = _constant(select.args.get("offset"), "OFFSET", missing) or 0
+    reads_tables = select.find(exp.Table) is not None
     if columns[0] == "row" and not offset:
-        return FanoutPlan(sql, columns, order_by, limit, offset)  # each shard runs the text as it is
+        # each shard runs the text as it is
+        return FanoutPlan(sql, columns, order_by, limit, offset, reads_tables)
     shard = select.copy()
     shard.set("offset", None)
     if columns[0] != "row":
@@ -100,7 +103,7 @@ def plan_fanout(sql: str, key: str) -> FanoutPlan:
         columns = tuple(c for kind in columns for c in (("avg_sum", "avg_count") if kind == "avg" else (kind,)))
     elif limit is not None:
         shard.set("limit", exp.Limit(expression=exp.Literal.number(limit + offset)))
-    return FanoutPlan(shard.sql(dialect="postgres"), columns, order_by, limit, offset)
+    return FanoutPlan(shard.sql(dialect="postgres"), columns, order_by, limit, offset, reads_tables)
 
 
 def _sql(node: exp.Expression) -> str:

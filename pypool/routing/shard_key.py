@@ -162,6 +162,11 @@ class ShardKeyFinder:
                 found |= shards
         return frozenset(found) if found else None
 
+    def uses_parameters(self, sql: str) -> bool:
+        """Whether the key of ``sql`` comes from Bind values ($n): route it when they are known."""
+        plan, _ = self._plan(sql)
+        return any(_has_param(r) for r in plan.restrictions)
+
     # ----------------------------------------------------------- planning
 
     def _plan(self, sql: str) -> tuple[_Plan, list[str]]:
@@ -318,6 +323,12 @@ class ShardKeyFinder:
         else:
             key = _param_key(params[number - 1]) if 0 < number <= len(params) else None
         return None if key is None else sign * key
+
+
+def _has_param(r: _Restriction) -> bool:
+    if isinstance(r, _Key):
+        return any(isinstance(v, Param) and abs(v.number) < LITERAL_BASE for v in r.values)
+    return r is not None and any(_has_param(c) for c in r.children)
 
 
 def _inner(join: exp.Join) -> bool:
