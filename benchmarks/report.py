@@ -14,6 +14,7 @@ LABELS = {
     "pypool": "pypool",
     "pypool-w2": "pypool workers=2",
     "pypool-rw": "pypool R/W split",
+    "pypool-base": "pypool baseline",
     "pgbouncer": "PgBouncer",
     "pgcat": "PgCat",
     "pgcat-rw": "PgCat R/W split",

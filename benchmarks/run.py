@@ -375,6 +375,7 @@ class Options:
     chart: bool
     quick: bool
     pypool_src: Path
+    baseline_src: Path | None
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -398,6 +399,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--pypool-src", type=Path, default=REPO,
                    help="directory holding the pypool package to benchmark (default: this checkout's working "
                         "tree); it is copied at start so edits made during the run do not leak in")
+    p.add_argument("--baseline-src", type=Path,
+                   help="a second pypool tree (e.g. a worktree of the previous main) run as target "
+                        "pypool-base next to pypool in every workload pypool runs, interleaved in the same rounds")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
@@ -417,6 +421,7 @@ def parse_args(argv: list[str] | None) -> Options:
         rtt_queries=a.rtt_queries or (3000 if a.quick else 20000),
         memory_clients=a.memory_clients, results_dir=a.results_dir,
         chart=not a.no_chart, quick=a.quick, pypool_src=a.pypool_src.resolve(),
+        baseline_src=a.baseline_src.resolve() if a.baseline_src else None,
     )
 
 
@@ -428,7 +433,8 @@ def scram_verifier(primary: cluster.Node) -> str:
 
 
 def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.Node],
-                  unavailable: dict[str, str], pypool_path: Path) -> dict[str, Target]:
+                  unavailable: dict[str, str], pypool_path: Path,
+                  baseline_path: Path | None = None) -> dict[str, Target]:
     wanted = set(opts.targets)
     needed = {t for w in opts.workloads for t in BY_NAME[w].targets} & wanted
     cfg_args = dict(user=USER, password=PASSWORD, pool_size=opts.pool_size,
@@ -471,6 +477,14 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
                 out[name] = pypool_target(name, "PgCat" + (" (R/W split)" if split else ""),
                                           database=opts.database, split=split, cfg_args=cfg_args,
                                           kind="pgcat", binary=binary)
+    if baseline_path is not None and "pypool" in needed:
+        broken = check_importable(baseline_path)
+        if broken:
+            unavailable["pypool-base"] = f"pypool from {opts.baseline_src} does not import: {broken}"
+        else:
+            out["pypool-base"] = pypool_target("pypool-base", f"pypool (baseline {opts.baseline_src.name})",
+                                               database=opts.database, split=False, cfg_args=cfg_args,
+                                               pypool_path=baseline_path)
     return out
 
 
@@ -529,9 +543,14 @@ def main(argv: list[str] | None = None) -> int:
     unavailable: dict[str, str] = {}
     scratch = Path(tempfile.mkdtemp(prefix="bench-scratch-"))
     pypool_path, pypool_hash = snapshot_pypool(opts.pypool_src, scratch / "src")
-    targets = build_targets(opts, primary, replicas, unavailable, pypool_path)
+    baseline_path = None
+    if opts.baseline_src is not None:
+        baseline_path, baseline_hash = snapshot_pypool(opts.baseline_src, scratch / "baseline")
+    targets = build_targets(opts, primary, replicas, unavailable, pypool_path, baseline_path)
     meta = versions()
     meta["pypool"] = f"{opts.pypool_src}/pypool, snapshot sha256 {pypool_hash} (of its .py files)"
+    if baseline_path is not None:
+        meta["pypool-base"] = f"{opts.baseline_src}/pypool, snapshot sha256 {baseline_hash}"
     default_matrix = set(opts.workloads) == set(BY_NAME) and set(opts.targets) == set(ALL_TARGETS)
     mode = ("quick" if opts.quick else "full") if default_matrix else "partial matrix"
     meta.update(run_id=run_id, mode=mode, rounds=str(opts.rounds),
@@ -558,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== round {rnd}/{opts.rounds} (loadavg {' '.join(load)})")
             for wl in pgbench_wls:
                 names = [n for n in wl.targets if n in opts.targets]
+                if "pypool" in names and "pypool-base" in targets:
+                    names.append("pypool-base")
                 shift = (rnd - 1) % max(1, len(names))
                 for name in names[shift:] + names[:shift]:
                     row = Row(run_id, rnd, wl.name, name, started_at=now_iso(), clients=wl.clients)

@@ -33,9 +33,10 @@ import logging
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
-from pypool import __version__
+from pypool import __version__, sqlstates
 from pypool.snapshot import Averager, Snapshot
 from pypool.config import ConfigError, General, Pool, User
+from pypool.errors import PoolerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
@@ -52,9 +53,6 @@ ADMIN_DATABASES = frozenset({"pgcat", "pgbouncer", "pypool"})
 TEXT = 25
 INT4 = 23
 NUMERIC = 1700
-
-SQLSTATE_CONFIG_FILE_ERROR = "F0000"
-SQLSTATE_UNDEFINED_OBJECT = "42704"
 
 # Extended-protocol messages: refused (simple protocol only), discarded up to Sync.
 _EXTENDED = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.FLUSH))
@@ -85,10 +83,8 @@ _NOT_CHANGEABLE = frozenset({"host", "port", "workers", "enable_prometheus_expor
 _GENERAL_KEYS: dict[str, str] = {}  # dataclass field -> PgCat's key, where they differ
 
 
-class AdminError(Exception):
-    def __init__(self, sqlstate: str, text: str) -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
+class AdminError(PoolerError):
+    """An admin command failed: the console answers with an ERROR and keeps the session."""
 
 
 # ------------------------------------------------------------------- login
@@ -173,7 +169,7 @@ class AdminConsole:
                 if not discarding:
                     discarding = True
                     self._write(m.error_response(
-                        m.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                        sqlstates.FEATURE_NOT_SUPPORTED,
                         "the pypool admin console supports only the simple query protocol",
                         hint="send admin commands as simple queries (psql does; in psycopg use "
                              "execute() without parameters)"))
@@ -195,11 +191,11 @@ class AdminConsole:
                     out.append(await self.command(statement) if worker is None
                                else await worker.admin_command(self, statement))
                 except AdminError as exc:
-                    out.append(m.error_response(exc.sqlstate, str(exc)))
+                    out.append(m.error_response_for(exc))
                     break
                 except Exception as exc:  # noqa: BLE001 - a bug in one command must not end the session
                     log.exception("admin command %r failed", statement)
-                    out.append(m.error_response(m.SQLSTATE_INTERNAL_ERROR, f"internal error in pypool: {exc}"))
+                    out.append(m.error_response(sqlstates.INTERNAL_ERROR, f"internal error in pypool: {exc}"))
                     break
         finally:
             self.busy = False
@@ -215,17 +211,17 @@ class AdminConsole:
         if handler is not None:
             return handler(tokens[1:])
         if verb in _NOT_IMPLEMENTED:
-            raise AdminError(m.SQLSTATE_FEATURE_NOT_SUPPORTED,
+            raise AdminError(sqlstates.FEATURE_NOT_SUPPORTED,
                              f"{verb} is a PgBouncer admin command that pypool does not implement; "
                              "SHOW HELP lists the commands pypool supports")
-        raise AdminError(m.SQLSTATE_SYNTAX_ERROR,
+        raise AdminError(sqlstates.SYNTAX_ERROR,
                          f'unsupported admin command "{statement[:60]}"; SHOW HELP lists the commands')
 
     # ------------------------------------------------------------- commands
 
     async def show(self, args: list[str]) -> bytes:
         if not args:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "SHOW needs an argument; SHOW HELP lists them")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "SHOW needs an argument; SHOW HELP lists them")
         what = args[0].upper()
         static = self._show_static.get(what)
         if static is not None:
@@ -234,8 +230,8 @@ class AdminConsole:
         if handler is not None:
             return handler(await self.app.stats_snapshot())
         if what in _SHOW_NOT_IMPLEMENTED:
-            raise AdminError(m.SQLSTATE_FEATURE_NOT_SUPPORTED, f"SHOW {what} is not implemented by pypool")
-        raise AdminError(SQLSTATE_UNDEFINED_OBJECT,
+            raise AdminError(sqlstates.FEATURE_NOT_SUPPORTED, f"SHOW {what} is not implemented by pypool")
+        raise AdminError(sqlstates.UNDEFINED_OBJECT,
                          f'unsupported SHOW "{args[0]}" on the admin console; SHOW HELP lists them')
 
     def ignore_set(self, args: list[str]) -> bytes:
@@ -246,7 +242,7 @@ class AdminConsole:
         try:
             self.app.reload(reason="admin RELOAD")
         except ConfigError as exc:
-            raise AdminError(SQLSTATE_CONFIG_FILE_ERROR, f"config not reloaded, the old one stays: {exc}") from None
+            raise AdminError(sqlstates.CONFIG_FILE_ERROR, f"config not reloaded, the old one stays: {exc}") from None
         return m.command_complete("RELOAD")
 
     def _pool_target(self, verb: str, args: list[str]) -> tuple[list, str]:
@@ -255,17 +251,17 @@ class AdminConsole:
             return list(self.app.groups.values()), verb
         parts = [p.strip() for p in text.split(",")]
         if len(parts) > 2 or not all(parts):
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, f"usage: {verb} [db[, user]]")
+            raise AdminError(sqlstates.SYNTAX_ERROR, f"usage: {verb} [db[, user]]")
         database = parts[0]
         if len(parts) == 2:
             group = self.app.groups.get((database, parts[1]))
             if group is None:
-                raise AdminError(m.SQLSTATE_INVALID_CATALOG,
+                raise AdminError(sqlstates.INVALID_CATALOG_NAME,
                                  f"No pool configured for database: {database}, user: {parts[1]}")
             return [group], f"{verb} {database},{parts[1]}"
         groups = [g for (name, _), g in self.app.groups.items() if name == database]
         if not groups:
-            raise AdminError(m.SQLSTATE_INVALID_CATALOG, f"No pool configured for database: {database}")
+            raise AdminError(sqlstates.INVALID_CATALOG_NAME, f"No pool configured for database: {database}")
         return groups, verb
 
     def pause(self, args: list[str]) -> bytes:
@@ -294,7 +290,7 @@ class AdminConsole:
         """(group, server pool) pairs whose server is ``host`` or ``host:port``."""
         host, _, port = target.partition(":")
         if port and not port.isdigit():
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, f"invalid port in {target!r}")
+            raise AdminError(sqlstates.SYNTAX_ERROR, f"invalid port in {target!r}")
         for (name, user), group in sorted(self.app.groups.items()):
             for sp in group.all_pools:
                 if sp.address.host == host and (not port or sp.address.port == int(port)):
@@ -302,13 +298,13 @@ class AdminConsole:
 
     def ban(self, args: list[str]) -> bytes:
         if len(args) != 2:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "usage: BAN hostname[:port] duration_seconds")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "usage: BAN hostname[:port] duration_seconds")
         try:
             seconds = int(args[1])
         except ValueError:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "duration_seconds must be an integer") from None
+            raise AdminError(sqlstates.SYNTAX_ERROR, "duration_seconds must be an integer") from None
         if seconds <= 0:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "duration_seconds must be > 0")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "duration_seconds must be > 0")
         rows = []
         for group, sp in list(self._matching(args[0])):
             if sp is group.primary or group.is_banned(sp):
@@ -320,7 +316,7 @@ class AdminConsole:
 
     def unban(self, args: list[str]) -> bytes:
         if len(args) != 1:
-            raise AdminError(m.SQLSTATE_SYNTAX_ERROR, "UNBAN command requires a hostname[:port] to unban")
+            raise AdminError(sqlstates.SYNTAX_ERROR, "UNBAN command requires a hostname[:port] to unban")
         rows = []
         for group, sp in list(self._matching(args[0])):
             if group.is_banned(sp):
@@ -370,9 +366,8 @@ class AdminConsole:
         return m.result_set([("version", TEXT)], [[f"pypool {__version__}"]], tag="SHOW")
 
     def show_help(self) -> bytes:
-        fields = (b"S" + m.cstr("NOTICE") + b"V" + m.cstr("NOTICE") + b"C" + m.cstr("00000")
-                  + b"M" + m.cstr("Console usage") + b"D" + m.cstr("\n\t" + "\n\t".join(HELP_LINES)) + b"\x00")
-        return m.message(m.NOTICE_RESPONSE, fields) + m.command_complete("SHOW")
+        usage = m.notice_response("Console usage", detail="\n\t" + "\n\t".join(HELP_LINES))
+        return usage + m.command_complete("SHOW")
 
 
 # ------------------------------------------------------------------ tables

@@ -14,13 +14,13 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import idle, limits, metrics, snapshot, tls
-from pypool.client import ClientConnection, ClientError, Phase, new_cancel_key
+from pypool import idle, limits, metrics, snapshot, sqlstates, tls
+from pypool.client import ClientConnection, Phase, new_cancel_key
 from pypool.config import ConfigError, load_config
+from pypool.errors import LoginRefused
 from pypool.pool.group import PoolGroup
 from pypool.pool.server import send_cancel
 from pypool.protocol import auth
-from pypool.protocol import messages as m
 from pypool.routing.router import Decision, Router
 
 if TYPE_CHECKING:
@@ -300,11 +300,11 @@ class Application:
 
     def check_accepting(self, client: ClientConnection) -> None:
         if not self.accepting:
-            raise ClientError(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
+            raise LoginRefused(sqlstates.ADMIN_SHUTDOWN, "pypool is shutting down")
         limit = self.config.general.max_client_conn
         if limit and len(self.clients) > limit:
-            raise ClientError(m.SQLSTATE_TOO_MANY_CONNECTIONS,
-                              f"too many client connections: max_client_conn is {limit}")
+            raise LoginRefused(sqlstates.TOO_MANY_CONNECTIONS,
+                               f"too many client connections: max_client_conn is {limit}")
 
     def has_database(self, database: str) -> bool:
         return database in self.config.pools

@@ -24,8 +24,9 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
-from pypool import admin, limits, listen
+from pypool import admin, limits, listen, sqlstates
 from pypool import session_state as session
+from pypool.errors import LoginRefused
 from pypool.pool.group import PRIMARY
 from pypool.pool.pool import CallbackWaiter, PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
@@ -85,15 +86,6 @@ class Phase(enum.Enum):
     HANDSHAKE = 1
     RELAY = 2
     CLOSED = 3
-
-
-class ClientError(Exception):
-    """Ends the handshake with an ErrorResponse to the client."""
-
-    def __init__(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
-        self.severity = severity
 
 
 class ClientConnection(asyncio.Protocol):
@@ -234,23 +226,20 @@ class ClientConnection(asyncio.Protocol):
             await asyncio.wait_for(self._login(), self.app.config.general.client_login_timeout / 1000)
             if self.admin is not None:
                 await self.admin.run()
-        except ClientError as exc:
-            log.info("client %s rejected: %s", self.peer, exc)
-            self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
-        except limits.Refused as exc:
+        except LoginRefused as exc:
             log.info("client %s (user %r, database %r) refused: %s", self.peer, self.user, self.database, exc)
-            self._send_error_and_close(exc.sqlstate, str(exc))
+            self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
         except ProtocolViolation as exc:
             log.info("client %s: protocol violation during startup: %s", self.peer, exc)
-            self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, str(exc))
+            self._send_error_and_close(exc.sqlstate, str(exc), exc.severity)
         except auth.AuthError as exc:
             log.info("client %s (user %r): authentication failed: %s", self.peer, self.user, exc)
-            self._send_error_and_close(m.SQLSTATE_INVALID_PASSWORD,
-                                       f'password authentication failed for user "{self.user}"')
+            self._send_error_and_close(exc.sqlstate, f'password authentication failed for user "{self.user}"',
+                                       exc.severity)
         except asyncio.TimeoutError:
             log.info("client %s did not log in within client_login_timeout; dropped", self.peer)
             self._send_error_and_close(
-                m.SQLSTATE_QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
+                sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
                 f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
         except ssl.SSLError as exc:
             log.info("client %s: TLS handshake failed: %s", self.peer, exc)
@@ -259,7 +248,7 @@ class ClientConnection(asyncio.Protocol):
             self._close_session()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
             log.exception("client %s: unexpected error during login", self.peer)
-            self._send_error_and_close(m.SQLSTATE_INTERNAL_ERROR, "internal error in pypool during login")
+            self._send_error_and_close(sqlstates.INTERNAL_ERROR, "internal error in pypool during login")
 
     async def _login(self) -> None:
         startup = await self._read_startup()
@@ -271,9 +260,9 @@ class ClientConnection(asyncio.Protocol):
         self.app.check_accepting(self)
         general = self.app.config.general
         if self.app.client_tls.required and not self.tls:
-            raise ClientError(m.SQLSTATE_INVALID_AUTHORIZATION,
-                              'pypool requires TLS (client_tls_mode = "require"): this connection is not '
-                              "encrypted; connect with sslmode=require")
+            raise LoginRefused(sqlstates.INVALID_AUTHORIZATION_SPECIFICATION,
+                               'pypool requires TLS (client_tls_mode = "require"): this connection is not '
+                               "encrypted; connect with sslmode=require")
         self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
                                                 self.database, self.user, self.tls)
         if self.database in admin.ADMIN_DATABASES:
@@ -288,8 +277,8 @@ class ClientConnection(asyncio.Protocol):
             if self.app.has_database(self.database):
                 await self._authenticate(None)
                 raise auth.AuthError("password authentication failed")
-            raise ClientError(m.SQLSTATE_INVALID_CATALOG,
-                              f'no such database: "{self.database}" is not a pool in pypool\'s config')
+            raise LoginRefused(sqlstates.INVALID_CATALOG_NAME,
+                               f'no such database: "{self.database}" is not a pool in pypool\'s config')
         await self._authenticate(group)
         self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
         self._counted_as = (self.database, self.user)
@@ -774,7 +763,7 @@ class ClientConnection(asyncio.Protocol):
         if self.phase is not Phase.RELAY or group is None:
             return
         if isinstance(exc, PoolTimeout):
-            sqlstate = m.SQLSTATE_TOO_MANY_CONNECTIONS
+            sqlstate = exc.sqlstate
         elif isinstance(exc, ServerError) and role == PRIMARY:
             exc = group.primary_unavailable(server_pool, exc)
             sqlstate = exc.sqlstate
@@ -835,7 +824,7 @@ class ClientConnection(asyncio.Protocol):
         except PoolTimeout as exc:
             self._checkout_task = None
             log.warning("client %s: %s", self.peer, exc)
-            self._fail_request(m.SQLSTATE_TOO_MANY_CONNECTIONS, str(exc))
+            self._fail_request(exc.sqlstate, str(exc))
             self._dispatch_pending()
             return
         except ServerError as exc:
@@ -882,7 +871,7 @@ class ClientConnection(asyncio.Protocol):
             except PoolRetired:
                 if group.successor is None:
                     raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '
-                                      "pypool's configuration", {"C": m.SQLSTATE_INVALID_CATALOG}) from None
+                                      "pypool's configuration", {"C": sqlstates.INVALID_CATALOG_NAME}) from None
 
     def _needs_sync(self, server: ServerConnection) -> bool:
         return server.applied_key != self._parameters_key
@@ -1004,7 +993,7 @@ class ClientConnection(asyncio.Protocol):
             self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None, None))
             return
         log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
-        self._send_error_and_close(m.SQLSTATE_CONNECTION_FAILURE,
+        self._send_error_and_close(sqlstates.CONNECTION_FAILURE,
                                    f"server connection to {server.label} was lost; the transaction, "
                                    "if any, was rolled back")
 
@@ -1031,7 +1020,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _protocol_violation(self, text: str) -> None:
         log.warning("client %s: protocol violation: %s", self.peer, text)
-        self._send_error_and_close(m.SQLSTATE_PROTOCOL_VIOLATION, text)
+        self._send_error_and_close(sqlstates.PROTOCOL_VIOLATION, text)
 
     def _send_error_and_close(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
         transport = self.transport
@@ -1040,7 +1029,7 @@ class ClientConnection(asyncio.Protocol):
         self._close_session()
 
     def terminate_for_shutdown(self) -> None:
-        self._send_error_and_close(m.SQLSTATE_ADMIN_SHUTDOWN, "pypool is shutting down")
+        self._send_error_and_close(sqlstates.ADMIN_SHUTDOWN, "pypool is shutting down")
 
     def _close_session(self) -> None:
         if self.phase is Phase.CLOSED:

@@ -73,6 +73,8 @@ _NODE_SPECS = (("pg1", "PG1_PORT", 5433), ("pg2", "PG2_PORT", 5434), ("pg3", "PG
 class ClusterError(RuntimeError):
     """A cluster operation failed; the message says which and shows the log tail."""
 
+    # Not a PoolerError: only the `pypool cluster` command line sees it, never a client.
+
 
 @dataclass(frozen=True)
 class Node:

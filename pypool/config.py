@@ -168,6 +168,9 @@ class ConfigError(Exception):
     also available as :attr:`path`, :attr:`key` and :attr:`reason`.
     """
 
+    # Not a PoolerError: it names a file and key, not an SQLSTATE; RELOAD on the console
+    # turns it into an AdminError with CONFIG_FILE_ERROR.
+
     def __init__(self, path: str, key: str | None, reason: str) -> None:
         self.path = path
         self.key = key

@@ -17,13 +17,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pypool import sqlstates
+
 if TYPE_CHECKING:
     from pypool.app import Application
     from pypool.client import ClientConnection
 
 log = logging.getLogger("pypool.idle")
 
-SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 _IDLE = ord("I")
 
 
@@ -68,6 +69,6 @@ class IdleTransactionReaper:
         log.info("client %s (%s@%s) idle in transaction for more than %.0f ms; closing it", client.peer,
                  client.user, client.database, timeout * 1000)
         client._send_error_and_close(
-            SQLSTATE_IDLE_IN_TRANSACTION_TIMEOUT,
+            sqlstates.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             "terminating connection due to idle-in-transaction timeout: idle in a transaction for more than "
             f"idle_client_in_transaction_timeout ({timeout * 1000:.0f} ms); the transaction was rolled back")

@@ -28,7 +28,7 @@ import signal
 import types
 from typing import TYPE_CHECKING, Any
 
-from pypool import snapshot
+from pypool import snapshot, sqlstates
 from pypool.admin import TEXT, AdminConsole, AdminError
 from pypool.client import new_cancel_key
 from pypool.protocol import messages as m
@@ -165,7 +165,7 @@ class Worker:
                 reply = await self._answer(json.loads(line))
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the control socket
                 log.exception("control request failed")
-                reply = {"error": [m.SQLSTATE_INTERNAL_ERROR, f"worker {self.index}: {exc}"]}
+                reply = {"error": [sqlstates.INTERNAL_ERROR, f"worker {self.index}: {exc}"]}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (OSError, asyncio.TimeoutError):
@@ -187,7 +187,7 @@ class Worker:
             # This worker's own figures, and its instance-wide SHOW STATS averages.
             return {"snapshot": snapshot.take(self.app).to_dict(),
                     "averages": [[list(key), value] for key, value in self.app.averager.averages.items()]}
-        return {"error": [m.SQLSTATE_PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
+        return {"error": [sqlstates.PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
 
     async def _run_admin_locally(self, statement: str) -> dict:
         console = AdminConsole(_ControlCaller(self.app, f"worker {self.index} control socket"))  # type: ignore[arg-type]

@@ -10,16 +10,8 @@ from __future__ import annotations
 
 import collections
 
-from pypool import hba
-from pypool.protocol import messages as m
-
-
-class Refused(Exception):
-    """A login the limits or the access rules do not admit; ``sqlstate`` goes to the client."""
-
-    def __init__(self, sqlstate: str, text: str) -> None:
-        super().__init__(text)
-        self.sqlstate = sqlstate
+from pypool import hba, sqlstates
+from pypool.errors import LoginRefused
 
 
 class UserConnectionCounts:
@@ -29,11 +21,11 @@ class UserConnectionCounts:
         self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def admit(self, key: tuple[str, str], limit: int) -> None:
-        """Count one more client of ``key``, or raise Refused when ``limit`` (0 = none) is reached."""
+        """Count one more client of ``key``, or raise LoginRefused when ``limit`` (0 = none) is reached."""
         if limit and self._counts[key] >= limit:
-            raise Refused(m.SQLSTATE_TOO_MANY_CONNECTIONS,
-                          f'too many connections for user "{key[1]}" to pool "{key[0]}": '
-                          f"max_client_connections is {limit}")
+            raise LoginRefused(sqlstates.TOO_MANY_CONNECTIONS,
+                               f'too many connections for user "{key[1]}" to pool "{key[0]}": '
+                               f"max_client_connections is {limit}")
         self._counts[key] += 1
 
     def release(self, key: tuple[str, str]) -> None:
@@ -49,17 +41,17 @@ class UserConnectionCounts:
 
 def access_method(rules: tuple[hba.HbaRule, ...] | None, default_method: str, address: str,
                   database: str, user: str, tls: bool) -> str:
-    """The authentication method for a login, or Refused when the access rules turn it away."""
+    """The authentication method for a login, or LoginRefused when the access rules turn it away."""
     if rules is None:
         return default_method
     rule = hba.first_match(rules, address, database, user, tls)
     encryption = "TLS" if tls else "no encryption"
     if rule is None:
-        raise Refused(m.SQLSTATE_INVALID_AUTHORIZATION,
-                      f'no pypool hba entry for host "{address}", user "{user}", database "{database}", '
-                      f"{encryption}")
+        raise LoginRefused(sqlstates.INVALID_AUTHORIZATION_SPECIFICATION,
+                           f'no pypool hba entry for host "{address}", user "{user}", database "{database}", '
+                           f"{encryption}")
     if rule.method == "reject":
-        raise Refused(m.SQLSTATE_INVALID_AUTHORIZATION,
-                      f'pypool hba rejects connection for host "{address}", user "{user}", '
-                      f'database "{database}", {encryption}')
+        raise LoginRefused(sqlstates.INVALID_AUTHORIZATION_SPECIFICATION,
+                           f'pypool hba rejects connection for host "{address}", user "{user}", '
+                           f'database "{database}", {encryption}')
     return rule.method

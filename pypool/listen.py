@@ -22,6 +22,7 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Protocol
 
+from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError, open_connection
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
@@ -131,7 +132,7 @@ class ListenHub:
         primary = self.group.primary
         if primary is None:
             raise ServerError(f"pool {self.group.name} has no primary server to listen on",
-                              {"C": m.SQLSTATE_CONNECTION_FAILURE})
+                              {"C": sqlstates.CONNECTION_FAILURE})
         if self._conn is not None:
             log.warning("listener connection to %s was lost; re-listening on %d channel(s), notifications "
                         "sent meanwhile were missed", primary.label, len(self.channels))

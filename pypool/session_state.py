@@ -27,6 +27,7 @@ import functools
 import re
 from dataclasses import dataclass
 
+from pypool import sqlstates
 from pypool.routing.classify import _lex as lex_statements
 
 # Statements that may matter start with one of these words (after comments) ...
@@ -41,7 +42,6 @@ _ADVISORY_SESSION_FUNCTIONS = frozenset((
 ))
 # Settings pypool re-reads after a client changed some (base units, as SET accepts them back).
 SETTINGS_QUERY = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
-FEATURE_NOT_SUPPORTED = "0A000"
 # Stands in for a DEALLOCATE of a client's statement name (the server's copy stays).
 NOOP_STATEMENT = "DO $pypool$BEGIN END$pypool$"
 LISTEN_NOOP_CHANNEL = "pypool.listen"
@@ -164,7 +164,7 @@ def refusal_sql(message: str, hint: str) -> str:
     """A statement that makes the server itself raise the pooler's error, in order with its other replies."""
     def literal(text: str) -> str:
         return "'" + text.replace("'", "''") + "'"
-    return (f"DO $pypool$BEGIN RAISE EXCEPTION USING ERRCODE = '{FEATURE_NOT_SUPPORTED}', "
+    return (f"DO $pypool$BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstates.FEATURE_NOT_SUPPORTED}', "
             f"MESSAGE = {literal(message)}, HINT = {literal(hint)}; END$pypool$")
 
 

@@ -95,6 +95,8 @@ def server_context(general: "General") -> ssl.SSLContext | None:
 class ServerTlsRefused(OSError):
     """The server answered our SSLRequest with 'N' (it has ssl = off)."""
 
+    # An OSError, not a PoolerError: open_connection reports every OSError as a ServerError (08006).
+
 
 async def connect_tls(host: str, port: int, context: ssl.SSLContext) -> socket.socket:
     """Open a TCP connection to PostgreSQL and ask it for TLS; returns the socket, ready for the handshake.

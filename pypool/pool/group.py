@@ -11,11 +11,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from pypool import sqlstates
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
-from pypool.protocol import messages as m
 from pypool.tls import server_context
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class PoolGroup:
 
     def _primary_pool(self) -> ServerPool:
         if self.primary is None:
-            raise ServerError(f"pool {self.name} has no primary server", {"C": m.SQLSTATE_CONNECTION_FAILURE})
+            raise ServerError(f"pool {self.name} has no primary server", {"C": sqlstates.CONNECTION_FAILURE})
         return self.primary
 
     def _read_candidates(self, role: str, exclude: set[ServerPool] | frozenset = frozenset()) -> list[ServerPool]:
@@ -263,7 +263,7 @@ class PoolGroup:
             candidates = self._read_candidates(role, tried)
             if not candidates:
                 raise ServerError(f"pool {self.name}: no server can serve reads: " + "; ".join(errors),
-                                  {"C": m.SQLSTATE_CONNECTION_FAILURE})
+                                  {"C": sqlstates.CONNECTION_FAILURE})
             if preferred is not None and preferred in candidates:
                 server_pool, preferred = preferred, None
             else:

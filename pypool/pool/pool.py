@@ -19,8 +19,9 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from pypool import sqlstates
+from pypool.errors import FixedCodeError
 from pypool.pool.server import Credentials, ServerConnection, ServerError, open_connection
-from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
@@ -47,8 +48,10 @@ class PoolSettings:
     statement_timeout: int = 0  # ms, the user's statement_timeout: a session default on every connection
 
 
-class PoolTimeout(Exception):
+class PoolTimeout(FixedCodeError):
     """No connection became free within checkout_timeout."""
+
+    sqlstate = sqlstates.TOO_MANY_CONNECTIONS
 
 
 class CallbackWaiter:
@@ -111,7 +114,10 @@ class CallbackWaiter:
 
 
 class PoolRetired(Exception):
-    """A config reload replaced this pool while a client waited in it: ask the new one."""
+    """A config reload replaced this pool while a client waited in it: ask the new one.
+
+    Not a PoolerError: the client follows the reload and no one sees this error.
+    """
 
 
 class HealthCheckFailed(ServerError):
@@ -232,7 +238,7 @@ class ServerPool:
         if self.closing:
             if self.retired:
                 raise PoolRetired(self.label)
-            raise ServerError(f"pool for {self.label} is shutting down", {"C": m.SQLSTATE_ADMIN_SHUTDOWN})
+            raise ServerError(f"pool for {self.label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
         if self.idle and not self.waiters and not self.paused:
             return await self._checked_idle()
         if self.size < self.settings.pool_size and not self.waiters:
@@ -273,7 +279,7 @@ class ServerPool:
             self.release_broken(conn)
             self._close_stale_idle()
             raise HealthCheckFailed(f"health check of an idle connection to {self.label} failed: {reason}",
-                                    {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+                                    {"C": sqlstates.CONNECTION_FAILURE}) from None
         except BaseException:
             self.release_broken(conn)  # cancelled mid-check: its state is unknown
             raise
@@ -536,4 +542,4 @@ class ServerPool:
             if not fut.done():
                 fut.set_exception(PoolRetired(self.label) if self.retired else
                                   ServerError(f"pool for {self.label} was closed",
-                                              {"C": m.SQLSTATE_ADMIN_SHUTDOWN}))
+                                              {"C": sqlstates.ADMIN_SHUTDOWN}))

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from pypool import sqlstates
+from pypool.errors import PoolerError
 from pypool.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -42,16 +44,12 @@ _CLOSE_COMPLETE = m.CLOSE_COMPLETE
 _IDLE = ord("I")
 
 
-class ServerError(Exception):
+class ServerError(PoolerError):
     """The server refused us or sent an ErrorResponse; ``fields`` are its error fields."""
 
     def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
-        super().__init__(message)
         self.fields = fields or {}
-
-    @property
-    def sqlstate(self) -> str:
-        return self.fields.get("C", m.SQLSTATE_CONNECTION_FAILURE)
+        super().__init__(self.fields.get("C", sqlstates.CONNECTION_FAILURE), message)
 
 
 class RelayTarget(Protocol):
@@ -456,7 +454,7 @@ class ServerConnection(asyncio.Protocol):
                     # A server that skips SASLFinal never proved it knows the password.
                     if scram is not None and not scram_verified:
                         raise ServerError(f"server {self.label} ended SCRAM without proving its identity",
-                                          {"C": m.SQLSTATE_INVALID_AUTHORIZATION})
+                                          {"C": sqlstates.INVALID_AUTHORIZATION_SPECIFICATION})
                     continue
                 if code == m.AUTH_CLEARTEXT:
                     self._write(m.password_message(creds.password.encode()))
@@ -573,19 +571,19 @@ async def open_connection(address: "ServerAddress", credentials: Credentials,
         return await asyncio.wait_for(_connect(), timeout)
     except asyncio.TimeoutError:
         raise ServerError(f"could not connect to server {label}: timed out after {timeout * 1000:.0f} ms",
-                          {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+                          {"C": sqlstates.CONNECTION_FAILURE}) from None
     except ssl.SSLCertVerificationError as exc:
         raise ServerError(f"could not connect to server {label}: TLS handshake failed: certificate verify failed "
-                          f"({exc.verify_message})", {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+                          f"({exc.verify_message})", {"C": sqlstates.CONNECTION_FAILURE}) from None
     except ssl.SSLError as exc:
         raise ServerError(f"could not connect to server {label}: TLS handshake failed: {exc.reason or exc}",
-                          {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+                          {"C": sqlstates.CONNECTION_FAILURE}) from None
     except OSError as exc:
         raise ServerError(f"could not connect to server {label}: {exc.strerror or exc}",
-                          {"C": m.SQLSTATE_CONNECTION_FAILURE}) from None
+                          {"C": sqlstates.CONNECTION_FAILURE}) from None
     except auth.AuthError as exc:
         raise ServerError(f"authentication to server {label} failed: {exc}",
-                          {"C": m.SQLSTATE_INVALID_PASSWORD}) from None
+                          {"C": sqlstates.INVALID_PASSWORD}) from None
 
 
 async def send_cancel(address: "ServerAddress", process_id: int, secret_key: int, timeout: float = 5.0) -> None:

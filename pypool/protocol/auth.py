@@ -36,6 +36,9 @@ import stringprep
 import unicodedata
 from dataclasses import dataclass
 
+from pypool import sqlstates
+from pypool.errors import FATAL, FixedCodeError
+
 __all__ = [
     "AuthError",
     "VerifierFormatError",
@@ -64,12 +67,15 @@ _MAX_MESSAGE = 4096  # no legitimate SCRAM message comes anywhere near this
 DEFAULT_MAX_ITERATIONS = 1_000_000
 
 
-class AuthError(Exception):
+class AuthError(FixedCodeError):
     """Authentication failed or a message was malformed.
 
     The message is safe to show a client: it never contains a password, a
     SCRAM secret or a proof.
     """
+
+    sqlstate = sqlstates.INVALID_PASSWORD
+    severity = FATAL
 
 
 class VerifierFormatError(AuthError, ValueError):

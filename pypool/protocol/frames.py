@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pypool import sqlstates
+from pypool.errors import FATAL, FixedCodeError
+
 HEADER_SIZE = 5  # tag + int32 length
 
 PROTOCOL_VERSION_3 = 196608  # 3.0
@@ -28,8 +31,11 @@ MAX_STARTUP_PACKET = 10_000
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(FixedCodeError):
     """The peer sent bytes that cannot be a valid message. The text is safe to send to it."""
+
+    sqlstate = sqlstates.PROTOCOL_VIOLATION
+    severity = FATAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Sequence
 
+from pypool import sqlstates
+from pypool.errors import PoolerError
 from pypool.protocol.frames import CANCEL_REQUEST_CODE, PROTOCOL_VERSION_3, SSL_REQUEST_CODE, ProtocolViolation
 
 # Frontend tags
@@ -54,22 +56,6 @@ AUTH_MD5 = 5
 AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
-
-# Common SQLSTATEs the pooler reports itself
-SQLSTATE_CONNECTION_FAILURE = "08006"
-SQLSTATE_CONNECTION_EXCEPTION = "08000"
-SQLSTATE_PROTOCOL_VIOLATION = "08P01"
-SQLSTATE_INVALID_PASSWORD = "28P01"
-SQLSTATE_INVALID_AUTHORIZATION = "28000"
-SQLSTATE_INVALID_CATALOG = "3D000"
-SQLSTATE_TOO_MANY_CONNECTIONS = "53300"
-SQLSTATE_ADMIN_SHUTDOWN = "57P01"
-SQLSTATE_CANNOT_CONNECT_NOW = "57P03"
-SQLSTATE_FEATURE_NOT_SUPPORTED = "0A000"
-SQLSTATE_READ_ONLY_TRANSACTION = "25006"
-SQLSTATE_SYNTAX_ERROR = "42601"
-SQLSTATE_QUERY_CANCELED = "57014"
-SQLSTATE_INTERNAL_ERROR = "XX000"
 
 _HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!I")
@@ -135,8 +121,14 @@ def error_response(sqlstate: str, text: str, severity: str = "ERROR",
     return message(ERROR_RESPONSE, _fields(severity, sqlstate, text, detail, hint))
 
 
-def notice_response(text: str, severity: str = "NOTICE", sqlstate: str = "00000") -> bytes:
-    return message(NOTICE_RESPONSE, _fields(severity, sqlstate, text, None, None))
+def error_response_for(error: PoolerError) -> bytes:
+    """The ErrorResponse a client sees for ``error``."""
+    return error_response(error.sqlstate, str(error), error.severity, error.detail, error.hint)
+
+
+def notice_response(text: str, severity: str = "NOTICE", sqlstate: str = sqlstates.SUCCESSFUL_COMPLETION,
+                    detail: str | None = None) -> bytes:
+    return message(NOTICE_RESPONSE, _fields(severity, sqlstate, text, detail, None))
 
 
 def _fields(severity: str, sqlstate: str, text: str, detail: str | None, hint: str | None) -> bytes:

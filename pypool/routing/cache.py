@@ -115,6 +115,8 @@ _GENERAL_RE = re.compile(
 class _NeedsScanner(Exception):
     """The regex cannot fingerprint this text exactly: use ``_fingerprint_exact``."""
 
+    # Not a PoolerError: control flow inside this module, it never leaves it.
+
 
 def _general_repl(m: re.Match) -> str:
     kind = m.lastgroup

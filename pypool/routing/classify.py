@@ -387,6 +387,8 @@ def unterminated(kind: str, token: str) -> bool:
 class Unterminated(Exception):
     """The text ends inside a literal, quoted identifier or comment: the server will refuse it."""
 
+    # Not a PoolerError: the classifier catches it and the client sees the server's own syntax error.
+
 
 # A token is (kind, TEXT, start, end); TEXT is upper-cased for words.
 _Tok = tuple[str, str, int, int]

@@ -6,6 +6,7 @@ import pytest
 
 from pypool import hba, limits
 from pypool.config import ConfigError, parse_config
+from pypool.errors import LoginRefused
 from tests.unit._minimal_config import MINIMAL
 
 BASE = MINIMAL
@@ -19,7 +20,7 @@ def test_first_matching_rule_decides():
     rs = rules("host app alice 10.0.0.0/8 reject", "host all all 10.0.0.0/8 md5", "host all all all scram-sha-256")
     assert limits.access_method(rs, "scram-sha-256", "10.1.2.3", "app", "bob", False) == "md5"
     assert limits.access_method(rs, "scram-sha-256", "192.168.1.1", "app", "bob", False) == "scram-sha-256"
-    with pytest.raises(limits.Refused) as excinfo:
+    with pytest.raises(LoginRefused) as excinfo:
         limits.access_method(rs, "scram-sha-256", "10.1.2.3", "app", "alice", False)
     assert excinfo.value.sqlstate == "28000"
     assert 'rejects connection for host "10.1.2.3", user "alice", database "app", no encryption' in str(excinfo.value)
@@ -27,7 +28,7 @@ def test_first_matching_rule_decides():
 
 def test_no_rule_means_refused_and_no_rules_at_all_means_the_default_method():
     rs = rules("host app u 127.0.0.1/32 trust")
-    with pytest.raises(limits.Refused, match='no pypool hba entry for host "127.0.0.2", user "u", database "app"'):
+    with pytest.raises(LoginRefused, match='no pypool hba entry for host "127.0.0.2", user "u", database "app"'):
         limits.access_method(rs, "md5", "127.0.0.2", "app", "u", False)
     assert limits.access_method(None, "md5", "127.0.0.2", "app", "u", False) == "md5"
 
@@ -114,7 +115,7 @@ def test_user_connection_counts():
     counts = limits.UserConnectionCounts()
     counts.admit(("app", "u"), 2)
     counts.admit(("app", "u"), 2)
-    with pytest.raises(limits.Refused) as excinfo:
+    with pytest.raises(LoginRefused) as excinfo:
         counts.admit(("app", "u"), 2)
     assert excinfo.value.sqlstate == "53300" and "max_client_connections is 2" in str(excinfo.value)
     counts.admit(("other", "u"), 2)  # counted per pool

@@ -1,0 +1,21 @@
+"""Every SQLSTATE pypool reports itself, named after PostgreSQL's condition names (errcodes.txt).
+
+The one place these codes are spelled: the rest of pypool imports them from here
+(a unit test fails when a code is written out anywhere else).
+"""
+
+SUCCESSFUL_COMPLETION = "00000"
+CONNECTION_FAILURE = "08006"
+PROTOCOL_VIOLATION = "08P01"
+FEATURE_NOT_SUPPORTED = "0A000"
+IDLE_IN_TRANSACTION_SESSION_TIMEOUT = "25P03"
+INVALID_AUTHORIZATION_SPECIFICATION = "28000"
+INVALID_PASSWORD = "28P01"
+INVALID_CATALOG_NAME = "3D000"
+SYNTAX_ERROR = "42601"
+UNDEFINED_OBJECT = "42704"
+TOO_MANY_CONNECTIONS = "53300"
+QUERY_CANCELED = "57014"
+ADMIN_SHUTDOWN = "57P01"
+CONFIG_FILE_ERROR = "F0000"
+INTERNAL_ERROR = "XX000"
