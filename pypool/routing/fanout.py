@@ -36,13 +36,18 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from pypool import sqlstates
+from pypool.errors import FixedCodeError
+
 from pypool.protocol import messages as m
 
 __all__ = ["FanoutError", "FanoutPlan", "OrderKey", "plan_fanout", "merge"]
 
 
-class FanoutError(Exception):
+class FanoutError(FixedCodeError):
     """A read that cannot run on every shard and be merged exactly."""
+
+    sqlstate = sqlstates.FEATURE_NOT_SUPPORTED
 
 
 @dataclass(frozen=True, slots=True)

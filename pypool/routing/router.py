@@ -38,6 +38,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
+from pypool import sqlstates
 from pypool.pool.group import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
@@ -58,8 +59,6 @@ _SHOW_PRIMARY_READS = re.compile(r"(?i)^\s*SHOW\s+PRIMARY\s+READS\s*;?\s*$")
 _SET_SHARDING_KEY = re.compile(r"(?i)^\s*SET\s+SHARDING\s+KEY\s+TO\s+'?([0-9]+)'?\s*;?\s*$")
 _SET_SHARD = re.compile(r"(?i)^\s*SET\s+SHARD\s+TO\s+'?([0-9]+|ANY)'?\s*;?\s*$")
 _SHOW_SHARD = re.compile(r"(?i)^\s*SHOW\s+SHARD\s*;?\s*$")
-SQLSTATE_INVALID_PARAMETER_VALUE = "22023"
-SQLSTATE_NUMERIC_VALUE_OUT_OF_RANGE = "22003"
 MEMO_SIZE = 10_000
 # Transactions that only the primary can run, whatever their statements.
 _PRIMARY_BEGINS = {"read write": "BEGIN READ WRITE", "serializable": "BEGIN ISOLATION LEVEL SERIALIZABLE"}
@@ -152,7 +151,7 @@ class Router:
         if match := _SET_SHARDING_KEY.match(sql):
             key = parse_sharding_key(match.group(1))
             if key is None:
-                return m.error_response(SQLSTATE_NUMERIC_VALUE_OUT_OF_RANGE,
+                return m.error_response(sqlstates.NUMERIC_VALUE_OUT_OF_RANGE,
                                         f"sharding key {match.group(1)} is out of range for type bigint")
             state.shard = self.sharding.shard_for_key(key)
             return m.command_complete("SET SHARDING KEY")
@@ -171,7 +170,7 @@ class Router:
     def _unknown_shard(self, shard: int, state: RoutingState) -> bytes:
         # PgCat's words; the client keeps its shard.
         current = "unset" if state.shard is None else state.shard
-        return m.error_response(SQLSTATE_INVALID_PARAMETER_VALUE,
+        return m.error_response(sqlstates.INVALID_PARAMETER_VALUE,
                                 f"shard {shard} is not configured {self.sharding.shards}, staying on shard "
                                 f"{current} (shard numbers start at 0)")
 
@@ -259,14 +258,14 @@ class Router:
             try:
                 shards = self.key_finder.shards(sql, params or ())
             except ShardKeyError as exc:
-                return replace(decision, error=m.error_response(m.SQLSTATE_FEATURE_NOT_SUPPORTED, str(exc)))
+                return replace(decision, error=m.error_response_for(exc))
         if shards is not None and len(shards) == 1:
             return replace(decision, shard=next(iter(shards)))
         default_all = self.sharding.default_shard.kind == "all"
         if shards is not None and not (default_all and self._reads(sql)):
             listed = ", ".join(map(str, sorted(shards)))
             return replace(decision, error=m.error_response(
-                m.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                sqlstates.FEATURE_NOT_SUPPORTED,
                 f"the values of the sharding key {self.sharding.automatic_sharding_key} in this statement are on "
                 f"shards {listed}; pypool runs a statement on one shard",
                 hint="send one statement per shard" + ("" if default_all else
@@ -282,19 +281,19 @@ class Router:
         key = self.sharding.automatic_sharding_key or "(SET SHARDING KEY, SET SHARD or a shard comment)"
         if sql is None:
             return replace(decision, error=m.error_response(
-                m.SQLSTATE_FEATURE_NOT_SUPPORTED, f"no statement text to find the sharding key {key} in"))
+                sqlstates.FEATURE_NOT_SUPPORTED, f"no statement text to find the sharding key {key} in"))
         c = self.cache.classify(sql)
         if not c.has_statement:
             return replace(decision, shard=0)  # COMMIT, SET...: no rows to look for, any shard answers
         if c.writes:
             return replace(decision, error=m.error_response(
-                m.SQLSTATE_FEATURE_NOT_SUPPORTED,
+                sqlstates.FEATURE_NOT_SUPPORTED,
                 f"a write must name its shard: this statement has no value of the sharding key {key}",
                 hint='with default_shard = "all" only reads run on every shard'))
         try:
             plan = plan_fanout(sql, key)
         except FanoutError as exc:
-            return replace(decision, error=m.error_response(m.SQLSTATE_FEATURE_NOT_SUPPORTED, str(exc)))
+            return replace(decision, error=m.error_response_for(exc))
         if not plan.reads_tables:
             return replace(decision, shard=0)  # SELECT now(): one answer, not one per shard
         return replace(decision, shard=ALL_SHARDS, fanout=plan)

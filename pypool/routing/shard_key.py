@@ -39,6 +39,9 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
+from pypool import sqlstates
+from pypool.errors import FixedCodeError
+
 from pypool.routing.cache import fingerprint_literals
 from pypool.routing.sharding import parse_sharding_key
 
@@ -50,8 +53,10 @@ LITERAL_BASE = 1_000_000
 PLAN_CACHE_SIZE = 10_000
 
 
-class ShardKeyError(Exception):
+class ShardKeyError(FixedCodeError):
     """A statement pypool refuses to route (an UPDATE of the sharding key)."""
+
+    sqlstate = sqlstates.FEATURE_NOT_SUPPORTED
 
 
 @dataclass(frozen=True, slots=True)
