@@ -204,6 +204,7 @@ def _split_avg(items: list[exp.Expression]) -> list[exp.Expression]:
 # ------------------------------------------------------------------ merge
 
 _ROW_DESCRIPTION_FIELD = struct.Struct("!IhIhih")  # table oid, attnum, type oid, size, typmod, format
+PORTAL_SUSPENDED = ord("s")
 _INT_TYPES = {20, 21, 23, 26, 28}  # int8 int2 int4 oid xid
 _FLOAT_TYPES = {700, 701}
 NUMERIC = 1700
@@ -286,12 +287,16 @@ def _encode_data_row(values: Sequence[bytes | None]) -> bytes:
 def merge(plan: FanoutPlan, replies: Sequence[bytes]) -> bytes:
     """The client's messages for the shards' ``replies`` (no ReadyForQuery).
 
-    Raises FanoutError (at merge time: a column type pypool cannot order).
+    The first shard's reply is the template: its other messages (ParseComplete,
+    BindComplete, ParameterDescription, notices) keep their places, its
+    RowDescription and CommandComplete are replaced by the merged ones and the
+    merged rows go just before CommandComplete. Without a RowDescription (an
+    extended-protocol Execute without Describe) rows can only be concatenated.
+    Raises FanoutError when the replies cannot be merged exactly.
     """
     described: list[_Column] | None = None
-    rows: list[list[list[bytes | None]]] = []
+    rows: list[list[bytes | None]] = []
     for reply in replies:
-        shard_rows: list[list[bytes | None]] = []
         for tag, payload in _messages(reply):
             if tag == m.ERROR_RESPONSE:
                 return m.message(tag, payload)
@@ -302,22 +307,28 @@ def merge(plan: FanoutPlan, replies: Sequence[bytes]) -> bytes:
                 elif [c.alike() for c in columns] != [c.alike() for c in described]:
                     raise FanoutError("the shards return different columns for this query (schemas differ)")
             elif tag == m.DATA_ROW:
-                shard_rows.append(_data_row(payload))
-        rows.append(shard_rows)
+                rows.append(_data_row(payload))
+            elif tag == PORTAL_SUSPENDED:
+                raise FanoutError("an Execute with a row limit cannot be merged across shards")
     if described is None:
-        raise FanoutError("the shards returned no rows description for this query")
-    if any(c.format != 0 for c in described):
+        if plan.aggregates or plan.order_by:
+            raise FanoutError("merging this query across shards needs its row description (Describe)")
+    elif any(c.format != 0 for c in described):
         raise FanoutError("results in binary format cannot be merged across shards")
     if plan.aggregates:
-        described, merged = _combine(plan, described, [r for shard in rows for r in shard])
-        ordered = _sorted(plan, described, merged)
-    else:
-        ordered = _sorted(plan, described, [r for shard in rows for r in shard])
+        described, rows = _combine(plan, described, rows)
+    ordered = sorted(rows, key=_sort_key(plan, described)) if plan.order_by else rows
     end = None if plan.limit is None else plan.offset + plan.limit
     sent = ordered[plan.offset:end]
-    out = [_encode_row_description(described)]
-    out.extend(_encode_data_row(r) for r in sent)
-    out.append(m.command_complete(f"SELECT {len(sent)}"))
+    out = []
+    for tag, payload in _messages(replies[0]):
+        if tag == m.ROW_DESCRIPTION:
+            out.append(_encode_row_description(described))
+        elif tag == m.COMMAND_COMPLETE:
+            out.extend(_encode_data_row(r) for r in sent)
+            out.append(m.command_complete(f"SELECT {len(sent)}"))
+        elif tag not in (m.DATA_ROW, m.READY_FOR_QUERY):
+            out.append(m.message(tag, payload))
     return b"".join(out)
 
 
@@ -358,10 +369,6 @@ def _sort_key(plan: FanoutPlan, columns: Sequence[_Column]) -> Callable[[list[by
         return 0
 
     return functools.cmp_to_key(compare)
-
-
-def _sorted(plan: FanoutPlan, columns: Sequence[_Column], rows: list[list[bytes | None]]):
-    return sorted(rows, key=_sort_key(plan, columns)) if plan.order_by else rows
 
 
 def _combine(plan: FanoutPlan, columns: list[_Column], rows: list[list[bytes | None]]):

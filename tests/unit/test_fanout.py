@@ -77,3 +77,24 @@ def test_first_error_is_the_answer() -> None:
     error = m.error_response("42703", 'column "nope" does not exist')
     plan = plan_fanout("SELECT id FROM t", "t.id")
     assert merge(plan, [reply([("id", INT8)], [[1]]), error + m.ready_for_query()]) == error
+
+
+PARSE_COMPLETE, BIND_COMPLETE = m.message(m.PARSE_COMPLETE), m.message(m.BIND_COMPLETE)
+
+
+def test_extended_protocol_replies_keep_their_order() -> None:
+    plan = plan_fanout("SELECT id FROM t WHERE v = $1 ORDER BY id", "t.id")
+    first = PARSE_COMPLETE + BIND_COMPLETE + reply([("id", INT8)], [[5], [1]])
+    second = PARSE_COMPLETE + BIND_COMPLETE + reply([("id", INT8)], [[3]])
+    assert merge(plan, [first, second]) == PARSE_COMPLETE + BIND_COMPLETE + m.result_set(
+        [("id", INT8)], [[1], [3], [5]])
+
+
+def test_without_row_description_rows_are_only_concatenated() -> None:
+    rows = lambda *values: b"".join(m.data_row([v]) for v in values) + m.command_complete(f"SELECT {len(values)}")  # noqa: E731
+    plan = plan_fanout("SELECT id FROM t", "t.id")
+    assert merge(plan, [BIND_COMPLETE + rows(1, 2), BIND_COMPLETE + rows(3)]) == BIND_COMPLETE + rows(1, 2, 3)
+    with pytest.raises(FanoutError, match="Describe"):
+        merge(plan_fanout("SELECT id FROM t ORDER BY id", "t.id"), [rows(2), rows(1)])
+    with pytest.raises(FanoutError, match="row limit"):
+        merge(plan, [m.data_row([1]) + m.message(ord("s")), rows(3)])
