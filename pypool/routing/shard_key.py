@@ -92,6 +92,7 @@ class _Plan:
 
 
 _NO_KEY = _Plan(())
+_BY_TEXT = _Plan(())  # marker, compared by identity: plan each text of this fingerprint on its own
 
 
 def bind_parameters(payload: bytes) -> list[tuple[int, bytes | None]]:
@@ -177,7 +178,7 @@ class ShardKeyFinder:
     def _plan(self, sql: str) -> tuple[_Plan, list[str]]:
         plans = self._plans
         plan = plans.get(sql)
-        if plan is not None:
+        if plan is not None and plan is not _BY_TEXT:
             plans.move_to_end(sql)
             return plan, []
         fp = fingerprint_literals(sql)
@@ -186,11 +187,12 @@ class ShardKeyFinder:
             plan = plans.get(key)
             if plan is None:
                 text = _numbered(key)
-                plan = self._build(text) if text is not None else None
-                if plan is None:  # the numbered text does not parse: plan this text alone
-                    key, literals, plan = sql, [], self._build(sql) or _NO_KEY
-            self._remember(key, plan)
-            return plan, literals
+                plan = (self._build(text) if text is not None else None) or _BY_TEXT
+                self._remember(key, plan)
+            if plan is not _BY_TEXT:
+                plans.move_to_end(key)
+                return plan, literals
+            # This shape does not parse with parameters for its literals: plan each text alone.
         plan = self._build(sql) or _NO_KEY
         self._remember(sql, plan)
         return plan, []
