@@ -40,8 +40,9 @@ from pypool import sqlstates
 from pypool.errors import FixedCodeError
 
 from pypool.protocol import messages as m
+from pypool.protocol.frames import MessageBuffer
 
-__all__ = ["FanoutError", "FanoutPlan", "OrderKey", "plan_fanout", "merge"]
+__all__ = ["FanoutError", "FanoutPlan", "OrderKey", "plan_fanout", "merge", "FanoutCollector"]
 
 
 class FanoutError(FixedCodeError):
@@ -465,3 +466,45 @@ def _numeric_div(total: Decimal, n: int) -> Decimal:
     with localcontext() as ctx:
         ctx.prec = 1100
         return (total / n).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+
+
+class FanoutCollector:
+    """Every shard's reply to one fanned-out statement, then the one answer for the client.
+
+    The session feeds each shard's server bytes as they arrive; when every
+    shard has sent ReadyForQuery, ``result()`` is the client's reply: the
+    merged messages (or an ErrorResponse saying why they cannot be merged)
+    and the first shard's ReadyForQuery.
+    """
+
+    def __init__(self, plan: FanoutPlan, shards: int) -> None:
+        self.plan = plan
+        self._buffers = [MessageBuffer() for _ in range(shards)]
+        self._replies = [bytearray() for _ in range(shards)]
+        self._done = [False] * shards
+        self._status = b"I"
+
+    def feed(self, shard: int, data: bytes) -> bool:
+        """Add bytes from ``shard``'s server; True once every shard's reply is complete."""
+        buffer = self._buffers[shard]
+        buffer.feed(data)
+        while (message := buffer.next_message()) is not None:
+            tag, payload = message
+            if tag == m.READY_FOR_QUERY:
+                self._done[shard] = True
+                if shard == 0:
+                    self._status = payload
+            else:
+                self._replies[shard] += m.message(tag, payload)
+        return all(self._done)
+
+    @property
+    def complete(self) -> bool:
+        return all(self._done)
+
+    def result(self) -> bytes:
+        try:
+            body = merge(self.plan, [bytes(r) for r in self._replies])
+        except FanoutError as exc:
+            body = m.error_response_for(exc)
+        return body + m.ready_for_query(self._status)

@@ -201,6 +201,17 @@ class Sharding:
             "regex_search_limit": str(self.regex_search_limit),
         }
 
+    def target(self, shard: int | None, healthy: Collection[int] | None = None) -> int:
+        """The shard a routing decision runs on: its own (``Decision.shard``), else the
+        pool's ``default_shard``. ``"all"`` is resolved by the router (fan-out or an
+        error); what it leaves without a shard (transaction control) runs on shard 0.
+        """
+        if shard is not None:
+            return shard
+        if self.shards == 1 or self.default_shard.kind == "all":
+            return 0
+        return self.default_shard.pick(self.shards, healthy)
+
     def shard_for_key(self, key: int) -> int:
         return SHARDING_FUNCTIONS[self.function](key, self.shards)
 

@@ -98,3 +98,20 @@ def test_without_row_description_rows_are_only_concatenated() -> None:
         merge(plan_fanout("SELECT id FROM t ORDER BY id", "t.id"), [rows(2), rows(1)])
     with pytest.raises(FanoutError, match="row limit"):
         merge(plan, [m.data_row([1]) + m.message(ord("s")), rows(3)])
+
+
+def test_collector_answers_once_every_shard_is_ready() -> None:
+    from pypool.routing.fanout import FanoutCollector
+
+    plan = plan_fanout("SELECT count(*) FROM t", "t.id")
+    collector = FanoutCollector(plan, 2)
+    first = reply([("count", INT8)], [[4]])
+    assert not collector.feed(0, first[:7])  # a partial message
+    assert not collector.feed(0, first[7:])
+    assert not collector.complete
+    assert collector.feed(1, reply([("count", INT8)], [[6]]))
+    assert collector.result() == m.result_set([("count", INT8)], [[10]]) + m.ready_for_query()
+    refused = FanoutCollector(plan_fanout("SELECT id::text AS t FROM t ORDER BY t", "t.id"), 1)
+    refused.feed(0, reply([("t", TEXT)], [["b"], ["a"]]))
+    assert refused.result().startswith(bytes([m.ERROR_RESPONSE])) and b"0A000" in refused.result()
+

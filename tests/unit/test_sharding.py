@@ -100,6 +100,14 @@ def test_comment_routing_looks_only_at_the_first_regex_search_limit_characters()
     assert Sharding(shards=5, shard_id_regex=COMMENTS.shard_id_regex).shard_from_comment(padded) == 3
 
 
+def test_sharding_target_applies_default_shard() -> None:
+    assert Sharding(shards=3).target(None) == 0
+    assert Sharding(shards=3).target(2) == 2
+    assert Sharding(shards=3, default_shard=DefaultShard("shard", 1)).target(None) == 1
+    assert Sharding(shards=3, default_shard=DefaultShard("all")).target(None) == 0
+    assert Sharding(shards=3, default_shard=DefaultShard("random_healthy")).target(None, healthy={2}) == 2
+
+
 # ----------------------------------------------------------------- config
 
 from pypool.config import ConfigError, parse_config  # noqa: E402
