@@ -245,6 +245,12 @@ class Router:
         decision = self._decide(state, tag, sql, held_begin)
         if self.sharded and not (decision.hold_begin or decision.ends_empty_transaction):
             decision = self._shard(decision, state, tag, sql, params)
+            if held_begin and decision.shard == ALL_SHARDS:
+                # A transaction stays on the server of its first statement: one shard.
+                decision = replace(decision, shard=None, fanout=None, error=m.error_response(
+                    sqlstates.FEATURE_NOT_SUPPORTED,
+                    "a transaction runs on one shard: its first statement needs a value of the sharding key "
+                    f"{self.sharding.automatic_sharding_key or '(or SET SHARD before BEGIN)'}"))
         self.decisions[decision.role] += 1
         state.last_role = decision.role
         return decision

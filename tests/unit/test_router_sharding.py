@@ -167,3 +167,13 @@ def test_one_shard_pools_keep_the_fast_path() -> None:
     assert route(r, "SET SHARD TO '0'", state).reply == m.command_complete("SET SHARD")
     assert sqlstate(route(r, "SET SHARD TO '1'", state).reply) == "22023"
     assert router(KEYED).route_default(m.query("SELECT 1")) is None  # sharded: full path
+
+
+def test_fanout_is_refused_inside_a_transaction() -> None:
+    r, state = router(KEYED + '\ndefault_shard = "all"'), RoutingState()
+    held = route(r, "BEGIN", state)
+    assert held.hold_begin
+    first = route(r, "SELECT count(*) FROM data", state, held_begin=True)
+    assert first.shard is None and first.fanout is None and sqlstate(first.error) == "0A000"
+    keyed = route(r, "SELECT * FROM data WHERE id = 3", state, held_begin=True)
+    assert keyed.shard == pg_bigint_hash(3, 3) and keyed.error is None
