@@ -26,7 +26,7 @@ The shard (pools with several shards), in PgCat's order:
    anything else is refused rather than run on too few shards);
 3. the client's shard from ``SET SHARD`` / ``SET SHARDING KEY`` / a comment;
 4. otherwise ``Decision.shard`` is None and the session applies the pool's
-   ``default_shard`` (``Sharding.default_shard.pick``), except ``"all"``, which
+   ``default_shard`` (``Router.sharding.target(decision.shard, healthy)``), except ``"all"``, which
    the router resolves: reads of a table fan out (``Decision.fanout``), writes
    are refused with an error naming the sharding key.
 """
