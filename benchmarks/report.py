@@ -373,6 +373,19 @@ def _dedupe(notes: list[str]) -> str:
 # chart
 
 
+def label_layout(values: Sequence[float | None], above: Sequence[float] | None) -> tuple[list[float], float]:
+    """Heights of the value labels of a bar panel, and the top of its y axis.
+
+    ``above`` is how far each whisker reaches above its bar. A label sits just
+    above its whisker (not on the bar, where the whisker would cross it) and
+    the axis ends above the highest label, so no whisker or label is cut off.
+    """
+    ends = [(v or 0) + (above[i] if above else 0) for i, v in enumerate(values)]
+    top = max(ends + [1])
+    pad = top * 0.02
+    return [end + pad for end in ends], top * 1.15
+
+
 def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | None:
     """Small multiples: TPS per pgbench workload, SELECT 1 latency, CPU per tx, memory.
 
@@ -387,12 +400,18 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
         return "matplotlib is not installed (pip install matplotlib); no chart"
     s = Summary(rows)
     titles = {w.name: w.title for w in workloads}
+    # Panel titles in words; the pgbench options stay in the second line for those who want them.
     short = {
-        "select-c1": "-S, 1 client", "select-c16": "-S, 16 clients", "select-c64": "-S, 64 clients",
-        "select-c256": "-S, 256 clients", "select-ext-c16": "-S -M extended, 16 clients",
-        "tpcb-c16": "tpcb-like, 16 clients", "select-connect-c16": "-S -C (reconnect per tx), 16 clients",
-        "rw-split-c64": "-S, 64 clients: pypool splits reads\nover 2 replicas, PgBouncer on primary",
+        "select-c1": "Read-only, 1 client\n(pgbench -S)", "select-c16": "Read-only, 16 clients\n(pgbench -S)",
+        "select-c64": "Read-only, 64 clients\n(pgbench -S)", "select-c256": "Read-only, 256 clients\n(pgbench -S)",
+        "select-ext-c16": "Read-only, extended protocol, 16 clients\n(pgbench -S -M extended)",
+        "tpcb-c16": "Read-write (TPC-B-like), 16 clients\n(pgbench default script)",
+        "select-connect-c16": "New connection per transaction, 16 clients\n(pgbench -S -C)",
+        "rw-split-c64": "Read/write split, 64 clients: pypool reads\nfrom 2 replicas, PgBouncer from the primary",
     }
+    tick = {"select-c1": "read\n1 cl", "select-c16": "read\n16 cl", "select-c64": "read\n64 cl",
+            "select-c256": "read\n256 cl", "select-ext-c16": "read ext\n16 cl", "tpcb-c16": "read-write\n16 cl",
+            "select-connect-c16": "connect\n16 cl", "rw-split-c64": "split\n64 cl"}
     pg_wls = [w.name for w in workloads if w.kind == "pgbench" and any(
         r["workload"] == w.name and r["status"] == "ok" for r in s.rows)]
     has_rtt = bool(s.targets_for("rtt")) and any(s.med("rtt", t, "lat_p50_us") for t in s.targets_for("rtt"))
@@ -411,13 +430,13 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
         cols_ = colors or [COLORS.get(n, "#444") for n in names]
         b = ax.bar(xs, [v or 0 for v in values], color=cols_, yerr=errs, capsize=3 if errs else 0,
                    error_kw={"elinewidth": 1, "ecolor": "#333"})
-        top = max([v or 0 for v in values] + [1])
-        for rect, v in zip(b, values):
-            ax.text(rect.get_x() + rect.get_width() / 2, (v or 0) + top * 0.02,
+        label_ys, ylim_top = label_layout(values, errs[1] if errs else None)
+        for rect, v, y in zip(b, values, label_ys):
+            ax.text(rect.get_x() + rect.get_width() / 2, y,
                     "n/a" if v is None else fmt.format(v), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([LABELS.get(n, n).replace(" ", "\n", 1) for n in names], fontsize=8)
-        ax.set_ylim(0, top * 1.18)
+        ax.set_ylim(0, ylim_top)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
 
@@ -485,8 +504,7 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
                     ax.text(rect.get_x() + rect.get_width() / 2, v * 1.08, f"{v:.0f}", ha="center",
                             va="bottom", fontsize=6)
         ax.set_xticks(list(x))
-        ax.set_xticklabels([w.replace("select-", "S-").replace("-c", " c") for w in cpu_wls], rotation=40,
-                           ha="right", fontsize=7)
+        ax.set_xticklabels([tick.get(w, w) for w in cpu_wls], fontsize=6)
         ax.set_title("pooler CPU µs per transaction, log scale\n(lower is better)", fontsize=10)
         ax.set_ylabel("µs CPU / transaction", fontsize=8)
         ax.set_yscale("log")
@@ -514,7 +532,7 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
     ax.legend(handles=[Patch(color=COLORS[t], label=LABELS[t]) for t in shown], loc="upper left", fontsize=9,
               frameon=False)
     text = (f"median of {meta.get('rounds')} round(s), {meta.get('duration_s')} s each;\n"
-            f"whiskers: min–max over rounds\npgbench scale {meta.get('scale')}, pool size {meta.get('pool_size')},\n"
+            f"whiskers: min–max over rounds; cl = clients\npgbench scale {meta.get('scale')}, pool size {meta.get('pool_size')},\n"
             f"transaction mode, {meta.get('cpus')} cores shared by\nPostgreSQL x3, pooler and pgbench\n"
             f"run {meta.get('run_id', '')}")
     missing = sorted({LABELS.get(t, t) for t in (r["target"] for r in s.rows if r["status"] == "not-available")})
@@ -523,9 +541,40 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
     ax.text(0.0, 0.35, text, fontsize=8, va="top", transform=ax.transAxes)
     for ax in flat[used:]:
         ax.axis("off")
-    fig.suptitle("pypool vs PgBouncer vs PostgreSQL direct (throughput panels: transactions/s, higher is better)", fontsize=13)
+    fig.suptitle("Throughput of pypool, PgBouncer and PostgreSQL without a pooler: transactions per second "
+                 "(higher is better), then latency, CPU and memory", fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return None
+
+
+def redraw(csv_path: Path, scale: int, pool_size: int, out: Path) -> str | None:
+    """Draw the chart again from a run's CSV (e.g. after a change to the chart), without measuring."""
+    import collections
+    import os
+
+    from benchmarks.run import WORKLOADS
+
+    rows = read_csv(csv_path)
+    # The run's --duration: what most rows ran for (the round-trip and memory rows take their own time).
+    durations = collections.Counter(r["duration_s"] for r in rows if r["duration_s"]).most_common(1)
+    meta = {"run_id": rows[0]["run_id"], "rounds": str(max(int(r["round"]) for r in rows)),
+            "duration_s": durations[0][0] if durations else "?", "scale": str(scale), "pool_size": str(pool_size),
+            "cpus": str(os.cpu_count())}
+    return chart(rows, meta, WORKLOADS, out)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Redraw the chart of a benchmark run from its CSV.")
+    parser.add_argument("csv", type=Path, help="a run's CSV, e.g. benchmarks/results/<run id>.csv")
+    parser.add_argument("--scale", type=int, default=10, help="the run's pgbench scale (default 10)")
+    parser.add_argument("--pool-size", type=int, default=20, help="the run's pool size (default 20)")
+    parser.add_argument("-o", "--output", type=Path, default=Path(__file__).parent / "results" / "latest.png")
+    args = parser.parse_args()
+    problem = redraw(args.csv, args.scale, args.pool_size, args.output)
+    raise SystemExit(f"no chart: {problem}" if problem else 0)

@@ -62,15 +62,16 @@ class Workload:
 
 
 WORKLOADS: tuple[Workload, ...] = (
-    Workload("select-c1", "-S, 1 client", ("-S",), 1),
-    Workload("select-c16", "-S, 16 clients", ("-S",), 16),
+    Workload("select-c1", "Read-only (pgbench -S), 1 client", ("-S",), 1),
+    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16),
     # pypool-w2 (workers = 2) runs here only: does a second process help at 64 clients?
-    Workload("select-c64", "-S, 64 clients", ("-S",), 64, targets=PLAIN + ("pypool-w2",)),
-    Workload("select-c256", "-S, 256 clients", ("-S",), 256),
-    Workload("select-ext-c16", "-S -M extended, 16 clients", ("-S", "-M", "extended"), 16),
-    Workload("tpcb-c16", "tpcb-like, 16 clients", (), 16),
-    Workload("select-connect-c16", "-S -C (connect per tx), 16 clients", ("-S", "-C"), 16),
-    Workload("rw-split-c64", "-S, 64 clients, reads split over 2 replicas (pypool) vs primary (PgBouncer)",
+    Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=PLAIN + ("pypool-w2",)),
+    Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256),
+    Workload("select-ext-c16", "Read-only, extended protocol (-S -M extended), 16 clients",
+             ("-S", "-M", "extended"), 16),
+    Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
+    Workload("select-connect-c16", "New connection per transaction (-S -C), 16 clients", ("-S", "-C"), 16),
+    Workload("rw-split-c64", "Read-only, 64 clients, reads split over 2 replicas (pypool) vs primary (PgBouncer)",
              ("-S",), 64, targets=("pypool-rw", "pgbouncer", "pgcat-rw")),
     Workload("rtt", "SELECT 1 round trip, 1 client", kind="rtt", clients=1),
     Workload("memory", "RSS with idle client connections", kind="memory", targets=("pypool", "pgbouncer")),

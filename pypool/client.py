@@ -266,9 +266,7 @@ class ClientConnection(asyncio.Protocol):
         self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
                                                 self.database, self.user, self.tls)
         if self.database in admin.ADMIN_DATABASES:
-            # The admin console always asks for the admin password, whatever hba says.
-            if self.auth_method == "trust":
-                self.auth_method = general.client_auth_method
+            self.auth_method = limits.admin_method(general, self.auth_method)
             self.admin = await admin.login(self)
             return
         group = self.app.find_group(self.database, self.user)
@@ -279,6 +277,7 @@ class ClientConnection(asyncio.Protocol):
                 raise auth.AuthError("password authentication failed")
             raise LoginRefused(sqlstates.INVALID_CATALOG_NAME,
                                f'no such database: "{self.database}" is not a pool in pypool\'s config')
+        self.auth_method = limits.user_method(general, self.auth_method, group.user)
         await self._authenticate(group)
         self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
         self._counted_as = (self.database, self.user)

@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -38,7 +39,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 __all__ = [
     "ClusterError",
@@ -179,7 +180,11 @@ def _find_bindir() -> Path | None:
     return None
 
 
-def ensure_postgres_binaries() -> Path:
+def _quiet(step: str) -> None:
+    pass
+
+
+def ensure_postgres_binaries(progress: Callable[[str], None] = _quiet) -> Path:
     """Return the directory holding initdb/pg_ctl/...; install PostgreSQL 15 if missing."""
     bindir = _find_bindir()
     if bindir is not None:
@@ -190,6 +195,7 @@ def ensure_postgres_binaries() -> Path:
             f"{DEFAULT_BINDIR}); install them with: apt-get install -y postgresql-15 postgresql-client-15"
         )
     # Keep Debian from starting its own cluster on 5432 while installing.
+    progress("PostgreSQL 15 not found: installing postgresql-15 with apt-get (a minute or two)")
     policy = Path("/usr/sbin/policy-rc.d")
     had_policy = policy.exists()
     if not had_policy:
@@ -201,6 +207,7 @@ def ensure_postgres_binaries() -> Path:
             ["apt-get", "update"],
             ["apt-get", "install", "-y", "postgresql-15", "postgresql-client-15"],
         ):
+            progress(f"running `{' '.join(cmd)}`")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 raise ClusterError(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{_tail_text(proc.stderr)}")
@@ -255,8 +262,13 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# A conninfo's password as PostgreSQL logs it (e.g. "parameter primary_conninfo changed to ...").
+_CONNINFO_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s\"]+)")
+
+
 def _tail_text(text: str, lines: int = 25) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+    """The last ``lines`` lines of a server's output or log, with any conninfo password masked."""
+    return _CONNINFO_PASSWORD.sub(r"\1***", "\n".join(text.strip().splitlines()[-lines:]))
 
 
 def _log_tail(node: Node, lines: int = 30) -> str:
@@ -808,38 +820,46 @@ def _conninfo_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _rebuild(node: Node, primary: Node, bindir: Path, timeout: float) -> None:
+def _rebuild(node: Node, primary: Node, bindir: Path, timeout: float, progress: Callable[[str], None] = _quiet) -> None:
     _stop(node, bindir, "immediate")
+    progress(f"base backup of {node.name} from {primary.name} (pg_basebackup)")
     _basebackup(node, primary, bindir)
+    progress(f"starting {node.name} (replica) on 127.0.0.1:{node.port}")
     _start(node, bindir, timeout=timeout)
 
 
-def up(data_dir: Path | str | None = None, timeout: float = 120) -> list[Node]:
+def up(data_dir: Path | str | None = None, timeout: float = 120,
+       progress: Callable[[str], None] = _quiet) -> list[Node]:
     """Initialise what is missing, start what is stopped, wait for the primary and streaming replicas.
 
     Idempotent: on a running, healthy cluster it only checks and returns.
+    ``progress`` is told each step as it starts (the command line prints them).
     """
     deadline = time.monotonic() + timeout
     remaining = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
     base = _base_dir(data_dir)
     all_nodes = nodes(base)
-    bindir = ensure_postgres_binaries()
+    bindir = ensure_postgres_binaries(progress)
     with _locked(base):
         _prepare_base(base)
         primary = _find_primary(all_nodes)
         if primary is None:
             primary = all_nodes[0]
+            progress(f"initdb of {primary.name} in {primary.data_dir}")
             _init_primary(primary, bindir)
+        _starting(primary, "primary", progress)
         _start(primary, bindir, timeout=remaining())
         _wait(lambda: _in_recovery(primary) is False, remaining(), f"{primary.name} to accept connections", primary)
+        progress(f"{primary.name} accepts connections; checking the replication role, database and extensions")
         _setup_primary(primary)
 
         replicas = [n for n in all_nodes if n != primary]
         for replica in replicas:
             if not _is_initialised(replica) or not _is_standby_on_disk(replica):
                 # Missing, or a former primary that a failover left behind: copy afresh.
-                _rebuild(replica, primary, bindir, remaining())
+                _rebuild(replica, primary, bindir, remaining(), progress)
             else:
+                _starting(replica, "replica", progress)
                 _start(replica, bindir, timeout=remaining())
                 with contextlib.suppress(ClusterError):
                     _wait(lambda: _in_recovery(replica) is not None, min(30.0, remaining()), f"{replica.name}")
@@ -848,10 +868,12 @@ def up(data_dir: Path | str | None = None, timeout: float = 120) -> list[Node]:
         # Wait for both replicas to stream; one that cannot follow the primary
         # (diverged timeline after a failover) gets one fresh base backup.
         rebuilt: set[str] = set()
+        progress(f"waiting for {', '.join(r.name for r in replicas)} to stream from {primary.name}")
         while True:
             streaming = _streaming_replicas(primary)
             missing = [r for r in replicas if r.name not in streaming]
             if not missing:
+                progress("cluster ready")
                 return all_nodes
             now = time.monotonic()
             if now >= deadline:
@@ -867,8 +889,16 @@ def up(data_dir: Path | str | None = None, timeout: float = 120) -> list[Node]:
                 for replica in missing:
                     if replica.name not in rebuilt:
                         rebuilt.add(replica.name)
-                        _rebuild(replica, primary, bindir, remaining())
+                        progress(f"{replica.name} does not follow {primary.name}: copying it afresh")
+                        _rebuild(replica, primary, bindir, remaining(), progress)
             time.sleep(0.2)
+
+
+def _starting(node: Node, role: str, progress: Callable[[str], None]) -> None:
+    if _is_running(node):
+        progress(f"{node.name} ({role}) already running on 127.0.0.1:{node.port}")
+    else:
+        progress(f"starting {node.name} ({role}) on 127.0.0.1:{node.port}")
 
 
 def rebuild_replica(name: str, data_dir: Path | str | None = None, timeout: float = 120) -> None:
@@ -981,32 +1011,70 @@ def _print_status(rows: list[dict], out=None) -> None:
         print(f"{row['name']:<6} {row['port']:>5}  {row['role']:<8} {state:<13} {lag:>16}", file=out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pypool cluster",
-        description="A local PostgreSQL 15 primary (pg1) and two streaming replicas (pg2, pg3) on 127.0.0.1.",
-    )
-    parser.add_argument("command", choices=["up", "down", "status", "destroy"])
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"cluster directory (default: $PYPOOL_CLUSTER_DIR or {DEFAULT_DATA_DIR})")
-    parser.add_argument("--timeout", type=float, default=120, help="seconds `up` waits for the cluster (default 120)")
-    args = parser.parse_args(argv)
+_DESCRIPTION = ("A local PostgreSQL 15 primary (pg1, 127.0.0.1:$PG1_PORT or 5433) and two streaming replicas "
+                "(pg2, pg3 on 5434, 5435) for development, tests and benchmarks. A throwaway cluster: fsync is off.")
+_ACTIONS = {
+    "up": ("create what is missing, start what is stopped, wait for both replicas to stream",
+           "Create what is missing (installing PostgreSQL 15 with apt-get when run as root and its binaries are "
+           "missing; initdb of pg1; base backups of pg2 and pg3), start what is stopped, wait until both replicas "
+           "stream from the primary, then print the status table. Each step is printed as it starts. Idempotent: "
+           "on a healthy running cluster it only checks."),
+    "down": ("stop every node (fast shutdown), keep the data", "Stop every node (replicas first), keeping the data."),
+    "status": ("print each node's port, role, state and replay lag",
+               "Print one line per node: port, role (primary, replica, down), state and replay lag."),
+    "destroy": ("stop every node and delete the cluster directory",
+                "Stop every node at once and delete the cluster directory: all its data is lost."),
+}
+
+
+def add_command(commands: "argparse._SubParsersAction") -> None:
+    """`pypool cluster ACTION` in the program's command line."""
+    parser = commands.add_parser("cluster", help="a local primary + 2 replicas for development and tests",
+                                 description=_DESCRIPTION)
+    _add_actions(parser)
+
+
+def _add_actions(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                    title="actions")
+    for name, (summary, description) in _ACTIONS.items():
+        action = actions.add_parser(name, help=summary, description=description)
+        action.add_argument("--data-dir", type=Path, default=None,
+                            help=f"cluster directory (default: $PYPOOL_CLUSTER_DIR or {DEFAULT_DATA_DIR})")
+        if name == "up":
+            action.add_argument("--timeout", type=float, default=120,
+                                help="seconds to wait for the cluster (default 120)")
+    parser.set_defaults(run=run_command)
+
+
+def _say(step: str) -> None:
+    print(f"pypool cluster: {step}", flush=True)
+
+
+def run_command(args: argparse.Namespace) -> int:
     try:
-        if args.command == "up":
-            up(args.data_dir, timeout=args.timeout)
+        if args.action == "up":
+            up(args.data_dir, timeout=args.timeout, progress=_say)
             _print_status(status(args.data_dir))
-        elif args.command == "down":
+        elif args.action == "down":
             down(args.data_dir)
             print(f"stopped cluster in {_base_dir(args.data_dir)}")
-        elif args.command == "destroy":
+        elif args.action == "destroy":
             destroy(args.data_dir)
             print(f"removed cluster in {_base_dir(args.data_dir)}")
         else:
             _print_status(status(args.data_dir))
     except ClusterError as exc:
-        print(f"pypool cluster {args.command}: {exc}", file=sys.stderr)
+        print(f"pypool cluster {args.action}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pypool cluster", description=_DESCRIPTION)
+    _add_actions(parser)
+    args = parser.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

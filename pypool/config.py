@@ -12,14 +12,16 @@ functions in PgCat's ``src/config.rs``), not the example values shown in its
 ``pgcat.toml`` / ``CONFIG.md``, because the code defaults are what PgCat does
 when a key is absent.  Settings that pypool adds are marked "pypool addition".
 
-Keys are handled in three ways:
+Every key is declared once in :mod:`pypool.config_keys` (where it lives, the
+field it sets, how a reload applies it).  Keys are handled in three ways:
 
 * keys pypool implements are type-checked and land in the dataclasses;
-* PgCat keys pypool does not implement (sharding, plugins, auth_query, TCP
-  keepalive tuning, ...) are accepted and produce one warning each,
-  "PgCat setting not supported by pypool, ignored";
-* keys nobody knows produce a warning "unknown key, ignored", as PgCat
-  silently ignores unknown keys.
+* PgCat keys pypool does not use (sharding, plugins, auth_query, ...) are
+  type-checked and produce one warning each that says why pypool ignores them;
+* keys nobody knows produce a warning "unknown key in [table], ignored" with
+  the nearest known key, as PgCat silently ignores unknown keys; with
+  ``strict`` (``pypool config check --strict``) or ``general.reject_unknown_keys``
+  they are errors.
 
 Warnings are collected in :attr:`Config.warnings`; the caller decides whether
 to log them or (``pypool config check``) print them.
@@ -37,7 +39,9 @@ from typing import Any, Iterable, Mapping
 
 import tomli_w
 
+from pypool import config_keys
 from pypool import hba as _hba
+from pypool.config_keys import Section
 from pypool.routing.sharding import DEFAULT_REGEX_SEARCH_LIMIT, Sharding, parse_default_shard
 
 __all__ = [
@@ -57,6 +61,7 @@ __all__ = [
     "DEFAULT_ROLES",
     "LOAD_BALANCING_MODES",
     "CLIENT_AUTH_METHODS",
+    "AUTH_TYPES",
     "CLIENT_TLS_MODES",
 ]
 
@@ -67,7 +72,6 @@ __all__ = [
 # PgCat code defaults (src/config.rs, General::default_* / Pool::default_*).
 DEFAULT_HOST = "0.0.0.0"
 DEFAULT_PORT = 5432  # General::default_port(); PgCat's docs/example file say 6432
-DEFAULT_WORKER_THREADS = 4  # PgCat's tokio threads; pypool does not start processes from it
 DEFAULT_CONNECT_TIMEOUT_MS = 1000
 DEFAULT_IDLE_TIMEOUT_MS = 600_000  # 10 minutes
 DEFAULT_SERVER_LIFETIME_MS = 3_600_000  # 1 hour
@@ -81,10 +85,16 @@ DEFAULT_POOL_MODE = "transaction"
 DEFAULT_DEFAULT_ROLE = "any"
 DEFAULT_LOAD_BALANCING_MODE = "random"
 DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE = 0
+# PgCat turns TCP keepalives on for every socket: a dead peer is noticed within about 30 s.
+DEFAULT_TCP_KEEPALIVES_IDLE_S = 5
+DEFAULT_TCP_KEEPALIVES_COUNT = 5
+DEFAULT_TCP_KEEPALIVES_INTERVAL_S = 5
+DEFAULT_TCP_USER_TIMEOUT_MS = 10_000
 
 # pypool additions (PgCat has no equivalent).
 # How long a client waits for a free server connection before it gets an
-# error.  PgCat has no separate setting for this; 5 s is pypool's choice.
+# error.  PgCat waits connect_timeout (default 1 s) for this too; pypool keeps
+# the two apart (README, "Waiting for a server connection").
 DEFAULT_CHECKOUT_TIMEOUT_MS = 5000
 DEFAULT_CLIENT_AUTH_METHOD = "scram-sha-256"
 DEFAULT_CLIENT_TLS_MODE = "allow"
@@ -116,42 +126,13 @@ LOAD_BALANCING_MODES: Mapping[str, str] = types.MappingProxyType(
 CLIENT_AUTH_METHODS: Mapping[str, str] = types.MappingProxyType(
     {"scram-sha-256": "scram-sha-256", "md5": "md5"}
 )
+# PgCat's auth_type / admin_auth_type ("md5" or "trust"), plus pypool's scram-sha-256.
+AUTH_TYPES: Mapping[str, str] = types.MappingProxyType(
+    {"trust": "trust", "md5": "md5", "scram-sha-256": "scram-sha-256"}
+)
 CLIENT_TLS_MODES: Mapping[str, str] = types.MappingProxyType(
     {"disable": "disable", "allow": "allow", "require": "require"}
 )
-
-# PgCat settings pypool accepts but does not implement: each one present in a
-# file gives a "not supported by pypool, ignored" warning.
-_UNSUPPORTED_TOP = frozenset({"plugins"})
-_UNSUPPORTED_GENERAL = frozenset(
-    {
-        "tcp_keepalives_idle",
-        "tcp_keepalives_count",
-        "tcp_keepalives_interval",
-        "tcp_user_timeout",
-        "dns_cache_enabled",
-        "dns_max_ttl",
-        "server_round_robin",
-        "autoreload",
-        "admin_auth_type",
-        "validate_config",
-        "auth_query",
-        "auth_query_user",
-        "auth_query_password",
-    }
-)
-_UNSUPPORTED_POOL = frozenset(
-    {
-        "auth_query",
-        "auth_query_user",
-        "auth_query_password",
-        "cleanup_server_connections",
-        "log_client_parameter_status_changes",
-        "plugins",
-    }
-)
-_UNSUPPORTED_USER = frozenset({"auth_type"})
-_UNSUPPORTED_SHARD = frozenset({"mirrors"})
 
 # Values of these keys are never echoed in an error or a warning.
 _SECRET_KEYS = frozenset({"password", "server_password", "admin_password", "auth_query_password"})
@@ -209,6 +190,7 @@ class User:
     idle_timeout: int | None = None
     server_lifetime: int | None = None
     max_client_connections: int = 0  # pypool addition: clients of this user in this pool, 0 = unlimited
+    auth_type: str | None = None  # how this user logs in; None = general.client_auth_method (or hba)
 
 
 @dataclass(frozen=True)
@@ -283,6 +265,12 @@ class General:
     client_login_timeout: int = DEFAULT_CLIENT_LOGIN_TIMEOUT_MS  # pypool addition, ms
     # pypool addition: host-based access rules (general.hba or general.hba_file); None = no rules
     hba: tuple[_hba.HbaRule, ...] | None = None
+    reject_unknown_keys: bool = False  # pypool addition: an unknown key is an error, not a warning
+    admin_auth_type: str | None = None  # how the admin logs in; None = client_auth_method
+    tcp_keepalives_idle: int = DEFAULT_TCP_KEEPALIVES_IDLE_S  # s; 0 = no keepalives (a pypool reading)
+    tcp_keepalives_count: int = DEFAULT_TCP_KEEPALIVES_COUNT
+    tcp_keepalives_interval: int = DEFAULT_TCP_KEEPALIVES_INTERVAL_S  # s
+    tcp_user_timeout: int = DEFAULT_TCP_USER_TIMEOUT_MS  # ms; 0 = the kernel's default
 
 
 @dataclass(frozen=True)
@@ -296,11 +284,13 @@ class Config:
 # --------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------
-def load_config(path: str | os.PathLike) -> Config:
+def load_config(path: str | os.PathLike, *, strict: bool = False) -> Config:
     """Read and parse a PgCat-format TOML file.
 
     Raises :class:`ConfigError` for an unreadable file, a TOML syntax error
-    (with its line and column) or an invalid setting.
+    (with its line and column) or an invalid setting; with ``strict`` (or
+    ``general.reject_unknown_keys = true`` in the file) also for a key
+    nobody knows, which is otherwise a warning.
     """
     spath = os.fspath(path)
     try:
@@ -314,18 +304,18 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(
             spath, None, f"config file is not valid UTF-8 (byte offset {exc.start})"
         ) from None
-    return parse_config(text, spath)
+    return parse_config(text, spath, strict=strict)
 
 
-def parse_config(text: str, path: str = "<string>") -> Config:
-    """Parse PgCat-format TOML text; ``path`` is only used in messages."""
+def parse_config(text: str, path: str = "<string>", *, strict: bool = False) -> Config:
+    """Parse PgCat-format TOML text; ``path`` is only used in messages. ``strict``: see :func:`load_config`."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's messages carry "(at line L, column C)" and never echo the
         # offending text, so no secret can leak through here.
         raise ConfigError(path, None, f"invalid TOML: {exc}") from None
-    return _build(_Ctx(path), data)
+    return _build(_Ctx(path), data, strict)
 
 
 # One scalar as tomli-w writes it: a basic string, a number or a boolean.
@@ -469,11 +459,12 @@ def _describe(value: Any, secret: bool = False) -> str:
 
 
 class _Ctx:
-    """Per-parse state: the file name (for messages) and the warnings so far."""
+    """Per-parse state: the file name (for messages), the warnings and the unknown keys so far."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.warnings: list[str] = []
+        self.unknown: list[tuple[tuple[str, ...], str, str]] = []  # (key, "[table]", "; did you mean ...")
 
     def error(self, parts: Iterable[str], reason: str) -> ConfigError:
         return ConfigError(self.path, _key_text(parts) or None, reason)
@@ -485,10 +476,11 @@ class _Ctx:
 class _Table:
     """A TOML table being read: typed getters plus unknown-key bookkeeping."""
 
-    def __init__(self, ctx: _Ctx, parts: tuple[str, ...], data: dict) -> None:
+    def __init__(self, ctx: _Ctx, parts: tuple[str, ...], data: dict, section: Section) -> None:
         self.ctx = ctx
         self.parts = parts
         self.data = data
+        self.section = section
         self.seen: set[str] = set()
 
     def key(self, name: str) -> tuple[str, ...]:
@@ -585,25 +577,51 @@ class _Table:
         return value
 
     # -- bookkeeping -----------------------------------------------------
-    def finish(self, unsupported: frozenset[str] = frozenset(), silent: Iterable[str] = ()) -> None:
-        """Warn about every key that was not read."""
-        quiet = set(silent)
-        for name in self.data:
-            if name in self.seen or name in quiet:
+    def finish(self) -> None:
+        """Check the PgCat keys pypool ignores, and note every key nobody knows."""
+        for name, value in self.data.items():
+            if name in self.seen:
                 continue
-            if name in unsupported:
-                self.ctx.warn(self.key(name), "PgCat setting not supported by pypool, ignored")
-            else:
-                self.ctx.warn(self.key(name), "unknown key, ignored")
+            key = config_keys.lookup(self.section, name)
+            if key is None:
+                where = f"[{_key_text(self.parts)}]" if self.parts else "the top level"
+                hint = _nearest_key_hint(self.section, name)
+                self.ctx.unknown.append((self.key(name), where, hint))
+                self.ctx.warn(self.key(name), f"unknown key in {where}, ignored{hint}")
+                continue
+            if key.accepts and not _accepted(value, key.accepts):
+                raise self._wrong(name, " or ".join(_TYPE_NAMES[t] for t in key.accepts), value)
+            if not key.quiet:
+                self.ctx.warn(self.key(name), f"PgCat setting accepted, not used by pypool: {key.reason}")
 
 
-def _build(ctx: _Ctx, data: dict) -> Config:
-    top = _Table(ctx, (), data)
+_TYPE_NAMES = {bool: "true or false", int: "an integer", str: "a string", list: "an array", dict: "a table"}
+
+
+def _accepted(value: Any, types_: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a TOML boolean is no number
+        return bool in types_
+    return isinstance(value, types_)
+
+
+def _nearest_key_hint(section: Section, name: str) -> str:
+    """"; did you mean `pool_mode`?" for a misspelt key, or where a misplaced one belongs, or ""."""
+    guess = config_keys.nearest(section, name)
+    if guess is not None:
+        return f"; did you mean `{guess}`?"
+    other = config_keys.elsewhere(section, name)
+    if other is not None:
+        return f"; `{name}` belongs in [{other.value}]"
+    return ""
+
+
+def _build(ctx: _Ctx, data: dict, strict: bool) -> Config:
+    top = _Table(ctx, (), data, Section.TOP)
     general_data = top.table("general")
-    general_tbl = _Table(ctx, ("general",), general_data)
+    general_tbl = _Table(ctx, ("general",), general_data, Section.GENERAL)
     general = _parse_general(general_tbl)
     legacy_ps_size = _legacy_prepared_statements_size(general_tbl)
-    general_tbl.finish(_UNSUPPORTED_GENERAL)
+    general_tbl.finish()
 
     pools_data = top.table("pools")
     pools: dict[str, Pool] = {}
@@ -613,18 +631,45 @@ def _build(ctx: _Ctx, data: dict) -> Config:
             raise ctx.error(parts, f"expected a table, got {_describe(pool_data)}")
         if name == "":
             raise ctx.error(parts, "expected a non-empty pool name")
-        pools[name] = _parse_pool(_Table(ctx, parts, pool_data), name, general, legacy_ps_size)
+        pools[name] = _parse_pool(_Table(ctx, parts, pool_data, Section.POOL), name, general, legacy_ps_size)
     if not pools:
         ctx.warn(("pools",), "no pools configured; no client can connect")
-
-    # `path` is written by PgCat itself (it overwrites it with the real path).
-    top.finish(_UNSUPPORTED_TOP, silent=("path",))
+    _note_pgcat_checkout_wait(ctx, general, general_data, pools, pools_data)
+    top.finish()
+    if ctx.unknown and (strict or general.reject_unknown_keys):
+        raise _unknown_keys_error(ctx, "with --strict" if strict else "because general.reject_unknown_keys is true")
     return Config(
         path=ctx.path,
         general=general,
         pools=types.MappingProxyType(pools),
         warnings=tuple(ctx.warnings),
     )
+
+
+def _note_pgcat_checkout_wait(ctx: _Ctx, general: General, general_data: dict, pools: Mapping[str, Pool],
+                              pools_data: dict) -> None:
+    """PgCat waits connect_timeout for a free server connection, pypool checkout_timeout: say so where a
+    PgCat file raised connect_timeout above the wait pypool would use."""
+    if "checkout_timeout" in general_data:
+        return
+    where: list[tuple[tuple[str, ...], int, int]] = []
+    if general.connect_timeout > general.checkout_timeout:
+        where.append((("general", "connect_timeout"), general.connect_timeout, general.checkout_timeout))
+    for name, pool in pools.items():
+        own = pools_data[name]
+        if "connect_timeout" in own and "checkout_timeout" not in own and pool.connect_timeout > pool.checkout_timeout:
+            where.append((("pools", name, "connect_timeout"), pool.connect_timeout, pool.checkout_timeout))
+    for parts, connect, checkout in where:
+        ctx.warn(parts, f"PgCat also waits connect_timeout ({connect} ms) for a free server connection; pypool "
+                        f"waits checkout_timeout ({checkout} ms): set checkout_timeout = {connect} to wait as long")
+
+
+def _unknown_keys_error(ctx: _Ctx, why: str) -> ConfigError:
+    (first, where, hint), rest = ctx.unknown[0], ctx.unknown[1:]
+    reason = f"unknown key in {where}, an error {why}{hint}"
+    if rest:
+        reason += f"; also unknown: {', '.join(_key_text(parts) for parts, _, _ in rest)}"
+    return ctx.error(first, reason)
 
 
 def _parse_general(t: _Table) -> General:
@@ -647,7 +692,8 @@ def _parse_general(t: _Table) -> General:
         prometheus_exporter_port=t.port("prometheus_exporter_port", DEFAULT_PROMETHEUS_EXPORTER_PORT),
         # PgCat has no default for these two: the keys are required.
         admin_username=t.string("admin_username"),
-        admin_password=t.string("admin_password"),
+        # Empty only where no password is asked (PgCat's trust example has admin_password = "").
+        admin_password=t.string("admin_password", nonempty=str(t.raw("admin_auth_type")).lower() != "trust"),
         client_auth_method=t.choice(
             "client_auth_method", CLIENT_AUTH_METHODS, DEFAULT_CLIENT_AUTH_METHOD
         ),
@@ -663,6 +709,14 @@ def _parse_general(t: _Table) -> General:
         server_tls_ca_file=t.string("server_tls_ca_file", None),
         client_login_timeout=t.integer("client_login_timeout", DEFAULT_CLIENT_LOGIN_TIMEOUT_MS, minimum=1),
         hba=_parse_hba(t),
+        reject_unknown_keys=t.boolean("reject_unknown_keys", False),
+        admin_auth_type=t.choice("admin_auth_type", AUTH_TYPES, None),
+        tcp_keepalives_idle=t.integer("tcp_keepalives_idle", DEFAULT_TCP_KEEPALIVES_IDLE_S, maximum=32767),
+        tcp_keepalives_count=t.integer("tcp_keepalives_count", DEFAULT_TCP_KEEPALIVES_COUNT, minimum=1,
+                                       maximum=127),
+        tcp_keepalives_interval=t.integer("tcp_keepalives_interval", DEFAULT_TCP_KEEPALIVES_INTERVAL_S,
+                                          minimum=1, maximum=32767),
+        tcp_user_timeout=t.integer("tcp_user_timeout", DEFAULT_TCP_USER_TIMEOUT_MS, maximum=2**31 - 1),
     )
     if general.tls_certificate is not None and general.tls_private_key is None:
         raise t.error(
@@ -680,10 +734,8 @@ def _parse_general(t: _Table) -> General:
 
 
 def _parse_workers(t: _Table) -> int:
-    """``workers`` (pypool) sets the process count; PgCat's ``worker_threads`` is checked and
-    otherwise ignored, so a PgCat file does not silently start four processes."""
-    threads = t.integer("worker_threads", None, minimum=1)
-    del threads  # a valid PgCat setting with no pypool meaning: no warning, PgCat files stay quiet
+    """``workers`` (pypool) sets the process count; PgCat's ``worker_threads`` counts Tokio threads and is
+    reported as ignored (config_keys), so a PgCat file does not silently start four processes."""
     return t.integer("workers", DEFAULT_WORKERS, minimum=1, maximum=MAX_WORKERS)
 
 
@@ -787,7 +839,7 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         shards=shards,
         sharding=_parse_sharding(t, len(shards), query_parser_enabled),
     )
-    t.finish(_UNSUPPORTED_POOL)
+    t.finish()
     return pool
 
 
@@ -799,7 +851,7 @@ def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
         parts = pool.key("users") + (index,)
         if not isinstance(user_data, dict):
             raise pool.ctx.error(parts, f"expected a table, got {_describe(user_data)}")
-        u = _Table(pool.ctx, parts, user_data)
+        u = _Table(pool.ctx, parts, user_data, Section.USER)
         username = u.string("username")
         password = u.string("password")
         pool_size = u.integer("pool_size", minimum=1)
@@ -826,8 +878,9 @@ def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
             idle_timeout=u.integer("idle_timeout", None),
             server_lifetime=u.integer("server_lifetime", None),
             max_client_connections=u.integer("max_client_connections", 0),
+            auth_type=u.choice("auth_type", AUTH_TYPES, None),
         )
-        u.finish(_UNSUPPORTED_USER)
+        u.finish()
         if username in users:
             # PgCat keeps one pool per username: the user listed last in key order wins.
             earlier = owners[username]
@@ -853,10 +906,10 @@ def _parse_shards(pool: _Table) -> tuple[Shard, ...]:
             raise pool.ctx.error(parts, f"expected a shard number (0, 1, ...) as the key, got {_quote(index)}")
         if not isinstance(shard_data, dict):
             raise pool.ctx.error(parts, f"expected a table, got {_describe(shard_data)}")
-        s = _Table(pool.ctx, parts, shard_data)
+        s = _Table(pool.ctx, parts, shard_data, Section.SHARD)
         database = s.string("database")
         servers = _parse_servers(s)
-        s.finish(_UNSUPPORTED_SHARD)
+        s.finish()
         numbered.append((int(index), Shard(database=database, servers=servers)))
 
     if not numbered:
@@ -957,10 +1010,10 @@ def _parse_servers(s: _Table) -> tuple[ServerAddress, ...]:
                 key, f'expected the role (3rd element) to be "primary" or "replica", got {_describe(role)}'
             )
         role = ROLES[role.lower()]
-        # PgCat's rule: one server per (host, port, role); the same server may be listed
-        # as primary and as replica (its Docker example does).
+        # PgCat's rule: one entry per (host, port, role); one server may be listed as primary and replica.
         if (host, port, role) in seen:
-            raise s.ctx.error(key, f"expected each server once per role in a shard, got {host}:{port} as {role} twice")
+            raise s.ctx.error(key, f"expected each server once per role in a shard, got {host}:{port} "
+                                   f"({role}) twice")
         seen.add((host, port, role))
         servers.append(ServerAddress(host=host, port=port, role=role))
     if not servers:

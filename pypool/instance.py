@@ -26,15 +26,15 @@ import logging
 import os
 import signal
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pypool import snapshot, sqlstates
-from pypool.admin import TEXT, AdminConsole, AdminError
+from pypool.admin.commands import AdminCommands, AdminError, Pooler
+from pypool.admin.tables import TEXT
 from pypool.client import new_cancel_key
 from pypool.protocol import messages as m
 
 if TYPE_CHECKING:
-    from pypool.app import Application
     from pypool.config import Config
 
 log = logging.getLogger("pypool.instance")
@@ -89,13 +89,12 @@ async def ask_control_socket(path: str, request: dict, timeout: float = CONTROL_
     return await asyncio.wait_for(exchange(), timeout)
 
 
-class _ControlCaller:
-    """Stands for the client when a peer runs an admin command here: no socket, nothing to write to."""
+class WorkerPooler(Pooler, snapshot.StatsSource, Protocol):
+    """The pooler a worker runs (``pypool.app.Application``): what its peers ask of it."""
 
-    def __init__(self, app: "Application", origin: str) -> None:
-        self.app = app
-        self.peer = origin
-        self.transport = None
+    accepting: bool
+
+    def cancel(self, process_id: int, secret_key: int) -> None: ...
 
 
 class Worker:
@@ -105,7 +104,7 @@ class Worker:
         self.index = index
         self.count = count
         self.rundir = rundir
-        self.app: Application | None = None
+        self.app: WorkerPooler | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -145,7 +144,7 @@ class Worker:
 
     # ----------------------------------------------------- control socket
 
-    async def start(self, app: "Application") -> None:
+    async def start(self, app: WorkerPooler) -> None:
         self.app = app
         path = control_socket_path(self.rundir, self.index)
         if os.path.exists(path):
@@ -190,9 +189,9 @@ class Worker:
         return {"error": [sqlstates.PROTOCOL_VIOLATION, f"unknown control request {op!r}"]}
 
     async def _run_admin_locally(self, statement: str) -> dict:
-        console = AdminConsole(_ControlCaller(self.app, f"worker {self.index} control socket"))  # type: ignore[arg-type]
+        assert self.app is not None
         try:
-            await console.command(statement)
+            await AdminCommands(self.app, f"worker {self.index} control socket").run(statement)
         except AdminError as exc:
             return {"error": [exc.sqlstate, str(exc)]}
         return {}
@@ -223,7 +222,7 @@ class Worker:
         peers = [snapshot.Snapshot.from_dict(a["snapshot"]) for a in answers if "snapshot" in a]
         return snapshot.merge([snapshot.take(self.app), *peers])
 
-    async def admin_command(self, console: "AdminConsole", statement: str) -> bytes:
+    async def admin_command(self, commands: AdminCommands, statement: str) -> bytes:
         """Run one admin statement for the whole instance; AdminError propagates like a local one.
 
         SHOW needs nothing here: the console renders ``Application.stats_snapshot``,
@@ -234,10 +233,10 @@ class Worker:
         verb = tokens[0].upper() if tokens else ""
         if verb == "SHUTDOWN":
             # The supervisor drains every worker (and does not restart this one).
-            log.info("admin %s: SHUTDOWN of the instance", console.client.peer)
+            log.info("admin %s: SHUTDOWN of the instance", commands.peer)
             os.kill(os.getppid(), signal.SIGINT)
             return m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
-        local = await console.command(statement)
+        local = await commands.run(statement)
         if verb in BROADCAST_COMMANDS:
             for answer in await self.ask_peers({"op": "admin", "statement": statement}):
                 if "error" in answer:

@@ -9,9 +9,13 @@ to the disconnect, like PostgreSQL's per-role connection limit.
 from __future__ import annotations
 
 import collections
+from typing import TYPE_CHECKING
 
 from pypool import hba, sqlstates
 from pypool.errors import LoginRefused
+
+if TYPE_CHECKING:
+    from pypool.config import General, User
 
 
 class UserConnectionCounts:
@@ -37,6 +41,18 @@ class UserConnectionCounts:
 
     def __getitem__(self, key: tuple[str, str]) -> int:
         return self._counts.get(key, 0)
+
+
+def admin_method(general: "General", hba_method: str) -> str:
+    """How the admin logs in: hba trust does not open the console, only admin_auth_type = "trust" does."""
+    if general.admin_auth_type is not None:
+        return general.admin_auth_type
+    return general.client_auth_method if hba_method == "trust" else hba_method
+
+
+def user_method(general: "General", hba_method: str, user: "User") -> str:
+    """A user's auth_type (PgCat's key) applies where no hba rules decide."""
+    return user.auth_type if general.hba is None and user.auth_type is not None else hba_method
 
 
 def access_method(rules: tuple[hba.HbaRule, ...] | None, default_method: str, address: str,

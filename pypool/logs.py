@@ -1,4 +1,4 @@
-"""Log set-up: ``--log-level`` and ``--log-format text|json``.
+"""Log set-up: ``--log-level`` and ``--log-format text|json`` (PgCat's names accepted too).
 
 Lines about one client say so the same way everywhere: their message starts
 with ``client <peer>`` (or ``admin <peer>`` on the admin console), where
@@ -14,7 +14,29 @@ import logging
 import time
 
 LEVELS = ("debug", "info", "warning", "error")
-FORMATS = ("text", "json")
+FORMATS = ("text", "json", "debug")
+# PgCat's values (Rust tracing levels, clap's LogFormat) and what they mean here. Python logging
+# has no level below debug, so PgCat's `trace` logs what `debug` does.
+LEVEL_ALIASES = {"trace": "debug", "warn": "warning"}
+FORMAT_ALIASES = {"structured": "json"}
+
+
+def _canonical(value: str, names: tuple[str, ...], aliases: dict[str, str]) -> str:
+    name = value.strip().lower()
+    name = aliases.get(name, name)
+    if name not in names:
+        raise ValueError(value)
+    return name
+
+
+def level_name(value: str) -> str:
+    """A log level as pypool or PgCat spell it (any case) -> one of LEVELS; ValueError otherwise."""
+    return _canonical(value, LEVELS, LEVEL_ALIASES)
+
+
+def format_name(value: str) -> str:
+    """A log format as pypool or PgCat spell it (any case) -> one of FORMATS; ValueError otherwise."""
+    return _canonical(value, FORMATS, FORMAT_ALIASES)
 
 # Message formats whose first argument is the client's peer address.
 _CLIENT_TAGGED = ("client %s", "admin %s", "admin console: %s")
@@ -49,6 +71,10 @@ def setup_logging(level: str, fmt: str, worker: int | None = None) -> None:
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
+    elif fmt == "debug":  # PgCat's `debug` format: text with where each line was logged from
+        where = f" [worker {worker}]" if worker is not None else ""
+        handler.setFormatter(logging.Formatter(
+            f"%(asctime)s %(levelname)s{where} %(name)s %(filename)s:%(lineno)d: %(message)s"))
     elif worker is not None:  # several processes write to the same stream: say which one
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [worker {worker}] %(name)s: %(message)s"))
     else:

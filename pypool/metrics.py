@@ -1,8 +1,8 @@
 """The Prometheus exporter: ``GET /metrics`` rendered from a statistics snapshot.
 
 Nothing here runs on the relay path, and nothing here reads live pool
-objects: the HTTP thread asks the event loop for ``Application.stats_snapshot()``
-(plain data, see ``pypool.snapshot``) and renders metric families from it, so
+objects: the HTTP thread asks the event loop for a snapshot (``Application.stats_snapshot()``,
+plain data, see ``pypool.snapshot``) and renders metric families from it, so
 every number in a scrape comes from one instant and merged snapshots of several
 processes render the same way.
 
@@ -28,7 +28,7 @@ import concurrent.futures
 import logging
 import socket
 import threading
-from typing import TYPE_CHECKING, Iterable
+from typing import Awaitable, Callable, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -41,16 +41,16 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from pypool import __version__
-from pypool.admin import pools_table, stats_values  # SHOW POOLS / SHOW STATS: one source of these numbers
+from pypool.admin.tables import pools_table, stats_values  # SHOW POOLS / SHOW STATS: one source of these numbers
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.snapshot import SERVER_STATES, AddressStats, Snapshot
-
-if TYPE_CHECKING:
-    from pypool.app import Application
 
 log = logging.getLogger("pypool.metrics")
 
 SCRAPE_TIMEOUT = 5.0  # seconds the HTTP thread waits for the event loop's snapshot
+
+# A coroutine function run on the event loop: the snapshot and the SHOW STATS averages.
+Scrape = Callable[[], Awaitable[tuple[Snapshot, dict[tuple, dict[str, float]]]]]
 
 # PgCat's labels of per-address series, plus ``user``: PgCat's own Grafana dashboard
 # filters these series by ``user=~"$user"`` although its exporter only sets ``username``.
@@ -160,11 +160,16 @@ _NO_AVERAGES = dict.fromkeys(("xact_count", "query_count", "recv", "sent", "erro
 
 def pypool_families(snap: Snapshot) -> list[Metric]:
     """pypool's own family, named the Prometheus way."""
-    out: list[Metric] = []
     info = GaugeMetricFamily("pypool_info", "pypool version", labels=["version"])
     info.add_metric([__version__], 1)
-    out.append(info)
+    reloads = CounterMetricFamily("pypool_config_reloads", "Config reloads (SIGHUP or RELOAD) by result",
+                                  labels=["result"])
+    reloads.add_metric(["success"], snap.reloads_ok)
+    reloads.add_metric(["failure"], snap.reloads_failed)
+    return [info, *_client_families(snap), *_server_families(snap), *_routing_families(snap), reloads]
 
+
+def _client_families(snap: Snapshot) -> list[Metric]:
     pool_labels = ["pool", "user"]
     clients = GaugeMetricFamily("pypool_client_connections", "Logged-in client connections by pool, user and state",
                                 labels=pool_labels + ["state"])
@@ -185,8 +190,10 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
     logins.add_metric([], sum(1 for c in snap.clients if c.state == "login"))
     admins = GaugeMetricFamily("pypool_admin_connections", "Client connections to the admin console")
     admins.add_metric([], sum(1 for c in snap.clients if c.admin))
-    out.extend([clients, waiting_max, paused, cancels, logins, admins])
+    return [clients, waiting_max, paused, cancels, logins, admins]
 
+
+def _server_families(snap: Snapshot) -> list[Metric]:
     server_labels = ["pool", "user", "host", "port", "role"]
     servers = GaugeMetricFamily("pypool_server_connections", "Server connections by state (PgBouncer's "
                                 "vocabulary: active, idle, used, tested, login)", labels=server_labels + ["state"])
@@ -247,8 +254,10 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
         is_primary.add_metric(labels, int(a.role == "primary"))
         if a.role == "replica" and a.lag_seconds is not None:
             lag.add_metric(labels, a.lag_seconds)
-    out.extend([servers, max_conns, *counters.values(), xact_hist, wait_hist, banned, healthy, is_primary, lag])
+    return [servers, max_conns, *counters.values(), xact_hist, wait_hist, banned, healthy, is_primary, lag]
 
+
+def _routing_families(snap: Snapshot) -> list[Metric]:
     hits = CounterMetricFamily("pypool_query_classification_cache_hits",
                                "Statements classified from the fingerprint cache", labels=["pool"])
     misses = CounterMetricFamily("pypool_query_classification_cache_misses",
@@ -267,12 +276,7 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
         entries.add_metric([r.pool], r.cache_entries)
         for role, n in sorted(r.decisions.items()):
             decisions.add_metric([r.pool, role], n)
-    reloads = CounterMetricFamily("pypool_config_reloads", "Config reloads (SIGHUP or RELOAD) by result",
-                                  labels=["result"])
-    reloads.add_metric(["success"], snap.reloads_ok)
-    reloads.add_metric(["failure"], snap.reloads_failed)
-    out.extend([hits, misses, ratio, entries, decisions, reloads])
-    return out
+    return [hits, misses, ratio, entries, decisions]
 
 
 def render_families(snap: Snapshot, averages: dict[tuple, dict[str, float]]) -> list[Metric]:
@@ -297,17 +301,13 @@ def _float_str(value: float) -> str:
 class PypoolCollector:
     """prometheus-client collector: the snapshot is taken on the event loop, rendered on the HTTP thread."""
 
-    def __init__(self, app: "Application", loop: asyncio.AbstractEventLoop) -> None:
-        self.app = app
+    def __init__(self, scrape: Scrape, loop: asyncio.AbstractEventLoop) -> None:
+        self.scrape = scrape
         self.loop = loop
-
-    async def _scrape(self) -> tuple[Snapshot, dict[tuple, dict[str, float]]]:
-        snap = await self.app.stats_snapshot()
-        return snap, dict(self.app.averager.averages)
 
     def collect(self) -> Iterable[Metric]:
         try:
-            future = asyncio.run_coroutine_threadsafe(self._scrape(), self.loop)
+            future = asyncio.run_coroutine_threadsafe(self.scrape(), self.loop)
         except RuntimeError:
             return []  # the loop is closed: pypool is stopping
         try:
@@ -327,9 +327,9 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """``GET /metrics`` on host:prometheus_exporter_port, served from a daemon thread."""
 
-    def __init__(self, app: "Application", host: str, port: int) -> None:
+    def __init__(self, scrape: Scrape, host: str, port: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(PypoolCollector(app, asyncio.get_running_loop()))
+        self.registry.register(PypoolCollector(scrape, asyncio.get_running_loop()))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         metrics_app = make_wsgi_app(self.registry)

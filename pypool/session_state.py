@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 from pypool import sqlstates
-from pypool.routing.classify import _lex as lex_statements
+from pypool.routing.classify import lex_statements
 
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(

@@ -15,15 +15,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Collection, Iterable, Protocol
 
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 
 if TYPE_CHECKING:
-    from pypool.app import Application
     from pypool.client import ClientConnection
+    from pypool.config import Config
     from pypool.pool.group import PoolGroup
     from pypool.pool.pool import ServerPool
+    from pypool.routing.router import Router
 
 STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's period)
 
@@ -254,7 +255,19 @@ def client_state(client: "ClientConnection") -> str:
     return "idle"
 
 
-def take(app: "Application") -> Snapshot:
+class StatsSource(Protocol):
+    """What ``take`` reads of the running pooler (``pypool.app.Application`` is one)."""
+
+    config: Config
+    groups: dict[tuple[str, str], PoolGroup]
+    draining: list[PoolGroup]  # replaced by a reload, still closing
+    clients: Collection[ClientConnection]
+    routers: dict[str, Router]
+    reloads_ok: int
+    reloads_failed: int
+
+
+def take(app: StatsSource) -> Snapshot:
     """Read every counter of the running pooler. Call on the event loop thread."""
     now = time.monotonic()
     wall = time.time()

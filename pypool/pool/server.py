@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from pypool import sqlstates
+from pypool import keepalive, sqlstates
 from pypool.errors import PoolerError
 from pypool.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 from pypool.protocol import auth
@@ -133,9 +132,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keepalive.apply(transport.get_extra_info("socket"), nodelay=True)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_received += len(data)

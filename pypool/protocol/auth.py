@@ -549,8 +549,6 @@ class ScramClientSession:
     can demand (see ``DEFAULT_MAX_ITERATIONS``).
     """
 
-    MECHANISM = SCRAM_SHA_256
-
     def __init__(
         self,
         username: str,

@@ -57,7 +57,6 @@ AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
 
-_HEADER = struct.Struct("!cI")
 _INT32 = struct.Struct("!I")
 
 
@@ -77,10 +76,6 @@ def authentication_ok() -> bytes:
 
 def authentication_md5(salt: bytes) -> bytes:
     return message(AUTHENTICATION, _INT32.pack(AUTH_MD5) + salt)
-
-
-def authentication_cleartext() -> bytes:
-    return message(AUTHENTICATION, _INT32.pack(AUTH_CLEARTEXT))
 
 
 def authentication_sasl(mechanisms: Iterable[str]) -> bytes:
@@ -231,13 +226,6 @@ def parse_parse(payload: bytes) -> tuple[str, str]:
     name, pos = read_cstring(payload)
     text, _ = read_cstring(payload, pos)
     return name, text
-
-
-def parse_bind_statement(payload: bytes) -> tuple[str, str]:
-    """(portal name, statement name) of a Bind message."""
-    portal, pos = read_cstring(payload)
-    stmt, _ = read_cstring(payload, pos)
-    return portal, stmt
 
 
 def parse_sasl_initial_response(payload: bytes) -> tuple[str, bytes]:

@@ -41,8 +41,8 @@ import re
 from collections import OrderedDict
 
 from pypool.routing.classify import (
-    _TOKEN_RE,
     DEFAULT_READ_ONLY_FUNCTIONS,
+    TOKEN_RE,
     Classification,
     block_comment_span,
     classify,
@@ -154,7 +154,7 @@ def _fingerprint_exact(sql: str) -> str:
     out: list[str] = []
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = TOKEN_RE.match
     space = False
     while pos < n:
         m = match(sql, pos)
@@ -298,10 +298,6 @@ class ClassificationCache:
         while len(data) > self.maxsize:
             data.popitem(last=False)
         return c
-
-    def hit_ratio(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
 
     def __len__(self) -> int:
         return len(self._data)

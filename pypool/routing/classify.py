@@ -6,7 +6,7 @@ WRITE and goes to the primary.
 
 How a text is examined:
 
-1. A small PostgreSQL-faithful lexer (``_lex``) splits the text into
+1. A small PostgreSQL-faithful lexer (``lex_statements``) splits the text into
    statements on top-level ``;`` (strings, ``E''`` strings, dollar quotes,
    quoted identifiers and nested ``/* */`` comments are honoured; SQL-standard
    ``BEGIN ATOMIC ... END`` function bodies are kept whole).
@@ -225,7 +225,7 @@ class _Dialect(Postgres):
 
 
 _DIALECT = _Dialect()
-_NAME_KEY = "pypool_name"
+_NAME_KEY = _Dialect.ORIGINAL_NAME_META_KEY
 
 
 def _qualifier(node: exp.Expr) -> str | None:
@@ -322,7 +322,7 @@ def _query_problem(text: str, allowed: frozenset[str]) -> str | None:
 _IDENT_START = r"A-Za-z_\x80-\U0010ffff"
 _IDENT_CONT = r"A-Za-z0-9_$\x80-\U0010ffff"
 
-_TOKEN_RE = re.compile(
+TOKEN_RE = re.compile(
     rf"""
      (?P<ws>[ \t\n\r\f\v]+)
     |(?P<lc>--[^\n\r]*)
@@ -368,7 +368,7 @@ def _block_comment_end(sql: str, start: int) -> int:
 
 
 # A string or quoted identifier token is complete only if it matches these
-# (``_TOKEN_RE`` also accepts one that runs to the end of the text unclosed).
+# (``TOKEN_RE`` also accepts one that runs to the end of the text unclosed).
 _CLOSED_QUOTE_RE = re.compile(
     r"[eE]'(?:[^'\\]|\\[\s\S]|'')*'"
     r"|(?:[bBxXnN]|[uU]&)?'(?:[^']|'')*'"
@@ -391,16 +391,16 @@ class Unterminated(Exception):
 
 
 # A token is (kind, TEXT, start, end); TEXT is upper-cased for words.
-_Tok = tuple[str, str, int, int]
+Token = tuple[str, str, int, int]
 
 
-def _lex(sql: str) -> list[list[_Tok]]:
+def lex_statements(sql: str) -> list[list[Token]]:
     """Split into statements of significant tokens (no whitespace/comments)."""
-    statements: list[list[_Tok]] = []
-    cur: list[_Tok] = []
+    statements: list[list[Token]] = []
+    cur: list[Token] = []
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = TOKEN_RE.match
     atomic = False  # inside CREATE ... BEGIN ATOMIC ... END
     while pos < n:
         m = match(sql, pos)
@@ -463,7 +463,7 @@ _QUERY_STARTS = frozenset(("SELECT", "WITH", "VALUES", "TABLE", "("))
 _R = tuple[bool, bool, "str | None", bool, bool, str]
 
 
-def _begin_mode(toks: list[_Tok], i: int) -> str:
+def _begin_mode(toks: list[Token], i: int) -> str:
     mode = "default"
     n = len(toks)
     while i < n:
@@ -481,13 +481,13 @@ def _begin_mode(toks: list[_Tok], i: int) -> str:
     return mode
 
 
-def _word(toks: list[_Tok], i: int) -> str:
+def _word(toks: list[Token], i: int) -> str:
     if i < len(toks) and toks[i][0] == "word":
         return toks[i][1]
     return ""
 
 
-def _matching_paren(toks: list[_Tok], i: int) -> int:
+def _matching_paren(toks: list[Token], i: int) -> int:
     """Index of the ``)`` closing the ``(`` at ``i``; len(toks) if none."""
     depth = 0
     for j in range(i, len(toks)):
@@ -501,7 +501,7 @@ def _matching_paren(toks: list[_Tok], i: int) -> int:
     return len(toks)
 
 
-def _find_top(toks: list[_Tok], i: int, words: tuple[str, ...]) -> int:
+def _find_top(toks: list[Token], i: int, words: tuple[str, ...]) -> int:
     """Index of the first top-level (paren depth 0) word in ``words``."""
     depth = 0
     for j in range(i, len(toks)):
@@ -515,7 +515,7 @@ def _find_top(toks: list[_Tok], i: int, words: tuple[str, ...]) -> int:
     return -1
 
 
-def _inner_query(sql: str, toks: list[_Tok], i: int, end: int, allowed: frozenset[str]) -> str | None:
+def _inner_query(sql: str, toks: list[Token], i: int, end: int, allowed: frozenset[str]) -> str | None:
     """Problem with the query starting at token ``i`` (up to offset ``end``)."""
     if i >= len(toks):
         return "parse error"
@@ -525,12 +525,11 @@ def _inner_query(sql: str, toks: list[_Tok], i: int, end: int, allowed: frozense
     return _query_problem(sql[toks[i][2] : end], allowed)
 
 
-def _statement(sql: str, toks: list[_Tok], allowed: frozenset[str]) -> _R:
+def _statement(sql: str, toks: list[Token], allowed: frozenset[str]) -> _R:
     first = toks[0][1]
-    end = toks[-1][3]
 
     if first in _QUERY_STARTS:
-        problem = _query_problem(sql[toks[0][2] : end], allowed)
+        problem = _query_problem(sql[toks[0][2] : toks[-1][3]], allowed)
         if problem is None:
             return (False, True, None, False, False, "select")
         return (True, True, None, False, False, problem)
@@ -541,29 +540,8 @@ def _statement(sql: str, toks: list[_Tok], allowed: frozenset[str]) -> _R:
     if first in _WRITE_KEYWORDS:
         return (True, True, None, False, False, first.lower())
 
-    # --- transaction control: neutral --------------------------------------
-    if first == "BEGIN":
-        i = 2 if _word(toks, 1) in ("WORK", "TRANSACTION") else 1
-        return (False, False, _begin_mode(toks, i), False, False, "begin")
-    if first == "START":
-        if _word(toks, 1) == "TRANSACTION":
-            return (False, False, _begin_mode(toks, 2), False, False, "begin")
-        return (True, True, None, False, False, "unknown statement")
-    if first in ("COMMIT", "END", "ROLLBACK", "ABORT"):
-        i = 2 if _word(toks, 1) in ("WORK", "TRANSACTION") else 1
-        nxt = _word(toks, i)
-        if nxt == "PREPARED" and first in ("COMMIT", "ROLLBACK"):
-            # two-phase commit of another, prepared transaction
-            return (True, True, None, False, False, first.lower() + " prepared")
-        if nxt == "TO" and first == "ROLLBACK":
-            return (False, False, None, False, False, "rollback to savepoint")
-        why = "commit" if first in ("COMMIT", "END") else "rollback"
-        if nxt == "AND" and _word(toks, i + 1) == "CHAIN":
-            # a new transaction starts at once on the same server connection
-            return (False, False, None, False, False, why + " and chain")
-        return (False, False, None, True, False, why)
-    if first in ("SAVEPOINT", "RELEASE"):
-        return (False, False, None, False, False, first.lower())
+    if first in ("BEGIN", "START", "COMMIT", "END", "ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"):
+        return _transaction_control(first, toks)
 
     # --- session state -----------------------------------------------------
     if first == "SET":
@@ -584,73 +562,109 @@ def _statement(sql: str, toks: list[_Tok], allowed: frozenset[str]) -> _R:
         return (True, True, None, False, False, _CURSOR_OUTSIDE)
 
     # --- statements wrapping another statement -----------------------------
-    if first == "EXPLAIN":
-        i = 1
-        analyze = False
-        if i < len(toks) and toks[i][1] == "(":
-            close = _matching_paren(toks, i)
-            analyze = any(t[1] in ("ANALYZE", "ANALYSE") for t in toks[i:close])
-            i = close + 1
-        else:
-            while _word(toks, i) in ("ANALYZE", "ANALYSE", "VERBOSE"):
-                analyze = analyze or _word(toks, i) != "VERBOSE"
-                i += 1
-        if not analyze:
-            return (False, True, None, False, False, "explain")
-        if i < len(toks):
-            inner = _statement(sql, toks[i:], allowed)
-            if not inner[0] and inner[1]:
-                return (False, True, None, False, False, "explain analyze")
-            return (True, True, None, False, False, "explain analyze " + inner[5])
-        return (True, True, None, False, False, "parse error")
-
-    if first == "COPY":
-        i = 1
-        if i < len(toks) and toks[i][1] == "(":
-            close = _matching_paren(toks, i)
-            if close >= len(toks):
-                return (True, True, None, False, False, "parse error")
-            inner_end = toks[close][2]
-            problem = _inner_query(sql, toks, i + 1, inner_end, allowed)
-            if problem is not None:
-                return (True, True, None, False, False, "copy " + problem)
-            j = close + 1
-            direction = _word(toks, j)
-        else:
-            j = _find_top(toks, i, ("FROM", "TO"))
-            direction = toks[j][1] if j >= 0 else ""
-        if direction == "TO" and _word(toks, j + 1) == "STDOUT":
-            return (False, True, None, False, False, "copy to stdout")
-        if direction == "FROM":
-            return (True, True, None, False, False, "copy from")
-        return (True, True, None, False, False, "copy to file")
-
-    if first == "PREPARE":
-        if _word(toks, 1) == "TRANSACTION":
-            return (True, True, None, True, False, "prepare transaction")
-        j = _find_top(toks, 2, ("AS",))
-        if j < 0:
-            return (True, True, None, False, False, "parse error")
-        problem = _inner_query(sql, toks, j + 1, end, allowed)
-        if problem is None:
-            return (False, True, None, False, False, "prepare")
-        return (True, True, None, False, False, "prepare " + problem)
-
-    if first == "DECLARE":
-        c = _find_top(toks, 1, ("CURSOR",))
-        if c < 0:
-            return (True, True, None, False, False, "parse error")
-        if _word(toks, c + 1) == "WITH" and _word(toks, c + 2) == "HOLD":
-            return (True, True, None, False, False, "cursor with hold")
-        f = _find_top(toks, c + 1, ("FOR",))
-        if f < 0:
-            return (True, True, None, False, False, "parse error")
-        problem = _inner_query(sql, toks, f + 1, end, allowed)
-        if problem is None:
-            return (False, True, None, False, False, "declare cursor")
-        return (True, True, None, False, False, "declare " + problem)
-
+    wrapping = _WRAPPING.get(first)
+    if wrapping is not None:
+        return wrapping(sql, toks, allowed)
     return (True, True, None, False, False, "unknown statement")
+
+
+def _transaction_control(first: str, toks: list[Token]) -> _R:
+    """BEGIN, COMMIT, ROLLBACK and friends: neutral, they do not choose a role."""
+    if first == "BEGIN":
+        i = 2 if _word(toks, 1) in ("WORK", "TRANSACTION") else 1
+        return (False, False, _begin_mode(toks, i), False, False, "begin")
+    if first == "START":
+        if _word(toks, 1) == "TRANSACTION":
+            return (False, False, _begin_mode(toks, 2), False, False, "begin")
+        return (True, True, None, False, False, "unknown statement")
+    if first in ("SAVEPOINT", "RELEASE"):
+        return (False, False, None, False, False, first.lower())
+    i = 2 if _word(toks, 1) in ("WORK", "TRANSACTION") else 1
+    nxt = _word(toks, i)
+    if nxt == "PREPARED" and first in ("COMMIT", "ROLLBACK"):
+        # two-phase commit of another, prepared transaction
+        return (True, True, None, False, False, first.lower() + " prepared")
+    if nxt == "TO" and first == "ROLLBACK":
+        return (False, False, None, False, False, "rollback to savepoint")
+    why = "commit" if first in ("COMMIT", "END") else "rollback"
+    if nxt == "AND" and _word(toks, i + 1) == "CHAIN":
+        # a new transaction starts at once on the same server connection
+        return (False, False, None, False, False, why + " and chain")
+    return (False, False, None, True, False, why)
+
+
+def _explain(sql: str, toks: list[Token], allowed: frozenset[str]) -> _R:
+    i = 1
+    analyze = False
+    if i < len(toks) and toks[i][1] == "(":
+        close = _matching_paren(toks, i)
+        analyze = any(t[1] in ("ANALYZE", "ANALYSE") for t in toks[i:close])
+        i = close + 1
+    else:
+        while _word(toks, i) in ("ANALYZE", "ANALYSE", "VERBOSE"):
+            analyze = analyze or _word(toks, i) != "VERBOSE"
+            i += 1
+    if not analyze:
+        return (False, True, None, False, False, "explain")
+    if i < len(toks):
+        inner = _statement(sql, toks[i:], allowed)
+        if not inner[0] and inner[1]:
+            return (False, True, None, False, False, "explain analyze")
+        return (True, True, None, False, False, "explain analyze " + inner[5])
+    return (True, True, None, False, False, "parse error")
+
+
+def _copy(sql: str, toks: list[Token], allowed: frozenset[str]) -> _R:
+    i = 1
+    if i < len(toks) and toks[i][1] == "(":
+        close = _matching_paren(toks, i)
+        if close >= len(toks):
+            return (True, True, None, False, False, "parse error")
+        inner_end = toks[close][2]
+        problem = _inner_query(sql, toks, i + 1, inner_end, allowed)
+        if problem is not None:
+            return (True, True, None, False, False, "copy " + problem)
+        j = close + 1
+        direction = _word(toks, j)
+    else:
+        j = _find_top(toks, i, ("FROM", "TO"))
+        direction = toks[j][1] if j >= 0 else ""
+    if direction == "TO" and _word(toks, j + 1) == "STDOUT":
+        return (False, True, None, False, False, "copy to stdout")
+    if direction == "FROM":
+        return (True, True, None, False, False, "copy from")
+    return (True, True, None, False, False, "copy to file")
+
+
+def _prepare(sql: str, toks: list[Token], allowed: frozenset[str]) -> _R:
+    if _word(toks, 1) == "TRANSACTION":
+        return (True, True, None, True, False, "prepare transaction")
+    return _query_after(sql, toks, 2, "AS", allowed, "prepare", "prepare ")
+
+
+def _declare(sql: str, toks: list[Token], allowed: frozenset[str]) -> _R:
+    c = _find_top(toks, 1, ("CURSOR",))
+    if c < 0:
+        return (True, True, None, False, False, "parse error")
+    if _word(toks, c + 1) == "WITH" and _word(toks, c + 2) == "HOLD":
+        return (True, True, None, False, False, "cursor with hold")
+    return _query_after(sql, toks, c + 1, "FOR", allowed, "declare cursor", "declare ")
+
+
+def _query_after(sql: str, toks: list[Token], start: int, keyword: str, allowed: frozenset[str],
+                 read: str, write_prefix: str) -> _R:
+    """The query after the top-level ``keyword`` decides: a read is ``read``, the rest writes."""
+    j = _find_top(toks, start, (keyword,))
+    if j < 0:
+        return (True, True, None, False, False, "parse error")
+    problem = _inner_query(sql, toks, j + 1, toks[-1][3], allowed)
+    if problem is None:
+        return (False, True, None, False, False, read)
+    return (True, True, None, False, False, write_prefix + problem)
+
+
+# Statements that wrap another statement, which decides.
+_WRAPPING = {"EXPLAIN": _explain, "COPY": _copy, "PREPARE": _prepare, "DECLARE": _declare}
 
 
 _CURSOR_OUTSIDE = "cursor outside a transaction"
@@ -662,7 +676,7 @@ for _c in (READ, EMPTY, PARSE_ERROR):
 def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_FUNCTIONS) -> Classification:
     """Classify one simple-query text (one or more statements).  Never raises."""
     try:
-        statements = _lex(sql)
+        statements = lex_statements(sql)
     except Unterminated:
         return PARSE_ERROR
     except Exception:  # pragma: no cover - the lexer matches every character
@@ -737,7 +751,7 @@ def role_hint(sql: str) -> str | None:
         return None
     pos = 0
     n = len(sql)
-    match = _TOKEN_RE.match
+    match = TOKEN_RE.match
     while pos < n:
         m = match(sql, pos)
         kind = m.lastgroup

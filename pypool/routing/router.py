@@ -73,7 +73,6 @@ class RoutingState:
     role_override: str | None = None  # "primary" | "replica" | "any"; None = automatic
     auto: bool = False  # SET SERVER ROLE TO 'auto' (SHOW SERVER ROLE says so)
     primary_reads: bool | None = None  # None = the pool's primary_reads_enabled
-    last_role: str | None = None
     shard: int | None = None  # SET SHARD, SET SHARDING KEY or a shard comment; None = by query/default_shard
 
 
@@ -100,7 +99,6 @@ class Decision:
 class Router:
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
-        self.parser_enabled = pool.query_parser_enabled
         self.splitting = pool.query_parser_enabled and pool.query_parser_read_write_splitting
         self.cache = ClassificationCache(
             read_only_functions=DEFAULT_READ_ONLY_FUNCTIONS | frozenset(pool.read_only_functions),
@@ -252,7 +250,6 @@ class Router:
                     "a transaction runs on one shard: its first statement needs a value of the sharding key "
                     f"{self.sharding.automatic_sharding_key or '(or SET SHARD before BEGIN)'}"))
         self.decisions[decision.role] += 1
-        state.last_role = decision.role
         return decision
 
     def _shard(self, decision: Decision, state: RoutingState, tag: int, sql: str | None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import signal
 import subprocess
@@ -11,14 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from pypool import __version__
 from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, free_port, local_config, wait_for_port
+from tests.integration._support import wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def pypool_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pypool", *args], env={**os.environ, **(env or {})}, cwd=cwd,
+    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
+    return subprocess.run([sys.executable, "-m", "pypool", *args], env=merged, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -44,6 +49,32 @@ def test_config_check_reports_file_and_key(tmp_path, pg_cluster):
     missing = tmp_path / "missing.toml"
     out = pypool_cli("config", "check", str(missing))
     assert out.returncode == 1 and str(missing) in out.stderr
+
+
+def test_config_check_strict_turns_a_misspelt_key_into_an_error(tmp_path, pg_cluster):
+    config = local_config(pg_cluster, 6432)
+    config["pools"]["postgres"]["pool_mod"] = "session"
+    path = tmp_path / "typo.toml"
+    path.write_text(dump_config(config))
+    out = pypool_cli("config", "check", str(path))
+    assert out.returncode == 0, out
+    assert f"warning: {path}: pools.postgres.pool_mod: unknown key in [pools.postgres], ignored; " \
+           "did you mean `pool_mode`?" in out.stderr
+    out = pypool_cli("config", "check", "--strict", str(path))
+    assert out.returncode == 1, out
+    assert out.stderr.startswith(f"error: {path}: pools.postgres.pool_mod: unknown key in [pools.postgres], "
+                                 "an error with --strict; did you mean `pool_mode`?"), out.stderr
+
+
+@pytest.mark.parametrize("name", ["pgcat.toml", "examples_docker_pgcat.toml", "circleci_pgcat.toml",
+                                  "pgcat.minimal.toml", "circleci_pgcat_trust.toml"])
+def test_config_check_passes_pgcats_own_examples(name):
+    path = Path(__file__).parents[1] / "unit" / "pgcat_configs" / name
+    out = pypool_cli("config", "check", str(path))
+    assert out.returncode == 0, out
+    assert f"{path}: OK" in out.stdout
+    if name == "pgcat.toml":  # says plainly what it does not use, and why
+        assert f"warning: {path}: general.worker_threads: PgCat setting accepted, not used by pypool: " in out.stderr
 
 
 def test_config_init_from_the_compose_env_file(tmp_path):
@@ -106,3 +137,123 @@ def test_pooler_with_a_missing_or_bad_config_exits_with_the_reason(tmp_path):
     bad.write_text("[general]\nport = 0\n")
     out = pypool_cli(str(bad), "--log-format", "json")
     assert out.returncode == 2 and "general.port" in out.stderr and '"level": "error"' in out.stderr
+
+
+def test_help_lists_the_commands_and_explains_each_action():
+    top = pypool_cli("--help")
+    assert top.returncode == 0
+    for text in ("CONFIG", "config", "cluster", "--log-level", "--log-format", "--version"):
+        assert text in top.stdout, text
+    assert pypool_cli("-h").stdout == top.stdout
+    cluster_help = pypool_cli("cluster", "--help")
+    assert cluster_help.returncode == 0 and cluster_help.stdout.startswith("usage: pypool cluster")
+    for action in ("up", "down", "status", "destroy"):
+        line = next(li for li in cluster_help.stdout.splitlines() if li.strip().startswith(action + " "))
+        assert len(line.split()) > 3, f"no explanation for `cluster {action}`: {line!r}"
+    up_help = pypool_cli("cluster", "up", "--help")
+    assert "--data-dir" in up_help.stdout and "--timeout" in up_help.stdout and "base backup" in up_help.stdout
+    check_help = pypool_cli("config", "check", "--help")
+    assert check_help.returncode == 0 and check_help.stdout.startswith("usage: pypool config check")
+    assert "the PgCat-format TOML file to check" in check_help.stdout
+    assert pypool_cli("cluster").returncode == 2 and "ACTION" in pypool_cli("cluster").stderr
+
+
+def test_version_flags():
+    for flag in ("-V", "--version"):
+        out = pypool_cli(flag)
+        assert out.returncode == 0 and out.stdout.strip() == f"pypool {__version__}"
+
+
+def _run_until_logged(config_path: Path, port: int, args: list[str], env: dict, wanted: str, log_path: Path) -> str:
+    """Run the pooler until it listens and ``wanted`` appears in its log, stop it with SIGINT, return the log."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pypool", str(config_path), *args],
+                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc, log_path)
+        wait_for(lambda: wanted in log_path.read_text() or proc.poll() is not None, 30, repr(wanted))
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log_path.read_text()
+
+
+def _config_with_a_dead_replica(pg_cluster, tmp_path: Path) -> tuple[Path, int, int]:
+    port, dead = free_port(), free_port()
+    config = local_config(pg_cluster, port)
+    config["pools"][DATABASE]["shards"]["0"]["servers"].append(["127.0.0.1", dead, "replica"])
+    path = tmp_path / "pgcat.toml"
+    path.write_text(dump_config(config))
+    return path, port, dead
+
+
+@pytest.mark.parametrize("args, env", [
+    (["-l", "warn", "-F", "structured"], {}),
+    (["--log-level", "WARN", "--log-format", "structured"], {}),
+    ([], {"LOG_LEVEL": "warn", "LOG_FORMAT": "structured"}),
+    ([], {"PYPOOL_LOG_LEVEL": "warning", "PYPOOL_LOG_FORMAT": "json", "LOG_LEVEL": "debug"}),
+    (["-l", "warning", "-F", "json", "--no-color"], {"LOG_LEVEL": "debug", "LOG_FORMAT": "text"}),
+], ids=["pgcat-short-flags", "pgcat-long-flags", "pgcat-env", "pypool-env-wins", "flags-win"])
+def test_pgcat_log_flags_values_and_variables(pg_cluster, tmp_path, args, env):
+    """PgCat's `-l warn -F structured` and LOG_LEVEL/LOG_FORMAT mean warnings and up, one JSON object a line."""
+    path, port, dead = _config_with_a_dead_replica(pg_cluster, tmp_path)
+    env = {"PYPOOL_LOG_LEVEL": "", "PYPOOL_LOG_FORMAT": "", "LOG_LEVEL": "", "LOG_FORMAT": "", **env}
+    text = _run_until_logged(path, port, args, env, "is unreachable", tmp_path / "pypool.log")
+    lines = [json.loads(line) for line in text.splitlines()]  # every line is JSON
+    assert lines and {entry["level"] for entry in lines} <= {"warning", "error"}, text
+    assert any(f"127.0.0.1:{dead}" in entry["msg"] and "unreachable" in entry["msg"] for entry in lines), text
+
+
+def test_bad_log_level_is_refused_with_the_reason(tmp_path):
+    out = pypool_cli("-l", "loud", str(tmp_path / "x.toml"))
+    assert out.returncode == 2 and "invalid log level: 'loud'" in out.stderr
+    out = pypool_cli(str(tmp_path / "x.toml"), env={"LOG_FORMAT": "fancy", "PYPOOL_LOG_FORMAT": ""})
+    assert out.returncode != 0 and "$LOG_FORMAT: invalid value 'fancy'" in out.stderr
+
+
+def test_startup_log_describes_the_config_and_warns_about_bad_servers(pg_cluster, tmp_path):
+    path, port, dead = _config_with_a_dead_replica(pg_cluster, tmp_path)
+    config = tomllib.loads(path.read_text())
+    wrong = "not-the-password-9f3c"
+    config["pools"]["other"] = copy.deepcopy(config["pools"][DATABASE])
+    config["pools"]["other"]["pool_mode"] = "session"
+    config["pools"]["other"]["users"]["0"]["password"] = wrong
+    config["pools"]["other"]["shards"]["0"]["servers"] = [["127.0.0.1", pg_cluster[0].port, "primary"]]
+    path.write_text(dump_config(config))
+    text = _run_until_logged(path, port, ["--log-level", "info"], {}, "refuses the login", tmp_path / "pypool.log")
+    assert f"pypool {__version__} starting with config {path}" in text
+    assert f'pool "{DATABASE}": transaction mode' in text and 'pool "other": session mode' in text
+    servers = config["pools"][DATABASE]["shards"]["0"]["servers"]
+    assert f'pool "{DATABASE}" shard 0: database {DATABASE} on ' + ", ".join(
+        f"{h}:{p} ({r})" for h, p, r in servers) in text
+    assert f"127.0.0.1:{dead} (replica of pool \"{DATABASE}\") is unreachable" in text
+    assert (f'127.0.0.1:{pg_cluster[0].port} (primary of pool "other") refuses the login of user {USER}'
+            in text)
+    assert f'127.0.0.1:{pg_cluster[1].port} (replica of pool "{DATABASE}") accepts user {USER}' in text
+    assert wrong not in text and PASSWORD not in text
+    # The probe runs beside start-up: the listener came up, and the pooler stopped cleanly.
+    assert "listening on" in text and "pypool stopped" in text
+
+
+def test_config_init_from_a_config_takes_the_credentials_from_the_env_file(tmp_path):
+    """What Docker Compose runs: config/pgcat.simple.toml with the credentials of docker/.env."""
+    simple = Path(__file__).parents[2] / "config" / "pgcat.simple.toml"
+    env_file = tmp_path / ".env"
+    env_file.write_text('POSTGRESQL_USERNAME=alice\nPOSTGRESQL_PASSWORD=\'s3"cr\\et\'\nPOSTGRESQL_DATABASE=shop\n')
+    written = tmp_path / "pgcat.toml"
+    out = pypool_cli("config", "init", "--from", str(simple), "--env-file", str(env_file), "-o", str(written),
+                     env={"POSTGRESQL_USERNAME": None, "POSTGRESQL_PASSWORD": None, "POSTGRESQL_DATABASE": None})
+    assert out.returncode == 0, out.stderr
+    config, original = tomllib.loads(written.read_text()), tomllib.loads(simple.read_text())
+    assert list(config["pools"]) == ["shop"]
+    user = config["pools"]["shop"]["users"]["0"]
+    assert (user["username"], user["password"]) == ("alice", 's3"cr\\et')
+    shard = config["pools"]["shop"]["shards"]["0"]
+    assert shard == {**original["pools"]["postgres"]["shards"]["0"], "database": "shop"}
+    assert config["general"] == original["general"]
+    assert pypool_cli("config", "check", str(written)).returncode == 0
+    out = pypool_cli("config", "init", "--from", str(tmp_path / "absent.toml"))
+    assert out.returncode == 1 and "absent.toml" in out.stderr

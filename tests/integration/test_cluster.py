@@ -83,8 +83,22 @@ def test_nodes_read_ports_from_env(cluster_dir):
 
 
 def test_up_starts_primary_and_two_streaming_replicas(cluster_dir):
-    returned = cluster.up(cluster_dir, timeout=60)
+    steps: list[str] = []
+    returned = cluster.up(cluster_dir, timeout=60, progress=steps.append)
     assert [n.name for n in returned] == ["pg1", "pg2", "pg3"]
+    # Each step is reported as it starts, in order (`pypool cluster up` prints them).
+    ports = {n.name: n.port for n in returned}
+    assert steps == [
+        f"initdb of pg1 in {cluster_dir / 'pg1'}",
+        f"starting pg1 (primary) on 127.0.0.1:{ports['pg1']}",
+        "pg1 accepts connections; checking the replication role, database and extensions",
+        "base backup of pg2 from pg1 (pg_basebackup)",
+        f"starting pg2 (replica) on 127.0.0.1:{ports['pg2']}",
+        "base backup of pg3 from pg1 (pg_basebackup)",
+        f"starting pg3 (replica) on 127.0.0.1:{ports['pg3']}",
+        "waiting for pg2, pg3 to stream from pg1",
+        "cluster ready",
+    ]
     rows = _by_name(cluster.status(cluster_dir))
     assert rows["pg1"]["role"] == "primary" and rows["pg1"]["running"]
     for name in ("pg2", "pg3"):
@@ -125,12 +139,18 @@ def test_write_on_primary_is_visible_on_both_replicas(cluster_dir):
             cluster.run_sql(replica, "INSERT INTO cluster_probe VALUES (2, 'no')")
 
 
-def test_up_again_is_a_noop(cluster_dir):
+def test_up_again_is_a_noop(cluster_dir, capsys):
     pids = {n.name: cluster._running_pid(n) for n in cluster.nodes(cluster_dir)}
     assert all(pids.values())
     started = time.monotonic()
-    cluster.up(cluster_dir, timeout=30)
+    assert cluster.main(["up", "--data-dir", str(cluster_dir), "--timeout", "30"]) == 0
     assert time.monotonic() - started < 10
+    lines = capsys.readouterr().out.splitlines()
+    # The command line prints each step as it happens, then the status table.
+    assert lines[0] == f"pypool cluster: pg1 (primary) already running on 127.0.0.1:{_node('pg1', cluster_dir).port}"
+    assert "pypool cluster: pg3 (replica) already running on" in lines[3]
+    assert lines[4:6] == ["pypool cluster: waiting for pg2, pg3 to stream from pg1", "pypool cluster: cluster ready"]
+    assert lines[6].split() == ["name", "port", "role", "state", "replay", "lag"]
     assert {n.name: cluster._running_pid(n) for n in cluster.nodes(cluster_dir)} == pids
     assert cluster.run_sql(_node("pg1", cluster_dir), "SELECT count(*) FROM cluster_probe") == "1"
 

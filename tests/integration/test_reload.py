@@ -14,6 +14,7 @@ from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._ops import admin, on_private_db, private_db, show, wait_for_log  # noqa: F401 - fixture
 from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, merge
+from tests.integration.test_metrics import scrape, total
 from tests.integration.test_pool_limits import BackendSampler
 
 pytestmark = pytest.mark.integration
@@ -133,11 +134,42 @@ def test_invalid_file_is_rejected_and_the_old_config_stays(start_pypool):
     pypool = start_pypool(PRIMARY_ONLY)
     rewrite(pypool, user_overrides(pool_size=-5))
     pypool.proc.send_signal(signal.SIGHUP)
-    log = wait_for_log(pypool, "rejected")
-    line = next(line for line in log.splitlines() if "rejected" in line)
+    log = wait_for_log(pypool, "config reload (SIGHUP) rejected")
+    line = next(line for line in log.splitlines() if "config reload (SIGHUP) rejected" in line)
     assert str(pypool.config_path) in line and "pool_size" in line, line
     with admin(pypool) as conn:
         assert {d["pool_size"] for d in show(conn, "DATABASES")} == {10}
     with psycopg.connect(pypool.dsn(), autocommit=True) as app:
         assert app.execute("SELECT 1").fetchone() == (1,)
     assert pypool.proc.poll() is None
+
+
+def test_healthcheck_delay_change_applies_to_the_running_pools(start_pypool):
+    """A reload that changes only healthcheck_delay must use the new value, not just show it."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, {"general": {"enable_prometheus_exporter": True,
+                                                           "healthcheck_delay": 3_600_000}}))
+    metrics_port = pypool.config["general"]["prometheus_exporter_port"]
+
+    def healthchecks_after_queries() -> float:
+        with psycopg.connect(pypool.dsn(), autocommit=True) as app:
+            for _ in range(5):
+                app.execute("SELECT 1")
+        return total(scrape(metrics_port), "pypool_server_healthchecks", "_total")
+
+    assert healthchecks_after_queries() == 0  # an hour: no connection is old enough to be checked
+    rewrite(pypool, {"general": {"healthcheck_delay": 0}})  # 0: check before every reuse
+    with admin(pypool) as conn:
+        conn.execute("RELOAD")
+        assert {r["key"]: r["value"] for r in show(conn, "CONFIG")}["healthcheck_delay"] == "0"
+    assert healthchecks_after_queries() > 0
+
+
+def test_reject_unknown_keys_refuses_a_misspelt_reload(start_pypool):
+    pypool = start_pypool(merge(PRIMARY_ONLY, {"general": {"reject_unknown_keys": True}}))
+    rewrite(pypool, {"pools": {DATABASE: {"pool_mod": "session"}}})
+    pypool.proc.send_signal(signal.SIGHUP)
+    log = wait_for_log(pypool, "config reload (SIGHUP) rejected")
+    line = next(line for line in log.splitlines() if "config reload (SIGHUP) rejected" in line)
+    assert f"pools.{DATABASE}.pool_mod" in line and "did you mean `pool_mode`?" in line, line
+    with admin(pypool) as conn:
+        assert {p["pool_mode"] for p in show(conn, "POOLS")} == {"transaction"}

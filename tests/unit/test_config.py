@@ -253,8 +253,8 @@ def test_all_settable_values_are_read() -> None:
 [general]
 host = "127.0.0.1"
 port = 7432
-worker_threads = 2
 workers = 2
+reject_unknown_keys = true
 healthcheck_timeout = 11
 healthcheck_delay = 12
 ban_time = 13
@@ -328,6 +328,7 @@ server_lifetime = 3
         verify_server_certificate=True,
         max_client_conn=500,
         max_message_size=1048576,
+        reject_unknown_keys=True,
     )
     pool = cfg.pools["app"]
     assert pool.pool_mode == "session"
@@ -421,14 +422,17 @@ def test_unknown_keys_warn_at_every_level() -> None:
     )
     cfg = parse(text)
     assert cfg.pools["app"].users["alice"].pool_size == 5
-    for key in (
-        "top_level_thing",
-        "general.frobnicate",
-        "pools.app.whatever",
-        "pools.app.users.0.password_hint",
-        "pools.app.shards.0.weight",
+    for key, section in (
+        ("top_level_thing", "the top level"),
+        ("general.frobnicate", "[general]"),
+        ("pools.app.whatever", "[pools.app]"),
+        ("pools.app.users.0.password_hint", "[pools.app.users.0]"),
+        ("pools.app.shards.0.weight", "[pools.app.shards.0]"),
     ):
-        assert f"{FILE}: {key}: unknown key, ignored" in cfg.warnings, cfg.warnings
+        prefix = f"{FILE}: {key}: unknown key in {section}, ignored"
+        assert any(w.startswith(prefix) for w in cfg.warnings), cfg.warnings
+    assert f"{FILE}: pools.app.users.0.password_hint: unknown key in [pools.app.users.0], ignored; " \
+           "did you mean `password`?" in cfg.warnings
     assert len(cfg.warnings) == 5
     assert all("not shown" not in w for w in cfg.warnings)
 
@@ -436,7 +440,7 @@ def test_unknown_keys_warn_at_every_level() -> None:
 def test_unsupported_pgcat_keys_warn_consistently() -> None:
     text = (
         GENERAL
-        + "tcp_keepalives_idle = 5\nautoreload = 15000\nserver_round_robin = true\n"
+        + "worker_threads = 4\nautoreload = 15000\nserver_round_robin = true\n"
         + POOL.replace(
             "[pools.app]\n",
             '[pools.app]\nauth_query = "SELECT 1"\n',
@@ -446,7 +450,7 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
     )
     cfg = parse(text)
     expected = {
-        "general.tcp_keepalives_idle",
+        "general.worker_threads",
         "general.autoreload",
         "general.server_round_robin",
         "pools.app.auth_query",
@@ -456,7 +460,7 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
     }
     got = {w.split(": ")[1] for w in cfg.warnings}
     assert got == expected, cfg.warnings
-    assert all(w.endswith("PgCat setting not supported by pypool, ignored") for w in cfg.warnings)
+    assert all("PgCat setting accepted, not used by pypool: " in w for w in cfg.warnings)
     assert all(w.startswith(FILE + ": ") for w in cfg.warnings)
 
 
@@ -542,7 +546,7 @@ def test_bad_values_name_file_key_expectation_and_value(old: str, new: str, key:
         ('enable_prometheus_exporter = "yes"', "general.enable_prometheus_exporter", ["true or false"]),
         ("log_client_connections = 0", "general.log_client_connections", ["true or false", "got 0"]),
         ("ban_time = -5", "general.ban_time", ["non-negative", "got -5"]),
-        ("worker_threads = 0", "general.worker_threads", ["positive integer"]),
+        ('worker_threads = "four"', "general.worker_threads", ["an integer", '"four"']),
         ("workers = 0", "general.workers", ["1..64", "got 0"]),
         ('client_auth_method = "trust"', "general.client_auth_method", ['"scram-sha-256", "md5"']),
         ('client_tls_mode = "prefer"', "general.client_tls_mode", ['"disable", "allow", "require"']),
@@ -614,7 +618,7 @@ def test_pool_without_users_or_shards_tables() -> None:
          ['"primary" or "replica"', '"standby"']),
         # PgCat's rule is one server per (host, port, role): the same one twice as replica is refused.
         ('database = "d"\nservers = [["a", 1, "primary"], ["a", 1, "replica"], ["a", 1, "replica"]]',
-         "pools.app.shards.0.servers.2", ["each server once per role", "a:1 as replica"]),
+         "pools.app.shards.0.servers.2", ["each server once per role", "a:1 (replica)"]),
     ],
 )
 def test_bad_shards(shard_body: str, key: str, fragments: list[str]) -> None:

@@ -1,7 +1,7 @@
 """Static checks of the Docker Compose topology (no Docker engine needed).
 
-docker/docker-compose.yml, docker/.env, docker/Dockerfile, docker/prometheus.yml
-and config/pgcat.simple.toml describe one system from five places. These tests
+docker/docker-compose.yml, docker/.env, docker/Dockerfile, docker/prometheus.yml,
+docker/grafana/ and config/pgcat.simple.toml describe one system from six places. These tests
 read them all and fail as soon as one drifts from the others: a port, a host,
 a role, a credential, a path or the image variable.
 
@@ -20,7 +20,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml  # in the test extra: a missing PyYAML must fail, not skip, these checks
 
-from pypool.config import load_config
+from pypool import compose_env
+from pypool.config import dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -30,7 +31,7 @@ DOCKERFILE = DOCKER / "Dockerfile"
 PROMETHEUS_FILE = DOCKER / "prometheus.yml"
 
 PG_SERVICES = ("pg1", "pg2", "pg3")
-SERVICES = {*PG_SERVICES, "pypool", "prometheus"}
+SERVICES = {*PG_SERVICES, "pypool", "prometheus", "grafana", "pgcat-dashboard"}
 PG_PORT_VARS = {"pg1": "PG1_PORT", "pg2": "PG2_PORT", "pg3": "PG3_PORT"}
 ROLE_OF_MODE = {"master": "primary", "slave": "replica"}
 POSTGRESQL_CONTAINER_PORT = 5432
@@ -227,10 +228,15 @@ def config_mount(compose: dict) -> tuple[Path, str, bool]:
 
 
 @pytest.fixture(scope="module")
-def config(compose):
+def config(compose, tmp_path_factory):
+    """The config pypool runs in Compose: the mounted file with the credentials of its environment."""
     path, _, _ = config_mount(compose)
     assert path.is_file(), f"pypool mounts {path}, which does not exist"
-    return load_config(path)
+    rendered = tmp_path_factory.mktemp("compose") / "pgcat.toml"
+    service_env = environment_of(compose["services"]["pypool"])
+    rendered.write_text(dump_config(compose_env.with_credentials(compose_env.read_toml(str(path)), service_env,
+                                                                 str(path))))
+    return load_config(rendered)
 
 
 # -------------------------------------------------------------------- checks
@@ -320,6 +326,16 @@ def check_config_servers(compose: dict, config) -> None:
             assert got == expected, f"pool {pool.name}: servers {sorted(got)}, compose runs {sorted(expected)}"
 
 
+POOLER_CREDENTIAL_VARS = ("POSTGRESQL_USERNAME", "POSTGRESQL_PASSWORD", "POSTGRESQL_DATABASE")
+
+
+def check_credentials_in_one_place(raw_compose: dict) -> None:
+    """pypool takes the credentials from .env, through its environment, as the servers do."""
+    environment = environment_of(raw_compose["services"]["pypool"])
+    for var in POOLER_CREDENTIAL_VARS:
+        assert environment.get(var) == f"${{{var}}}", f"pypool's {var} must be ${{{var}}} from docker/.env"
+
+
 def check_config_credentials(config, env: dict[str, str]) -> None:
     database = env["POSTGRESQL_DATABASE"]
     assert database in config.pools, f"no pool named {database!r} (the database clients connect to)"
@@ -362,12 +378,17 @@ def check_config_mount(compose: dict, dockerfile) -> None:
     assert read_only, "mount the config read-only"
     cmds = [exec_form(args) for instr, args in dockerfile if instr == "CMD"]
     assert cmds, "the Dockerfile has no CMD"
-    command = compose["services"]["pypool"].get("command")
-    args = command if command is not None else cmds[-1]
-    if isinstance(args, str):
-        args = args.split()
-    assert args == [target], f"pypool is started with {args}, the config is mounted at {target}"
     assert cmds[-1] == [target], f"Dockerfile CMD {cmds[-1]} must be the mount target {target}"
+    # Compose renders the mounted config with the .env credentials, then runs the pooler on the result.
+    service = compose["services"]["pypool"]
+    assert "command" not in service, "the entrypoint names the config; a command would be ignored"
+    entrypoint = service.get("entrypoint")
+    assert isinstance(entrypoint, list) and entrypoint[:2] == ["sh", "-c"], f"entrypoint {entrypoint}"
+    match = re.fullmatch(r"pypool config init --from (\S+) -o (\S+) && exec pypool (\S+)", entrypoint[2])
+    assert match, f"entrypoint {entrypoint[2]!r}: expected `pypool config init --from CONFIG -o OUT && exec " \
+                  f"pypool OUT`"
+    assert match.group(1) == target, f"the entrypoint renders {match.group(1)}, the config is mounted at {target}"
+    assert match.group(2) == match.group(3), f"renders {match.group(2)} but runs pypool on {match.group(3)}"
     assert PurePosixPath(target).is_absolute()
 
 
@@ -414,10 +435,13 @@ def check_dockerfile(dockerfile, pyproject: dict) -> None:
     assert froms == ["python:3.11-slim"], f"FROM {froms}"
     runs = [args for instr, args in dockerfile if instr == "RUN"]
     installs = [r for r in runs if re.search(r"\bpip\s+install\b", r)]
-    assert any(re.search(r"\bpip\s+install\s+(--?[\w-]+\s+)*\.(\s|$|&|;)", r) for r in installs), \
+    assert any(re.search(r"\bpip\s+install\s+(--?[\w-]+\s+)*\.(\s|$|&|;|\))", r) for r in installs), \
         f"install the package from its copied source with `pip install .`: {installs}"
-    assert not any(re.search(r"\.\[|-e\s|--editable", r) for r in installs), \
-        f"install without extras and not editable: {installs}"
+    assert not any(re.search(r"\.\[(?!speedups\])|-e\s|--editable", r) for r in installs), \
+        f"install without extras (but the optional speedups) and not editable: {installs}"
+    for r in installs:  # no sqlglotc wheel for the platform must not fail the build
+        if ".[speedups]" in r:
+            assert re.search(r"\.\[speedups\]'?\s*\|\|\s*pip\s+install\s+\.", r), f"no fallback: {r}"
     copied = [args.split() for instr, args in dockerfile if instr in ("COPY", "ADD")]
     sources = {s for parts in copied for s in parts[:-1] if not s.startswith("--")}
     for needed in ("pyproject.toml", "pypool"):
@@ -482,7 +506,8 @@ def test_config_servers_are_the_compose_services(compose, config):
     check_config_servers(compose, config)
 
 
-def test_config_credentials_match_env(config, env):
+def test_config_credentials_match_env(config, env, raw_compose):
+    check_credentials_in_one_place(raw_compose)
     check_config_credentials(config, env)
 
 
@@ -574,6 +599,14 @@ COMPOSE_DRIFT = {
     "other config": _set(["services", "pypool", "volumes"],
                          ["../config/pgcat.local.toml:/etc/pypool/pgcat.toml:ro"]),
     "password differs": _set(["services", "pg2", "environment", "POSTGRESQL_PASSWORD"], "other"),
+    "pypool runs the mounted file as is": _set(["services", "pypool", "entrypoint"],
+                                               ["pypool", "/etc/pypool/pgcat.toml"]),
+    "pypool renders another file": _set(["services", "pypool", "entrypoint", 2],
+                                        "pypool config init --from /etc/pgcat.toml -o /tmp/pgcat.toml && "
+                                        "exec pypool /tmp/pgcat.toml"),
+    "pypool runs what it did not render": _set(["services", "pypool", "entrypoint", 2],
+                                               "pypool config init --from /etc/pypool/pgcat.toml -o /tmp/a.toml "
+                                               "&& exec pypool /tmp/b.toml"),
     "no healthcheck": _del(["services", "pg3", "healthcheck"]),
     "pypool without healthcheck": _del(["services", "pypool", "healthcheck"]),
     "prometheus starts before pypool is healthy": _set(["services", "prometheus", "depends_on", "pypool",
@@ -600,6 +633,14 @@ def test_compose_drift_is_caught(name, compose, env, config, dockerfile):
         except (AssertionError, KeyError):
             failures += 1
     assert failures, f"no check noticed: {name}"
+
+
+def test_credentials_drift_is_caught(raw_compose):
+    broken = copy.deepcopy(raw_compose)
+    broken["services"]["pypool"]["environment"] = {**broken["services"]["pypool"]["environment"],
+                                                   "POSTGRESQL_PASSWORD": "mysecretpassword"}
+    with pytest.raises(AssertionError):
+        check_credentials_in_one_place(broken)
 
 
 def test_raw_compose_drift_is_caught(raw_compose, env):
@@ -629,8 +670,9 @@ def test_dockerfile_drift_is_caught(pyproject):
     text = DOCKERFILE.read_text(encoding="utf-8")
     for old, new in (
         ("USER pypool", "USER root"),
-        ("pip install .", "pip install .[test]"),
-        ("pip install .", "pip install pypool"),
+        ("pip install .)", "pip install .[test])"),
+        ("pip install .)", "pip install pypool)"),
+        ("'.[speedups]' || pip install .", "'.[speedups]'"),
         ("FROM python:3.11-slim", "FROM python:3.12"),
         ('ENTRYPOINT ["pypool"]', 'ENTRYPOINT ["python", "-m", "pypool"]'),
     ):
@@ -657,7 +699,7 @@ def test_prometheus_drift_is_caught(compose, config, dockerfile):
 
 # --------------------------------------------------------------- Grafana
 
-GRAFANA_DASHBOARD = DOCKER / "grafana" / "pypool-dashboard.json"
+GRAFANA_DASHBOARD = DOCKER / "grafana" / "dashboards" / "pypool.json"
 
 
 def exported_sample_names() -> set[str]:
@@ -689,3 +731,91 @@ def test_grafana_dashboard_queries_exported_metrics():
     broken = copy.deepcopy(dashboard)
     broken["panels"][0]["targets"][0]["expr"] = "rate(pypool_transactions[1m])"  # the name without _total
     assert dashboard_metric_names(broken) - exported_sample_names() == {"pypool_transactions"}
+
+
+# ------------------------------------------------- Grafana in Compose
+
+GRAFANA_PROVISIONING = DOCKER / "grafana" / "provisioning"
+# The data source uid PgCat's dashboard (grafana_dashboard.json in its repository) names in every panel.
+PGCAT_DATASOURCE_UID = "fdwe81suzec5ce"
+# The series PgCat's dashboard queries (names only; the dashboard is fetched, not copied).
+PGCAT_DASHBOARD_METRICS = {
+    "pgcat_servers_transaction_count", "pgcat_servers_query_count", "pgcat_stats_avg_query_time",
+    "pgcat_stats_avg_xact_time", "pgcat_servers_bytes_received", "pgcat_servers_bytes_sent",
+    "pgcat_servers_active_count", "pgcat_databases_pool_size", "pgcat_pools_cl_waiting", "pgcat_servers_is_banned",
+    "pgcat_servers_is_paused", "pgcat_pools_maxwait", "pgcat_pools_maxwait_us", "pgcat_servers_idle_count",
+    "pgcat_servers_login_count", "pgcat_servers_tested_count", "pgcat_pools_cl_idle", "pgcat_pools_cl_active",
+    "pgcat_databases_current_connections",
+}
+
+
+def _yaml(path: Path) -> dict:
+    with path.open(encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
+def check_grafana(compose: dict, datasources: dict, providers: dict) -> None:
+    services = compose["services"]
+    grafana, fetcher = services["grafana"], services["pgcat-dashboard"]
+    assert re.fullmatch(r"grafana/grafana(-oss)?:\d+\.\d+\.\d+", grafana["image"]), \
+        f"pin Grafana to a release: {grafana['image']}"
+    mounts = {target: source for source, target, _ in volume_mounts(grafana)}
+    assert (DOCKER / mounts["/etc/grafana/provisioning"]).resolve() == GRAFANA_PROVISIONING.resolve()
+    # The data source is the Compose file's Prometheus, under the uid PgCat's dashboard names.
+    [source] = datasources["datasources"]
+    prometheus_port = next(target for _, target in published_ports(services["prometheus"]))
+    assert source["type"] == "prometheus" and source["url"] == f"http://prometheus:{prometheus_port}", source
+    assert source["uid"] == PGCAT_DATASOURCE_UID and source.get("isDefault") is True
+    # Both dashboards are mounted under the folder the provider reads.
+    [provider] = providers["providers"]
+    folder = PurePosixPath(provider["options"]["path"])
+    under = {target: source for target, source in mounts.items() if PurePosixPath(target).is_relative_to(folder)}
+    pypool_dir = [t for t, s in under.items() if is_bind_source(s) and (DOCKER / s).resolve() == GRAFANA_DASHBOARD.parent]
+    assert pypool_dir, f"pypool's dashboards ({GRAFANA_DASHBOARD.parent}) are not mounted under {folder}"
+    volume_targets = {t: s for t, s in under.items() if not is_bind_source(s)}
+    assert volume_targets, f"no volume with PgCat's dashboard under {folder}"
+    # The fetcher writes PgCat's dashboard, from a pinned commit, into that volume.
+    [volume] = volume_targets.values()
+    fetch_dir = next(t for s, t, _ in volume_mounts(fetcher) if s == volume)
+    script = " ".join(fetcher["entrypoint"])
+    match = re.search(r"curl -fsSL -o (\S+) (https://raw\.githubusercontent\.com/postgresml/pgcat/([0-9a-f]{40})/"
+                      r"grafana_dashboard\.json)", script)
+    assert match, f"pgcat-dashboard must fetch PgCat's dashboard from a pinned commit: {script}"
+    assert PurePosixPath(match.group(1)).parent == PurePosixPath(fetch_dir)
+    assert "||" in script, "no network must not stop Grafana from starting"
+    waits = grafana.get("depends_on") or {}
+    assert waits.get("pgcat-dashboard", {}).get("condition") == "service_completed_successfully"
+    assert "prometheus" in waits
+
+
+def test_grafana_provisions_both_dashboards_on_prometheus(compose):
+    check_grafana(compose, _yaml(GRAFANA_PROVISIONING / "datasources" / "prometheus.yml"),
+                  _yaml(GRAFANA_PROVISIONING / "dashboards" / "dashboards.yml"))
+
+
+def test_pgcat_dashboard_queries_exported_metrics():
+    missing = PGCAT_DASHBOARD_METRICS - exported_sample_names()
+    assert not missing, f"PgCat's dashboard queries metrics pypool does not export: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("name", ["datasource uid", "datasource url", "provider path", "unpinned fetch",
+                                  "no fallback", "grafana does not wait"])
+def test_grafana_drift_is_caught(name, compose):
+    datasources = _yaml(GRAFANA_PROVISIONING / "datasources" / "prometheus.yml")
+    providers = _yaml(GRAFANA_PROVISIONING / "dashboards" / "dashboards.yml")
+    broken = copy.deepcopy(compose)
+    fetch = broken["services"]["pgcat-dashboard"]["entrypoint"]
+    if name == "datasource uid":
+        datasources["datasources"][0]["uid"] = "prometheus"
+    elif name == "datasource url":
+        datasources["datasources"][0]["url"] = "http://localhost:9090"
+    elif name == "provider path":
+        providers["providers"][0]["options"]["path"] = "/etc/dashboards"
+    elif name == "unpinned fetch":
+        fetch[2] = re.sub(r"/[0-9a-f]{40}/", "/main/", fetch[2])
+    elif name == "no fallback":
+        fetch[2] = fetch[2].split("||")[0]
+    else:
+        del broken["services"]["grafana"]["depends_on"]["pgcat-dashboard"]
+    with pytest.raises((AssertionError, KeyError, StopIteration)):
+        check_grafana(broken, datasources, providers)

@@ -12,7 +12,7 @@ import json
 import pytest
 from prometheus_client.core import Metric
 
-from pypool.admin import clients_table, databases_table, lists_table, pools_table, stats_table, stats_totals_table
+from pypool.admin.tables import clients_table, databases_table, lists_table, pools_table, stats_table, stats_totals_table
 from pypool.metrics import render_families
 from pypool.snapshot import AddressStats, Averager, ClientRow, PoolStatsRow, RouterStats, ServerRow, Snapshot, merge
 
