@@ -18,7 +18,8 @@ import pstats
 import time
 
 from pypool.app import Application
-from pypool.client import ClientConnection, Phase
+from pypool.client import ClientConnection
+from pypool.session.states import ClientState
 from pypool.config import default_config_dict, parse_config, dump_config
 from pypool.pool.server import Credentials, ServerConnection
 from pypool.protocol import messages as m
@@ -57,7 +58,7 @@ def build(routing: bool) -> tuple[ClientConnection, ServerConnection, bytes, byt
     client.transport = FakeTransport()
     client.group = group
     client.database = "postgres"
-    client.phase = Phase.RELAY
+    client.state = ClientState.IDLE  # logged in
     client._router = app.routers["postgres"]
     client._parameters_key = ()
     # One idle server connection in each server pool.

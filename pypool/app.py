@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import idle, keepalive, metrics, snapshot, tls
+from pypool import admin, idle, keepalive, metrics, snapshot, tls
 from pypool.client import ClientConnection
 from pypool.config import ConfigError
 from pypool.listener import Listener
@@ -158,6 +158,15 @@ class Application:
 
     def client_disconnected(self, client: ClientConnection) -> None:
         self.registry.disconnected(client, log_it=self.config.general.log_client_disconnections)
+
+    @staticmethod
+    def is_admin_database(database: str) -> bool:
+        return database in admin.ADMIN_DATABASES
+
+    @staticmethod
+    async def admin_login(client: ClientConnection) -> "admin.AdminConsole":
+        """Hand a client that asked for an admin database to the console (it authenticates it)."""
+        return await admin.login(client)
 
     def check_accepting(self, client: ClientConnection) -> None:
         self.registry.check_accepting(self.config.general.max_client_conn)

@@ -15,17 +15,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Iterable, Protocol
 
 from pypool import sqlstates
-
-if TYPE_CHECKING:
-    from pypool.app import Application
-    from pypool.client import ClientConnection
+from pypool.pool.server import ServerConnection
 
 log = logging.getLogger("pypool.idle")
 
-_IDLE = ord("I")
+
+class ClientConnection(Protocol):
+    """What the reaper needs of a client (pypool.client.ClientConnection)."""
+
+    peer: str
+    user: str
+    database: str
+    server: ServerConnection | None
+
+    def close_with_error(self, sqlstate: str, text: str, severity: str = "FATAL") -> None: ...
+
+
+class Application(Protocol):
+    config: Any
+    clients: Iterable[ClientConnection]
 
 
 class IdleTransactionReaper:
@@ -52,7 +63,7 @@ class IdleTransactionReaper:
         seen: dict["ClientConnection", tuple[object, tuple[int, int], float]] = {}
         for client in self.app.clients:
             server = client.server
-            if server is None or server.status == _IDLE or server.pending_syncs > 0 or server.batch_open:
+            if server is None or not server.requests.idle_in_transaction:
                 continue
             counters = (server.bytes_sent, server.bytes_received)
             previous = self._seen.get(client)
@@ -68,7 +79,7 @@ class IdleTransactionReaper:
         self.terminated += 1
         log.info("client %s (%s@%s) idle in transaction for more than %.0f ms; closing it", client.peer,
                  client.user, client.database, timeout * 1000)
-        client._send_error_and_close(
+        client.close_with_error(
             sqlstates.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             "terminating connection due to idle-in-transaction timeout: idle in a transaction for more than "
             f"idle_client_in_transaction_timeout ({timeout * 1000:.0f} ms); the transaction was rolled back")

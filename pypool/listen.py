@@ -26,7 +26,7 @@ from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError, open_connection
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
-from pypool.session_state import quote_ident
+from pypool.session.session_state import quote_ident
 
 if TYPE_CHECKING:
     from pypool.pool.group import PoolGroup

@@ -12,7 +12,6 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
-from pypool.client import Phase
 from pypool.pool.server import send_cancel
 
 if TYPE_CHECKING:
@@ -22,9 +21,6 @@ if TYPE_CHECKING:
     from pypool.registry import ClientRegistry
 
 log = logging.getLogger("pypool")
-
-_IDLE_STATUS = ord("I")
-
 
 class Stoppable(Protocol):
     """The running pooler (``pypool.app.Application`` is one)."""
@@ -36,11 +32,6 @@ class Stoppable(Protocol):
 
     def stop_serving(self) -> None:
         """Close the listener, the metrics endpoint and the background tasks."""
-
-
-def in_transaction(client: ClientConnection) -> bool:
-    server = client.server
-    return server is not None and (server.status != _IDLE_STATUS or server.pending_syncs > 0 or server.batch_open)
 
 
 class Shutdown:
@@ -70,7 +61,7 @@ class Shutdown:
         loop = asyncio.get_running_loop()
         timeout = pooler.config.general.shutdown_timeout / 1000
         self._deadline = loop.time() + timeout
-        busy = [c for c in registry.clients if in_transaction(c)]
+        busy = [c for c in registry.clients if c.in_transaction]
         log.info("shutting down (%s): no new clients or transactions; waiting up to %.1f s for %d "
                  "transaction(s) in flight", reason, timeout, len(busy))
         # No more checkouts: waiting clients get 57P01, connections in use close when their transaction ends.
@@ -98,9 +89,9 @@ class Shutdown:
         while True:
             busy = []
             for client in list(self.pooler.registry.clients):
-                if in_transaction(client):
+                if client.in_transaction:
                     busy.append(client)
-                elif client.phase is Phase.RELAY:
+                elif client.state.relaying:
                     client.terminate_for_shutdown()
             if not busy or loop.time() >= self._deadline:
                 return busy

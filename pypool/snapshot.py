@@ -15,24 +15,42 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Collection, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Protocol
 
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
+from pypool.pool.server import IDLE, SERVER_STATES
+from pypool.session.states import CLIENT_STATES, ClientState
 
 if TYPE_CHECKING:
-    from pypool.client import ClientConnection
     from pypool.config import Config
     from pypool.pool.group import PoolGroup
     from pypool.pool.pool import ServerPool
     from pypool.routing.router import Router
 
+class ClientConnection(Protocol):
+    """What a snapshot reads of a client (pypool.client.ClientConnection)."""
+
+    state: ClientState
+    admin: Any  # the admin console (``busy``) when logged in to the admin database
+    group: "PoolGroup | None"
+    process_id: int
+    database: str
+    user: str
+    session_parameters: dict[str, str]
+    xact_count: int
+    query_count: int
+    error_count: int
+    connected_at: float
+    wait_started: float
+    max_wait: float
+
+
 STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's period)
 
-# PgBouncer's server states: active (linked to a client), idle, used (idle for
-# longer than healthcheck_delay), tested (checked out by pypool itself: syncing
-# parameters, replaying a held BEGIN, resetting), login (being opened).
-SERVER_STATES = ("active", "idle", "used", "tested", "login")
-CLIENT_STATES = ("active", "idle", "waiting")
+# Connection states are PgBouncer's, set by the connections where they change
+# (pypool/pool/server.py, pypool/session/states.py); only "used" (idle for longer
+# than healthcheck_delay) is told from the clock here.
+__all__ = ["CLIENT_STATES", "SERVER_STATES"]
 
 # Cumulative counters of one address; merged by summing.
 COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "checkouts",
@@ -128,7 +146,7 @@ class ServerRow:
     bytes_sent: int
     bytes_received: int
     age_seconds: float
-    # The connection's prepared-statement cache (pypool.prepared), PgCat's prepare_cache_* columns.
+    # The connection's prepared-statement cache (pypool.session.prepared), PgCat's prepare_cache_* columns.
     prepare_cache_hit: int = 0
     prepare_cache_miss: int = 0
     prepare_cache_eviction: int = 0
@@ -239,20 +257,11 @@ def _live(sp: "ServerPool") -> list:
     return [c for c in list(sp.connections) if not c.closed and c.pool is sp]
 
 
-def _server_state(conn, idle_ids: set[int], now: float, check_delay: float) -> str:
-    if conn.client is not None:
-        return "active"
-    if id(conn) in idle_ids:
-        return "used" if check_delay and now - conn.last_used > check_delay else "idle"
-    return "tested"
-
-
-def client_state(client: "ClientConnection") -> str:
-    if client.server is not None:
-        return "active"
-    if client._checkout_task is not None or client._queued is not None:
-        return "waiting"
-    return "idle"
+def _server_state(conn, now: float, check_delay: float) -> str:
+    state = conn.state
+    if state == IDLE and check_delay and now - conn.last_used > check_delay:
+        return "used"
+    return state
 
 
 class StatsSource(Protocol):
@@ -303,12 +312,12 @@ def take(app: StatsSource) -> Snapshot:
     for client in sorted(app.clients, key=lambda c: c.connected_at):
         snap.clients.append(_client_row(client, now, wall))
         group = client.group
-        if group is None or client.admin is not None:
+        if group is None or not client.state.relaying:
             continue
         row = pools.get((group.name, group.user.username))
         if row is None:
             continue
-        state = client_state(client)
+        state = client.state.shown
         row.clients[state] += 1
         if state == "waiting" and client.wait_started:
             row.maxwait = max(row.maxwait, now - client.wait_started)
@@ -369,9 +378,8 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
             for counter in _CONNECTION_FIELDS:
                 c[counter] += getattr(conn, counter)
     live = _live(sp)
-    idle_ids = set(map(id, sp.idle))
     for conn in live:
-        state = _server_state(conn, idle_ids, now, check_delay)
+        state = _server_state(conn, now, check_delay)
         a.states[state] += 1
         ps = conn.statements
         cache = (ps.hits, ps.misses, ps.evictions, len(ps.names)) if ps is not None else (0, 0, 0, 0)
@@ -386,10 +394,8 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
 def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRow:
     if client.admin is not None:
         state = "active" if client.admin.busy else "idle"
-    elif client.group is None:
-        state = "login"
     else:
-        state = client_state(client)
+        state = client.state.shown
     current_wait = now - client.wait_started if client.wait_started else 0.0
     return ClientRow(client.process_id, client.database or "", client.user or "",
                      client.session_parameters.get("application_name", ""), state, client.admin is not None,

@@ -34,11 +34,11 @@ class ConsoleClient(Protocol):
     secret_key: int
 
     # Private names of the client, until the session API gives them public ones.
-    async def _authenticate(self, identity: Any) -> None: ...
+    async def authenticate(self, identity: Any) -> None: ...
 
-    async def _read_message(self) -> tuple[int, bytes]: ...
+    async def read_message(self) -> tuple[int, bytes]: ...
 
-    def _close_session(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class AdminConsole:
@@ -56,9 +56,9 @@ class AdminConsole:
         client = self.client
         discarding = False
         while True:
-            tag, payload = await client._read_message()
+            tag, payload = await client.read_message()
             if tag == m.TERMINATE:
-                client._close_session()
+                client.close()
                 return
             if tag == m.QUERY:
                 discarding = False

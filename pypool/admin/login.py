@@ -22,7 +22,7 @@ async def login(client: ConsoleClient) -> AdminConsole:
     if client.user == general.admin_username:
         identity = SimpleNamespace(user=SimpleNamespace(username=general.admin_username,
                                                         password=general.admin_password))
-    await client._authenticate(identity)
+    await client.authenticate(identity)
     if identity is None:
         raise auth.AuthError("not the admin user")
     console = AdminConsole(client)

@@ -1,21 +1,31 @@
 """All server pools of one PgCat pool entry for one user: the primary and its replicas.
 
-A client session asks the group for a connection of a role ("primary" or
-"replica"); which server answers is decided here, so choosing a server per
-transaction is one call.
+A client session asks the group for a connection of a role (pypool.roles);
+which server answers is decided here, so choosing a server per transaction is
+one call. The group is the session's only door to the pools:
+
+* ``checkout_now``: a connection at once, or a queued callback waiter, or
+  None when only the awaitable ``checkout`` can help (a paused pool, an idle
+  connection due a health check, no usable replica);
+* ``checkout``: the awaitable path, with failover between replicas;
+* ``checkin(conn, clean)``: back to its pool, or closed when its state
+  cannot be trusted;
+* bans and health results beside them, so the policy lives in one place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pypool import sqlstates
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
-from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
+from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, PoolTimeout, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
+from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.tls import server_context
 
 if TYPE_CHECKING:
@@ -23,9 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypool.pool")
 
-PRIMARY = "primary"
-REPLICA = "replica"
-ANY = "any"  # any server: replicas and the primary
 
 # Parameters a client is told at login even before any server was reached.
 FALLBACK_PARAMETERS = {
@@ -43,12 +50,33 @@ FALLBACK_PARAMETERS = {
 SESSION_PARAMETERS = ("application_name", "is_superuser", "session_authorization")
 
 
+class CheckoutAgain(Exception):
+    """A queued wait ended without a connection the caller can report: ask ``checkout`` instead."""
+
+
+class CheckoutTask:
+    """A checkout that needs the awaitable path (a paused pool, a health check due, no usable
+    replica), run in a task that calls back like a CallbackWaiter."""
+
+    __slots__ = ("task", "started")
+
+    def __init__(self, task: "asyncio.Task[None]") -> None:
+        self.task = task
+        self.started = time.monotonic()
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+WAITERS = (CallbackWaiter, CheckoutTask)  # what ``checkout_now`` returns when there is no connection yet
+
+
 def _override(user_value: int | None, pool_value: int) -> int:
     return pool_value if user_value is None else user_value
 
 
 class PoolGroup:
-    def __init__(self, pool: "Pool", user: "User", general: "General", share: float = 1.0) -> None:
+    def __init__(self, pool: "Pool", user: "User", general: "General") -> None:
         self.config = pool
         self.user = user
         self.general = general
@@ -58,11 +86,10 @@ class PoolGroup:
         server_password = user.server_password or user.password
         shard = pool.shards[0]
         credentials = Credentials(server_user, server_password, shard.database)
-        # With several worker processes each takes its share of pool_size so the total holds.
-        size = max(1, int(user.pool_size * share))
+        size = max(1, user.pool_size)
         settings = PoolSettings(
             pool_size=size,
-            min_pool_size=min(size, int(user.min_pool_size * share)),
+            min_pool_size=min(size, user.min_pool_size),
             connect_timeout=_override(user.connect_timeout, pool.connect_timeout) / 1000,
             checkout_timeout=pool.checkout_timeout / 1000,
             idle_timeout=_override(user.idle_timeout, pool.idle_timeout) / 1000,
@@ -242,8 +269,66 @@ class PoolGroup:
             ANY: usable + [self.primary] if self.primary is not None else usable,
         }
 
+    def checkout_now(self, role: str, on_ready: Callable[[ServerConnection], None],
+                     on_error: Callable[[Exception], None]) -> ServerConnection | CallbackWaiter | CheckoutTask:
+        """A connection for ``role`` at once, else a waiter (one of WAITERS) that calls back.
+
+        The waiter calls ``on_ready(conn)`` later, never from inside this call, or
+        ``on_error(exc)`` with an error to report to the client (PoolTimeout,
+        ServerError) or with CheckoutAgain when the caller should ask ``checkout``
+        itself (a replica that could not be reached, now banned, or a pool a
+        reload replaced). Raises ServerError when the pool has no primary.
+        """
+        if role == PRIMARY:
+            server_pool = self.primary
+            if server_pool is None:
+                server_pool = self._primary_pool()
+        else:
+            candidates = self._candidates.get(role)
+            server_pool = self.balancer.pick(candidates) if candidates else None
+        if server_pool is not None:
+            conn = server_pool.try_acquire()
+            if conn is not None:
+                return conn
+            waiter = server_pool.queue(on_ready,
+                                       lambda exc: self._queued_wait_failed(role, server_pool, exc, on_error))
+            if waiter is not None:
+                return waiter
+        # The awaitable path, on the balancer's pick: a health check due there is run there.
+        return CheckoutTask(asyncio.get_running_loop().create_task(
+            self._checkout_then_call(role, server_pool, on_ready, on_error)))
+
+    async def _checkout_then_call(self, role: str, preferred: ServerPool | None,
+                                  on_ready: Callable[[ServerConnection], None],
+                                  on_error: Callable[[Exception], None]) -> None:
+        try:
+            conn = await self.checkout(role, preferred)
+        except PoolRetired as exc:
+            on_error(CheckoutAgain(str(exc)))
+        except (PoolTimeout, ServerError) as exc:
+            on_error(exc)
+        else:
+            on_ready(conn)
+
+    def _queued_wait_failed(self, role: str, server_pool: ServerPool, exc: Exception,
+                            on_error: Callable[[Exception], None]) -> None:
+        if isinstance(exc, ServerError):
+            if role == PRIMARY:
+                on_error(self.primary_unavailable(server_pool, exc))
+                return
+            if server_pool is not self.primary:
+                self.ban(server_pool, str(exc))  # it failed to connect: ``checkout`` tries the others
+            on_error(CheckoutAgain(str(exc)))
+        elif isinstance(exc, PoolRetired):
+            on_error(CheckoutAgain(str(exc)))
+        else:
+            on_error(exc)
+
     async def checkout(self, role: str, preferred: ServerPool | None = None) -> ServerConnection:
-        """A connection for ``role``; ``preferred`` is the balancer's earlier pick, kept if still usable."""
+        """A connection for ``role``, waiting if need be; replicas that cannot be reached are banned.
+
+        ``preferred`` is the balancer's earlier pick, kept if still usable.
+        """
         if role == PRIMARY:
             primary = self._primary_pool()
             try:
@@ -283,19 +368,20 @@ class PoolGroup:
         return ServerError(f"primary server {primary.label} of pool {self.name} is unavailable: {exc}",
                            {**exc.fields, "C": exc.sqlstate})
 
-    def checkin(self, conn: ServerConnection) -> None:
-        if conn.pool is not None:
-            conn.pool.release(conn)
-        else:
-            conn.detach()
-            conn.close()
+    @staticmethod
+    def checkin(conn: ServerConnection, clean: bool = True) -> None:
+        """Give a connection back: kept when ``clean``, closed when its state cannot be trusted.
 
-    def checkin_broken(self, conn: ServerConnection) -> None:
-        if conn.pool is not None:
-            conn.pool.release_broken(conn)
-        else:
+        A connection whose pool was retired or closed (``pool`` is None) is closed either way.
+        """
+        pool = conn.pool
+        if pool is None:
             conn.detach()
             conn.close()
+        elif clean:
+            pool.release(conn)
+        else:
+            pool.release_broken(conn)
 
     def _learn_parameters(self, conn: ServerConnection) -> None:
         if self.server_parameters is None and conn.parameters:

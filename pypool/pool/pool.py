@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from pypool import sqlstates
 from pypool.errors import FixedCodeError
-from pypool.pool.server import Credentials, ServerConnection, ServerError, open_connection
+from pypool.pool.server import IDLE, TESTED, Credentials, ServerConnection, ServerError, open_connection
 
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
@@ -148,7 +148,7 @@ class PoolStats:
     xact_count: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
-    # Timed transactions (see ServerConnection._transaction_done) and waits that
+    # Timed transactions (see ServerConnection._request_done) and waits that
     # went through the slow path; immediate checkouts are zero-second waits.
     xact_time: float = 0.0
     xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))
@@ -219,6 +219,7 @@ class ServerPool:
             if now - conn.last_used > self._check_after:
                 idle.append(conn)  # idle too long: ``acquire`` health-checks it first
                 return None
+            conn.state = TESTED
             self.active += 1
             self.stats.checkouts += 1
             return conn
@@ -267,6 +268,7 @@ class ServerPool:
         replica and picks another server, or reconnects to the primary.
         """
         conn = self.idle.pop()
+        conn.state = TESTED
         self.active += 1
         self.stats.checkouts += 1
         self.stats.healthchecks += 1
@@ -391,6 +393,7 @@ class ServerPool:
             self.stats.connect_errors += 1
             raise
         conn.pool = self
+        conn.state = TESTED  # logged in, not yet idle or a client's
         conn.on_lost = self._on_lost
         conn.stats = self.stats
         self.connections.add(conn)
@@ -405,8 +408,8 @@ class ServerPool:
         """Return a clean connection (status idle, no pending replies)."""
         conn.detach()
         self.active -= 1
-        if conn.closed or self.closing or conn.status != _IDLE:
-            if not conn.closed and conn.status != _IDLE:
+        if conn.closed or self.closing or conn.requests.status != _IDLE:
+            if not conn.closed and conn.requests.status != _IDLE:
                 self.stats.closed_dirty += 1
             self._discard(conn)
             return
@@ -414,6 +417,7 @@ class ServerPool:
             self._discard(conn)  # past server_lifetime
             return
         if not self.waiters:
+            conn.state = IDLE
             self.idle.append(conn)
             return
         while self.waiters:
@@ -422,6 +426,7 @@ class ServerPool:
                 self.active += 1
                 fut.set_result(conn)
                 return
+        conn.state = IDLE
         self.idle.append(conn)
 
     def release_broken(self, conn: ServerConnection) -> None:
@@ -480,6 +485,7 @@ class ServerPool:
                 self.active += 1
                 fut.set_result(conn)
                 return
+        conn.state = IDLE
         self.idle.append(conn)
 
     # -------------------------------------------------------------- maintenance
@@ -522,6 +528,7 @@ class ServerPool:
                 self.size -= 1
                 log.debug("min_pool_size connect to %s failed: %s", self.label, exc)
                 return
+            conn.state = IDLE
             self.idle.appendleft(conn)
 
     async def close(self) -> None:

@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from pypool import keepalive, sqlstates
 from pypool.errors import PoolerError
-from pypool.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
+from pypool.session.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
+from pypool.session.tracker import RequestTracker
 from pypool.protocol import auth
 from pypool.protocol import messages as m
-from pypool.protocol.frames import MessageBuffer, ProtocolViolation
+from pypool.flow import ReadingPause
+from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation, tag_table
 from pypool.tls import connect_tls
 
 if TYPE_CHECKING:
@@ -38,9 +40,18 @@ log = logging.getLogger("pypool.server")
 _Z = m.READY_FOR_QUERY
 _S = m.PARAMETER_STATUS
 _E = m.ERROR_RESPONSE
-_PARSE_COMPLETE = m.PARSE_COMPLETE
-_CLOSE_COMPLETE = m.CLOSE_COMPLETE
 _IDLE = ord("I")
+
+# A server connection's state in PgBouncer's vocabulary, set where it changes and read by SHOW SERVERS
+# and /metrics: being opened, linked to a client, idle in its pool, or held by pypool itself (syncing
+# settings, reading them back, a health check, a reset). "used" (idle past healthcheck_delay) is an idle
+# connection seen at snapshot time.
+LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
+SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
+# Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
+_REPLY_STOPS = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
+                          m.CLOSE_COMPLETE))
+_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
 
 
 class ServerError(PoolerError):
@@ -55,6 +66,7 @@ class RelayTarget(Protocol):
     """What a ServerConnection needs from the client it relays to."""
 
     transport: asyncio.Transport
+    reading: ReadingPause  # paused while this server's socket cannot take more
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
@@ -74,8 +86,8 @@ class ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._buffer = MessageBuffer()
         self._waiter: asyncio.Future[None] | None = None
-        self._closed_exc: Exception | None = None
         self.closed = False
+        self.state = LOGIN
         # Filled at login: the server's reported parameters and its cancel key.
         self.parameters: dict[str, str] = {}
         # Session parameters pypool itself SET on this connection, as the client spelled them,
@@ -87,23 +99,14 @@ class ServerConnection(asyncio.Protocol):
         self.created_at = time.monotonic()
         self.last_used = self.created_at
         self.expires_at = float("inf")  # server_lifetime, set by the owning pool
-        self.reading_paused = False  # paused because the client reads slower than we send
-        self.status = _IDLE  # transaction status byte from the last ReadyForQuery
+        self.reading = ReadingPause()  # paused while the client reads slower than this server sends
         # Relay-mode state
         self.client: RelayTarget | None = None
-        self.pending_syncs = 0  # ReadyForQuery messages still owed to the client
-        self.batch_open = False  # client sent messages after its last Sync/Query
+        self.requests = RequestTracker()  # what the attached client asked and is owed; the status byte
         self.replied = False  # any byte relayed to the client since attach
-        self._skip = 0  # bytes of the current message body still to forward
-        self._hold = b""  # an incomplete header carried to the next chunk
-        # Named prepared statements (pypool/prepared.py): what this session has prepared, and
-        # the ParseComplete/CloseComplete replies counted since the last ReadyForQuery
-        # (ps_answered, by the relay) and Parse/Close messages sent since the last Sync
-        # (ps_rank, by the client side), which locate the replies to rewrite.
+        self._walker = FrameWalker(1 << 31)  # the server's replies, while relaying
+        # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
-        self.ps_answered = 0
-        self.ps_rank = 0
-        self.epoch_failed = False  # an ErrorResponse since the last ReadyForQuery: skipping to Sync
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
@@ -132,12 +135,14 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.reading.transport = self.transport
         keepalive.apply(transport.get_extra_info("socket"), nodelay=True)
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_received += len(data)
+        n = len(data)
+        self.bytes_received += n
         if self.client is not None:
-            self._relay(data)
+            self._relay(data, n)
             return
         self._buffer.feed(data)
         waiter = self._waiter
@@ -149,7 +154,6 @@ class ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._fold()
-        self._closed_exc = exc or ConnectionResetError("server closed the connection")
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(ServerError(f"server {self.label} closed the connection unexpectedly"))
@@ -164,106 +168,108 @@ class ServerConnection(asyncio.Protocol):
         # Our writes to the server are backing up: stop reading from the client.
         client = self.client
         if client is not None:
-            client.transport.pause_reading()
+            client.reading.pause()
 
     def resume_writing(self) -> None:
         client = self.client
         if client is not None:
-            client.transport.resume_reading()
+            client.reading.resume()
 
     # ---------------------------------------------------------------- relaying
 
     def attach(self, client: RelayTarget) -> None:
         self.client = client
+        self.state = ACTIVE
         self.xact_start = time.monotonic()
-        self.pending_syncs = 0
-        self.batch_open = False
+        requests = self.requests
+        if requests.owed or requests.batch_open or requests.failed:
+            requests.begin()  # the last client left mid-request (a finished one leaves it clean)
         self.replied = False
-        self._skip = 0
-        self._hold = b""
-        self.ps_answered = 0
-        self.ps_rank = 0
-        self.epoch_failed = False
+        walker = self._walker
+        if walker.held or walker.skip:
+            walker.reset()
         self.reported_change = False
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
-        if len(self._buffer):
+        if self._buffer.buffered:
             self._buffer.take_raw()
 
     def detach(self) -> None:
         self.client = None
+        self.state = TESTED  # until its pool takes it back
         self.last_used = time.monotonic()
-        if self.reading_paused:
-            self.resume_reading()
+        if self.reading.paused:
+            self.reading.resume()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
+    def _relay(self, data: bytes, n: int) -> None:
+        """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors.
 
-    def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
-
-    def _relay(self, data: bytes) -> None:
-        """Forward server bytes to the client; notice ReadyForQuery and ParameterStatus."""
+        While prepared-statement actions wait for their replies
+        (pypool/session/prepared.py) it also swallows replies to messages
+        pypool injected, turns the CloseComplete of a stand-in Close into
+        ParseComplete, and undoes the actions an ErrorResponse makes the
+        server skip.
+        """
         if not self.replied and data[0] == _E and self._is_farewell(data):
             # The server is going away before answering (crash, shutdown): drop the
             # connection unanswered so the client side can retry a read elsewhere.
             self.transport.abort()  # type: ignore[union-attr]
             return
-        statements = self.statements
-        if statements is not None and statements.actions:
-            self._relay_rewriting(data, statements)
-            return
         self.replied = True
-        if self._hold:
-            data = self._hold + data
-            self._hold = b""
-        n = len(data)
-        pos = self._skip
-        if pos >= n:
-            self._skip = pos - n
-            self.client.transport.write(data)  # type: ignore[union-attr]
-            return
-        from_bytes = int.from_bytes
-        while True:
-            # ReadyForQuery needs its status byte, anything else its header.
-            if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
-                self._hold = data[pos:]
-                self._skip = 0
-                break
-            tag = data[pos]
-            nxt = pos + 1 + from_bytes(data[pos + 1:pos + 5], "big")
-            if tag == _Z:
-                self.status = data[pos + 5]
-                self.pending_syncs -= 1
-                self.query_count += 1
-                self.ps_answered = 0
-                self.epoch_failed = False
-                if self.pending_syncs <= 0 and not self.batch_open:
-                    self._request_done(data, nxt)
-                    return
-            elif tag == _S:
-                if nxt > n:  # rare: keep a split ParameterStatus whole
-                    self._hold = data[pos:]
-                    self._skip = 0
-                    break
-                self._note_parameter(data[pos + 5:nxt])
-            elif tag < 52 and tag != 50:  # ParseComplete '1' / CloseComplete '3'
-                self.ps_answered += 1
-            elif tag == _E:
-                self.epoch_failed = True
-            if nxt >= n:
-                self._skip = nxt - n
-                pos = n
-                break
-            pos = nxt
+        walker = self._walker
+        if walker.held or walker.skip:
+            data, pos = walker.start(data)
+            n = len(data)
+        else:
+            pos = 0
         client = self.client
-        if pos == n:
-            client.transport.write(data)  # type: ignore[union-attr]
-        elif pos:
-            client.transport.write(data[:pos])  # type: ignore[union-attr]
+        write = client.transport.write  # type: ignore[union-attr]
+        if pos >= n:
+            if n:
+                write(data)
+            return
+        statements = self.statements
+        rewriting = statements is not None and statements.actions
+        requests = self.requests
+        start = 0  # first byte not yet written
+        try:
+            while True:
+                pos, end = walker.next(data, pos, n, _REPLY_STOPS, _REPLY_WHOLE)
+                if end < 0:
+                    break
+                tag = data[pos]
+                if tag == _Z:
+                    self.query_count += 1
+                    if rewriting:
+                        statements.on_ready()  # type: ignore[union-attr]
+                    if requests.ready(data[pos + 5]):
+                        self._request_done(data[start:] if start else data, end - start, n - start)
+                        return
+                elif tag == _S:
+                    self._note_parameter(data[pos + 5:end])
+                elif tag == _E:
+                    requests.failed = True
+                    if rewriting:
+                        statements.on_error(getattr(client, "statements", None))  # type: ignore[union-attr]
+                else:  # ParseComplete / CloseComplete
+                    requests.parse_answered += 1
+                    if rewriting and statements.actions:  # type: ignore[union-attr]
+                        kind = statements.on_reply(requests.parse_answered)  # type: ignore[union-attr]
+                        if kind == SWALLOW or kind == AS_PARSE_COMPLETE:
+                            if pos > start:
+                                write(data[start:pos])
+                            if kind == AS_PARSE_COMPLETE:
+                                write(PARSE_COMPLETE)
+                            start = end
+                if end == n:
+                    pos = n
+                    break
+                pos = end
+        except ProtocolViolation as exc:
+            log.warning("server %s sent garbage (%s); closing it", self.label, exc)
+            self.transport.abort()  # type: ignore[union-attr]
+            return
+        if pos > start:
+            write(data[start:pos] if start or pos < n else data)
 
     @staticmethod
     def _is_farewell(data: bytes) -> bool:
@@ -277,103 +283,31 @@ class ServerConnection(asyncio.Protocol):
             return False
         return fields.get("V", fields.get("S")) == "FATAL" and fields.get("C", "").startswith("57P")
 
-    def _relay_rewriting(self, data: bytes, statements: ServerStatements) -> None:
-        """``_relay`` while prepared-statement actions wait for their replies (pypool/prepared.py).
-
-        Same walk, plus: swallow replies to messages pypool injected, turn the
-        CloseComplete of a stand-in Close into ParseComplete, and undo the
-        actions an ErrorResponse makes the server skip.
-        """
-        self.replied = True
-        if self._hold:
-            data = self._hold + data
-            self._hold = b""
-        n = len(data)
-        pos = self._skip
-        client = self.client
-        write = client.transport.write  # type: ignore[union-attr]
-        if pos >= n:
-            self._skip = pos - n
-            write(data)
-            return
-        start = 0  # first byte not yet written
-        from_bytes = int.from_bytes
-        while True:
-            if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
-                self._hold = data[pos:]
-                self._skip = 0
-                break
-            tag = data[pos]
-            nxt = pos + 1 + from_bytes(data[pos + 1:pos + 5], "big")
-            if tag == _Z:
-                self.status = data[pos + 5]
-                self.pending_syncs -= 1
-                self.query_count += 1
-                self.ps_answered = 0
-                self.epoch_failed = False
-                statements.on_ready()
-                if self.pending_syncs <= 0 and not self.batch_open:
-                    self._request_done(data[start:], nxt - start)
-                    return
-            elif tag == _S:
-                if nxt > n:
-                    self._hold = data[pos:]
-                    self._skip = 0
-                    break
-                self._note_parameter(data[pos + 5:nxt])
-            elif tag == _PARSE_COMPLETE or tag == _CLOSE_COMPLETE:
-                self.ps_answered += 1
-                if statements.actions:
-                    kind = statements.on_reply(self.ps_answered)
-                    if kind == SWALLOW or kind == AS_PARSE_COMPLETE:
-                        if pos > start:
-                            write(data[start:pos])
-                        if kind == AS_PARSE_COMPLETE:
-                            write(PARSE_COMPLETE)
-                        start = nxt
-            elif tag == _E:
-                self.epoch_failed = True
-                statements.on_error(getattr(client, "statements", None))
-            if nxt >= n:
-                self._skip = nxt - n
-                pos = n
-                break
-            pos = nxt
-        if pos > start:
-            write(data[start:pos])
-
-    def _request_done(self, data: bytes, end: int) -> None:
+    def _request_done(self, data: bytes, end: int, n: int) -> None:
+        """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
         client = self.client
         assert client is not None
-        client.transport.write(data if end == len(data) else data[:end])
-        self.pending_syncs = 0
-        self._skip = 0
-        rest = data[end:]
-        if self.status == _IDLE:
-            self._transaction_done()
+        client.transport.write(data if end == n else data[:end])
+        rest = data[end:] if end < n else b""
+        if self.requests.status == _IDLE:
+            # A transaction ended: count it and time it. The clock starts at ``attach``, so in
+            # transaction mode this is the checkout-to-commit time; a session-mode client's later
+            # transactions on the same attachment are counted but not timed (their start is unknown).
+            self.xact_count += 1
+            started = self.xact_start
+            if started:
+                self.xact_start = 0.0
+                if self.stats is not None:
+                    self.stats.observe_xact(time.monotonic() - started)
         client.server_request_done(self)
         if rest:
             # Asynchronous messages after the final ReadyForQuery: relay them if
             # still attached (session mode), otherwise treat them as idle traffic.
             if self.client is not None:
-                self._relay(rest)
+                self._relay(rest, len(rest))
             else:
                 self._buffer.feed(rest)
                 self._drain_idle_messages()
-
-    def _transaction_done(self) -> None:
-        """A relayed transaction ended (ReadyForQuery 'I'): count it and time it.
-
-        The clock starts at ``attach``, so in transaction mode this is the
-        checkout-to-commit time; a session-mode client's later transactions on
-        the same attachment are counted but not timed (their start is unknown).
-        """
-        self.xact_count += 1
-        started = self.xact_start
-        if started:
-            self.xact_start = 0.0
-            if self.stats is not None:
-                self.stats.observe_xact(time.monotonic() - started)
 
     def _fold(self) -> None:
         """Add this connection's counts to its pool's totals, once, as it ends."""
@@ -479,7 +413,7 @@ class ServerConnection(asyncio.Protocol):
                 fields = m.parse_error_fields(payload)
                 raise ServerError(f"server {self.label}: {fields.get('M', 'login failed')}", fields)
             elif tag == m.READY_FOR_QUERY:
-                self.status = payload[0]
+                self.requests.status = payload[0]
                 return
             # NOTICE and anything else during login is ignored.
 
@@ -501,7 +435,7 @@ class ServerConnection(asyncio.Protocol):
             elif tag == m.PARAMETER_STATUS:
                 self._note_parameter(payload)
             elif tag == m.READY_FOR_QUERY:
-                self.status = payload[0]
+                self.requests.status = payload[0]
                 self.reply_owed = False
                 if error is not None:
                     raise ServerError(f"server {self.label}: {error.get('M')}", error)

@@ -15,6 +15,7 @@ the framing can be unit-tested and fuzzed on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from pypool import sqlstates
 from pypool.errors import FATAL, FixedCodeError
@@ -126,24 +127,132 @@ def _parse_cstring_pairs(body: bytes) -> dict[str, str]:
     return params
 
 
+class FrameWalker:
+    """Finds message boundaries in one direction of a connection, whatever the chunking.
+
+    The one header walk of pypool: the relays in both directions, the error
+    paths and the tests use it. A caller starts each chunk with ``start``
+    (only needed when ``held`` or ``skip`` is set), then asks ``next`` for the
+    next message whose tag it cares about, and forwards the bytes in between
+    untouched, so a large result streams through without being buffered.
+    Across chunks the walker keeps a split header (or a message wanted whole)
+    in ``held`` and the unread body of the last message as ``skip``.
+    """
+
+    __slots__ = ("held", "_need", "skip", "max_size")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        self.held = bytearray()  # bytes of a message whose header (or whole body) is still arriving
+        self._need = 0  # how many bytes ``held`` must reach before it can be walked
+        self.skip = 0  # body bytes of the current message still to come
+        self.max_size = max_size
+
+    def reset(self) -> None:
+        self.held.clear()
+        self._need = 0
+        self.skip = 0
+
+    def take_held(self) -> bytes:
+        """Hand over the start of a message not walked yet (another reader takes the stream over)."""
+        held = bytes(self.held)
+        self.held.clear()
+        self._need = 0
+        return held
+
+    @property
+    def mid_message(self) -> bool:
+        """The stream stopped inside a message."""
+        return bool(self.held) or self.skip > 0
+
+    def start(self, data: bytes) -> tuple[bytes, int]:
+        """The bytes to walk for a new chunk, and where its first header is (``len`` of them: none)."""
+        held = self.held
+        if held:
+            held += data
+            if len(held) < self._need:
+                return b"", 0
+            data = bytes(held)
+            held.clear()
+            self._need = 0
+            return data, 0
+        skip = self.skip
+        n = len(data)
+        if skip >= n:
+            self.skip = skip - n
+            return data, n
+        self.skip = 0
+        return data, skip
+
+    def next(self, data: bytes, pos: int, n: int, stops: bytes, whole: bytes = b"") -> tuple[int, int]:
+        """``(offset, end)`` of the first message in ``data[pos:n]`` whose tag is in ``stops``.
+
+        ``stops`` and ``whole`` are tables made by ``tag_table`` (an index is
+        cheaper than a search, per message). ``n`` is ``len(data)`` (the relays
+        know it already). A tag in ``whole`` is only returned once the whole message is in
+        ``data``. When the chunk ends first, returns ``(offset, -1)``: the
+        bytes before ``offset`` are complete and can be forwarded, the walker
+        keeps the rest. Raises ProtocolViolation on an impossible length.
+        """
+        from_bytes = int.from_bytes
+        max_size = self.max_size
+        whole = whole or NO_TAGS
+        while True:
+            if n - pos < HEADER_SIZE:
+                if pos >= n:
+                    if pos > n:  # (at n, ``skip`` is what ``start`` left: the chunk may be all body)
+                        self.skip = pos - n
+                    return n, -1
+                self.held += data[pos:]
+                self._need = HEADER_SIZE
+                return pos, -1
+            tag = data[pos]
+            length = from_bytes(data[pos + 1:pos + 5], "big")
+            if length < 4 or length > max_size:
+                raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
+            end = pos + 1 + length
+            if stops[tag]:
+                if end > n and whole[tag]:
+                    self.held += data[pos:]
+                    self._need = end - pos
+                    return pos, -1
+                return pos, end
+            pos = end
+
+
+def tag_table(tags: "Iterable[int]") -> bytes:
+    """A lookup table of message types for ``FrameWalker.next``: byte ``t`` is 1 when ``t`` is in ``tags``."""
+    table = bytearray(256)
+    for tag in tags:
+        table[tag] = 1
+    return bytes(table)
+
+
+ALL_TAGS = bytes((1,)) * 256
+NO_TAGS = bytes(256)
+
+
 def scan_messages(buf: bytes | bytearray | memoryview, start: int = 0,
                   max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
     """Return the offset just past the last complete tagged message in ``buf``.
 
-    Used by callers that only forward bytes and need not look inside them.
     Raises ProtocolViolation on an impossible length.
     """
-    end = len(buf)
+    walker = FrameWalker(max_size)
     pos = start
-    while end - pos >= HEADER_SIZE:
-        length = int.from_bytes(buf[pos + 1:pos + 5], "big")
-        if length < 4 or length > max_size:
-            raise ProtocolViolation(f"invalid message length {length} for message type {chr(buf[pos])!r}")
-        nxt = pos + 1 + length
-        if nxt > end:
-            break
-        pos = nxt
-    return pos
+    n = len(buf)
+    while True:
+        at, end = walker.next(buf, pos, n, ALL_TAGS)  # type: ignore[arg-type]
+        if end < 0 or end > n:
+            return at
+        pos = end
+
+
+def first_message(buf: bytes | bytearray, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[int, int] | None:
+    """``(tag, end)`` of the message at the front of ``buf`` once it is whole, else None."""
+    at, end = FrameWalker(max_size).next(buf, 0, len(buf), ALL_TAGS)  # type: ignore[arg-type]
+    if end < 0 or end > len(buf):
+        return None
+    return buf[0], end
 
 
 @dataclass(slots=True)
@@ -155,22 +264,22 @@ class MessageBuffer:
     """
 
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    _buf: bytearray = field(default_factory=bytearray)
+    buffered: bytearray = field(default_factory=bytearray)  # read by the relay: empty or not
 
     def feed(self, data: bytes) -> None:
-        self._buf += data
+        self.buffered += data
 
     def __len__(self) -> int:
-        return len(self._buf)
+        return len(self.buffered)
 
     def take_raw(self) -> bytes:
         """Remove and return everything buffered (used when switching to relay mode)."""
-        data = bytes(self._buf)
-        self._buf.clear()
+        data = bytes(self.buffered)
+        self.buffered.clear()
         return data
 
     def next_message(self) -> tuple[int, bytes] | None:
-        buf = self._buf
+        buf = self.buffered
         if len(buf) < HEADER_SIZE:
             return None
         length = int.from_bytes(buf[1:5], "big")
@@ -185,9 +294,9 @@ class MessageBuffer:
         return tag, payload
 
     def next_startup(self) -> StartupPacket | None:
-        result = parse_startup_packet(self._buf)
+        result = parse_startup_packet(self.buffered)
         if result is None:
             return None
         packet, used = result
-        del self._buf[:used]
+        del self.buffered[:used]
         return packet

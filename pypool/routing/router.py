@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Sequence
 
 from pypool import sqlstates
-from pypool.pool.group import ANY, PRIMARY, REPLICA
+from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.cache import ClassificationCache

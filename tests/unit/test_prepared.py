@@ -1,11 +1,11 @@
-"""Named prepared statements mapped onto server connections (pypool/prepared.py), without sockets."""
+"""Named prepared statements mapped onto server connections (pypool/session/prepared.py), without sockets."""
 
 from __future__ import annotations
 
 import struct
 
-from pypool import prepared
-from pypool.prepared import AS_PARSE_COMPLETE, PASS, SWALLOW, ClientStatements, Rewriter, ServerStatements
+from pypool.session import prepared
+from pypool.session.prepared import AS_PARSE_COMPLETE, PASS, SWALLOW, ClientStatements, Rewriter, ServerStatements
 from pypool.protocol import messages as m
 
 

@@ -7,65 +7,20 @@ both directions.
 
 from __future__ import annotations
 
-import asyncio
 
-from pypool import prepared
-from pypool.app import Application
-from pypool.client import ClientConnection, Phase
-from pypool.config import default_config_dict, dump_config, parse_config
-from pypool.pool.server import Credentials, ServerConnection
+from pypool.session import prepared
+from pypool.client import ClientConnection
+from pypool.pool.server import ServerConnection
 from pypool.protocol import messages as m
-
-
-class Recorder(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-
-    def write(self, data) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-
-    def take(self) -> bytes:
-        out = bytes(self.data)
-        self.data.clear()
-        return out
+from tests.unit._fakes import idle_server, logged_in_client, primary_only_app
 
 
 def setup(clients: int = 2) -> tuple[list[ClientConnection], ServerConnection]:
-    cfg = default_config_dict({})
-    pool = cfg["pools"]["postgres"]
-    pool["default_role"] = "primary"
-    pool["query_parser_enabled"] = False
-    pool["query_parser_read_write_splitting"] = False
-    pool["users"]["0"]["pool_size"] = 1
-    app = Application(parse_config(dump_config(cfg)))
-    group = app.groups[("postgres", "postgres")]
-    sp = group.primary
-    server = ServerConnection(sp.address, Credentials("postgres", "x", "postgres"))
-    server.transport = Recorder()
-    server.pool = sp
-    server.applied_key = ()
-    sp.idle.append(server)
-    sp.size += 1
+    app = primary_only_app()
+    server = idle_server(app.groups[("postgres", "postgres")].primary)
     out = []
     for _ in range(clients):
-        client = ClientConnection(app)
-        client.transport = Recorder()
-        client.group = group
-        client.database = "postgres"
-        client.phase = Phase.RELAY
-        client._router = app.routers["postgres"]
-        client._parameters_key = ()
+        client = logged_in_client(app)
         client.statements = prepared.ClientStatements()
         out.append(client)
     return out, server

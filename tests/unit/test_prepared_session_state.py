@@ -1,10 +1,10 @@
-"""What statements do to a pooled client's session (pypool/session_state.py)."""
+"""What statements do to a pooled client's session (pypool/session/session_state.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from pypool import session_state as s
+from pypool.session import session_state as s
 
 
 def matters(sql: str) -> bool:

@@ -14,7 +14,8 @@ import pytest
 
 from pypool.config import parse_config
 from pypool.pool.balancer import Balancer
-from pypool.pool.group import ANY, PRIMARY, REPLICA, PoolGroup
+from pypool.pool.group import PoolGroup
+from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.routing.router import Router, RoutingState
 

@@ -1,0 +1,214 @@
+"""A client's login, as a coroutine: startup packet, TLS, authentication, the admin hand-off.
+
+It runs once per connection, before the relay takes over (pypool/session/relay.py);
+``ClientConnection`` (pypool/client.py) mixes it in and feeds it bytes through
+``read_message``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from typing import TYPE_CHECKING
+
+from pypool import limits, sqlstates
+from pypool.errors import LoginRefused
+from pypool.protocol import auth
+from pypool.protocol import messages as m
+from pypool.protocol.frames import CancelRequest, GSSEncRequest, ProtocolViolation, SSLRequest, StartupMessage
+from pypool.session import session_state as session
+from pypool.session.prepared import ClientStatements
+from pypool.session.states import ClientState
+
+if TYPE_CHECKING:
+    from pypool.pool.group import PoolGroup
+
+log = logging.getLogger("pypool.client")
+
+# Startup parameters that must match on whichever server runs the client's
+# transaction; anything else in the startup packet stays with the pooler.
+TRACKED_STARTUP_PARAMETERS = (
+    "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name",
+    "extra_float_digits", "search_path", "standard_conforming_strings",
+)
+
+_DECOY_PASSWORD = secrets.token_hex(16)
+
+
+class LoginHandshake:
+    """The handshake half of ClientConnection: everything before the client is IDLE (or ADMIN)."""
+
+    async def read_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._buffer.next_message()
+            if msg is not None:
+                return msg
+            await self._wait_for_data()
+
+    async def _wait_for_data(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _handshake(self) -> None:
+        try:
+            await asyncio.wait_for(self._login(), self.app.config.general.client_login_timeout / 1000)
+            if self.admin is not None:
+                await self.admin.run()
+        except LoginRefused as exc:
+            log.info("client %s (user %r, database %r) refused: %s", self.peer, self.user, self.database, exc)
+            self.close_with_error(exc.sqlstate, str(exc), exc.severity)
+        except ProtocolViolation as exc:
+            log.info("client %s: protocol violation during startup: %s", self.peer, exc)
+            self.close_with_error(exc.sqlstate, str(exc), exc.severity)
+        except auth.AuthError as exc:
+            log.info("client %s (user %r): authentication failed: %s", self.peer, self.user, exc)
+            self.close_with_error(exc.sqlstate, f'password authentication failed for user "{self.user}"',
+                                  exc.severity)
+        except asyncio.TimeoutError:
+            log.info("client %s did not log in within client_login_timeout; dropped", self.peer)
+            self.close_with_error(
+                sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
+                f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
+        except ssl.SSLError as exc:
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            self.close()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.close()
+        except Exception:  # noqa: BLE001 - never let one client take the listener down
+            log.exception("client %s: unexpected error during login", self.peer)
+            self.close_with_error(sqlstates.INTERNAL_ERROR, "internal error in pypool during login")
+
+    async def _login(self) -> None:
+        startup = await self._read_startup()
+        if startup is None:
+            return
+        self.set_state(ClientState.AUTHENTICATING)
+        params = startup.params
+        self.user = params["user"]
+        self.database = params.get("database") or self.user
+        self.app.check_accepting(self)
+        general = self.app.config.general
+        if self.app.client_tls.required and not self.tls:
+            raise LoginRefused(sqlstates.INVALID_AUTHORIZATION_SPECIFICATION,
+                               'pypool requires TLS (client_tls_mode = "require"): this connection is not '
+                               "encrypted; connect with sslmode=require")
+        self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
+                                                self.database, self.user, self.tls)
+        if self.app.is_admin_database(self.database):
+            self.auth_method = limits.admin_method(general, self.auth_method)
+            self.admin = await self.app.admin_login(self)
+            self.set_state(ClientState.ADMIN)
+            return
+        group = self.app.find_group(self.database, self.user)
+        if group is None:
+            # Unknown user: run the same exchange with a decoy, so it looks like a wrong password.
+            if self.app.has_database(self.database):
+                await self.authenticate(None)
+                raise auth.AuthError("password authentication failed")
+            raise LoginRefused(sqlstates.INVALID_CATALOG_NAME,
+                               f'no such database: "{self.database}" is not a pool in pypool\'s config')
+        self.auth_method = limits.user_method(general, self.auth_method, group.user)
+        await self.authenticate(group)
+        self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
+        self._counted_as = (self.database, self.user)
+        self.group = group
+        for name in TRACKED_STARTUP_PARAMETERS:
+            if name in params:
+                self.session_parameters[name] = params[name]
+        self._startup_settings = {k.lower(): v for k, v in self.session_parameters.items()}
+        if params.get("options"):
+            self._startup_settings.update(session.startup_options(params["options"]))
+        self._set_settings({})
+        self._router = self.app.routers[self.database]
+        self._session_mode = group.pool_mode == "session"
+        if not self._session_mode:
+            self.statements = ClientStatements()
+        server_params = await group.login_parameters()
+        server_params.update(self.session_parameters)
+        self.process_id, self.secret_key = self.app.register_cancel_key(self)
+        out = [m.authentication_ok()]
+        out.extend(m.parameter_status(k, v) for k, v in server_params.items()
+                   if k not in ("extra_float_digits", "search_path"))
+        out.append(m.backend_key_data(self.process_id, self.secret_key))
+        out.append(m.ready_for_query())
+        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        if self.app.config.general.log_client_connections:
+            log.info("client %s logged in as %s to %s", self.peer, self.user, self.database)
+        self.set_state(ClientState.IDLE)
+        leftover = self._buffer.take_raw()
+        if leftover:
+            self._pending += leftover
+            self._dispatch_pending()
+
+    async def _read_startup(self) -> StartupMessage | None:
+        while True:
+            packet = self._buffer.next_startup()
+            if packet is None:
+                await self._wait_for_data()
+                continue
+            if isinstance(packet, SSLRequest) and self.app.client_tls.offered and not self.tls:
+                await self._start_tls()
+                continue
+            if isinstance(packet, (SSLRequest, GSSEncRequest)):
+                self.transport.write(b"N")  # type: ignore[union-attr]
+                continue
+            if isinstance(packet, CancelRequest):
+                self.app.cancel(packet.process_id, packet.secret_key)
+                self.close()
+                return None
+            return packet
+
+    async def _start_tls(self) -> None:
+        """Answer an SSLRequest with 'S' and upgrade this connection; the startup packet follows encrypted."""
+        if len(self._buffer):
+            # Bytes sent before the handshake would be trusted as if encrypted (CVE-2021-23214).
+            raise ProtocolViolation("received unencrypted data after SSL request")
+        transport = self.transport
+        assert transport is not None
+        transport.write(b"S")
+        # start_tls takes the transport over before any further byte is read, so the
+        # ClientHello cannot land in the startup buffer.
+        self.transport = await asyncio.get_running_loop().start_tls(
+            transport, self, self.app.client_tls.context, server_side=True)  # type: ignore[arg-type]
+        self.reading.transport = self.transport
+        self.tls = True
+
+    async def authenticate(self, group: "PoolGroup | None") -> None:
+        method = self.auth_method
+        username = self.user
+        if method == "trust":
+            if group is None:
+                raise auth.AuthError("no such user")
+            return
+        if method == "md5":
+            salt = auth.random_salt()
+            self.transport.write(m.authentication_md5(salt))  # type: ignore[union-attr]
+            tag, payload = await self.read_message()
+            if tag != m.PASSWORD:
+                raise ProtocolViolation(f"expected password response, got message type {chr(tag)!r}")
+            response = m.parse_password(payload)
+            # An unknown user is checked against a decoy, so both failures take the same work.
+            stored = group.user.password if group is not None else _DECOY_PASSWORD
+            if not auth.md5_verify(username, stored, salt, response) or group is None:
+                raise auth.AuthError("password authentication failed")
+            return
+        verifier = self.app.scram_verifier(group) if group is not None else None
+        session = auth.ScramServerSession(verifier, username=username)
+        self.transport.write(m.authentication_sasl(session.MECHANISMS))  # type: ignore[union-attr]
+        tag, payload = await self.read_message()
+        if tag != m.PASSWORD:
+            raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(tag)!r}")
+        mechanism, data = m.parse_sasl_initial_response(payload)
+        self.transport.write(m.authentication_sasl_continue(session.handle_client_first(mechanism, data)))  # type: ignore[union-attr]
+        tag, payload = await self.read_message()
+        if tag != m.PASSWORD:
+            raise ProtocolViolation(f"expected SASLResponse, got message type {chr(tag)!r}")
+        final = session.handle_client_final(payload)
+        self.transport.write(m.authentication_sasl_final(final))  # type: ignore[union-attr]

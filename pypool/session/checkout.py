@@ -1,0 +1,169 @@
+"""How a client gets a server connection: one checkout through the pool group, then attach.
+
+``_begin_request`` asks ``PoolGroup.checkout_now`` once: a connection now
+(attached at once when it carries the client's settings), or a waiter that
+calls back (``_on_queued_ready`` / ``_on_queued_failed``). The checkout
+coroutine syncs settings, replays a held BEGIN, and follows a config reload
+that rebuilt the client's pool. Mixed into ClientConnection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pypool.pool.group import WAITERS, CheckoutAgain
+from pypool.pool.pool import PoolRetired, PoolTimeout
+from pypool.pool.server import ServerConnection, ServerError
+from pypool import sqlstates
+from pypool.roles import PRIMARY
+from pypool.session.states import ClientState
+
+log = logging.getLogger("pypool.client")
+
+_IDLE = ord("I")
+
+
+def sqlstate_of(exc: Exception) -> str:
+    """The SQLSTATE a client gets for a checkout that failed."""
+    return getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE)
+
+
+class SessionCheckout:
+    def _begin_request(self, role: str, data: bytes | None) -> None:
+        """Check out a connection for ``role`` and attach it, or start waiting for one.
+
+        ``data`` is the request when it is not in ``_pending`` (the fast path).
+        One checkout: a connection now (attached at once when it is set up like
+        this client, else handed to the checkout coroutine, which syncs settings
+        and replays a held BEGIN), or a waiter that calls back. Raises
+        ServerError when the pool has no primary.
+        """
+        got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
+        if got.__class__ in WAITERS:
+            if data is not None:
+                self._pending += data
+            self.set_state(ClientState.WAITING)
+            self._queued = got  # type: ignore[assignment]
+            self._queued_role = role
+            self.wait_started = got.started  # type: ignore[union-attr]
+        elif self._held_begin is not None or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            if data is not None:
+                self._pending += data
+            self._start_checkout(role, got)  # type: ignore[arg-type]
+        elif data is None:
+            self._attach(got, role)  # type: ignore[arg-type]
+        else:
+            self.set_state(ClientState.ATTACHED)
+            self.server = got  # type: ignore[assignment]
+            got.attach(self)  # type: ignore[union-attr]
+            self._replay = (data, role, None) if role != PRIMARY else None
+            self._forward(got, data)  # type: ignore[arg-type]
+
+    def _start_checkout(self, role: str, server: ServerConnection | None) -> None:
+        """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine."""
+        self.set_state(ClientState.WAITING if server is None else ClientState.SYNCING)
+        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
+
+    def _on_queued_ready(self, server: ServerConnection) -> None:
+        """The pool handed over a connection this client queued for in ``_begin_request``."""
+        self._end_queued_wait()
+        if self.state is not ClientState.WAITING:
+            self.group.checkin(server)  # type: ignore[union-attr]
+            return
+        if self._needs_sync(server) or self._held_begin is not None:
+            self._start_checkout(self._queued_role, server)
+            return
+        self._attach(server, self._queued_role)
+
+    def _on_queued_failed(self, exc: Exception) -> None:
+        """The queued wait ended without a connection: report why, or let the coroutine try."""
+        self._end_queued_wait()
+        if self.state is not ClientState.WAITING:
+            return
+        if isinstance(exc, CheckoutAgain):
+            self._start_checkout(self._queued_role, None)
+            return
+        log.warning("client %s: %s", self.peer, exc)
+        self.set_state(ClientState.IDLE)
+        self._fail_request(sqlstate_of(exc), str(exc))
+        self._dispatch_pending()
+
+    def _end_wait(self) -> None:
+        """A wait for a server connection ended: keep the longest (SHOW CLIENTS maxwait)."""
+        waited = time.monotonic() - self.wait_started
+        if waited > self.max_wait:
+            self.max_wait = waited
+        self.wait_started = 0.0
+
+    def _end_queued_wait(self) -> None:
+        self._queued = None
+        self._end_wait()
+
+    async def _checkout(self, role: str, server: ServerConnection | None) -> None:
+        """Wait for a connection (unless given one), make it carry this client's settings, then attach."""
+        group = self.group
+        assert group is not None
+        self.wait_started = time.monotonic()
+        try:
+            if server is None:
+                server = await self._checkout_current(role)
+                self.set_state(ClientState.SYNCING)
+            await self._sync_parameters(server)
+            if self._held_begin is not None:
+                await server.query(self._held_begin)
+        except (PoolTimeout, ServerError) as exc:
+            self._checkout_task = None
+            if server is not None:
+                group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
+            log.warning("client %s: %s", self.peer, exc)
+            self.set_state(ClientState.IDLE)
+            self._fail_request(sqlstate_of(exc), str(exc))
+            self._dispatch_pending()
+            return
+        except asyncio.CancelledError:
+            if server is not None:
+                # Cancelled half-way through syncing: the server still owes that query's reply.
+                group.checkin(server, clean=server.requests.status == _IDLE and not server.reply_owed)
+            raise
+        finally:
+            self._end_wait()
+        self._checkout_task = None
+        if not self.state.relaying:
+            group.checkin(server)
+            return
+        self._attach(server, role)
+
+    async def _checkout_current(self, role: str) -> ServerConnection:
+        """``group.checkout``, following a config reload that rebuilt this client's pool."""
+        group = self.group
+        assert group is not None
+        while True:
+            if group.successor is not None:
+                while group.successor is not None:
+                    group = group.successor
+                self.group = group
+                self._router = self.app.routers.get(self.database, self._router)
+                self._session_mode = group.pool_mode == "session"
+            try:
+                return await group.checkout(role)
+            except PoolRetired:
+                if group.successor is None:
+                    raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '
+                                      "pypool's configuration", {"C": sqlstates.INVALID_CATALOG_NAME}) from None
+
+    def _attach(self, server: ServerConnection, role: str) -> None:
+        self.set_state(ClientState.ATTACHED)
+        self.server = server
+        server.attach(self)
+        if self.transport is not None and self.transport.is_closing():
+            return
+        data = bytes(self._pending)
+        self._pending.clear()
+        self._walker.reset()
+        # A read whose server dies before answering can be replayed elsewhere.
+        self._replay = (data, role, self._held_begin) if role != PRIMARY else None
+        self._held_begin = None
+        if data:
+            self._forward(server, data)

@@ -1,0 +1,238 @@
+"""What a client's statements do to its session in transaction mode, and keeping servers in step.
+
+Named prepared statements are renamed per server connection
+(pypool/session/prepared.py), SET/RESET/DISCARD and LISTEN are noted
+(pypool/session/session_state.py), the client's settings are synced onto each
+server connection it gets and read back after a transaction that changed them.
+Mixed into ClientConnection beside the relay (pypool/session/relay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pypool import listen
+from pypool.pool.server import ServerConnection, ServerError
+from pypool.protocol import messages as m
+from pypool.session import session_state as session
+from pypool.session.prepared import Rewriter, ServerStatements, names_statement
+from pypool.session.states import ClientState
+
+log = logging.getLogger("pypool.client")
+
+_Q = m.QUERY
+_P = m.PARSE
+_B = m.BIND
+
+
+class SessionEffects:
+    @staticmethod
+    def _needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
+        """Transaction mode: does this message name a statement or change the session?"""
+        if end > len(data):
+            return True  # cannot tell yet: gather it whole
+        if tag == _Q:
+            return session.might_matter(data, start, end)
+        if tag == _P:
+            # An empty (malformed) Parse takes the careful path, which reports it.
+            if start >= end or data[start] != 0:
+                return True
+            # Only the query text: the parameter types after it may contain any byte (';' too).
+            text_end = data.find(b"\x00", start + 1, end)
+            return text_end < 0 or session.might_matter(data, start + 1, text_end)
+        if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
+            return data[start + 1] != 0
+        return names_statement(tag, data, start, end)
+
+    def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
+        """Send one whole Query/Parse/Bind/Describe/Close at ``data[pos:end]``, rewritten as needed.
+
+        Returns False when forwarding must pause (a LISTEN waits for the
+        pool's listener): the message and what follows go to ``_pending``.
+        """
+        tag = data[pos]
+        payload = data[pos + 5:end]
+        raw = data[pos:end]
+        effects = session.NOTHING
+        if tag == _Q or tag == _P:
+            text_at = 0 if tag == _Q else payload.find(b"\x00") + 1
+            text_end = payload.find(b"\x00", text_at)
+            if text_end < 0:
+                self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
+                return False
+            sql = payload[text_at:text_end].decode("utf-8", "replace")
+            effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
+            if effects.listen and self._must_wait_for_listener(effects):
+                self._pending += data[pos:]
+                self.set_state(ClientState.WAITING_FOR_LISTENER)
+                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
+                return False
+            replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
+            if replacement is not None:
+                payload = payload[:text_at] + replacement.encode() + payload[text_end:]
+                raw = m.message(tag, payload)
+            if tag == _P and text_at > 1 and effects.settings:
+                self.statements.changing_settings.add(payload[:text_at - 1])  # type: ignore[union-attr]
+        elif tag == _B and self.statements.changing_settings:  # type: ignore[union-attr]
+            portal_end = payload.find(b"\x00")
+            if payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)] in self.statements.changing_settings:  # type: ignore[union-attr]
+                self._settings_dirty = True
+        transport = server.transport
+        requests = server.requests
+        if tag == _Q:
+            requests.sent(tag)
+            transport.write(raw)  # type: ignore[union-attr]
+            return True
+        statements = server.statements
+        if statements is None:
+            statements = server.statements = ServerStatements(self.group.config.prepared_statements_cache_size)  # type: ignore[union-attr]
+        rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
+                            requests.parse_rank)
+        rewriter.message(tag, payload, raw)
+        requests.sent_rewritten(rewriter.rank)
+        if requests.failed and requests.owed <= 0:
+            # The server already reported an error for this batch and skips to its Sync.
+            statements.on_error(self.statements)
+        if effects.forget_all:
+            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
+            # keeps nothing, and each Bind of it prepares it again first.
+            statements.clear()
+        transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
+        return True
+
+    def _apply_session_effects(self, effects: session.Effects, server: ServerConnection) -> str | None:
+        """Note what a statement does to the client's session; the text to send instead, if any."""
+        if effects.refusal is not None:
+            self._listen_error = None
+            return session.refusal_sql(*effects.refusal)
+        if effects.settings:
+            self._settings_dirty = True
+        statements = self.statements
+        assert statements is not None
+        if effects.forget_all:
+            # DEALLOCATE ALL / DISCARD ALL run on the server as sent (drivers read their command
+            # tags), so it drops every statement it has; an error may make it skip them, which
+            # the Close that precedes each Parse pypool sends makes harmless.
+            statements.clear()
+            if server.statements is not None:
+                server.statements.clear()
+            if effects.settings and self._hub is not None:  # DISCARD ALL: the session starts over
+                self._hub.unlisten(self, "*")
+            return None
+        if effects.forget:
+            names = [name.encode() for name in effects.forget]
+            if not all(name in statements.names for name in names):
+                return None  # the server's "does not exist" error is the right answer
+            for name in names:
+                del statements.names[name]
+            return session.NOOP_STATEMENT
+        if effects.listen:
+            if self._listen_error is not None:
+                error, self._listen_error = self._listen_error, None
+                return session.refusal_sql(f"LISTEN failed: pypool's listener connection: {error}",
+                                           "retry later; the pool's primary must accept a connection")
+            for op, channel in effects.listen:
+                if op == "UNLISTEN" and self._hub is not None:
+                    self._hub.unlisten(self, channel)
+            return session.listen_stand_in(effects.listen)
+        return None
+
+    def _must_wait_for_listener(self, effects: session.Effects) -> bool:
+        if self._listen_error is not None:
+            return False
+        hub = self._hub
+        return any(op == "LISTEN" and (hub is None or not hub.is_listening(self, channel))
+                   for op, channel in effects.listen)
+
+    async def _listen_then_resume(self, effects: session.Effects) -> None:
+        """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
+        hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
+        try:
+            for op, channel in effects.listen:
+                if op == "LISTEN":
+                    # Shielded: the listener's conversation must not stop half-way if this client leaves.
+                    registration = asyncio.ensure_future(hub.listen(self, channel))
+                    try:
+                        await asyncio.shield(registration)
+                    except asyncio.CancelledError:
+                        def forget(done: asyncio.Future[None]) -> None:
+                            if not done.cancelled():
+                                done.exception()  # retrieved: the client is gone anyway
+                            hub.unlisten(self, "*")
+                        registration.add_done_callback(forget)
+                        raise
+        except ServerError as exc:
+            log.warning("client %s: LISTEN failed: %s", self.peer, exc)
+            self._listen_error = str(exc)
+        self._checkout_task = None
+        data = bytes(self._pending)
+        self._pending.clear()
+        server = self.server
+        if server is not None:
+            self.set_state(ClientState.ATTACHED)
+            self._forward(server, data)
+        else:
+            self._pending += data
+            self.set_state(ClientState.IDLE)
+            self._dispatch_pending()
+
+    def deliver_notification(self, message: bytes) -> None:
+        """A NotificationResponse from the pool's listener: write it between whole messages."""
+        transport = self.transport
+        if not self.state.relaying or transport is None or transport.is_closing():
+            return
+        if self.server is None:
+            transport.write(message)
+        else:
+            self._notifications.append(message)
+
+    def _needs_sync(self, server: ServerConnection) -> bool:
+        return server.applied_key != self._parameters_key
+
+    def _set_settings(self, session_settings: dict[str, str]) -> None:
+        """The client's settings: its startup parameters, overridden by what its SETs left."""
+        self._desired_settings = {**self._startup_settings, **session_settings}
+        self._parameters_key = tuple(sorted(self._desired_settings.items()))
+
+    async def _sync_parameters(self, server: ServerConnection) -> None:
+        """Make the server session carry this client's settings (and no other client's)."""
+        statement = session.sync_statement(self._desired_settings, server.applied_parameters)
+        if statement is not None:
+            try:
+                await server.query(statement)
+            except ServerError as exc:
+                # A bad value from the client's startup packet: tell the client, keep the server.
+                raise ServerError(f"cannot apply session settings: {exc}", exc.fields) from None
+        server.applied_parameters = dict(self._desired_settings)
+        server.applied_key = self._parameters_key
+
+    async def _read_back_settings(self, server: ServerConnection) -> None:
+        """After a transaction that ran SET/RESET: learn the session settings it left, then release.
+
+        PostgreSQL has already applied its rules (SET LOCAL ends with the
+        transaction, a rolled-back SET is undone), so the server's own view
+        is the client's new session state.
+        """
+        group = self.group
+        assert group is not None
+        server.detach()
+        try:
+            rows = await server.query(session.SETTINGS_QUERY)
+        except ServerError as exc:
+            log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
+            group.checkin(server, clean=False)
+        except asyncio.CancelledError:
+            group.checkin(server, clean=False)
+            raise
+        else:
+            settings = {str(name).lower(): str(value) for name, value in rows}
+            self._set_settings(settings)
+            server.applied_parameters = settings
+            server.applied_key = self._parameters_key if settings == self._desired_settings else None
+            group.checkin(server)
+        self._checkout_task = None
+        if self.state.relaying:
+            self.set_state(ClientState.IDLE)
+            if self._pending:
+                self._dispatch_pending()

@@ -1,0 +1,276 @@
+"""The relay: a logged-in client's bytes to its server connection, and what happens between requests.
+
+The hot path is a straight line: bytes in -> one frame walk (FrameWalker)
+-> one routing lookup -> one checkout -> ``transport.write``; the server's
+reply -> one frame walk for ReadyForQuery -> ``server_request_done`` ->
+check-in. With no server attached the client's bytes wait in ``_pending``
+until the first message is whole and routed. Mixed into ClientConnection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from pypool import sqlstates
+from pypool.pool.server import ServerConnection, ServerError
+from pypool.protocol import messages as m
+from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
+from pypool.session.states import ClientState
+
+if TYPE_CHECKING:
+    from pypool.routing.router import Decision
+
+log = logging.getLogger("pypool.client")
+
+_Q = m.QUERY
+_S = m.SYNC
+_F = m.FUNCTION_CALL
+_X = m.TERMINATE
+_COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
+# Messages that may start a transaction. Anything else with no server attached is a
+# COPY tail to drop, a Terminate, or not a frontend message at all.
+_STARTS_TRANSACTION = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
+                                 m.FUNCTION_CALL))
+# Messages that may need rewriting in transaction mode (named statements, session statements).
+_CAREFUL_TAGS = tag_table((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_IDLE = ord("I")
+
+
+class SessionRelay:
+    def _forward(self, server: ServerConnection, data: bytes) -> None:
+        """Relay client bytes to ``server``, telling its request tracker about each message."""
+        n = len(data)
+        server.bytes_sent += n
+        walker = self._walker
+        if walker.held or walker.skip:
+            data, pos = walker.start(data)
+            n = len(data)
+        else:
+            pos = 0
+        write = server.transport.write  # type: ignore[union-attr]
+        if pos >= n:
+            if n:
+                write(data)
+            return
+        start = 0  # first byte not yet written (moves past messages rewritten on the way)
+        # Transaction mode: these may need rewriting, so the walker gathers them whole.
+        careful = _CAREFUL_TAGS if self.statements is not None else NO_TAGS
+        requests = server.requests
+        try:
+            while True:
+                pos, end = walker.next(data, pos, n, ALL_TAGS, careful)
+                if end < 0:
+                    break
+                tag = data[pos]
+                if careful[tag] and self._needs_care(tag, data, pos + 5, end):
+                    if pos > start:
+                        write(data[start:pos])
+                    if not self._forward_with_care(server, data, pos, end):
+                        return  # paused: the rest waits in _pending
+                    start = end
+                elif tag == _X:
+                    if pos > start:
+                        write(data[start:pos])
+                    self.close()
+                    return
+                else:
+                    requests.sent(tag)
+                if end == n:
+                    pos = n
+                    break
+                pos = end
+        except ProtocolViolation as exc:
+            self._protocol_violation(str(exc))
+            return
+        if pos > start:
+            write(data[start:pos] if start or pos < n else data)
+
+    def _dispatch_pending(self) -> None:
+        """No server attached: route the first complete message and get a connection."""
+        if self.state is not ClientState.IDLE:
+            return
+        buf = self._pending
+        while buf:
+            try:
+                first = first_message(buf, self._max_message)
+            except ProtocolViolation as exc:
+                self._protocol_violation(str(exc))
+                return
+            if first is None:
+                return  # wait for the whole first message: routing may need its text
+            tag, end = first
+            length = end - 1
+            if tag == _X:
+                self.close()
+                return
+            if tag in _COPY_TAGS:
+                # The tail of a COPY the server already ended with an error (it went
+                # idle and was checked in): PostgreSQL drops these, so must we,
+                # rather than check out a server and keep it for an idle client.
+                del buf[:1 + length]
+                continue
+            if tag not in _STARTS_TRANSACTION:
+                # PostgreSQL closes the connection too; forwarding would cost a server connection.
+                self._protocol_violation(f"invalid frontend message type {tag} ({chr(tag)!r})")
+                return
+            if self._discarding:
+                del buf[:1 + length]
+                if tag == _S:
+                    self._discarding = False
+                    self._write_ready()
+                continue
+            decision = self.app.route(self, *self._routable(tag, bytes(buf[5:1 + length])))
+            if decision.reply is not None or decision.hold_begin or decision.ends_empty_transaction:
+                self._answer_locally(decision, length)
+                continue
+            try:
+                self._begin_request(decision.role, None)
+            except ServerError as exc:
+                self._fail_request(exc.sqlstate, str(exc))
+                continue
+            return
+
+    def _start_fast(self, data: bytes) -> bool:
+        """Start a transaction from ``data`` with an idle connection, without copying or waiting.
+
+        The common case of transaction pooling: a client in the default routing
+        state sends one request, its routing decision is memoised, and the
+        chosen server has an idle connection already set up like this client.
+        Only a client that never changed its routing state (PgCat's custom
+        commands) can use memoised decisions. Returns False to leave anything
+        else to ``_dispatch_pending``.
+        """
+        routing = self.routing
+        if routing.role_override is not None or routing.primary_reads is not None \
+                or self._held_begin is not None or self._discarding:
+            return False
+        n = len(data)
+        if n < HEADER_SIZE or data[0] not in _STARTS_TRANSACTION:
+            return False
+        end = 1 + int.from_bytes(data[1:5], "big")
+        if end > n or end < HEADER_SIZE or end > self._max_message:
+            return False
+        decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
+        if decision is None:
+            return False
+        try:
+            self._begin_request(decision.role, data)
+        except ServerError:
+            return False  # ``_dispatch_pending`` answers it with the error
+        return True
+
+    def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
+        """What the router sees of a message: a Bind of a named statement shows its text."""
+        statements = self.statements
+        if tag == m.BIND and statements is not None and statements.names:
+            portal_end = payload.find(b"\x00")
+            entry = statements.names.get(payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)])
+            if entry is not None:
+                return m.PARSE, b"\x00" + entry[1]
+        return tag, payload
+
+    def _answer_locally(self, decision: "Decision", length: int) -> None:
+        """Answer a simple Query without a server: custom commands and a held-back BEGIN."""
+        del self._pending[:1 + length]
+        if decision.hold_begin:
+            self._held_begin = decision.statement
+            self.transport.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))  # type: ignore[union-attr]
+            return
+        if decision.ends_empty_transaction:
+            self._held_begin = None
+            self.transport.write(m.command_complete(decision.end_tag) + m.ready_for_query())  # type: ignore[union-attr]
+            return
+        self.transport.write(decision.reply + self._ready_bytes())  # type: ignore[operator, union-attr]
+
+    @property
+    def in_transaction(self) -> bool:
+        """Attached to a server connection that is inside a transaction or still owes replies."""
+        server = self.server
+        return server is not None and server.requests.in_transaction
+
+    @property
+    def held_begin(self) -> str | None:
+        return self._held_begin
+
+    def _ready_bytes(self) -> bytes:
+        return m.ready_for_query(b"T" if self._held_begin is not None else b"I")
+
+    def _write_ready(self) -> None:
+        self.transport.write(self._ready_bytes())  # type: ignore[union-attr]
+
+    def server_request_done(self, server: ServerConnection) -> None:
+        """The server answered everything asked; in transaction mode, give it back."""
+        if self._notifications:
+            self.transport.write(b"".join(self._notifications))  # type: ignore[union-attr]
+            self._notifications.clear()
+        self._replay = None
+        self.query_count += 1
+        if server.requests.status != _IDLE:
+            return
+        self.xact_count += 1
+        if self._session_mode:
+            return
+        self.server = None
+        if self._walker.held:
+            # A message that started arriving after the end of the request goes to the next one.
+            self._pending[:0] = self._walker.take_held()
+        if self._settings_dirty or server.reported_change:
+            self._settings_dirty = False
+            self.set_state(ClientState.READING_BACK)
+            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+            return
+        self.set_state(ClientState.IDLE)
+        self.group.checkin(server)  # type: ignore[union-attr]
+        if self._pending:
+            self._dispatch_pending()
+
+    def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
+        self.server = None
+        self._walker.reset()
+        group = self.group
+        replay = self._replay
+        self._replay = None
+        if group is not None:
+            group.checkin(server, clean=False)
+        if group is not None and replay is not None and not server.replied and self.state.relaying:
+            # The read never got an answer: ban that replica and run it elsewhere.
+            data, role, held_begin = replay
+            group.ban_address(server.address, f"connection lost during a request: {exc or 'closed'}")
+            log.warning("client %s: server %s died before answering; retrying the read elsewhere",
+                        self.peer, server.label)
+            self._pending[:0] = data
+            self._held_begin = held_begin
+            self._start_checkout(role, None)
+            return
+        log.warning("client %s: server %s closed the connection during a request", self.peer, server.label)
+        self.close_with_error(sqlstates.CONNECTION_FAILURE,
+                                   f"server connection to {server.label} was lost; the transaction, "
+                                   "if any, was rolled back")
+
+    def _fail_request(self, sqlstate: str, text: str) -> None:
+        """Answer the request at the head of ``_pending`` with an error, as a server would."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.error_count += 1
+        self.transport.write(m.error_response(sqlstate, text))
+        buf = self._pending
+        while True:
+            try:
+                first = first_message(buf)
+            except ProtocolViolation:
+                first = None
+            if first is None:
+                break
+            tag, end = first
+            del buf[:end]
+            if tag in (_Q, _F, _S):
+                self.transport.write(m.ready_for_query())
+                return
+        # An extended-protocol batch whose Sync has not arrived yet.
+        self._discarding = True
+
+    def _protocol_violation(self, text: str) -> None:
+        log.warning("client %s: protocol violation: %s", self.peer, text)
+        self.close_with_error(sqlstates.PROTOCOL_VIOLATION, text)

@@ -1,0 +1,71 @@
+"""A client's life as explicit states, and every transition between them (sans-IO).
+
+Everything that moves a client from one state to another goes through
+``ClientState.may_become``, checked in the client's one ``set_state``; add a
+state here (pinned, waiting for a replica to catch up, fanned out) rather
+than a flag elsewhere.
+
+    STARTUP ──> AUTHENTICATING ──> IDLE ─────────────> ATTACHED ──> IDLE ...
+                      │             │  ▲                  ▲ │  │
+                      v             v  │ (error)          │ │  └──> READING_BACK ──> IDLE
+                    ADMIN        WAITING ──> SYNCING ─────┘ │
+                                    ▲                       └──> WAITING_FOR_LISTENER ──> ATTACHED
+                                    └── ATTACHED (its server died before answering a read: retry)
+    any state ──> CLOSED
+
+``shown`` is the state in PgBouncer's vocabulary, as SHOW CLIENTS, SHOW POOLS
+and /metrics report it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class IllegalTransition(RuntimeError):
+    """pypool tried to move a client between two states that do not follow each other (a bug)."""
+
+
+class ClientState(enum.Enum):
+    STARTUP = "startup"  # reading the startup packet, TLS negotiation included
+    AUTHENTICATING = "authenticating"  # password exchange and login checks
+    ADMIN = "admin console"  # logged in to the admin database: the console runs the connection
+    IDLE = "idle"  # logged in, between requests, no server connection
+    WAITING = "waiting for a server"  # queued in a pool, or connecting one
+    SYNCING = "syncing settings"  # its server connection is given the client's settings (or a held BEGIN)
+    ATTACHED = "attached"  # relaying a request or transaction on its server connection
+    READING_BACK = "reading back settings"  # learning the settings its transaction left, then releasing
+    WAITING_FOR_LISTENER = "waiting for the listener"  # a LISTEN waits for the pool's listener connection
+    CLOSED = "closed"
+
+    # Set below for every member (plain attributes: read on the relay's hot path).
+    may_become: tuple["ClientState", ...]
+    relaying: bool  # logged in to a pool: client bytes go to the relay, not the handshake
+    shown: str  # PgBouncer's name for it: login, active, idle, waiting
+
+
+_S = ClientState
+_TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
+    _S.STARTUP: (_S.AUTHENTICATING, _S.CLOSED),
+    _S.AUTHENTICATING: (_S.IDLE, _S.ADMIN, _S.CLOSED),
+    _S.ADMIN: (_S.CLOSED,),
+    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.CLOSED),
+    _S.WAITING: (_S.SYNCING, _S.ATTACHED, _S.IDLE, _S.CLOSED),
+    _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
+    _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CLOSED),
+    _S.READING_BACK: (_S.IDLE, _S.CLOSED),
+    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.CLOSED),
+    _S.CLOSED: (),
+}
+_SHOWN = {
+    _S.STARTUP: "login", _S.AUTHENTICATING: "login", _S.ADMIN: "active", _S.IDLE: "idle",
+    _S.WAITING: "waiting", _S.SYNCING: "waiting", _S.ATTACHED: "active", _S.READING_BACK: "active",
+    _S.WAITING_FOR_LISTENER: "waiting", _S.CLOSED: "closed",
+}
+for _state in ClientState:
+    _state.may_become = _TRANSITIONS[_state]
+    _state.relaying = _state not in (_S.STARTUP, _S.AUTHENTICATING, _S.ADMIN, _S.CLOSED)
+    _state.shown = _SHOWN[_state]
+
+# PgBouncer's client states, as counted by SHOW POOLS (cl_*) and /metrics.
+CLIENT_STATES = ("active", "idle", "waiting")
