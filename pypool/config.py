@@ -923,11 +923,6 @@ def _parse_shards(pool: _Table) -> tuple[Shard, ...]:
             pool.key("shards"),
             f"shard numbers should be 0, 1, 2, ... in order; got {numbers}, used in that order",
         )
-    if len(numbered) > 1:
-        pool.ctx.warn(
-            pool.key("shards"),
-            "sharding is not supported by pypool; only the first shard is used",
-        )
     return tuple(shard for _, shard in numbered)
 
 
