@@ -138,6 +138,8 @@ class SessionRelay:
                     if self._start_fanout(decision, length) and self.state is ClientState.IDLE:
                         continue  # refused at once: the next request may follow
                     return
+                if tag != _Q and self._start_describe(decision):
+                    return
                 self._use_shard(decision)
             try:
                 self._begin_request(decision.role, None)
