@@ -89,6 +89,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self.database = ""
         self.group: PoolGroup | None = None  # of the shard the current request runs on
         self.shard_groups: tuple[PoolGroup, ...] = ()  # a sharded pool's groups, by shard; () if unsharded
+        self._unnamed_parse: bytes | None = None  # sharded: the unnamed statement last described aside
         self.session_parameters: dict[str, str] = {}
         self.process_id = 0
         self.secret_key = 0

@@ -138,7 +138,7 @@ class SessionRelay:
                     if self._start_fanout(decision, length) and self.state is ClientState.IDLE:
                         continue  # refused at once: the next request may follow
                     return
-                if tag != _Q and self._start_describe(decision):
+                if tag != _Q and (self._start_describe(decision) or self._start_unnamed_bind(decision, length)):
                     return
                 self._use_shard(decision)
             try:

@@ -169,13 +169,17 @@ class SessionShards:
         """
         if tag == m.QUERY:
             return self.app.route(self, tag, payload)
+        if tag == m.PARSE and payload[:1] == b"\x00":
+            self._unnamed_parse = None  # replaced by this one
+        elif tag == m.BIND and self._unnamed_parse is not None and payload[payload.index(b"\x00") + 1] == 0:
+            tag, payload = m.PARSE, b"\x00" + self._unnamed_parse  # described aside earlier: its text
         found = self._batch_bind()
         if found is None:
             return None
         if found is _NO_BIND:
             decision = self.app.route(self, tag, payload, [])
             return replace(decision, shard=self.routing.shard, fanout=None, error=None)
-        return self.app.route(self, tag, payload, found)
+        return self.app.route(self, tag, payload, found)  # type: ignore[arg-type]
 
     def _batch_bind(self) -> object:
         """The values of the first Bind of the batch in ``_pending``, _NO_BIND, or None: not all here yet."""
@@ -260,12 +264,31 @@ class SessionShards:
         del buf[:len(batch)]
         for tag, start, end in _messages(batch):
             payload = batch[start + 5:end]
-            if tag == m.PARSE and payload[:1] != b"\x00":
+            if tag == m.PARSE:
                 name_end = payload.index(b"\x00")
                 body = payload[name_end + 1:]
-                self.statements.names[payload[:name_end]] = (server_name(body), body)
+                if name_end:
+                    self.statements.names[payload[:name_end]] = (server_name(body), body)
+                else:
+                    self._unnamed_parse = body  # the Bind that follows needs it on its shard
         self._use_shard(decision)
-        self._run_in_state(self._answer_aside(decision.role, request))
+        self._run_in_state(self._answer_aside(decision.role, request, flushed=True))
+        return True
+
+    def _start_unnamed_bind(self, decision: "Decision", first_length: int) -> bool:
+        """A Bind of the unnamed statement described aside: it runs aside on its shard after a Parse of it.
+
+        False: not such a request (or not whole yet: then ``_pending`` keeps it).
+        """
+        buf = self._pending
+        if self._unnamed_parse is None or buf[0] != m.BIND or buf[buf.index(b"\x00", 5) + 1] != 0:
+            return False
+        request = self._take_batch(first_length)
+        if request is None:
+            return True  # wait for its Sync
+        parse = m.message(m.PARSE, b"\x00" + self._unnamed_parse)
+        self._use_shard(decision)
+        self._run_in_state(self._answer_aside(decision.role, parse + request, added_parse=True))
         return True
 
     def _run_in_state(self, work: "Coroutine[Any, Any, None]") -> None:
@@ -286,10 +309,13 @@ class SessionShards:
             if self._pending:
                 self._dispatch_pending()
 
-    async def _answer_aside(self, role: str, request: bytes) -> None:
+    async def _answer_aside(self, role: str, request: bytes, flushed: bool = False, added_parse: bool = False) -> None:
         reply = await self._run_aside(self.group, role, request)  # type: ignore[arg-type]
-        # Without its ReadyForQuery: the client sent Flush, its batch goes on.
-        self.transport.write(reply[:-len(_READY_IDLE)] if reply.endswith(_READY_IDLE) else reply)  # type: ignore[union-attr]
+        if added_parse and reply.startswith(_PARSE_COMPLETE):
+            reply = reply[len(_PARSE_COMPLETE):]
+        if flushed and reply.endswith(_READY_IDLE):
+            reply = reply[:-len(_READY_IDLE)]  # the client sent Flush: its batch goes on
+        self.transport.write(reply)  # type: ignore[union-attr]
 
     # ---------------------------------------------------------------- fan-out
 

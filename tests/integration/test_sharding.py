@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import asyncpg
@@ -180,13 +182,16 @@ def test_automatic_sharding_key_in_simple_and_extended_protocols(sharded, pg_clu
     assert _stored(pg_cluster) == _oracle(pg_cluster, ids)
 
 
-def test_asyncpg_named_statements_follow_the_key(sharded, pg_cluster):
-    # asyncpg's statement cache: Parse once (named), then Bind with each key's value.
+@pytest.mark.parametrize("cache_size", [100, 0], ids=["statement cache", "no statement cache"])
+def test_asyncpg_follows_the_key(sharded, pg_cluster, cache_size: int):
+    # With its cache asyncpg prepares each statement once under a name; without (PgBouncer's
+    # advice) it describes the unnamed statement in one request (Parse, Describe, Flush) and binds
+    # it in the next. Either way the statement's first run is described before its key is known.
     pypool = sharded(automatic_sharding_key="data.id")
-    ids = list(range(201, 216))  # 201 is on shard 1: the statement's first run (Parse, Describe, Flush) too
+    ids = list(range(201, 216))  # 201 is on shard 1: a first run sent to shard 0 shows
 
     async def run() -> None:
-        conn = await asyncpg.connect(pypool.dsn(database=POOL))
+        conn = await asyncpg.connect(pypool.dsn(database=POOL), statement_cache_size=cache_size)
         try:
             for i in ids:
                 await conn.execute("INSERT INTO data (id, value) VALUES ($1, $2)", i, f"v{i}")
@@ -242,13 +247,25 @@ def test_fanout_reads_are_merged_like_one_database(sharded, pg_cluster):
         assert conn.execute("SELECT value FROM data WHERE id = 42").fetchone() == ("v2",)
 
 
-def test_show_databases_and_metrics_carry_the_shard(sharded):
-    pypool = sharded()
+def test_show_databases_and_metrics_carry_the_shard(start_pypool, pg_cluster, shard_databases):
+    config = _config(pg_cluster)
+    config["general"] = {"enable_prometheus_exporter": True}
+    pypool = start_pypool(config)
+    _psql(pypool, "SET SHARD TO '2';\nSELECT 1;\n")
     admin = _psql_admin(pypool, "SHOW DATABASES;")
     names = {line.split("|")[0]: line.split("|")[3] for line in admin.stdout.split() if "|" in line}
     for shard in range(SHARDS):
         assert names[f"{POOL}_shard_{shard}_primary"] == f"shard{shard}"
         assert names[f"{POOL}_shard_{shard}_replica_1"] == f"shard{shard}"
+    port = pypool.config["general"]["prometheus_exporter_port"]
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    queries = {}
+    for line in metrics.splitlines():
+        if line.startswith("pgcat_stats_total_query_count{") and f'pool="{POOL}"' in line:
+            shard = re.search(r'shard="(\d+)"', line).group(1)
+            queries[shard] = queries.get(shard, 0) + float(line.rsplit(" ", 1)[1])
+    assert set(queries) == {"0", "1", "2"}
+    assert queries["2"] >= 1  # the SELECT ran on shard 2
 
 
 def _psql_admin(pypool, script: str) -> subprocess.CompletedProcess:
