@@ -202,9 +202,12 @@ class SessionRelay:
 
     @property
     def in_transaction(self) -> bool:
-        """Attached to a server connection that is inside a transaction or still owes replies."""
+        """Attached to a server connection that is inside a transaction or still owes replies,
+        or waiting for the servers of a request pypool runs itself (a read on every shard)."""
         server = self.server
-        return server is not None and server.requests.in_transaction
+        if server is None:
+            return self.state is ClientState.FANNED_OUT
+        return server.requests.in_transaction
 
     @property
     def held_begin(self) -> str | None:

@@ -20,6 +20,8 @@ import psycopg
 import pytest
 
 from pypool import cluster
+from pypool.config import dump_config
+from tests.integration._ops import admin, rows, wait_for_log
 from tests.conftest import PASSWORD, USER, pgbench_database, wait_replicas_caught_up
 
 SHARDS = 3
@@ -300,3 +302,22 @@ def test_fanout_of_prepared_statements(sharded, pg_cluster):
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_reload_rebuilds_every_shard_and_clients_follow(sharded, pg_cluster):
+    pypool = sharded()
+    with psycopg.connect(pypool.dsn(database=POOL), autocommit=True) as conn:
+        conn.execute("SET SHARD TO '2'")
+        assert conn.execute("SELECT current_database()").fetchone() == ("shard2",)
+        pypool.config["pools"][POOL]["users"]["0"]["pool_size"] = 3
+        pypool.config_path.write_text(dump_config(pypool.config))
+        with admin(pypool) as console:
+            console.execute("RELOAD")
+            sizes = {(d["name"], d["pool_size"]) for d in rows(console, "SHOW DATABASES") if d["name"].startswith(POOL)}
+        assert sizes == {(f"{POOL}_shard_{s}_{role}", 3) for s in range(SHARDS)
+                         for role in ("primary", "replica_0", "replica_1")}
+        assert "3 rebuilt" in wait_for_log(pypool, "config reloaded")
+        # The client keeps its shard on the rebuilt groups.
+        assert conn.execute("SELECT current_database()").fetchone() == ("shard2",)
+        conn.execute("SET SHARD TO '1'")
+        assert conn.execute("SELECT current_database()").fetchone() == ("shard1",)
