@@ -14,10 +14,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from pypool import sqlstates
+from pypool.pool.group import WAITERS
 from pypool.pool.server import ServerConnection, ServerError
+from pypool.roles import PRIMARY
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
-from pypool.session.states import ClientState
+from pypool.session import states
 
 if TYPE_CHECKING:
     from pypool.routing.router import Decision
@@ -89,7 +91,7 @@ class SessionRelay:
 
     def _dispatch_pending(self) -> None:
         """No server attached: route the first complete message and get a connection."""
-        if self.state is not ClientState.IDLE:
+        if self.state is not states.IDLE:
             return
         buf = self._pending
         while buf:
@@ -135,14 +137,14 @@ class SessionRelay:
                     self._refuse_request(decision.error)
                     continue
                 if decision.fanout is not None:
-                    if self._start_fanout(decision, length) and self.state is ClientState.IDLE:
+                    if self._start_fanout(decision, length) and self.state is states.IDLE:
                         continue  # refused at once: the next request may follow
                     return
                 if tag != _Q and (self._start_describe(decision) or self._start_unnamed_bind(decision, length)):
                     return
                 self._use_shard(decision)
             try:
-                self._begin_request(decision.role, None)
+                self._begin_request(decision.role)
             except ServerError as exc:
                 self._fail_request(exc.sqlstate, str(exc))
                 continue
@@ -171,10 +173,21 @@ class SessionRelay:
         decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
         if decision is None:
             return False
+        role = decision.role
         try:
-            self._begin_request(decision.role, data)
+            got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
         except ServerError:
             return False  # ``_dispatch_pending`` answers it with the error
+        if got.__class__ in WAITERS or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            self._pending += data
+            self._not_ready_yet(role, got)
+            return True
+        # ``_attach`` without the copy through ``_pending``.
+        self.set_state(states.ATTACHED)
+        self.server = got  # type: ignore[assignment]
+        got.attach(self)  # type: ignore[union-attr]
+        self._replay = (data, role, None) if role != PRIMARY else None
+        self._forward(got, data)  # type: ignore[arg-type]
         return True
 
     def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
@@ -206,7 +219,7 @@ class SessionRelay:
         or waiting for the servers of a request pypool runs itself (a read on every shard)."""
         server = self.server
         if server is None:
-            return self.state is ClientState.FANNED_OUT
+            return self.state is states.FANNED_OUT
         return server.requests.in_transaction
 
     @property
@@ -237,10 +250,11 @@ class SessionRelay:
             self._pending[:0] = self._walker.take_held()
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
-            self.set_state(ClientState.READING_BACK)
+            self.set_state(states.READING_BACK)
+            server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         self.group.checkin(server)  # type: ignore[union-attr]
         if self._pending:
             self._dispatch_pending()

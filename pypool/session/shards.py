@@ -32,7 +32,7 @@ from pypool.protocol import messages as m
 from pypool.routing.fanout import FanoutCollector, FanoutPlan
 from pypool.routing.shard_key import bind_parameters
 from pypool.session.prepared import server_name
-from pypool.session.states import ClientState
+from pypool.session import states
 
 if TYPE_CHECKING:
     from pypool.pool.group import PoolGroup
@@ -292,7 +292,7 @@ class SessionShards:
         return True
 
     def _run_in_state(self, work: "Coroutine[Any, Any, None]") -> None:
-        self.set_state(ClientState.FANNED_OUT)
+        self.set_state(states.FANNED_OUT)
         self._checkout_task = asyncio.get_running_loop().create_task(self._answered_aside(work))
 
     async def _answered_aside(self, work: "Coroutine[Any, Any, None]") -> None:
@@ -304,8 +304,8 @@ class SessionShards:
             self.transport.write(m.error_response(getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE),  # type: ignore[union-attr]
                                                   str(exc)) + m.ready_for_query())
         self._checkout_task = None
-        if self.state is ClientState.FANNED_OUT:
-            self.set_state(ClientState.IDLE)
+        if self.state is states.FANNED_OUT:
+            self.set_state(states.IDLE)
             if self._pending:
                 self._dispatch_pending()
 
