@@ -191,9 +191,10 @@ class Application:
         return self.groups.get((database, user, 0))
 
     def shard_groups(self, database: str, user: str) -> tuple[PoolGroup, ...]:
-        """The groups of every shard of the pool, in shard order."""
-        shards = len(self.config.pools[database].shards)
-        return tuple(self.groups[(database, user, shard)] for shard in range(shards))
+        """The groups of every shard of the pool, in shard order (none if the pool or user is gone)."""
+        pool = self.config.pools.get(database)
+        groups = tuple(self.groups.get((database, user, shard)) for shard in range(len(pool.shards) if pool else 0))
+        return groups if None not in groups else ()  # type: ignore[return-value]
 
     def scram_verifier(self, group: PoolGroup) -> auth.ScramVerifier:
         # PBKDF2 runs once per user, not once per login.
