@@ -29,6 +29,7 @@ from pypool.flow import ReadingPause
 from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
+from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.fanout import FanoutCollector, FanoutPlan
 from pypool.routing.shard_key import bind_parameters
 from pypool.session.prepared import server_name
@@ -147,7 +148,7 @@ def describe_request(batch: bytes) -> bytes | None:
     out = []
     for tag, start, end in _messages(batch):
         payload = batch[start + 5:end]
-        if tag == m.PARSE:
+        if tag == m.PARSE and b"\x00" in payload:
             out.append(m.message(m.PARSE, b"\x00" + payload[payload.index(b"\x00") + 1:]))
         elif tag == m.DESCRIBE and payload[:1] == b"S":
             out.append(m.message(m.DESCRIBE, b"S\x00"))
@@ -156,6 +157,12 @@ def describe_request(batch: bytes) -> bytes | None:
         else:
             return None
     return b"".join(out)
+
+
+def _binds_unnamed(payload: bytes) -> bool:
+    """Whether a Bind payload binds the unnamed statement."""
+    portal_end = payload.find(b"\x00")
+    return 0 <= portal_end < len(payload) - 1 and payload[portal_end + 1] == 0
 
 
 class SessionShards:
@@ -171,7 +178,7 @@ class SessionShards:
             return self.app.route(self, tag, payload)
         if tag == m.PARSE and payload[:1] == b"\x00":
             self._unnamed_parse = None  # replaced by this one
-        elif tag == m.BIND and self._unnamed_parse is not None and payload[payload.index(b"\x00") + 1] == 0:
+        elif tag == m.BIND and self._unnamed_parse is not None and _binds_unnamed(payload):
             tag, payload = m.PARSE, b"\x00" + self._unnamed_parse  # described aside earlier: its text
         found = self._batch_bind()
         if found is None:
@@ -281,7 +288,7 @@ class SessionShards:
         False: not such a request (or not whole yet: then ``_pending`` keeps it).
         """
         buf = self._pending
-        if self._unnamed_parse is None or buf[0] != m.BIND or buf[buf.index(b"\x00", 5) + 1] != 0:
+        if self._unnamed_parse is None or buf[0] != m.BIND or not _binds_unnamed(bytes(buf[5:1 + first_length])):
             return False
         request = self._take_batch(first_length)
         if request is None:
@@ -328,7 +335,7 @@ class SessionShards:
         try:
             requests, added_parse = shard_requests(decision.fanout, request, len(self.shard_groups),
                                                    self.statements.names if self.statements is not None else None)
-        except (FanoutRefused, ValueError) as exc:
+        except (FanoutRefused, ValueError, ProtocolViolation) as exc:
             self._pending[:0] = request
             self._fail_request(sqlstates.FEATURE_NOT_SUPPORTED, str(exc))
             return True
