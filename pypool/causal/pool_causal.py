@@ -174,7 +174,7 @@ class PoolCausal(Generic[K]):
 
 
 class CommitLogs:
-    """The ``global`` mode commit log of each pool name, shared by its groups and kept across reloads.
+    """The ``global`` mode commit log of each pool shard, shared by its users' groups and kept across reloads.
 
     ``slots_for(pool_name)``: this worker's slots in the table shared by worker
     processes (``Worker.commit_slots``); None without workers (or when the
@@ -185,11 +185,13 @@ class CommitLogs:
         self._slots_for = slots_for
         self._logs: dict[str, CommitLog] = {}
 
-    def for_pool(self, pool_name: str, mode: str) -> CommitLog | None:
+    def for_shard(self, pool_name: str, shard: int, mode: str) -> CommitLog | None:
+        """The log of one shard of a pool (shards have their own primaries: their positions do not compare)."""
         if mode != GLOBAL:
             return None
-        commits = self._logs.get(pool_name)
+        name = pool_name if shard == 0 else f"{pool_name}#shard{shard}"
+        commits = self._logs.get(name)
         if commits is None:
-            slots = self._slots_for(pool_name) if self._slots_for is not None else None
-            commits = self._logs[pool_name] = CommitLog(slots)
+            slots = self._slots_for(name) if self._slots_for is not None else None
+            commits = self._logs[name] = CommitLog(slots)
         return commits

@@ -122,7 +122,8 @@ class SessionCheckout:
         """At login and when a reload moves the client: do its writes count (``_causal_writes``), and in
         ``global`` mode its reads' state. In ``session`` mode that state (``causal``) is made by the first
         write, so reads of a client that never wrote cost one attribute test."""
-        on = group.pool_mode != "session" and group.causal.mode != OFF
+        # Sharded pools: each shard's primary has its own WAL, so one client's positions would not compare.
+        on = group.pool_mode != "session" and group.causal.mode != OFF and not self._router.sharded  # type: ignore[union-attr]
         self._causal_writes = on
         if not on:
             self.causal = None
@@ -216,6 +217,8 @@ class SessionCheckout:
                 self.group = group
                 self._router = self.app.routers.get(self.database, self._router)
                 self._session_mode = group.pool_mode == "session"
+                # A reload may have changed the pool's shards.
+                self.shard_groups = self.app.shard_groups(self.database, self.user) if self._router.sharded else ()
                 self._join_causal(group)
                 preferred = None
             try:

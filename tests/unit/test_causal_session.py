@@ -58,7 +58,7 @@ class ClientTransport(Recorder):
 
 def setup(general: dict | None = None, **pool: object):
     app = split_app(general, **pool)
-    group = app.groups[("postgres", "postgres")]
+    group = app.groups[("postgres", "postgres", 0)]
     primary = idle_server(group.primary)
     replicas = [idle_server(sp) for sp in group.replicas]
     client = logged_in_client(app)
@@ -205,5 +205,5 @@ def test_causal_state_session_mode_from_the_first_write_global_from_login_off_an
                                     ({"causal_reads": "off"}, False, False), ({"pool_mode": "session"}, False, False)):
         app = split_app(**pool)
         client = logged_in_client(app)
-        client._join_causal(app.groups[("postgres", "postgres")])
+        client._join_causal(app.groups[("postgres", "postgres", 0)])
         assert (client._causal_writes, client.causal is not None) == (tracked, at_login), pool
