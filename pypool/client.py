@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pypool import limits, listen, sqlstates
 from pypool.flow import ReadingPause
-from pypool.login import TRACKED_STARTUP_PARAMETERS, LoginHandshake
+from pypool.login import LoginHandshake
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from pypool.pool.pool import CallbackWaiter
     from pypool.routing.router import Decision
 
-__all__ = ["ClientConnection", "TRACKED_STARTUP_PARAMETERS", "new_cancel_key"]
+__all__ = ["ClientConnection", "new_cancel_key"]
 
 log = logging.getLogger("pypool.client")
 
@@ -113,6 +113,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._startup_settings: dict[str, str] = {}
         self._desired_settings: dict[str, str] = {}
         self._settings_dirty = False
+        self._schema_changing = False  # DDL sent in the current transaction (see SessionEffects)
         self._hub: listen.ListenHub | None = None
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []

@@ -48,9 +48,9 @@ _IDLE = ord("I")
 # connection seen at snapshot time.
 LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
 SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
-# Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
+# Replies the relay looks at; ReadyForQuery, ParameterStatus and ErrorResponse it needs whole.
 _REPLY_STOPS = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
-_REPLY_WHOLE = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
+_REPLY_WHOLE = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE))
 
 
 class ServerError(PoolerError):
@@ -247,8 +247,10 @@ class ServerConnection(asyncio.Protocol):
                     self._note_parameter(data[pos + 5:end])
                 elif tag == _E:
                     requests.failed = True
-                    if rewriting:
-                        statements.on_error(getattr(client, "statements", None))  # type: ignore[union-attr]
+                    if statements is not None:
+                        statements.on_error_response(data, pos + 5, end)
+                        if rewriting:
+                            statements.on_error(getattr(client, "statements", None))
                 else:  # ParseComplete / CloseComplete
                     requests.parse_answered += 1
                     if rewriting and statements.actions:  # type: ignore[union-attr]

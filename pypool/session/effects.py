@@ -86,7 +86,9 @@ class SessionEffects:
             return True
         statements = server.statements
         if statements is None:
-            statements = server.statements = ServerStatements(self.group.config.prepared_statements_cache_size)  # type: ignore[union-attr]
+            group = self.group
+            statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,  # type: ignore[union-attr]
+                                                              group.schema)  # type: ignore[union-attr]
         rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
                             requests.parse_rank)
         rewriter.message(tag, payload, raw)
@@ -108,6 +110,11 @@ class SessionEffects:
             return session.refusal_sql(*effects.refusal)
         if effects.settings:
             self._settings_dirty = True
+        if effects.schema:
+            # Statements prepared from now on parse again, and again once the DDL is committed
+            # (``server_request_done``): in between others may still prepare on the old schema.
+            self.group.schema.bump()  # type: ignore[union-attr]
+            self._schema_changing = True
         statements = self.statements
         assert statements is not None
         if effects.forget_all:
@@ -194,6 +201,8 @@ class SessionEffects:
         """The client's settings: its startup parameters, overridden by what its SETs left."""
         self._desired_settings = {**self._startup_settings, **session_settings}
         self._parameters_key = tuple(sorted(self._desired_settings.items()))
+        if self.statements is not None:
+            self.statements.search_path = self._desired_settings.get("search_path", "")
 
     async def _sync_parameters(self, server: ServerConnection) -> None:
         """Make the server session carry this client's settings (and no other client's)."""

@@ -13,6 +13,8 @@ whose effect outlives the transaction:
   is shared, so it stays); ``DEALLOCATE ALL``/``DISCARD ALL`` run on the
   server and empty both the client's names and the server's statements;
 * ``LISTEN``/``UNLISTEN`` are served by the pool's listener connection;
+* ``CREATE``/``ALTER``/``DROP`` move the database's schema generation on, so
+  statements prepared afterwards parse again (pypool/session/schema.py);
 * what cannot survive pooling -- SQL ``PREPARE``/``EXECUTE``, session
   advisory locks, temporary objects that outlive the transaction,
   ``WITH HOLD`` cursors -- is refused with SQLSTATE 0A000 and a hint.
@@ -33,7 +35,7 @@ from pypool.routing.classify import lex_statements
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(
     rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create)\b",
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop)\b",
     re.S,
 )
 _ADVISORY_SESSION_FUNCTIONS = frozenset((
@@ -64,6 +66,7 @@ class Effects:
     forget: tuple[str, ...] = ()  # DEALLOCATE name
     listen: tuple[tuple[str, str], ...] = ()  # ("LISTEN"|"UNLISTEN", channel, "*" = all)
     refusal: tuple[str, str] | None = None  # (message, hint)
+    schema: bool = False  # DDL: prepared statements may describe what is no longer there
 
 
 NOTHING = Effects()
@@ -116,11 +119,14 @@ def _statement(toks: list) -> Effects:
         return Effects(listen=((first, channel),))
     if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
         return _refuse("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
-    if first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4]):
+    temporary = first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4])
+    if temporary:
         text = " ".join(words)
         if "ON COMMIT DROP" not in text:
             return _refuse("a temporary object that outlives its transaction",
                            "create it inside a transaction with ON COMMIT DROP, or use pool_mode = \"session\"")
+    elif first in ("CREATE", "ALTER", "DROP"):
+        return Effects(schema=True)
     if "SET_CONFIG" in words:
         return Effects(settings=True)
     return NOTHING
@@ -150,6 +156,7 @@ def _analyze(sql: str) -> Effects:
         forget_all=any(e.forget_all for e in found),
         forget=tuple(n for e in found for n in e.forget),
         listen=tuple(op for e in found for op in e.listen),
+        schema=any(e.schema for e in found),
     )
     special = sum(1 for e in found if e.forget_all or e.forget or e.listen)
     if special and special != len(found):
