@@ -117,6 +117,10 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._hub: listen.ListenHub | None = None
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []
+        # A transaction of this listening client ran NOTIFY on this backend PID: its final
+        # ReadyForQuery (``_held_ready``) waits until the listener has its notifications.
+        self.own_notify_pid = 0
+        self._held_ready: bytes | None = None
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).

@@ -66,6 +66,9 @@ class RelayTarget(Protocol):
 
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
+    own_notify_pid: int  # nonzero: the ReadyForQuery ending this transaction waits for its notifications
+
+    def hold_ready_for_query(self, ready: bytes) -> None: ...
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
@@ -288,8 +291,13 @@ class ServerConnection(asyncio.Protocol):
         """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
         client = self.client
         assert client is not None
-        client.transport.write(data if end == n else data[:end])
         rest = data[end:] if end < n else b""
+        if client.own_notify_pid and self.requests.status == _IDLE:
+            # The client notified a channel it listens on: it gets those notifications first.
+            client.hold_ready_for_query(data[end - 6:end])
+            client.transport.write(data[:end - 6])
+        else:
+            client.transport.write(data if end == n else data[:end])
         if self.requests.status == _IDLE:
             # A transaction ended: count it and time it. The clock starts at ``attach``, so in
             # transaction mode this is the checkout-to-commit time; a session-mode client's later

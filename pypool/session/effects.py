@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 from pypool import listen
 from pypool.pool.server import ServerConnection, ServerError
@@ -24,26 +25,38 @@ log = logging.getLogger("pypool.client")
 _Q = m.QUERY
 _P = m.PARSE
 _B = m.BIND
+# NOTIFY or pg_notify() in a listening client's statement (a false positive costs one listener round trip).
+_NOTIFY = re.compile(rb"(?i)notify")
+# How long the end of a client's own NOTIFY waits for the listener before answering anyway.
+OWN_NOTIFY_WAIT = 5.0
+
+
+def needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
+    """Transaction mode: does this message name a statement or change the session?"""
+    if end > len(data):
+        return True  # cannot tell yet: gather it whole
+    if tag == _Q:
+        return session.might_matter(data, start, end)
+    if tag == _P:
+        # An empty (malformed) Parse takes the careful path, which reports it.
+        if start >= end or data[start] != 0:
+            return True
+        # Only the query text: the parameter types after it may contain any byte (';' too).
+        text_end = data.find(b"\x00", start + 1, end)
+        return text_end < 0 or session.might_matter(data, start + 1, text_end)
+    if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
+        return data[start + 1] != 0
+    return names_statement(tag, data, start, end)
 
 
 class SessionEffects:
-    @staticmethod
-    def _needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
-        """Transaction mode: does this message name a statement or change the session?"""
-        if end > len(data):
-            return True  # cannot tell yet: gather it whole
-        if tag == _Q:
-            return session.might_matter(data, start, end)
-        if tag == _P:
-            # An empty (malformed) Parse takes the careful path, which reports it.
-            if start >= end or data[start] != 0:
-                return True
-            # Only the query text: the parameter types after it may contain any byte (';' too).
-            text_end = data.find(b"\x00", start + 1, end)
-            return text_end < 0 or session.might_matter(data, start + 1, text_end)
-        if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
-            return data[start + 1] != 0
-        return names_statement(tag, data, start, end)
+    _needs_care = staticmethod(needs_care)
+
+    def _needs_care_listening(self, tag: int, data: bytes, start: int, end: int) -> bool:
+        """``_needs_care`` once the client listens: its NOTIFY statements need a look too."""
+        if needs_care(tag, data, start, end):
+            return True
+        return (tag == _Q or tag == _P) and _NOTIFY.search(data, start, end) is not None
 
     def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
         """Send one whole Query/Parse/Bind/Describe/Close at ``data[pos:end]``, rewritten as needed.
@@ -61,6 +74,8 @@ class SessionEffects:
             if text_end < 0:
                 self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
                 return False
+            if self._hub is not None and _NOTIFY.search(payload, text_at, text_end):
+                self.own_notify_pid = server.backend_pid
             sql = payload[text_at:text_end].decode("utf-8", "replace")
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
@@ -155,6 +170,7 @@ class SessionEffects:
     async def _listen_then_resume(self, effects: session.Effects) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
+        self._needs_care = self._needs_care_listening  # type: ignore[method-assign]
         try:
             for op, channel in effects.listen:
                 if op == "LISTEN":
@@ -189,10 +205,68 @@ class SessionEffects:
         transport = self.transport
         if not self.state.relaying or transport is None or transport.is_closing():
             return
+        own = self.own_notify_pid
+        if own and int.from_bytes(message[5:9], "big") == own:
+            # Sent by this client's transaction: the PID is the one pypool gave the client.
+            message = message[:5] + self.process_id.to_bytes(4, "big") + message[9:]
         if self.server is None:
             transport.write(message)
         else:
             self._notifications.append(message)
+
+    def hold_ready_for_query(self, ready: bytes) -> None:
+        """The ReadyForQuery ending a transaction that notified: written by ``_deliver_own_notifications``."""
+        self._held_ready = ready
+
+    def _after_transaction(self, server: ServerConnection) -> None:
+        """Before ``server`` goes back: the client's own notifications, the settings it left."""
+        read_back = self._settings_dirty or server.reported_change
+        self._settings_dirty = False
+        if self._held_ready is None:
+            self.set_state(ClientState.READING_BACK)
+            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+            return
+        self.set_state(ClientState.WAITING_FOR_LISTENER)
+        self._checkout_task = asyncio.get_running_loop().create_task(
+            self._deliver_own_notifications(server, read_back))
+
+    async def _deliver_own_notifications(self, server: ServerConnection, read_back: bool) -> None:
+        """Wait for the listener to hand out what the transaction notified, then answer ReadyForQuery.
+
+        PostgreSQL delivers a session's own notifications before that
+        ReadyForQuery. ``server`` stays out of the pool meanwhile, so every
+        notification from its backend PID until then is this client's.
+        """
+        group = self.group
+        assert group is not None and self._hub is not None
+        server.detach()
+        barrier = asyncio.ensure_future(self._hub.barrier())  # not cancelled half-way: the listener is shared
+        barrier.add_done_callback(lambda done: done.cancelled() or done.exception())  # reported below, if awaited
+        try:
+            await asyncio.wait_for(asyncio.shield(barrier), OWN_NOTIFY_WAIT)
+        except (ServerError, asyncio.TimeoutError) as exc:
+            log.warning("client %s: the listener did not confirm its notifications: %s", self.peer, exc or "timeout")
+        except asyncio.CancelledError:
+            group.checkin(server)
+            raise
+        self.own_notify_pid = 0
+        ready, self._held_ready = self._held_ready, None
+        if self.transport is not None and not self.transport.is_closing() and ready:
+            self.transport.write(ready)
+        if read_back and self.state.relaying:
+            self.set_state(ClientState.READING_BACK)
+            await self._read_back_settings(server)
+            return
+        group.checkin(server)
+        self._idle_again()
+
+    def _idle_again(self) -> None:
+        """The coroutine that ran after a transaction is done: on to the next request, if any."""
+        self._checkout_task = None
+        if self.state.relaying:
+            self.set_state(ClientState.IDLE)
+            if self._pending:
+                self._dispatch_pending()
 
     def _needs_sync(self, server: ServerConnection) -> bool:
         return server.applied_key != self._parameters_key
@@ -240,8 +314,4 @@ class SessionEffects:
             server.applied_parameters = settings
             server.applied_key = self._parameters_key if settings == self._desired_settings else None
             group.checkin(server)
-        self._checkout_task = None
-        if self.state.relaying:
-            self.set_state(ClientState.IDLE)
-            if self._pending:
-                self._dispatch_pending()
+        self._idle_again()

@@ -219,10 +219,8 @@ class SessionRelay:
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.
             self._pending[:0] = self._walker.take_held()
-        if self._settings_dirty or server.reported_change:
-            self._settings_dirty = False
-            self.set_state(ClientState.READING_BACK)
-            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+        if self._settings_dirty or server.reported_change or self._held_ready is not None:
+            self._after_transaction(server)
             return
         self.set_state(ClientState.IDLE)
         self.group.checkin(server)  # type: ignore[union-attr]

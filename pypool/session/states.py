@@ -35,7 +35,9 @@ class ClientState(enum.Enum):
     SYNCING = "syncing settings"  # its server connection is given the client's settings (or a held BEGIN)
     ATTACHED = "attached"  # relaying a request or transaction on its server connection
     READING_BACK = "reading back settings"  # learning the settings its transaction left, then releasing
-    WAITING_FOR_LISTENER = "waiting for the listener"  # a LISTEN waits for the pool's listener connection
+    # A LISTEN waits for the pool's listener connection, or the end of a transaction that notified a
+    # channel the client listens on waits for the listener to have received its notifications.
+    WAITING_FOR_LISTENER = "waiting for the listener"
     CLOSED = "closed"
 
     # Set below for every member (plain attributes: read on the relay's hot path).
@@ -54,7 +56,7 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CLOSED),
     _S.READING_BACK: (_S.IDLE, _S.CLOSED),
-    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.CLOSED),
+    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.READING_BACK, _S.CLOSED),
     _S.CLOSED: (),
 }
 _SHOWN = {
