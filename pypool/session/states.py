@@ -10,6 +10,7 @@ than a flag elsewhere.
                       v             v  │ (error)          │ │  └──> READING_BACK ──> IDLE
                     ADMIN        WAITING ──> SYNCING ─────┘ │
                                     ▲                       └──> WAITING_FOR_LISTENER ──> ATTACHED
+                                    │                   (its own NOTIFY answered: ──> IDLE or READING_BACK)
                                     └── ATTACHED (its server died before answering a read: retry)
     any state ──> CLOSED
 
