@@ -18,7 +18,7 @@ from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
 from pypool.session.prepared import Rewriter, ServerStatements, names_statement
-from pypool.session.states import ClientState
+from pypool.session import states
 
 log = logging.getLogger("pypool.client")
 
@@ -80,7 +80,7 @@ class SessionEffects:
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
                 self._pending += data[pos:]
-                self.set_state(ClientState.WAITING_FOR_LISTENER)
+                self.set_state(states.WAITING_FOR_LISTENER)
                 self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
@@ -193,11 +193,11 @@ class SessionEffects:
         self._pending.clear()
         server = self.server
         if server is not None:
-            self.set_state(ClientState.ATTACHED)
+            self.set_state(states.ATTACHED)
             self._forward(server, data)
         else:
             self._pending += data
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             self._dispatch_pending()
 
     def deliver_notification(self, message: bytes) -> None:
@@ -223,10 +223,11 @@ class SessionEffects:
         read_back = self._settings_dirty or server.reported_change
         self._settings_dirty = False
         if self._held_ready is None:
-            self.set_state(ClientState.READING_BACK)
+            self.set_state(states.READING_BACK)
+            server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
-        self.set_state(ClientState.WAITING_FOR_LISTENER)
+        self.set_state(states.WAITING_FOR_LISTENER)
         self._checkout_task = asyncio.get_running_loop().create_task(
             self._deliver_own_notifications(server, read_back))
 
@@ -254,7 +255,7 @@ class SessionEffects:
         if self.transport is not None and not self.transport.is_closing() and ready:
             self.transport.write(ready)
         if read_back and self.state.relaying:
-            self.set_state(ClientState.READING_BACK)
+            self.set_state(states.READING_BACK)
             await self._read_back_settings(server)
             return
         group.checkin(server)
@@ -264,7 +265,7 @@ class SessionEffects:
         """The coroutine that ran after a transaction is done: on to the next request, if any."""
         self._checkout_task = None
         if self.state.relaying:
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             if self._pending:
                 self._dispatch_pending()
 
@@ -299,7 +300,6 @@ class SessionEffects:
         """
         group = self.group
         assert group is not None
-        server.detach()
         try:
             rows = await server.query(session.SETTINGS_QUERY)
         except ServerError as exc:
