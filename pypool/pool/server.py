@@ -69,7 +69,7 @@ class RelayTarget(Protocol):
     reading: ReadingPause  # paused while this server's socket cannot take more
     own_notify_pid: int  # nonzero: the ReadyForQuery ending this transaction waits for its notifications
 
-    def hold_ready_for_query(self, ready: bytes) -> None: ...
+    def hold_ready_for_query(self, data: bytes, end: int) -> int: ...
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
@@ -250,9 +250,7 @@ class ServerConnection(asyncio.Protocol):
                 elif tag == _E:
                     requests.failed = True
                     if statements is not None:
-                        statements.on_error_response(data, pos + 5, end)
-                        if rewriting:
-                            statements.on_error(getattr(client, "statements", None))
+                        statements.on_error_response(data, pos + 5, end, getattr(client, "statements", None))
                 else:  # ParseComplete / CloseComplete
                     requests.parse_answered += 1
                     if rewriting and statements.actions:  # type: ignore[union-attr]
@@ -269,13 +267,9 @@ class ServerConnection(asyncio.Protocol):
             if pos > start:
                 write(data[start:pos] if start or pos < n else data)
             return
-        # The final ReadyForQuery, ending at ``end``: relay up to it, then hand the connection back.
-        if client.own_notify_pid and requests.status == _IDLE:  # type: ignore[union-attr]
-            # The client notified a channel it listens on: it gets those notifications first.
-            client.hold_ready_for_query(data[end - 6:end])  # type: ignore[union-attr]
-            write(data[start:end - 6])
-        else:
-            write(data if end == n and not start else data[start:end])
+        # The final ReadyForQuery, ending at ``end`` (held back after a client's own NOTIFY): relay, hand back.
+        held = client.hold_ready_for_query(data, end) if client.own_notify_pid and requests.status == _IDLE else 0
+        write(data if end == n and not start and not held else data[start:end - held])
         if requests.status == _IDLE:
             # A transaction ended: count it and time it. The clock starts at ``attach``, so in
             # transaction mode this is the checkout-to-commit time; a session-mode client's later

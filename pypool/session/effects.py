@@ -102,8 +102,9 @@ class SessionEffects:
         statements = server.statements
         if statements is None:
             group = self.group
-            statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,  # type: ignore[union-attr]
-                                                              group.schema)  # type: ignore[union-attr]
+            assert group is not None
+            statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,
+                                                              group.schema)
         rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
                             requests.parse_rank)
         rewriter.message(tag, payload, raw)
@@ -214,9 +215,10 @@ class SessionEffects:
         else:
             self._notifications.append(message)
 
-    def hold_ready_for_query(self, ready: bytes) -> None:
-        """The ReadyForQuery ending a transaction that notified: written by ``_deliver_own_notifications``."""
-        self._held_ready = ready
+    def hold_ready_for_query(self, data: bytes, end: int) -> int:
+        """Keep the ReadyForQuery ending at ``data[end]`` for ``_deliver_own_notifications``; its length."""
+        self._held_ready = data[end - 6:end]
+        return 6
 
     def _after_transaction(self, server: ServerConnection) -> None:
         """Before ``server`` goes back: the client's own notifications, the settings it left."""

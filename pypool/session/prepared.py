@@ -131,14 +131,18 @@ class ServerStatements:
     def on_ready(self) -> None:
         self.epoch += 1
 
-    def on_error_response(self, data: bytes, start: int, end: int) -> None:
-        """An ErrorResponse (fields at ``data[start:end]``): a stale statement moves the schema on.
+    def on_error_response(self, data: bytes, start: int, end: int, client: "ClientStatements | None") -> None:
+        """An ErrorResponse (fields at ``data[start:end]``) relayed to ``client``'s statements.
+
+        The rest of the epoch is skipped (``on_error``), and a stale statement moves the schema on.
 
         PostgreSQL keeps a statement whose plan cannot be revalidated failing
         ("cached plan must not change result type", "cache lookup failed for
         type"); the driver answers by preparing it again, and that Parse must
         reach a server as a new statement, on every server connection.
         """
+        if self.actions:
+            self.on_error(client)
         if self.schema is not None and invalidates_statements(data, start, end):
             self.schema.bump()
 

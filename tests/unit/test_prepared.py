@@ -214,13 +214,13 @@ def test_a_stale_statement_error_moves_the_schema_on_and_the_next_parse_parses_a
     server.actions.clear()
     for code, routine in [("0A000", "exec_stmt_raise"), ("42P01", "parserOpenTable")]:
         error = stale_error(code, routine)
-        server.on_error_response(error, 0, len(error))  # not about a stale statement
+        server.on_error_response(error, 0, len(error), client)  # not about a stale statement
     out, _ = run(ClientStatements(generation), server, (m.PARSE, parse(b"again", b"SELECT * FROM t")))
     assert out == [("C", b"S" + prepared.ABSENT_NAME + b"\0")], "same schema: the server's copy is shared"
     for code, routine in [("0A000", "RevalidateCachedQuery"), ("XX000", "format_type_extended")]:
         server.actions.clear()
         error = stale_error(code, routine)
-        server.on_error_response(error, 0, len(error))
+        server.on_error_response(error, 0, len(error), client)
         out, _ = run(ClientStatements(generation), server, (m.PARSE, parse(b"again", b"SELECT * FROM t")))
         assert [tag for tag, _ in out] == ["C", "P"], f"after {code} the Parse must reach the server"
     assert generation.value == 2
