@@ -121,6 +121,8 @@ class LoginHandshake:
         self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
         self._counted_as = (self.database, self.user)
         self.group = group
+        if self.app.routers[self.database].sharded:
+            self.shard_groups = self.app.shard_groups(self.database, self.user)
         self.session_parameters = {name.lower(): value for name, value in params.items()
                                    if name not in NOT_SETTINGS and not name.startswith("_pq_.")}
         self._startup_settings = dict(self.session_parameters)

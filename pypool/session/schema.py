@@ -38,7 +38,8 @@ _generations: dict[str, SchemaGeneration] = {}
 
 
 def generation_for(database: str) -> SchemaGeneration:
-    """The one generation of a server database, shared by every pool (and user) that reaches it."""
+    """The one generation of a server database (``name@host:port`` of its first server), shared by
+    every pool and user that reaches it."""
     generation = _generations.get(database)
     if generation is None:
         generation = _generations[database] = SchemaGeneration()

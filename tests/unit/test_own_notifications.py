@@ -46,7 +46,7 @@ async def settle() -> None:
 
 def setup():
     app = primary_only_app()
-    server = idle_server(app.groups[("postgres", "postgres")].primary)
+    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
     server.backend_pid = BACKEND_PID
     client = logged_in_client(app)
     client.statements = ClientStatements()
