@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 from pypool import limits, listen, sqlstates
 from pypool.causal.requirement import ClientCausal
 from pypool.flow import ReadingPause
-from pypool.login import TRACKED_STARTUP_PARAMETERS, LoginHandshake
+from pypool.login import LoginHandshake
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from pypool.pool.pool import CallbackWaiter
     from pypool.routing.router import Decision
 
-__all__ = ["ClientConnection", "TRACKED_STARTUP_PARAMETERS", "new_cancel_key"]
+__all__ = ["ClientConnection", "new_cancel_key"]
 
 log = logging.getLogger("pypool.client")
 
@@ -127,9 +127,14 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._startup_settings: dict[str, str] = {}
         self._desired_settings: dict[str, str] = {}
         self._settings_dirty = False
+        self._schema_changing = False  # DDL sent in the current transaction (see SessionEffects)
         self._hub: listen.ListenHub | None = None
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []
+        # A transaction of this listening client ran NOTIFY on this backend PID: its final
+        # ReadyForQuery (``_held_ready``) waits until the listener has its notifications.
+        self.own_notify_pid = 0
+        self._held_ready: bytes | None = None
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).

@@ -35,6 +35,7 @@ from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, PoolTimeout, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.roles import ANY, PRIMARY, REPLICA
+from pypool.session.schema import generation_for
 from pypool.tls import server_context
 
 if TYPE_CHECKING:
@@ -124,7 +125,14 @@ class PoolGroup:
             else:
                 self.replicas.append(server_pool)
         self.balancer = Balancer(pool.load_balancing_mode)
+        # Part of every prepared statement's identity: moved on by DDL and stale-statement errors.
+        servers = pool.shards[shard].servers
+        self.schema = generation_for(f"{pool.shards[shard].database}@{servers[0].host}:{servers[0].port}"
+                                     if servers else pool.shards[shard].database)
         self.server_parameters: dict[str, str] | None = None
+        # Reported parameters as PostgreSQL spells them once set from a client's startup values
+        # (client_encoding=utf8 -> UTF8), keyed by those values: asked once per distinct set.
+        self.reported_values: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.monitors: list[ServerMonitor] = []
         self._monitor_of: dict[ServerPool, ServerMonitor] = {}
         self.causal: PoolCausal[ServerPool] = PoolCausal(
@@ -428,12 +436,16 @@ class PoolGroup:
         one (primary first, then replicas) so clients see real values.
         """
         if self.server_parameters is None:
-            for role in (PRIMARY, REPLICA):
-                try:
-                    conn = await self.checkout(role)
-                except Exception as exc:  # noqa: BLE001 - try the next server
-                    log.debug("parameter discovery via %s failed: %s", role, exc)
-                    continue
+            conn = await self.any_connection()
+            if conn is not None:
                 self.checkin(conn)
-                break
         return dict(self.server_parameters or FALLBACK_PARAMETERS)
+
+    async def any_connection(self) -> ServerConnection | None:
+        """A connection to whichever server answers, primary first, then replicas (None: none does)."""
+        for role in (PRIMARY, REPLICA):
+            try:
+                return await self.checkout(role)
+            except Exception as exc:  # noqa: BLE001 - try the next server
+                log.debug("pool %s: no %s connection for login-time questions: %s", self.name, role, exc)
+        return None

@@ -48,10 +48,10 @@ _IDLE = ord("I")
 # connection seen at snapshot time.
 LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
 SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
-# Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
+# Replies the relay looks at; ReadyForQuery, ParameterStatus and ErrorResponse it needs whole.
 _REPLY_STOPS = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
                           m.CLOSE_COMPLETE))
-_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
+_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE))
 
 
 class ServerError(PoolerError):
@@ -67,6 +67,9 @@ class RelayTarget(Protocol):
 
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
+    own_notify_pid: int  # nonzero: the ReadyForQuery ending this transaction waits for its notifications
+
+    def hold_ready_for_query(self, data: bytes, end: int) -> int: ...
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def write_committed(self, server: "ServerConnection") -> None: ...
@@ -206,11 +209,8 @@ class ServerConnection(asyncio.Protocol):
             self.reading.resume()
 
     def _relay(self, data: bytes, n: int) -> None:
-        """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors.
-
-        While prepared-statement actions wait (pypool/session/prepared.py), also rewrite their replies
-        (``_rewrite_reply``) and undo the actions an ErrorResponse makes the server skip.
-        """
+        """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors (and, while
+        prepared-statement actions wait, rewrite their replies and undo what an ErrorResponse skips)."""
         if not self.replied and data[0] == _E and self._is_farewell(data):
             # The server is going away before answering (crash, shutdown): drop the
             # connection unanswered so the client side can retry a read elsewhere.
@@ -251,8 +251,8 @@ class ServerConnection(asyncio.Protocol):
                     self._note_parameter(data[pos + 5:end])
                 elif tag == _E:
                     requests.failed = True
-                    if rewriting:
-                        statements.on_error(getattr(client, "statements", None))  # type: ignore[union-attr]
+                    if statements is not None:
+                        statements.on_error_response(data, pos + 5, end, getattr(client, "statements", None))
                 else:  # ParseComplete / CloseComplete
                     requests.parse_answered += 1
                     if rewriting and statements.actions:  # type: ignore[union-attr]
@@ -269,13 +269,14 @@ class ServerConnection(asyncio.Protocol):
             if pos > start:
                 write(data[start:pos] if start or pos < n else data)
             return
-        # The final ReadyForQuery, ending at ``end``: relay up to it, then hand the connection back.
+        # The final ReadyForQuery, ending at ``end`` (held back after a client's own NOTIFY): relay, hand back.
         idle = requests.status == _IDLE
         if idle and self.track_commit:
             client.write_committed(self)  # type: ignore[union-attr]  # before anyone can read after the commit
-        write(data if end == n and not start else data[start:end])
+        held = client.hold_ready_for_query(data, end) if idle and client.own_notify_pid else 0
+        write(data if end == n and not start and not held else data[start:end - held])
         if idle:
-            # A transaction ended: count it; time it from ``attach`` (session mode: only its first one).
+            # Timed from ``attach`` (checkout to commit); a session client's later transactions are not timed.
             self.xact_count += 1
             started = self.xact_start
             if started:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING
 
 from pypool import listen
@@ -32,26 +33,38 @@ _COMMIT_LOOKUPS: set[asyncio.Task[None]] = set()
 _Q = m.QUERY
 _P = m.PARSE
 _B = m.BIND
+# NOTIFY or pg_notify() in a listening client's statement (a false positive costs one listener round trip).
+_NOTIFY = re.compile(rb"(?i)notify")
+# How long the end of a client's own NOTIFY waits for the listener before answering anyway.
+OWN_NOTIFY_WAIT = 5.0
+
+
+def needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
+    """Transaction mode: does this message name a statement or change the session?"""
+    if end > len(data):
+        return True  # cannot tell yet: gather it whole
+    if tag == _Q:
+        return session.might_matter(data, start, end)
+    if tag == _P:
+        # An empty (malformed) Parse takes the careful path, which reports it.
+        if start >= end or data[start] != 0:
+            return True
+        # Only the query text: the parameter types after it may contain any byte (';' too).
+        text_end = data.find(b"\x00", start + 1, end)
+        return text_end < 0 or session.might_matter(data, start + 1, text_end)
+    if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
+        return data[start + 1] != 0
+    return names_statement(tag, data, start, end)
 
 
 class SessionEffects:
-    @staticmethod
-    def _needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
-        """Transaction mode: does this message name a statement or change the session?"""
-        if end > len(data):
-            return True  # cannot tell yet: gather it whole
-        if tag == _Q:
-            return session.might_matter(data, start, end)
-        if tag == _P:
-            # An empty (malformed) Parse takes the careful path, which reports it.
-            if start >= end or data[start] != 0:
-                return True
-            # Only the query text: the parameter types after it may contain any byte (';' too).
-            text_end = data.find(b"\x00", start + 1, end)
-            return text_end < 0 or session.might_matter(data, start + 1, text_end)
-        if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
-            return data[start + 1] != 0
-        return names_statement(tag, data, start, end)
+    _needs_care = staticmethod(needs_care)
+
+    def _needs_care_listening(self, tag: int, data: bytes, start: int, end: int) -> bool:
+        """``_needs_care`` once the client listens: its NOTIFY statements need a look too."""
+        if needs_care(tag, data, start, end):
+            return True
+        return (tag == _Q or tag == _P) and _NOTIFY.search(data, start, end) is not None
 
     def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
         """Send one whole Query/Parse/Bind/Describe/Close at ``data[pos:end]``, rewritten as needed.
@@ -69,6 +82,8 @@ class SessionEffects:
             if text_end < 0:
                 self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
                 return False
+            if self._hub is not None and _NOTIFY.search(payload, text_at, text_end):
+                self.own_notify_pid = server.backend_pid
             sql = payload[text_at:text_end].decode("utf-8", "replace")
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
@@ -94,7 +109,10 @@ class SessionEffects:
             return True
         statements = server.statements
         if statements is None:
-            statements = server.statements = ServerStatements(self.group.config.prepared_statements_cache_size)  # type: ignore[union-attr]
+            group = self.group
+            assert group is not None
+            statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,
+                                                              group.schema)
         rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
                             requests.parse_rank)
         rewriter.message(tag, payload, raw)
@@ -118,6 +136,11 @@ class SessionEffects:
             self._settings_dirty = True
         if effects.asynchronous_commit:
             self._asynchronous_commit = True  # the commit position to learn is the insert position
+        if effects.schema:
+            # Statements prepared from now on parse again, and again once the DDL is committed
+            # (``server_request_done``): in between others may still prepare on the old schema.
+            self.group.schema.bump()  # type: ignore[union-attr]
+            self._schema_changing = True
         statements = self.statements
         assert statements is not None
         if effects.forget_all:
@@ -158,6 +181,7 @@ class SessionEffects:
     async def _listen_then_resume(self, effects: session.Effects) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
+        self._needs_care = self._needs_care_listening  # type: ignore[method-assign]
         try:
             for op, channel in effects.listen:
                 if op == "LISTEN":
@@ -192,10 +216,46 @@ class SessionEffects:
         transport = self.transport
         if not self.state.relaying or transport is None or transport.is_closing():
             return
+        own = self.own_notify_pid
+        if own and int.from_bytes(message[5:9], "big") == own:
+            # Sent by this client's transaction: the PID is the one pypool gave the client.
+            message = message[:5] + self.process_id.to_bytes(4, "big") + message[9:]
         if self.server is None:
             transport.write(message)
         else:
             self._notifications.append(message)
+
+    def hold_ready_for_query(self, data: bytes, end: int) -> int:
+        """Keep the ReadyForQuery ending at ``data[end]`` for ``_deliver_own_notifications``; its length."""
+        self._held_ready = data[end - 6:end]
+        return 6
+
+    async def _deliver_own_notifications(self) -> None:
+        """Wait for the listener to hand out what the transaction notified, then answer ReadyForQuery.
+
+        PostgreSQL delivers a session's own notifications before that
+        ReadyForQuery. The server connection stays out of the pool meanwhile, so
+        every notification from its backend PID until then is this client's.
+        """
+        assert self._hub is not None
+        barrier = asyncio.ensure_future(self._hub.barrier())  # not cancelled half-way: the listener is shared
+        barrier.add_done_callback(lambda done: done.cancelled() or done.exception())  # reported below, if awaited
+        try:
+            await asyncio.wait_for(asyncio.shield(barrier), OWN_NOTIFY_WAIT)
+        except (ServerError, asyncio.TimeoutError) as exc:
+            log.warning("client %s: the listener did not confirm its notifications: %s", self.peer, exc or "timeout")
+        self.own_notify_pid = 0
+        ready, self._held_ready = self._held_ready, None
+        if self.transport is not None and not self.transport.is_closing() and ready:
+            self.transport.write(ready)
+
+    def _idle_again(self) -> None:
+        """The coroutine that ran after a transaction is done: on to the next request, if any."""
+        self._checkout_task = None
+        if self.state.relaying:
+            self.set_state(states.IDLE)
+            if self._pending:
+                self._dispatch_pending()
 
     def _needs_sync(self, server: ServerConnection) -> bool:
         return server.applied_key != self._parameters_key
@@ -204,6 +264,8 @@ class SessionEffects:
         """The client's settings: its startup parameters, overridden by what its SETs left."""
         self._desired_settings = {**self._startup_settings, **session_settings}
         self._parameters_key = tuple(sorted(self._desired_settings.items()))
+        if self.statements is not None:
+            self.statements.search_path = self._desired_settings.get("search_path", "")
 
     async def _sync_parameters(self, server: ServerConnection) -> None:
         """Make the server session carry this client's settings (and no other client's)."""
@@ -225,9 +287,11 @@ class SessionEffects:
 
     async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None,
                                  asynchronous: bool = False) -> None:
-        """Talk to a released connection before it goes back: read back settings, learn a commit position.
+        """Talk to a released connection before it goes back: own notifications, settings, commit position.
 
-        ``read_back``: the transaction ran SET/RESET; the client waits in
+        The client's own NOTIFY (``_held_ready``): its ReadyForQuery waits in
+        WAITING_FOR_LISTENER until the listener has handed those notifications
+        out. ``read_back``: the transaction ran SET/RESET; the client waits in
         READING_BACK until its settings are known. ``ticket``: the transaction
         may have written (causal reads, ``write_committed``); its commit
         position is asked on the same connection, whose session is the one
@@ -237,14 +301,16 @@ class SessionEffects:
         group = self.group
         assert group is not None
         clean = True
+        holds_client = read_back or self._held_ready is not None
         try:
+            if self._held_ready is not None:
+                await self._deliver_own_notifications()
+                if read_back and self.state.relaying:
+                    self.set_state(states.READING_BACK)
             if read_back:
                 clean = await self._read_back_settings(server)
-                self._checkout_task = None
-                if self.state.relaying:
-                    self.set_state(states.IDLE)
-                    if self._pending:
-                        self._dispatch_pending()
+            if holds_client:
+                self._idle_again()
             if ticket is not None and clean:
                 clean = await self._learn_commit(group, server, ticket, asynchronous)
                 if clean:

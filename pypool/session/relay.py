@@ -250,6 +250,9 @@ class SessionRelay:
         self.xact_count += 1
         if self._session_mode:
             return
+        if self._schema_changing:
+            self._schema_changing = False
+            self.group.schema.bump()  # type: ignore[union-attr]
         self.server = None
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.
@@ -259,12 +262,13 @@ class SessionRelay:
         if ticket is not None:
             self._commit_ticket = None
             asynchronous, self._asynchronous_commit = self._asynchronous_commit, False
-        if self._settings_dirty or server.reported_change:
+        read_back = self._settings_dirty or server.reported_change
+        if read_back or self._held_ready is not None:
             self._settings_dirty = False
-            self.set_state(states.READING_BACK)
+            self.set_state(states.READING_BACK if self._held_ready is None else states.WAITING_FOR_LISTENER)
             server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
             self._checkout_task = asyncio.get_running_loop().create_task(
-                self._after_transaction(server, True, ticket, asynchronous))
+                self._after_transaction(server, read_back, ticket, asynchronous))
             return
         self.set_state(states.IDLE)
         if ticket is None:

@@ -16,6 +16,8 @@ whose effect outlives the transaction:
 * ``SET LOCAL synchronous_commit = off`` makes the transaction's commit
   asynchronous: causal reads must then wait for its insert position, not its
   flush position (``pypool.causal.requirement.parse_commit_row``);
+* ``CREATE``/``ALTER``/``DROP`` move the database's schema generation on, so
+  statements prepared afterwards parse again (pypool/session/schema.py);
 * what cannot survive pooling -- SQL ``PREPARE``/``EXECUTE``, session
   advisory locks, temporary objects that outlive the transaction,
   ``WITH HOLD`` cursors -- is refused with SQLSTATE 0A000 and a hint.
@@ -36,7 +38,7 @@ from pypool.routing.classify import lex_statements
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(
     rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create)\b",
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop)\b",
     re.S,
 )
 _ADVISORY_SESSION_FUNCTIONS = frozenset((
@@ -70,6 +72,7 @@ class Effects:
     listen: tuple[tuple[str, str], ...] = ()  # ("LISTEN"|"UNLISTEN", channel, "*" = all)
     refusal: tuple[str, str] | None = None  # (message, hint)
     asynchronous_commit: bool = False  # SET LOCAL synchronous_commit = off: this transaction's commit
+    schema: bool = False  # DDL: prepared statements may describe what is no longer there
 
 
 NOTHING = Effects()
@@ -125,11 +128,14 @@ def _statement(toks: list) -> Effects:
         return Effects(listen=((first, channel),))
     if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
         return _refuse("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
-    if first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4]):
+    temporary = first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4])
+    if temporary:
         text = " ".join(words)
         if "ON COMMIT DROP" not in text:
             return _refuse("a temporary object that outlives its transaction",
                            "create it inside a transaction with ON COMMIT DROP, or use pool_mode = \"session\"")
+    elif first in ("CREATE", "ALTER", "DROP"):
+        return Effects(schema=True)
     if "SET_CONFIG" in words:
         return Effects(settings=True)
     return NOTHING
@@ -160,6 +166,7 @@ def _analyze(sql: str) -> Effects:
         forget=tuple(n for e in found for n in e.forget),
         listen=tuple(op for e in found for op in e.listen),
         asynchronous_commit=any(e.asynchronous_commit for e in found),
+        schema=any(e.schema for e in found),
     )
     special = sum(1 for e in found if e.forget_all or e.forget or e.listen)
     if special and special != len(found):

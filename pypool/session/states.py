@@ -10,6 +10,7 @@ than a flag elsewhere.
                       v             v  │ (error)          │ │  └──> READING_BACK ──> IDLE
                     ADMIN        WAITING ──> SYNCING ─────┘ │
                                     ▲                       └──> WAITING_FOR_LISTENER ──> ATTACHED
+                                    │                   (its own NOTIFY answered: ──> IDLE or READING_BACK)
                                     ├── ATTACHED (its server died before answering a read: retry)
                                     └── WAITING_FOR_REPLICA <── IDLE, ATTACHED (retry), WAITING (again)
                                           (a read that must see a write no usable replica is known
@@ -39,7 +40,9 @@ class ClientState(enum.Enum):
     SYNCING = "syncing settings"  # its server connection is given the client's settings (or a held BEGIN)
     ATTACHED = "attached"  # relaying a request or transaction on its server connection
     READING_BACK = "reading back settings"  # learning the settings its transaction left, then releasing
-    WAITING_FOR_LISTENER = "waiting for the listener"  # a LISTEN waits for the pool's listener connection
+    # A LISTEN waits for the pool's listener connection, or the end of a transaction that notified a
+    # channel the client listens on waits for the listener to have received its notifications.
+    WAITING_FOR_LISTENER = "waiting for the listener"
     WAITING_FOR_REPLICA = "waiting for a replica"  # a causal read waits for a replica to replay its write
     FANNED_OUT = "fanned out"  # pypool runs the request on servers itself (every shard) and answers from their replies
     CLOSED = "closed"
@@ -62,7 +65,7 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.WAITING_FOR_REPLICA,
                   _S.CLOSED),
     _S.READING_BACK: (_S.IDLE, _S.CLOSED),
-    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.CLOSED),
+    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.READING_BACK, _S.CLOSED),
     _S.FANNED_OUT: (_S.IDLE, _S.CLOSED),
     _S.CLOSED: (),
 }

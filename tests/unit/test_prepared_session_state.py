@@ -26,6 +26,7 @@ def test_everyday_statements_skip_the_analysis(sql):
 @pytest.mark.parametrize("sql", [
     "SET search_path = a", "  /* c */ reset all", "-- note\nSET x = 1", "BEGIN; SET LOCAL x = 1; COMMIT",
     "SELECT set_config('a', 'b', false)", "SELECT pg_advisory_lock(1)", "LISTEN x", "deallocate all",
+    "ALTER TABLE t ADD COLUMN c int", "DROP TABLE t",
 ])
 def test_session_statements_are_flagged(sql):
     assert matters(sql)
@@ -40,6 +41,9 @@ def test_session_statements_are_flagged(sql):
     ("SET LOCAL synchronous_commit = off", s.Effects(asynchronous_commit=True)),
     ("BEGIN; set local synchronous_commit to 'false'; INSERT INTO t VALUES (1)", s.Effects(asynchronous_commit=True)),
     ("SET LOCAL synchronous_commit = local", s.NOTHING),
+    ("ALTER TABLE t ADD COLUMN b int", s.Effects(schema=True)),
+    ("drop type mood; create type mood AS ENUM ('a')", s.Effects(schema=True)),
+    ("CREATE TEMP TABLE x (a int) ON COMMIT DROP", s.NOTHING),
     ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", s.NOTHING),
     ("UPDATE t SET v = 1", s.NOTHING),
     ("DISCARD ALL", s.Effects(settings=True, forget_all=True)),
