@@ -60,6 +60,7 @@ class Pooler(Protocol):
     groups: dict[tuple[str, str], PoolGroup]
     averager: Averager
     worker: Instance | None
+    accepting: bool  # False once the shutdown drain started
 
     async def stats_snapshot(self) -> Snapshot: ...
 
@@ -153,6 +154,10 @@ class AdminCommands:
 
     def reload(self, args: list[str]) -> bytes:
         log.info("admin %s: RELOAD", self.peer)
+        if not self.pooler.accepting:
+            # A reload would start new pools that the drain never closes.
+            raise AdminError(sqlstates.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                             "pypool is shutting down: RELOAD is refused during the drain")
         try:
             self.pooler.reload(reason="admin RELOAD")
         except ConfigError as exc:
