@@ -72,6 +72,7 @@ def build(routing: bool, transaction: bool) -> tuple[ClientConnection, list[Serv
         conn = ServerConnection(sp.address, Credentials("postgres", "x", "postgres"))
         conn.transport = FakeTransport()
         conn.pool = sp
+        conn.stats = sp.stats  # as the pool sets it at connect: the statistics are part of the cost
         conn.applied_parameters["application_name"] = "pypool"
         conn.applied_key = ()
         sp.idle.append(conn)

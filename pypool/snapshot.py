@@ -53,7 +53,8 @@ STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's 
 __all__ = ["CLIENT_STATES", "SERVER_STATES"]
 
 # Cumulative counters of one address; merged by summing.
-COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "checkouts",
+COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time",
+            "queries_timed", "checkouts",
             "wait_time", "wait_hist_sum", "checkout_timeouts", "connects", "connect_errors", "closed_dirty",
             "bans", "healthchecks", "healthcheck_failures")
 
@@ -83,7 +84,8 @@ class AddressStats:
     ban_remaining: float = 0.0
     current_connections: int = 0
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVER_STATES, 0))
-    # xact_count, query_count, bytes_*: ints; xact_time, wait_time, wait_hist_sum: seconds.
+    # xact_count, query_count, queries_timed, bytes_*: ints; xact_time, query_time, wait_time,
+    # wait_hist_sum: seconds.
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))
     wait_hist: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
@@ -354,7 +356,8 @@ def _address(group: "PoolGroup", sp: "ServerPool", now: float) -> AddressStats:
 # snapshot counter -> PoolStats attribute
 _POOL_STATS_FIELDS = {
     "xact_count": "xact_count", "query_count": "query_count", "bytes_received": "bytes_received",
-    "bytes_sent": "bytes_sent", "xact_time": "xact_time", "checkouts": "checkouts",
+    "bytes_sent": "bytes_sent", "xact_time": "xact_time", "query_time": "query_time",
+    "queries_timed": "queries_timed", "checkouts": "checkouts",
     "wait_time": "checkout_wait_time", "wait_hist_sum": "wait_hist_sum", "checkout_timeouts": "checkout_timeouts",
     "connects": "connects", "connect_errors": "connect_errors", "closed_dirty": "closed_dirty",
     "healthchecks": "healthchecks", "healthcheck_failures": "healthcheck_failures",
@@ -405,6 +408,11 @@ def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRo
 
 # ------------------------------------------------------------------ averages
 
+# What Averager.get gives for an address before its second sample.
+NO_AVERAGES = dict.fromkeys(("xact_count", "query_count", "recv", "sent", "errors", "xact_time", "query_time",
+                             "wait_time", "server_assignment_count", "queries_timed"), 0.0)
+
+
 class Averager:
     """Per-second rates and per-event times over the last stats period (SHOW STATS avg_*).
 
@@ -442,9 +450,10 @@ class Averager:
                 "errors": d["errors"] / elapsed,
                 # Times are averages per event, in microseconds, like PgBouncer's.
                 "xact_time": d["xact_time"] / d["xact_timed"] * 1e6 if d["xact_timed"] else 0.0,
-                "query_time": 0.0,
+                "query_time": d["query_time"] / d["queries_timed"] * 1e6 if d["queries_timed"] else 0.0,
                 "wait_time": d["wait_time"] / d["checkouts"] * 1e6 if d["checkouts"] else 0.0,
                 "server_assignment_count": d["checkouts"] / elapsed,
+                "queries_timed": d["queries_timed"] / elapsed,  # weighs query_time when merged per database
             }
         for key in list(self._previous):
             if key not in seen:
@@ -452,6 +461,4 @@ class Averager:
                 self.averages.pop(key, None)
 
     def get(self, key: tuple) -> dict[str, float]:
-        return self.averages.get(key) or dict.fromkeys(
-            ("xact_count", "query_count", "recv", "sent", "errors", "xact_time", "query_time", "wait_time",
-             "server_assignment_count"), 0.0)
+        return self.averages.get(key) or dict(NO_AVERAGES)

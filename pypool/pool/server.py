@@ -35,6 +35,8 @@ from pypool.tls import connect_tls
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
 
+_monotonic = time.monotonic  # read on every request: one global lookup, not two
+
 log = logging.getLogger("pypool.server")
 
 _Z = m.READY_FOR_QUERY
@@ -121,6 +123,7 @@ class ServerConnection(asyncio.Protocol):
         self.bytes_received = 0
         self.bytes_sent = 0
         self.xact_start = 0.0  # when the timed transaction began (0: not timed)
+        self.query_start = 0.0  # when the request being answered began (0: none)
         self._folded = False
 
     def __repr__(self) -> str:
@@ -179,7 +182,8 @@ class ServerConnection(asyncio.Protocol):
     def attach(self, client: RelayTarget) -> None:
         self.client = client
         self.state = ACTIVE
-        self.xact_start = time.monotonic()
+        # The client's first request starts with the attach: one clock read times both.
+        self.xact_start = self.query_start = _monotonic()
         requests = self.requests
         if requests.owed or requests.batch_open or requests.failed:
             requests.begin()  # the last client left mid-request (a finished one leaves it clean)
@@ -191,6 +195,15 @@ class ServerConnection(asyncio.Protocol):
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if self._buffer.buffered:
             self._buffer.take_raw()
+
+    def request_started(self) -> None:
+        """The attached client sent the first message of a new request (its clock was not running).
+
+        In session mode a request after a transaction ended also starts the next one.
+        """
+        now = self.query_start = _monotonic()
+        if not self.xact_start:
+            self.xact_start = now
 
     def detach(self) -> None:
         self.client = None
@@ -288,16 +301,24 @@ class ServerConnection(asyncio.Protocol):
         assert client is not None
         client.transport.write(data if end == n else data[:end])
         rest = data[end:] if end < n else b""
+        # Query time: first message to the last reply owed (PgBouncer's "actively executing
+        # queries"), a pipelined batch being one span. Transaction time: the first request's
+        # start (in transaction mode the attach, after any wait) to the ReadyForQuery 'I'.
+        now = _monotonic()
+        stats = self.stats
+        started = self.query_start
+        if started:
+            self.query_start = 0.0
+            if stats is not None:
+                stats.query_time += now - started
+                stats.queries_timed += 1
         if self.requests.status == _IDLE:
-            # A transaction ended: count it and time it. The clock starts at ``attach``, so in
-            # transaction mode this is the checkout-to-commit time; a session-mode client's later
-            # transactions on the same attachment are counted but not timed (their start is unknown).
             self.xact_count += 1
             started = self.xact_start
             if started:
                 self.xact_start = 0.0
-                if self.stats is not None:
-                    self.stats.observe_xact(time.monotonic() - started)
+                if stats is not None:
+                    stats.observe_xact(now - started)
         client.server_request_done(self)
         if rest:
             # Asynchronous messages after the final ReadyForQuery: relay them if
