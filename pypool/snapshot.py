@@ -54,7 +54,7 @@ __all__ = ["CLIENT_STATES", "SERVER_STATES"]
 
 # Cumulative counters of one address; merged by summing.
 COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time",
-            "queries_timed", "checkouts",
+            "queries_timed", "client_parse_count", "server_parse_count", "bind_count", "checkouts",
             "wait_time", "wait_hist_sum", "checkout_timeouts", "connects", "connect_errors", "closed_dirty",
             "bans", "healthchecks", "healthcheck_failures")
 
@@ -357,7 +357,8 @@ def _address(group: "PoolGroup", sp: "ServerPool", now: float) -> AddressStats:
 _POOL_STATS_FIELDS = {
     "xact_count": "xact_count", "query_count": "query_count", "bytes_received": "bytes_received",
     "bytes_sent": "bytes_sent", "xact_time": "xact_time", "query_time": "query_time",
-    "queries_timed": "queries_timed", "checkouts": "checkouts",
+    "queries_timed": "queries_timed", "client_parse_count": "client_parse_count",
+    "server_parse_count": "server_parse_count", "bind_count": "bind_count", "checkouts": "checkouts",
     "wait_time": "checkout_wait_time", "wait_hist_sum": "wait_hist_sum", "checkout_timeouts": "checkout_timeouts",
     "connects": "connects", "connect_errors": "connect_errors", "closed_dirty": "closed_dirty",
     "healthchecks": "healthchecks", "healthcheck_failures": "healthcheck_failures",
@@ -380,6 +381,11 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
         if not conn._folded:  # live connections: their counts are not in PoolStats yet
             for counter in _CONNECTION_FIELDS:
                 c[counter] += getattr(conn, counter)
+            ps = conn.statements
+            if ps is not None:
+                c["client_parse_count"] += ps.parses
+                c["server_parse_count"] += ps.misses
+                c["bind_count"] += ps.binds
     live = _live(sp)
     for conn in live:
         state = _server_state(conn, now, check_delay)
@@ -410,7 +416,8 @@ def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRo
 
 # What Averager.get gives for an address before its second sample.
 NO_AVERAGES = dict.fromkeys(("xact_count", "query_count", "recv", "sent", "errors", "xact_time", "query_time",
-                             "wait_time", "server_assignment_count", "queries_timed"), 0.0)
+                             "wait_time", "server_assignment_count", "queries_timed", "client_parse_count",
+                             "server_parse_count", "bind_count"), 0.0)
 
 
 class Averager:
@@ -454,6 +461,9 @@ class Averager:
                 "wait_time": d["wait_time"] / d["checkouts"] * 1e6 if d["checkouts"] else 0.0,
                 "server_assignment_count": d["checkouts"] / elapsed,
                 "queries_timed": d["queries_timed"] / elapsed,  # weighs query_time when merged per database
+                "client_parse_count": d["client_parse_count"] / elapsed,
+                "server_parse_count": d["server_parse_count"] / elapsed,
+                "bind_count": d["bind_count"] / elapsed,
             }
         for key in list(self._previous):
             if key not in seen:

@@ -13,7 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-from pypool import __version__, sqlstates
+from pypool import sqlstates
+from pypool.about import version_line
 from pypool.admin import tables
 from pypool.admin.tables import BAN_COLUMNS, TEXT
 from pypool.config import ConfigError
@@ -141,7 +142,7 @@ class AdminCommands:
         return m.result_set(*tables.config_table(self.pooler.file_config), tag="SHOW")
 
     def show_version(self) -> bytes:
-        return m.result_set([("version", TEXT)], [[f"pypool {__version__}"]], tag="SHOW")
+        return m.result_set([("version", TEXT)], [[version_line()]], tag="SHOW")
 
     def show_help(self) -> bytes:
         usage = m.notice_response("Console usage", detail="\n\t" + "\n\t".join(HELP_LINES))

@@ -84,6 +84,9 @@ PGBOUNCER_STATS = ("server_assignment_count", "xact_count", "query_count", "byte
                    "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
 
 
+_PREPARED_COUNTS = ("client_parse_count", "server_parse_count", "bind_count")  # transaction mode only
+
+
 def stats_totals_table(snap: Snapshot) -> Table:
     """PgBouncer's SHOW STATS_TOTALS: per database; bytes seen from the clients' side; microseconds."""
     by_db: dict[str, dict[str, int]] = {}
@@ -98,6 +101,8 @@ def stats_totals_table(snap: Snapshot) -> Table:
         row["xact_time"] += _us(c["xact_time"])
         row["query_time"] += _us(c["query_time"])
         row["wait_time"] += _us(c["wait_time"])
+        for name in _PREPARED_COUNTS:
+            row[name] += int(c[name])
     return _by_database(by_db)
 
 
@@ -121,6 +126,8 @@ def stats_averages_table(snap: Snapshot, averager: Averager) -> Table:
         w["query"] += avg["queries_timed"]
         row["wait_time"] += avg["wait_time"] * avg["server_assignment_count"]
         w["assign"] += avg["server_assignment_count"]
+        for name in _PREPARED_COUNTS:
+            row[name] += avg[name]
     for name, row in by_db.items():
         w = weights[name]
         row["xact_time"] = row["xact_time"] / w["xact"] if w["xact"] else 0

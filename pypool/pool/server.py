@@ -340,6 +340,11 @@ class ServerConnection(asyncio.Protocol):
             stats.xact_count += self.xact_count
             stats.bytes_received += self.bytes_received
             stats.bytes_sent += self.bytes_sent
+            statements = self.statements
+            if statements is not None:
+                stats.client_parse_count += statements.parses
+                stats.server_parse_count += statements.misses
+                stats.bind_count += statements.binds
 
     def _note_parameter(self, payload: bytes) -> None:
         try:

@@ -76,7 +76,7 @@ def server_name(body: bytes) -> bytes:
 class ServerStatements:
     """What one server connection has prepared, and the actions waiting for its replies."""
 
-    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions")
+    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions", "parses", "binds")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity if capacity > 0 else DEFAULT_CACHE_SIZE
@@ -87,6 +87,9 @@ class ServerStatements:
         self.hits = 0  # a statement the server already had
         self.misses = 0  # a statement pypool had to prepare
         self.evictions = 0
+        # For SHOW STATS_TOTALS (PgBouncer's client_parse_count, bind_count; misses are server parses).
+        self.parses = 0  # named statements the clients prepared
+        self.binds = 0  # Binds of named statements
 
     def clear(self) -> None:
         """The server dropped every statement (DISCARD ALL, DEALLOCATE ALL)."""
@@ -208,6 +211,7 @@ class Rewriter:
         target = server_name(body)
         self.client.names[name] = (target, body)
         server = self.server
+        server.parses += 1
         if target in server.names:
             server.names.move_to_end(target)
             server.hits += 1
@@ -256,6 +260,7 @@ class Rewriter:
         if target is None:
             self.out.append(raw)
             return
+        self.server.binds += 1
         self.out.append(m.message(m.BIND, payload[:portal_end + 1] + target + payload[stmt_end:]))
 
     def _describe(self, payload: bytes, raw: bytes) -> None:

@@ -214,8 +214,11 @@ def test_query_time_agrees_with_pg_stat_statements_under_pgbench(statements_serv
         # BEGIN / scan / END: the scan is a request of an open transaction, timed from its own start.
         in_transaction.write_text(f"\\set aid random(1, 100000)\nBEGIN;\n{SCAN}\nEND;\n")
         latencies = []
-        for script, transactions in ((autocommit, AUTOCOMMIT_TXS), (in_transaction, IN_TRANSACTION_TXS)):
-            result = pgbench(pypool, "-f", str(script), "-c", "2", "-t", str(transactions), timeout=120)
+        # The autocommit scans as named prepared statements (Parse once per client, then Bind/Execute).
+        for script, transactions, mode in ((autocommit, AUTOCOMMIT_TXS, "prepared"),
+                                           (in_transaction, IN_TRANSACTION_TXS, "simple")):
+            result = pgbench(pypool, "-f", str(script), "-c", "2", "-t", str(transactions), "-M", mode,
+                             timeout=120)
             assert_clean_pgbench(result)
             latencies.append(float(re.search(r"latency average = ([0-9.]+) ms", result.output).group(1)))
         pg_ms, scans = direct.execute(
@@ -233,12 +236,16 @@ def test_query_time_agrees_with_pg_stat_statements_under_pgbench(statements_serv
     requests = int(stats["total_query_count"])
     print(f"query time: pypool {pypool_us} us over {requests} requests, pg_stat_statements {server_us:.0f} us, "
           f"pgbench latency averages {latencies} ms")
-    assert requests == 2 * (AUTOCOMMIT_TXS + 3 * IN_TRANSACTION_TXS), stats
+    # Per client: its Parse (pgbench prepares with a Sync of its own), the scans, BEGIN/scan/END.
+    assert requests == 2 * (1 + AUTOCOMMIT_TXS + 3 * IN_TRANSACTION_TXS), stats
     # What the servers spent on the statements is what pypool timed them at, within 20 %.
     assert abs(pypool_us - server_us) <= 0.2 * server_us, (pypool_us, server_us)
     # ... and no more than the clients waited for them (pgbench's latency includes the client's side).
     client_us = 2 * (AUTOCOMMIT_TXS * latencies[0] + IN_TRANSACTION_TXS * latencies[1]) * 1000
     assert pypool_us <= client_us, (pypool_us, client_us)
     assert int(totals["query_time"]) == pypool_us
+    # PgBouncer's prepared-statement counts: a Parse per client, shared on the server, a Bind per scan.
+    assert (totals["client_parse_count"], totals["bind_count"]) == (2, 2 * AUTOCOMMIT_TXS), totals
+    assert 1 <= totals["server_parse_count"] <= 2, totals
     # A transaction spans its requests: BEGIN to END takes longer than the scan inside.
     assert int(stats["total_xact_time"]) >= pypool_us
