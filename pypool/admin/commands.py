@@ -205,9 +205,13 @@ class AdminCommands:
 
     def shutdown(self, args: list[str]) -> bytes:
         log.info("admin %s: SHUTDOWN", self.peer)
+        result = m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
+        if not self.pooler.accepting:
+            # Already draining: unlike a second signal, a repeated console command does not cut it short.
+            return m.notice_response("pypool is already shutting down") + result
         # After this reply is written: the drain runs as its own task.
         asyncio.get_running_loop().call_soon(self.pooler.request_shutdown, "admin SHUTDOWN")
-        return m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
+        return result
 
     def _matching(self, target: str) -> Iterator[tuple[PoolGroup, ServerPool]]:
         """(group, server pool) pairs whose server is ``host`` or ``host:port``."""

@@ -149,6 +149,8 @@ def test_admin_console_works_during_the_drain(start_pypool, pg_cluster, table, h
             # A reload would start pools the drain never closes: refused, the session stays usable.
             with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="shutting down"):
                 during.execute("RELOAD")
+            # SHUTDOWN again: answered, and the transaction still gets to commit (below).
+            assert during.execute("SHUTDOWN").fetchall() == [("t",)]
             assert show(during, "VERSION")
 
         # A pool client is still turned away.
