@@ -62,6 +62,7 @@ class Pooler(Protocol):
     averager: Averager
     worker: Instance | None
     accepting: bool  # False once the shutdown drain started
+    leaving: bool  # a shutdown was asked for (during shutdown_delay too)
 
     async def stats_snapshot(self) -> Snapshot: ...
 
@@ -206,8 +207,8 @@ class AdminCommands:
     def shutdown(self, args: list[str]) -> bytes:
         log.info("admin %s: SHUTDOWN", self.peer)
         result = m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
-        if not self.pooler.accepting:
-            # Already draining: unlike a second signal, a repeated console command does not cut it short.
+        if self.pooler.leaving:
+            # Unlike a second signal, a repeated console command does not cut shutdown_delay or the drain short.
             return m.notice_response("pypool is already shutting down") + result
         # After this reply is written: the drain runs as its own task.
         asyncio.get_running_loop().call_soon(self.pooler.request_shutdown, "admin SHUTDOWN")

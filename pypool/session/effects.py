@@ -17,7 +17,7 @@ from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
 from pypool.session.prepared import Rewriter, ServerStatements, names_statement
-from pypool.session.states import ClientState
+from pypool.session import states
 
 log = logging.getLogger("pypool.client")
 
@@ -65,7 +65,7 @@ class SessionEffects:
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
                 self._pending += data[pos:]
-                self.set_state(ClientState.WAITING_FOR_LISTENER)
+                self.set_state(states.WAITING_FOR_LISTENER)
                 self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
@@ -170,11 +170,11 @@ class SessionEffects:
         self._pending.clear()
         server = self.server
         if server is not None:
-            self.set_state(ClientState.ATTACHED)
+            self.set_state(states.ATTACHED)
             self._forward(server, data)
         else:
             self._pending += data
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             self._dispatch_pending()
 
     def deliver_notification(self, message: bytes) -> None:
@@ -216,7 +216,6 @@ class SessionEffects:
         """
         group = self.group
         assert group is not None
-        server.detach()
         try:
             rows = await server.query(session.SETTINGS_QUERY)
         except ServerError as exc:
@@ -233,6 +232,6 @@ class SessionEffects:
             group.checkin(server)
         self._checkout_task = None
         if self.state.relaying:
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             if self._pending:
                 self._dispatch_pending()
