@@ -198,13 +198,29 @@ class ServerConnection(asyncio.Protocol):
             self._buffer.take_raw()
 
     def request_started(self) -> None:
-        """The attached client sent the first message of a new request (its clock was not running).
-
-        In session mode a request after a transaction ended also starts the next one.
-        """
+        """The client sent a new request's first message (in session mode, maybe a transaction's)."""
         now = self.query_start = _monotonic()
         if not self.xact_start:
             self.xact_start = now
+
+    def _request_ended(self, transaction_ended: bool) -> None:
+        """Count and time it: a request from its first message to the last reply owed (a pipelined batch
+        is one), a transaction from its first request (in transaction mode the attach) to its end."""
+        now = _monotonic()
+        stats = self.stats
+        started = self.query_start
+        if started:
+            self.query_start = 0.0
+            if stats is not None:
+                stats.query_time += now - started
+                stats.queries_timed += 1
+        if transaction_ended:
+            self.xact_count += 1
+            started = self.xact_start
+            if started:
+                self.xact_start = 0.0
+                if stats is not None:
+                    stats.observe_xact(now - started)
 
     def detach(self) -> None:
         self.client = None
@@ -279,24 +295,7 @@ class ServerConnection(asyncio.Protocol):
             return
         # The final ReadyForQuery, ending at ``end``: relay up to it, then hand the connection back.
         write(data if end == n and not start else data[start:end])
-        # Query time: first message to the last reply owed (PgBouncer's "actively executing
-        # queries"), a pipelined batch being one span. Transaction time: the first request's
-        # start (in transaction mode the attach, after any wait) to the ReadyForQuery 'I'.
-        now = _monotonic()
-        stats = self.stats
-        started = self.query_start
-        if started:
-            self.query_start = 0.0
-            if stats is not None:
-                stats.query_time += now - started
-                stats.queries_timed += 1
-        if requests.status == _IDLE:
-            self.xact_count += 1
-            started = self.xact_start
-            if started:
-                self.xact_start = 0.0
-                if stats is not None:
-                    stats.observe_xact(now - started)
+        self._request_ended(requests.status == _IDLE)
         client.server_request_done(self)  # type: ignore[union-attr]
         if end < n:
             self._after_request(data[end:])
@@ -345,11 +344,8 @@ class ServerConnection(asyncio.Protocol):
             stats.xact_count += self.xact_count
             stats.bytes_received += self.bytes_received
             stats.bytes_sent += self.bytes_sent
-            statements = self.statements
-            if statements is not None:
-                stats.client_parse_count += statements.parses
-                stats.server_parse_count += statements.misses
-                stats.bind_count += statements.binds
+            if self.statements is not None:
+                self.statements.add_counts_to(stats)
 
     def _note_parameter(self, payload: bytes) -> None:
         try:

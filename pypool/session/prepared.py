@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from pypool.protocol import messages as m
 
@@ -90,6 +91,12 @@ class ServerStatements:
         # For SHOW STATS_TOTALS (PgBouncer's client_parse_count, bind_count; misses are server parses).
         self.parses = 0  # named statements the clients prepared
         self.binds = 0  # Binds of named statements
+
+    def add_counts_to(self, stats: Any) -> None:
+        """Fold this connection's counts into its pool's PoolStats, as the connection ends."""
+        stats.client_parse_count += self.parses
+        stats.server_parse_count += self.misses
+        stats.bind_count += self.binds
 
     def clear(self) -> None:
         """The server dropped every statement (DISCARD ALL, DEALLOCATE ALL)."""
