@@ -3,10 +3,12 @@
 Drives a real ClientConnection and ServerConnection through fake transports:
 the client sends pgbench's select-only Query, the server answers with
 RowDescription + DataRow + CommandComplete + ReadyForQuery, the connection
-goes back to the pool. Prints microseconds per transaction; with --profile,
-a cProfile summary. Used to measure hot-path changes before/after:
+goes back to the pool. With --transaction, each transaction is three
+requests instead (BEGIN, the SELECT, COMMIT), as pgbench's scripts are.
+Prints microseconds per transaction; with --profile, a cProfile summary.
+Used to measure hot-path changes before/after:
 
-    python -m benchmarks.micro_relay [--routing] [--profile] [-n 200000]
+    python -m benchmarks.micro_relay [--routing] [--transaction] [--profile] [-n 200000]
 """
 
 from __future__ import annotations
@@ -46,7 +48,10 @@ class FakeTransport(asyncio.Transport):
         self.closing = True
 
 
-def build(routing: bool) -> tuple[ClientConnection, ServerConnection, bytes, bytes]:
+Exchange = list[tuple[bytes, bytes]]  # (what the client sends, what the server answers), in order
+
+
+def build(routing: bool, transaction: bool) -> tuple[ClientConnection, list[ServerConnection], Exchange]:
     cfg = default_config_dict({})
     pool = cfg["pools"]["postgres"]
     pool["query_parser_enabled"] = routing
@@ -68,24 +73,28 @@ def build(routing: bool) -> tuple[ClientConnection, ServerConnection, bytes, byt
         conn = ServerConnection(sp.address, Credentials("postgres", "x", "postgres"))
         conn.transport = FakeTransport()
         conn.pool = sp
+        conn.stats = sp.stats  # as the pool sets it at connect: the statistics are part of the cost
         conn.applied_parameters["application_name"] = "pypool"
         conn.applied_key = ()
         sp.idle.append(conn)
         sp.size += 1
         servers.append(conn)
     query = m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;")
-    reply = (m.row_description(["abalance"]) + m.data_row([4242]) + m.command_complete("SELECT 1")
-             + m.ready_for_query())
-    return client, servers, query, reply
+    rows = m.row_description(["abalance"]) + m.data_row([4242]) + m.command_complete("SELECT 1")
+    if not transaction:
+        return client, servers, [(query, rows + m.ready_for_query())]
+    return client, servers, [(m.query("BEGIN;"), m.command_complete("BEGIN") + m.ready_for_query(b"T")),
+                             (query, rows + m.ready_for_query(b"T")),
+                             (m.query("END;"), m.command_complete("COMMIT") + m.ready_for_query())]
 
 
-def run(n: int, routing: bool, profile: bool) -> None:
-    client, servers, query, reply = build(routing)
+def run(n: int, routing: bool, transaction: bool, profile: bool) -> None:
+    client, servers, exchange = build(routing, transaction)
 
     def one() -> None:
-        client.data_received(query)
-        server = client.server
-        server.data_received(reply)
+        for request, reply in exchange:
+            client.data_received(request)
+            client.server.data_received(reply)
 
     for _ in range(1000):
         one()
@@ -99,7 +108,8 @@ def run(n: int, routing: bool, profile: bool) -> None:
     if prof:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(20)
-    print(f"{'routing' if routing else 'primary-only'}: {elapsed / n * 1e6:.2f} us per transaction "
+    what = ("routing" if routing else "primary-only") + (", BEGIN/SELECT/END" if transaction else "")
+    print(f"{what}: {elapsed / n * 1e6:.2f} us per transaction "
           f"(Python side of pypool, no syscalls)")
 
 
@@ -107,11 +117,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=200_000)
     parser.add_argument("--routing", action="store_true")
+    parser.add_argument("--transaction", action="store_true", help="three requests per transaction")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
     async def go() -> None:
-        run(args.n, args.routing, args.profile)
+        run(args.n, args.routing, args.transaction, args.profile)
 
     asyncio.run(go())
 

@@ -131,6 +131,9 @@ class Application:
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
     def _reload_on_signal(self) -> None:
+        if not self.accepting:
+            log.warning("SIGHUP during the shutdown drain: config not reloaded")
+            return
         try:
             self.reload(reason="SIGHUP")
         except ConfigError:
@@ -177,7 +180,8 @@ class Application:
         return await admin.login(client)
 
     def check_accepting(self, client: ClientConnection) -> None:
-        self.registry.check_accepting(self.config.general.max_client_conn)
+        self.registry.check_accepting(self.config.general.max_client_conn,
+                                      admin=self.is_admin_database(client.database))
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         return self.registry.register_cancel_key(client)

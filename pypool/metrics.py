@@ -44,7 +44,7 @@ from pypool.httpd import HttpEndpoint
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.causal.stats import WAIT_BUCKETS as CAUSAL_WAIT_BUCKETS
 from pypool.probes import Verdict
-from pypool.snapshot import SERVER_STATES, AddressStats, Snapshot
+from pypool.snapshot import NO_AVERAGES, SERVER_STATES, AddressStats, Snapshot
 
 log = logging.getLogger("pypool.metrics")
 
@@ -68,19 +68,19 @@ def _untyped(name: str, documentation: str) -> Metric:
 
 _STATS_HELP = {
     "total_query_count": "Number of queries sent by all clients",
-    "total_query_time": "Total amount of time for queries to execute (not measured by pypool: 0)",
+    "total_query_time": "Total time servers spent answering requests, first message to last reply (microseconds)",
     "total_received": "Number of bytes received from the server",
     "total_sent": "Number of bytes sent to the server",
     "total_xact_count": "Total number of transactions started by the client",
     "total_xact_time": "Total amount of time for all transactions to execute (microseconds)",
     "total_wait_time": "Total time client waited for a server connection (microseconds)",
     "avg_query_count": "Average of total_query_count every 15 seconds",
-    "avg_query_time": "Average time taken for queries to execute every 15 seconds",
+    "avg_query_time": "Average time of a request over the last 15 seconds (microseconds)",
     "avg_recv": "Average of total_received bytes every 15 seconds",
     "avg_sent": "Average of total_sent bytes every 15 seconds",
     "avg_errors": "Average number of errors every 15 seconds",
     "avg_xact_count": "Average of total_xact_count every 15 seconds",
-    "avg_xact_time": "Average of total_xact_time every 15 seconds",
+    "avg_xact_time": "Average time of a transaction over the last 15 seconds (microseconds)",
     "avg_wait_time": "Average of total_wait_time every 15 seconds",
 }
 _POOLS_HELP = {
@@ -125,7 +125,7 @@ def pgcat_families(snap: Snapshot, averages: dict[tuple, dict[str, float]]) -> l
     }
     for a in snap.addresses:
         labels = _pgcat_labels(a)
-        values = stats_values(a, averages.get(a.key) or _NO_AVERAGES)
+        values = stats_values(a, averages.get(a.key) or NO_AVERAGES)
         for key, family in stats.items():
             family.add_sample(family.name, labels, values[key])
         server_values = {
@@ -155,8 +155,6 @@ def pgcat_families(snap: Snapshot, averages: dict[tuple, dict[str, float]]) -> l
     return out
 
 
-_NO_AVERAGES = dict.fromkeys(("xact_count", "query_count", "recv", "sent", "errors", "xact_time", "query_time",
-                              "wait_time", "server_assignment_count"), 0.0)
 
 
 def pypool_families(snap: Snapshot) -> list[Metric]:

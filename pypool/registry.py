@@ -37,7 +37,7 @@ class ClientRegistry:
         self.worker = worker
         self.clients: set[ClientConnection] = set()
         self.user_counts = UserConnectionCounts()
-        self.accepting = True  # False once shutdown starts: new clients are turned away
+        self.accepting = True  # False once shutdown starts: new clients (admins aside) are turned away
         self._cancel_keys: dict[tuple[int, int], ClientConnection] = {}
 
     def connected(self, client: ClientConnection) -> None:
@@ -49,9 +49,13 @@ class ClientRegistry:
         if log_it and client.user:
             log.info("client %s (%s@%s) disconnected", client.peer, client.user, client.database)
 
-    def check_accepting(self, max_client_conn: int) -> None:
-        """Raises LoginRefused when a client that just connected must be turned away."""
-        if not self.accepting:
+    def check_accepting(self, max_client_conn: int, admin: bool = False) -> None:
+        """Raises LoginRefused when a client that just connected must be turned away.
+
+        An admin login is let in during the drain, as PgCat does: the drain is
+        when an operator most needs SHOW CLIENTS and SHOW POOLS.
+        """
+        if not self.accepting and not admin:
             raise LoginRefused(sqlstates.ADMIN_SHUTDOWN, "pypool is shutting down")
         if max_client_conn and len(self.clients) > max_client_conn:
             raise LoginRefused(sqlstates.TOO_MANY_CONNECTIONS,

@@ -4,6 +4,8 @@ During the drain the listener stays open so that a new client is told why
 (57P01) instead of finding the port closed; clients between transactions are
 closed with 57P01 at once, clients inside one get up to ``shutdown_timeout``
 to commit. Asked again while draining (a second SIGINT), it stops waiting.
+The admin console stays open to admins throughout (SHOW CLIENTS, SHOW POOLS
+watch the drain), as in PgCat; the process ends when the drain does.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ __all__ = ["CLIENT_STATES", "SERVER_STATES"]
 CAUSAL_OUTCOMES = ("at_once", "after_wait", "to_primary", "timed_out")
 
 # Cumulative counters of one address; merged by summing.
-COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "checkouts",
+COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "query_time",
+            "queries_timed", "client_parse_count", "server_parse_count", "bind_count", "checkouts",
             "wait_time", "wait_hist_sum", "checkout_timeouts", "connects", "connect_errors", "closed_dirty",
             "bans", "healthchecks", "healthcheck_failures")
 
@@ -89,7 +90,8 @@ class AddressStats:
     ban_remaining: float = 0.0
     current_connections: int = 0
     states: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERVER_STATES, 0))
-    # xact_count, query_count, bytes_*: ints; xact_time, wait_time, wait_hist_sum: seconds.
+    # xact_count, query_count, queries_timed, bytes_*: ints; xact_time, query_time, wait_time,
+    # wait_hist_sum: seconds.
     counters: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))
     wait_hist: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
@@ -379,7 +381,9 @@ def _address(group: "PoolGroup", sp: "ServerPool", now: float) -> AddressStats:
 # snapshot counter -> PoolStats attribute
 _POOL_STATS_FIELDS = {
     "xact_count": "xact_count", "query_count": "query_count", "bytes_received": "bytes_received",
-    "bytes_sent": "bytes_sent", "xact_time": "xact_time", "checkouts": "checkouts",
+    "bytes_sent": "bytes_sent", "xact_time": "xact_time", "query_time": "query_time",
+    "queries_timed": "queries_timed", "client_parse_count": "client_parse_count",
+    "server_parse_count": "server_parse_count", "bind_count": "bind_count", "checkouts": "checkouts",
     "wait_time": "checkout_wait_time", "wait_hist_sum": "wait_hist_sum", "checkout_timeouts": "checkout_timeouts",
     "connects": "connects", "connect_errors": "connect_errors", "closed_dirty": "closed_dirty",
     "healthchecks": "healthchecks", "healthcheck_failures": "healthcheck_failures",
@@ -402,6 +406,11 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
         if not conn._folded:  # live connections: their counts are not in PoolStats yet
             for counter in _CONNECTION_FIELDS:
                 c[counter] += getattr(conn, counter)
+            ps = conn.statements
+            if ps is not None:
+                c["client_parse_count"] += ps.parses
+                c["server_parse_count"] += ps.misses
+                c["bind_count"] += ps.binds
     live = _live(sp)
     for conn in live:
         state = _server_state(conn, now, check_delay)
@@ -430,6 +439,12 @@ def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRo
 
 
 # ------------------------------------------------------------------ averages
+
+# What Averager.get gives for an address before its second sample.
+NO_AVERAGES = dict.fromkeys(("xact_count", "query_count", "recv", "sent", "errors", "xact_time", "query_time",
+                             "wait_time", "server_assignment_count", "queries_timed", "client_parse_count",
+                             "server_parse_count", "bind_count"), 0.0)
+
 
 class Averager:
     """Per-second rates and per-event times over the last stats period (SHOW STATS avg_*).
@@ -468,9 +483,13 @@ class Averager:
                 "errors": d["errors"] / elapsed,
                 # Times are averages per event, in microseconds, like PgBouncer's.
                 "xact_time": d["xact_time"] / d["xact_timed"] * 1e6 if d["xact_timed"] else 0.0,
-                "query_time": 0.0,
+                "query_time": d["query_time"] / d["queries_timed"] * 1e6 if d["queries_timed"] else 0.0,
                 "wait_time": d["wait_time"] / d["checkouts"] * 1e6 if d["checkouts"] else 0.0,
                 "server_assignment_count": d["checkouts"] / elapsed,
+                "queries_timed": d["queries_timed"] / elapsed,  # weighs query_time when merged per database
+                "client_parse_count": d["client_parse_count"] / elapsed,
+                "server_parse_count": d["server_parse_count"] / elapsed,
+                "bind_count": d["bind_count"] / elapsed,
             }
         for key in list(self._previous):
             if key not in seen:
@@ -478,6 +497,4 @@ class Averager:
                 self.averages.pop(key, None)
 
     def get(self, key: tuple) -> dict[str, float]:
-        return self.averages.get(key) or dict.fromkeys(
-            ("xact_count", "query_count", "recv", "sent", "errors", "xact_time", "query_time", "wait_time",
-             "server_assignment_count"), 0.0)
+        return self.averages.get(key) or dict(NO_AVERAGES)

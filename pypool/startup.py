@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pypool import __version__, sqlstates
+from pypool.about import runtime
 from pypool.pool.server import Credentials, ServerError, open_connection
 from pypool.tls import server_context
 
@@ -33,7 +34,7 @@ _REFUSALS = (sqlstates.INVALID_PASSWORD, sqlstates.INVALID_AUTHORIZATION_SPECIFI
 def describe(config: "Config") -> list[str]:
     """The start-up summary, one log line per entry."""
     general = config.general
-    lines = [f"pypool {__version__} starting with config {config.path}"]
+    lines = [f"pypool {__version__} starting with config {config.path}", f"running on {runtime()}"]
     workers = f", {general.workers} worker processes" if general.workers > 1 else ""
     lines.append(f"listen {general.host}:{general.port}{workers}; admin console user {general.admin_username}")
     for pool in config.pools.values():

@@ -13,7 +13,8 @@ VERSION | BANS | HELP | STATS_TOTALS | STATS_AVERAGES``, ``RELOAD``,
 Column names and order are PgCat's (``src/admin.rs``); ``STATS_TOTALS`` and
 ``STATS_AVERAGES``, which PgCat lacks, follow PgBouncer. Where PgCat leaves a
 column at 0 and pypool knows the value, pypool fills it in: ``total_xact_time``,
-``sv_used``, ``sv_tested``, ``cl_cancel_req``. ``BAN``/``UNBAN``/``SHOW BANS``
+``total_query_time``, ``avg_query_time`` (microseconds, as PgBouncer's), ``sv_used``,
+``sv_tested``, ``cl_cancel_req``. Admins may log in during the shutdown drain. ``BAN``/``UNBAN``/``SHOW BANS``
 add a trailing ``port`` column and accept ``host:port``, because several
 servers may share a host (all of them do in the local cluster).
 

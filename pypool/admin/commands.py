@@ -13,7 +13,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
-from pypool import __version__, sqlstates
+from pypool import sqlstates
+from pypool.about import version_line
 from pypool.admin import tables
 from pypool.admin.tables import BAN_COLUMNS, TEXT
 from pypool.config import ConfigError
@@ -60,6 +61,8 @@ class Pooler(Protocol):
     groups: dict[tuple[str, str, int], PoolGroup]
     averager: Averager
     worker: Instance | None
+    accepting: bool  # False once the shutdown drain started
+    leaving: bool  # a shutdown was asked for (during shutdown_delay too)
 
     async def stats_snapshot(self) -> Snapshot: ...
 
@@ -140,7 +143,7 @@ class AdminCommands:
         return m.result_set(*tables.config_table(self.pooler.file_config), tag="SHOW")
 
     def show_version(self) -> bytes:
-        return m.result_set([("version", TEXT)], [[f"pypool {__version__}"]], tag="SHOW")
+        return m.result_set([("version", TEXT)], [[version_line()]], tag="SHOW")
 
     def show_help(self) -> bytes:
         usage = m.notice_response("Console usage", detail="\n\t" + "\n\t".join(HELP_LINES))
@@ -153,6 +156,10 @@ class AdminCommands:
 
     def reload(self, args: list[str]) -> bytes:
         log.info("admin %s: RELOAD", self.peer)
+        if not self.pooler.accepting:
+            # A reload would start new pools that the drain never closes.
+            raise AdminError(sqlstates.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                             "pypool is shutting down: RELOAD is refused during the drain")
         try:
             self.pooler.reload(reason="admin RELOAD")
         except ConfigError as exc:
@@ -199,9 +206,13 @@ class AdminCommands:
 
     def shutdown(self, args: list[str]) -> bytes:
         log.info("admin %s: SHUTDOWN", self.peer)
+        result = m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
+        if self.pooler.leaving:
+            # Unlike a second signal, a repeated console command does not cut shutdown_delay or the drain short.
+            return m.notice_response("pypool is already shutting down") + result
         # After this reply is written: the drain runs as its own task.
         asyncio.get_running_loop().call_soon(self.pooler.request_shutdown, "admin SHUTDOWN")
-        return m.result_set([("success", TEXT)], [["t"]], tag="SHUTDOWN")
+        return result
 
     def _matching(self, target: str) -> Iterator[tuple[PoolGroup, ServerPool]]:
         """(group, server pool) pairs whose server is ``host`` or ``host:port``."""

@@ -63,7 +63,7 @@ def stats_values(a, averages: dict[str, float]) -> dict[str, int]:
     return {
         "total_xact_count": int(c["xact_count"]), "total_query_count": int(c["query_count"]),
         "total_received": int(c["bytes_received"]), "total_sent": int(c["bytes_sent"]),
-        "total_xact_time": _us(c["xact_time"]), "total_query_time": 0, "total_wait_time": _us(c["wait_time"]),
+        "total_xact_time": _us(c["xact_time"]), "total_query_time": _us(c["query_time"]), "total_wait_time": _us(c["wait_time"]),
         "total_errors": a.errors,
         "avg_xact_count": _int(averages["xact_count"]), "avg_query_count": _int(averages["query_count"]),
         "avg_recv": _int(averages["recv"]), "avg_sent": _int(averages["sent"]),
@@ -85,6 +85,9 @@ PGBOUNCER_STATS = ("server_assignment_count", "xact_count", "query_count", "byte
                    "xact_time", "query_time", "wait_time", "client_parse_count", "server_parse_count", "bind_count")
 
 
+_PREPARED_COUNTS = ("client_parse_count", "server_parse_count", "bind_count")  # transaction mode only
+
+
 def stats_totals_table(snap: Snapshot) -> Table:
     """PgBouncer's SHOW STATS_TOTALS: per database; bytes seen from the clients' side; microseconds."""
     by_db: dict[str, dict[str, int]] = {}
@@ -97,7 +100,10 @@ def stats_totals_table(snap: Snapshot) -> Table:
         row["bytes_received"] += int(c["bytes_sent"])  # what clients sent pypool went on to the server
         row["bytes_sent"] += int(c["bytes_received"])
         row["xact_time"] += _us(c["xact_time"])
+        row["query_time"] += _us(c["query_time"])
         row["wait_time"] += _us(c["wait_time"])
+        for name in _PREPARED_COUNTS:
+            row[name] += int(c[name])
     return _by_database(by_db)
 
 
@@ -108,7 +114,7 @@ def stats_averages_table(snap: Snapshot, averager: Averager) -> Table:
     for a in snap.addresses:
         avg = averager.get(a.key)
         row = by_db.setdefault(a.pool, dict.fromkeys(PGBOUNCER_STATS, 0.0))
-        w = weights.setdefault(a.pool, {"xact": 0.0, "assign": 0.0})
+        w = weights.setdefault(a.pool, {"xact": 0.0, "query": 0.0, "assign": 0.0})
         row["server_assignment_count"] += avg["server_assignment_count"]
         row["xact_count"] += avg["xact_count"]
         row["query_count"] += avg["query_count"]
@@ -117,11 +123,16 @@ def stats_averages_table(snap: Snapshot, averager: Averager) -> Table:
         # Per-event times of several servers: weighted by how many events each had.
         row["xact_time"] += avg["xact_time"] * avg["xact_count"]
         w["xact"] += avg["xact_count"]
+        row["query_time"] += avg["query_time"] * avg["queries_timed"]
+        w["query"] += avg["queries_timed"]
         row["wait_time"] += avg["wait_time"] * avg["server_assignment_count"]
         w["assign"] += avg["server_assignment_count"]
+        for name in _PREPARED_COUNTS:
+            row[name] += avg[name]
     for name, row in by_db.items():
         w = weights[name]
         row["xact_time"] = row["xact_time"] / w["xact"] if w["xact"] else 0
+        row["query_time"] = row["query_time"] / w["query"] if w["query"] else 0
         row["wait_time"] = row["wait_time"] / w["assign"] if w["assign"] else 0
     return _by_database({k: {c: _int(v) for c, v in row.items()} for k, row in by_db.items()})
 

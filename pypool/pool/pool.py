@@ -151,6 +151,13 @@ class PoolStats:
     # Timed transactions (see ServerConnection._relay) and waits that
     # went through the slow path; immediate checkouts are zero-second waits.
     xact_time: float = 0.0
+    # Requests timed from first message to last reply (ServerConnection._request_done), seconds.
+    query_time: float = 0.0
+    queries_timed: int = 0
+    # Named prepared statements in transaction mode (pypool/session/prepared.py), as PgBouncer counts them.
+    client_parse_count: int = 0
+    server_parse_count: int = 0
+    bind_count: int = 0
     xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))
     wait_hist: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
     wait_hist_sum: float = 0.0

@@ -35,6 +35,8 @@ from pypool.tls import connect_tls
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
 
+_monotonic = time.monotonic  # read on every request: one global lookup, not two
+
 log = logging.getLogger("pypool.server")
 
 _Z = m.READY_FOR_QUERY
@@ -112,23 +114,20 @@ class ServerConnection(asyncio.Protocol):
         # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
-        # Causal reads: the attached client's transaction may write on the primary; it is told
-        # (``write_committed``) when it ends, before the client can see that it did.
-        self.track_commit = False
+        self.track_commit = False  # causal reads: tell the client (write_committed) before it sees the commit
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
         self.pool = None  # set by the owning ServerPool
         self.on_lost = None  # callback(ServerConnection) set by the owning pool
-        # Statistics: plain ints bumped where the work happens, read by the admin
-        # console and metrics. ``stats`` is the owning pool's PoolStats; these
-        # counts are added to it once, when the connection ends (``_fold``).
+        # Statistics: plain ints read by SHOW and metrics, added to the pool's PoolStats once at the end (_fold).
         self.stats = None
         self.query_count = 0  # requests answered (ReadyForQuery)
         self.xact_count = 0  # transactions ended (ReadyForQuery 'I')
         self.bytes_received = 0
         self.bytes_sent = 0
         self.xact_start = 0.0  # when the timed transaction began (0: not timed)
+        self.query_start = 0.0  # when the request being answered began (0: none)
         self._folded = False
 
     def __repr__(self) -> str:
@@ -187,7 +186,8 @@ class ServerConnection(asyncio.Protocol):
     def attach(self, client: RelayTarget) -> None:
         self.client = client
         self.state = ACTIVE
-        self.xact_start = time.monotonic()
+        # The client's first request starts with the attach: one clock read times both.
+        self.xact_start = self.query_start = _monotonic()
         requests = self.requests
         if requests.owed or requests.batch_open or requests.failed:
             requests.begin()  # the last client left mid-request (a finished one leaves it clean)
@@ -200,6 +200,30 @@ class ServerConnection(asyncio.Protocol):
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if self._buffer.buffered:
             self._buffer.take_raw()
+
+    def request_started(self) -> None:
+        """The client sent a new request's first message (in session mode, maybe a transaction's)."""
+        now = self.query_start = _monotonic()
+        if not self.xact_start:
+            self.xact_start = now
+
+    def _request_ended(self, transaction_ended: bool) -> None:
+        """Count and time a request (first message to last reply owed) and a transaction (from attach)."""
+        now = _monotonic()
+        stats = self.stats
+        started = self.query_start
+        if started:
+            self.query_start = 0.0
+            if stats is not None:
+                stats.query_time += now - started
+                stats.queries_timed += 1
+        if transaction_ended:
+            self.xact_count += 1
+            started = self.xact_start
+            if started:
+                self.xact_start = 0.0
+                if stats is not None:
+                    stats.observe_xact(now - started)
 
     def detach(self) -> None:
         self.client = None
@@ -275,14 +299,7 @@ class ServerConnection(asyncio.Protocol):
             client.write_committed(self)  # type: ignore[union-attr]  # before anyone can read after the commit
         held = client.hold_ready_for_query(data, end) if idle and client.own_notify_pid else 0
         write(data if end == n and not start and not held else data[start:end - held])
-        if idle:
-            # Timed from ``attach`` (checkout to commit); a session client's later transactions are not timed.
-            self.xact_count += 1
-            started = self.xact_start
-            if started:
-                self.xact_start = 0.0
-                if self.stats is not None:
-                    self.stats.observe_xact(time.monotonic() - started)
+        self._request_ended(idle)
         client.server_request_done(self)  # type: ignore[union-attr]
         if end < n:
             self._after_request(data[end:])
@@ -331,6 +348,8 @@ class ServerConnection(asyncio.Protocol):
             stats.xact_count += self.xact_count
             stats.bytes_received += self.bytes_received
             stats.bytes_sent += self.bytes_sent
+            if self.statements is not None:
+                self.statements.add_counts_to(stats)
 
     def _note_parameter(self, payload: bytes) -> None:
         try:

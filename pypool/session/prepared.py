@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from pypool.protocol import messages as m
 from pypool.session.schema import SchemaGeneration, invalidates_statements
@@ -84,7 +85,7 @@ def server_name(body: bytes, context: bytes = b"") -> bytes:
 class ServerStatements:
     """What one server connection has prepared, and the actions waiting for its replies."""
 
-    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions", "schema")
+    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions", "parses", "binds", "schema")
 
     def __init__(self, capacity: int, schema: SchemaGeneration | None = None) -> None:
         self.capacity = capacity if capacity > 0 else DEFAULT_CACHE_SIZE
@@ -96,6 +97,15 @@ class ServerStatements:
         self.hits = 0  # a statement the server already had
         self.misses = 0  # a statement pypool had to prepare
         self.evictions = 0
+        # For SHOW STATS_TOTALS (PgBouncer's client_parse_count, bind_count; misses are server parses).
+        self.parses = 0  # named statements the clients prepared
+        self.binds = 0  # Binds of named statements
+
+    def add_counts_to(self, stats: Any) -> None:
+        """Fold this connection's counts into its pool's PoolStats, as the connection ends."""
+        stats.client_parse_count += self.parses
+        stats.server_parse_count += self.misses
+        stats.bind_count += self.binds
 
     def clear(self) -> None:
         """The server dropped every statement (DISCARD ALL, DEALLOCATE ALL)."""
@@ -241,6 +251,7 @@ class Rewriter:
         target = server_name(body, self.client.context())
         self.client.names[name] = (target, body)
         server = self.server
+        server.parses += 1
         if target in server.names:
             server.names.move_to_end(target)
             server.hits += 1
@@ -289,6 +300,7 @@ class Rewriter:
         if target is None:
             self.out.append(raw)
             return
+        self.server.binds += 1
         self.out.append(m.message(m.BIND, payload[:portal_end + 1] + target + payload[stmt_end:]))
 
     def _describe(self, payload: bytes, raw: bytes) -> None:

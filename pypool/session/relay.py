@@ -45,6 +45,8 @@ class SessionRelay:
         """Relay client bytes to ``server``, telling its request tracker about each message."""
         n = len(data)
         server.bytes_sent += n
+        if not server.query_start:
+            server.request_started()
         walker = self._walker
         if walker.held or walker.skip:
             data, pos = walker.start(data)

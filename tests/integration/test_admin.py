@@ -6,6 +6,8 @@ STATS_AVERAGES): the lists below are what existing scripts and exporters read.
 
 from __future__ import annotations
 
+import platform
+import re
 import subprocess
 import threading
 import time
@@ -14,6 +16,7 @@ import psycopg
 import psycopg.errors
 import pytest
 
+from pypool import __version__
 from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._ops import ADMIN_PASSWORD, ADMIN_USER, admin, login_error, rows, show
@@ -77,7 +80,10 @@ def pypool(start_pypool):
 def test_only_the_admin_credentials_get_in(pypool):
     for database in ("pgcat", "pgbouncer", "pypool"):
         with admin(pypool, database) as conn:
-            assert show(conn, "VERSION")[0]["version"].startswith("pypool ")
+            [row] = show(conn, "VERSION")
+            # "<name> <version>" first, as PgCat and PgBouncer answer (tools parse it), then the runtime.
+            assert re.fullmatch(rf"pypool {re.escape(__version__)} \(Python {platform.python_version()}, "
+                                r"sqlglot \d+\.\d+\.\d+( \+ sqlglotc)?, OpenSSL \d[^,)]*\)", row["version"]), row
     # asyncpg reports the SQLSTATE of a failed login (psycopg only its text).
     assert login_error(pypool, ADMIN_USER, "not-the-admin-password", "pgcat")[0] == "28P01"
     # A pool user with its own, correct password is not an admin ...

@@ -8,17 +8,20 @@ other tests sharing the cluster.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 import urllib.request
 
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pypool import cluster
-from tests.conftest import USER
+from tests.conftest import DATABASE, PASSWORD, USER
 from tests.integration._ops import PRIVATE_DB, admin_rows, on_private_db, private_db  # noqa: F401 - fixture
-from tests.integration._support import merge, wait_for
+from tests.integration._private_pg import server_env, start_for_server, start_private_server
+from tests.integration._support import assert_clean_pgbench, merge, pgbench, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +186,70 @@ def test_exporter_answers_404_elsewhere(pypool):
     with pytest.raises(urllib.error.HTTPError) as not_found:
         urllib.request.urlopen(f"http://127.0.0.1:{pypool.metrics_port}/", timeout=10)
     assert not_found.value.code == 404
+
+
+# A statement whose time is the server's work (300 000 rows, tens of milliseconds), so that what
+# pypool adds around it (a loopback round trip and two wake-ups on a busy machine, about a
+# millisecond each) stays far below the 20 % compared.
+SCAN = "SELECT count(*) FROM pgbench_accounts, generate_series(1, 3) WHERE abalance + :aid > 0;"
+AUTOCOMMIT_TXS, IN_TRANSACTION_TXS = 30, 10  # per pgbench client (2)
+
+
+@pytest.fixture(scope="module")
+def statements_server():
+    """A private server with pg_stat_statements: preloading it needs a restart the shared cluster must not get."""
+    server = start_private_server(settings=("shared_preload_libraries = 'pg_stat_statements'",
+                                            "pg_stat_statements.track_planning = on"))
+    subprocess.run(["pgbench", "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(server.port), "-U", USER,
+                    DATABASE], env=server_env(), check=True, capture_output=True, timeout=120)
+    yield server
+    server.stop()
+
+
+def test_query_time_agrees_with_pg_stat_statements_under_pgbench(statements_server, tmp_path):
+    pypool = start_for_server(tmp_path, statements_server.port, {})
+    direct = psycopg.connect(f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{statements_server.port}/{DATABASE}"
+                             "?sslmode=disable", autocommit=True)
+    try:
+        direct.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        direct.execute("SELECT pg_stat_statements_reset()")
+        autocommit, in_transaction = tmp_path / "scan.sql", tmp_path / "scan_in_transaction.sql"
+        autocommit.write_text(f"\\set aid random(1, 100000)\n{SCAN}\n")
+        # BEGIN / scan / END: the scan is a request of an open transaction, timed from its own start.
+        in_transaction.write_text(f"\\set aid random(1, 100000)\nBEGIN;\n{SCAN}\nEND;\n")
+        latencies = []
+        # The autocommit scans as named prepared statements (Parse once per client, then Bind/Execute).
+        for script, transactions, mode in ((autocommit, AUTOCOMMIT_TXS, "prepared"),
+                                           (in_transaction, IN_TRANSACTION_TXS, "simple")):
+            result = pgbench(pypool, "-f", str(script), "-c", "2", "-t", str(transactions), "-M", mode,
+                             timeout=120)
+            assert_clean_pgbench(result)
+            latencies.append(float(re.search(r"latency average = ([0-9.]+) ms", result.output).group(1)))
+        pg_ms, scans = direct.execute(
+            "SELECT sum(total_exec_time + total_plan_time), sum(calls) FILTER (WHERE query LIKE "
+            "'SELECT count(*) FROM pgbench_accounts%') FROM pg_stat_statements "
+            "WHERE query NOT LIKE '%pg_stat_statements%'").fetchone()
+        assert scans == 2 * (AUTOCOMMIT_TXS + IN_TRANSACTION_TXS)
+        [stats] = admin_rows(pypool, "SHOW STATS")
+        [totals] = admin_rows(pypool, "SHOW STATS_TOTALS")
+    finally:
+        direct.close()
+        pypool.stop()
+    pypool_us = int(stats["total_query_time"])
+    server_us = float(pg_ms) * 1000
+    requests = int(stats["total_query_count"])
+    print(f"query time: pypool {pypool_us} us over {requests} requests, pg_stat_statements {server_us:.0f} us, "
+          f"pgbench latency averages {latencies} ms")
+    # Per client: its Parse (pgbench prepares with a Sync of its own), the scans, BEGIN/scan/END.
+    assert requests == 2 * (1 + AUTOCOMMIT_TXS + 3 * IN_TRANSACTION_TXS), stats
+    # What the servers spent on the statements is what pypool timed them at, within 20 %.
+    assert abs(pypool_us - server_us) <= 0.2 * server_us, (pypool_us, server_us)
+    # ... and no more than the clients waited for them (pgbench's latency includes the client's side).
+    client_us = 2 * (AUTOCOMMIT_TXS * latencies[0] + IN_TRANSACTION_TXS * latencies[1]) * 1000
+    assert pypool_us <= client_us, (pypool_us, client_us)
+    assert int(totals["query_time"]) == pypool_us
+    # PgBouncer's prepared-statement counts: a Parse per client, shared on the server, a Bind per scan.
+    assert (totals["client_parse_count"], totals["bind_count"]) == (2, 2 * AUTOCOMMIT_TXS), totals
+    assert 1 <= totals["server_parse_count"] <= 2, totals
+    # A transaction spans its requests: BEGIN to END takes longer than the scan inside.
+    assert int(stats["total_xact_time"]) >= pypool_us

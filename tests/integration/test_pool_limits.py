@@ -229,3 +229,26 @@ def test_transaction_mode_one_connection_serves_two_clients(start_pypool):
         for t in threads:
             t.join(30)
         assert not errors, errors
+
+
+def test_a_users_statement_timeout_cancels_the_statement_and_keeps_everything_else(start_pypool):
+    """pypool's meaning of a user's ``statement_timeout`` (README, "Coming from PgCat / PgBouncer").
+
+    PgCat times the reply itself and, when it is late, closes the client with a FATAL error and
+    bans the server; pypool makes it the server session's ``statement_timeout``: PostgreSQL cancels
+    just the statement (57014), the client's connection, the server connection and the replica stay.
+    """
+    pypool = start_pypool(user_overrides(statement_timeout=300))  # reads go to the replicas
+    with connect(pypool) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == ("300ms",)
+        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            conn.execute("SELECT pg_sleep(5)")
+        assert conn.execute("SELECT 1").fetchone() == (1,), "the client's connection survives"
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            with conn.transaction():
+                conn.execute("SELECT pg_sleep(5)")
+        assert conn.execute("SELECT 2").fetchone() == (2,)
+        # Like a role's default, a client may set its own for its session.
+        conn.execute("SET statement_timeout = '5s'")
+        assert conn.execute("SELECT pg_sleep(0.5)::text").fetchone() == ("",)
+    assert admin_rows(pypool, "SHOW BANS") == [], "a slow statement is not the server's fault"

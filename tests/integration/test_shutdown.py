@@ -7,10 +7,11 @@ import threading
 import uuid
 
 import psycopg
+import psycopg.errors
 import pytest
 
 from tests.conftest import DATABASE, PASSWORD, USER
-from tests.integration._ops import admin, login_error, wait_for_log
+from tests.integration._ops import admin, login_error, show, wait_for_log
 from tests.integration._support import PRIMARY_ONLY, merge, wait_for
 
 pytestmark = pytest.mark.integration
@@ -126,6 +127,51 @@ def test_transaction_in_flight_commits_new_clients_are_refused(start_pypool, pg_
     assert "still in a transaction" not in pypool.log()
     tx.conn.close()
     idle.close()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SHUTDOWN"])
+def test_admin_console_works_during_the_drain(start_pypool, pg_cluster, table, how):
+    """As in PgCat: the operator can log in to the console and watch the drain; pool clients cannot."""
+    pypool = start(start_pypool)
+    key = uuid.uuid4().int & 0x7FFFFFFF
+    with psycopg.connect(primary_dsn(pg_cluster), autocommit=True) as gate, admin(pypool) as before:
+        # The transaction stays in flight, blocked on this lock, until the checks below are done.
+        gate.execute("SELECT pg_advisory_lock(%s)", [key])
+        tx = LongTransaction.running(pypool, pg_cluster, table, f"SELECT pg_advisory_xact_lock({key})")
+        if how == "SHUTDOWN":
+            assert before.execute("SHUTDOWN").fetchall() == [("t",)]
+        else:
+            pypool.proc.send_signal(signal.SIGTERM)
+        wait_for_log(pypool, "shutting down")
+        # The session that asked for the shutdown keeps working ...
+        assert any(p["database"] == DATABASE for p in show(before, "POOLS"))
+
+        # ... and a new admin login is let in while the transaction drains.
+        with admin(pypool) as during:
+            clients = show(during, "CLIENTS")
+            draining = [c for c in clients if c["application_name"] == tx.application_name]
+            assert [c["state"] for c in draining] == ["active"], clients
+            pools = {p["database"]: p for p in show(during, "POOLS")}
+            assert pools[DATABASE]["cl_active"] == 1 and pools[DATABASE]["sv_active"] == 1, pools
+            # A reload would start pools the drain never closes: refused, the session stays usable.
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="shutting down"):
+                during.execute("RELOAD")
+            # SHUTDOWN again: answered, and the transaction still gets to commit (below).
+            assert during.execute("SHUTDOWN").fetchall() == [("t",)]
+            assert show(during, "VERSION")
+
+        # A pool client is still turned away.
+        sqlstate, message = login_error(pypool)
+        assert sqlstate == "57P01" and "shutting down" in message, (sqlstate, message)
+        assert pypool.proc.poll() is None and not tx.committed  # still draining: the transaction holds it
+        gate.execute("SELECT pg_advisory_unlock(%s)", [key])
+
+    tx.join(30)
+    assert tx.error is None and tx.committed, tx.error
+    pypool.proc.wait(SHUTDOWN_TIMEOUT + 30)  # only stops a hang
+    assert pypool.proc.returncode == 0, pypool.log()[-3000:]
+    assert "shutdown: no transaction in flight" in pypool.log(), pypool.log()[-3000:]
+    tx.conn.close()
 
 
 def test_shutdown_timeout_bounds_the_wait(start_pypool, pg_cluster, table):

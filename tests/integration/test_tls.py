@@ -17,10 +17,9 @@ import psycopg
 import pytest
 
 from pypool.protocol import messages as m
-from pypool.config import default_config_dict
-from tests.conftest import DATABASE, PASSWORD, USER, deep_merge, free_port, local_config, start_pypool_process
+from tests.conftest import DATABASE, PASSWORD, USER, free_port, local_config, start_pypool_process
 from tests.integration._certs import make_certificates
-from tests.integration._private_pg import start_private_server
+from tests.integration._private_pg import start_for_server, start_private_server
 from tests.integration._support import psql
 
 pytestmark = pytest.mark.integration
@@ -146,21 +145,6 @@ def tls_server(certs):
     server = start_private_server((certs.cert, certs.key))
     yield server
     server.stop()
-
-
-def single_server_config(port: int, server_port: int, general: dict) -> dict:
-    env = {"PGCAT_PORT": str(port), "PG1_PORT": str(server_port), "POSTGRESQL_USERNAME": USER,
-           "POSTGRESQL_PASSWORD": PASSWORD, "POSTGRESQL_DATABASE": DATABASE}
-    base = default_config_dict(env)
-    base["general"]["enable_prometheus_exporter"] = False
-    return deep_merge(base, {"general": general, "pools": {DATABASE: {
-        "query_parser_enabled": False, "query_parser_read_write_splitting": False, "default_role": "primary",
-        "shards": {"0": {"database": DATABASE, "servers": [["127.0.0.1", server_port, "primary"]]}}}}})
-
-
-def start_for_server(tmp_path, server_port: int, general: dict):
-    port = free_port()
-    return start_pypool_process(single_server_config(port, server_port, general), tmp_path, port)
 
 
 def test_server_tls_encrypts_connections_to_postgres(tls_server, certs, tmp_path):

@@ -56,6 +56,7 @@ def idle_server(sp: ServerPool) -> ServerConnection:
     conn = ServerConnection(sp.address, Credentials("postgres", "x", "postgres"))
     conn.transport = Recorder()
     conn.pool = sp
+    conn.stats = sp.stats  # as the pool sets it at connect
     conn.state = IDLE
     conn.applied_key = ()
     sp.idle.append(conn)

@@ -12,6 +12,7 @@ from pypool.session import prepared
 from pypool.client import ClientConnection
 from pypool.pool.server import ServerConnection
 from pypool.protocol import messages as m
+from pypool.snapshot import take
 from tests.unit._fakes import idle_server, logged_in_client, primary_only_app
 
 
@@ -73,6 +74,11 @@ def test_second_client_binds_the_shared_copy_and_gets_parse_complete_from_a_no_o
                                        + bind(target) + EXECUTE + SYNC)
     drip(server, CLOSE_COMPLETE + BIND_COMPLETE + DONE)
     assert second.transport.take() == PARSE_COMPLETE + BIND_COMPLETE + DONE
+    # PgBouncer's counts (SHOW STATS_TOTALS): two client parses, one server parse, one bind.
+    ps = server.statements
+    assert (ps.parses, ps.misses, ps.binds) == (2, 1, 1)
+    [row] = [r for r in take(first.app).addresses if r.role == "primary"]
+    assert [row.counters[k] for k in ("client_parse_count", "server_parse_count", "bind_count")] == [2, 1, 1]
 
 
 def test_error_before_an_injected_parse_leaves_the_statement_unprepared():

@@ -268,3 +268,50 @@ def test_syncs_sent_into_a_copy_from_stdin_get_no_ready_for_query():
     requests.sent(m.SYNC)
     assert requests.owed == 1
     assert requests.ready(ord("I"))
+
+
+# ------------------------------------------------------------------ timing
+
+
+class FakeClock:
+    """Stands in for the server connection's clock: each read returns the time the test set."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.now = 100.0
+        monkeypatch.setattr("pypool.pool.server._monotonic", lambda: self.now)
+
+
+def exchange(client, server, clock, request: bytes, at: float, reply: bytes, answered_at: float) -> None:
+    clock.now = at
+    client.data_received(request)
+    clock.now = answered_at
+    server.data_received(reply)
+
+
+def test_requests_are_timed_from_their_first_message_to_their_last_reply(monkeypatch):
+    client, server, _ = logged_in()
+    clock = FakeClock(monkeypatch)
+    in_transaction = m.command_complete("SELECT 1") + m.ready_for_query(b"T")
+    exchange(client, server, clock, m.query("BEGIN"), 100.0, m.command_complete("BEGIN") + m.ready_for_query(b"T"),
+             101.0)
+    # The client thinks for two seconds: idle in transaction is transaction time, not query time.
+    exchange(client, server, clock, SELECT, 103.0, in_transaction, 106.0)
+    # Two statements in one write: one span, until the second is answered.
+    exchange(client, server, clock, SELECT + SELECT, 110.0, in_transaction * 2, 112.0)
+    exchange(client, server, clock, m.query("COMMIT"), 120.0, m.command_complete("COMMIT") + m.ready_for_query(),
+             120.5)
+    stats = server.stats
+    assert client.state is ClientState.IDLE
+    assert (stats.queries_timed, stats.query_time) == (4, 1.0 + 3.0 + 2.0 + 0.5)
+    assert (sum(stats.xact_hist), stats.xact_time) == (1, 20.5)
+
+
+def test_every_transaction_of_a_session_mode_client_is_timed(monkeypatch):
+    client, server, _ = logged_in("session")
+    clock = FakeClock(monkeypatch)
+    exchange(client, server, clock, SELECT, 100.0, REPLY, 102.0)
+    exchange(client, server, clock, SELECT, 105.0, REPLY, 106.0)
+    stats = server.stats
+    assert client.server is server  # session mode: still attached
+    assert (stats.queries_timed, stats.query_time) == (2, 3.0)
+    assert (sum(stats.xact_hist), stats.xact_time) == (2, 3.0)

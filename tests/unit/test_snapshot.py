@@ -12,7 +12,8 @@ import json
 import pytest
 from prometheus_client.core import Metric
 
-from pypool.admin.tables import clients_table, databases_table, lists_table, pools_table, stats_table, stats_totals_table
+from pypool.admin.tables import (clients_table, databases_table, lists_table, pools_table, stats_averages_table,
+                                 stats_table, stats_totals_table)
 from pypool.metrics import render_families
 from pypool.snapshot import AddressStats, Averager, ClientRow, PoolStatsRow, RouterStats, ServerRow, Snapshot, merge
 
@@ -23,7 +24,9 @@ def address(port: int, role: str, index: int, xacts: int, states: dict[str, int]
                      pool_mode="transaction", pool_size=5, min_pool_size=0)
     a.counters.update(xact_count=xacts, query_count=2 * xacts, checkouts=xacts, xact_time=xacts * 0.001,
                       wait_time=0.5, bytes_sent=100 * xacts, bytes_received=200 * xacts,
-                      healthchecks=3, healthcheck_failures=1)
+                      healthchecks=3, healthcheck_failures=1,
+                      query_time=2 * xacts * 0.0004, queries_timed=2 * xacts,  # 0.4 ms a request
+                      client_parse_count=xacts, server_parse_count=1, bind_count=2 * xacts)
     a.states.update(states)
     a.current_connections = sum(states.values())
     a.xact_hist[3] = xacts
@@ -75,10 +78,11 @@ def test_merged_workers_add_up_in_show_and_metrics():
     assert [(r["instance"], r["total_xact_count"], r["total_query_count"]) for r in stats] == [
         ("app_shard_0_primary", 15, 30), ("app_shard_0_replica_0", 80, 160)]
     assert stats[0]["total_xact_time"] == 15_000  # microseconds
+    assert stats[0]["total_query_time"] == 12_000  # 30 requests of 0.4 ms
     totals = table_dicts(stats_totals_table(merged))
     assert totals == [{"database": "app", "server_assignment_count": 95, "xact_count": 95, "query_count": 190,
-                       "bytes_received": 9500, "bytes_sent": 19000, "xact_time": 95_000, "query_time": 0,
-                       "wait_time": 2_000_000, "client_parse_count": 0, "server_parse_count": 0, "bind_count": 0}]
+                       "bytes_received": 9500, "bytes_sent": 19000, "xact_time": 95_000, "query_time": 76_000,
+                       "wait_time": 2_000_000, "client_parse_count": 95, "server_parse_count": 4, "bind_count": 190}]
 
     pools = table_dicts(pools_table(merged))
     assert len(pools) == 1
@@ -115,4 +119,9 @@ def test_averages_follow_merged_snapshots():
     primary = averager.get(("app", "alice", 0, "10.0.0.1", 5432, 0))
     assert primary["xact_count"] == 6.0  # (75 - 15) transactions in 10 s
     assert primary["xact_time"] == pytest.approx(1000.0)  # 1 ms each, in microseconds
+    assert primary["query_time"] == pytest.approx(400.0)
+    [by_database] = table_dicts(stats_averages_table(merge([worker(1000, 40, 30, 0, 0)]), averager))
+    # The replica ran nothing in the period: the database's request time is the primary's.
+    assert by_database["query_time"] == 400 and by_database["client_parse_count"] == 6
+    assert (by_database["bind_count"], by_database["server_parse_count"]) == (12, 0)
     assert averager.get(("app", "alice", 0, "10.0.0.1", 5433, 1))["xact_count"] == 0.0
