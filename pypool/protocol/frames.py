@@ -22,9 +22,9 @@ from pypool import sqlstates
 from pypool.errors import FATAL, FixedCodeError
 
 HEADER_SIZE = 5  # tag + int32 length
-# A message's length field at an offset: one C call, where int.from_bytes needs a slice first
-# (about a quarter of FrameWalker.next's time, which runs for every relayed message).
-_length_at = struct.Struct("!I").unpack_from
+# A message's length field at an offset, read in place: int.from_bytes needs a slice first, and the
+# walker reads one per relayed message (micro_relay --extended: about 1.5 us per transaction less).
+length_at = struct.Struct("!I").unpack_from
 
 PROTOCOL_VERSION_3 = 196608  # 3.0
 SSL_REQUEST_CODE = 80877103
@@ -220,7 +220,7 @@ class FrameWalker:
                 self._need = HEADER_SIZE
                 return pos, -1
             tag = data[pos]
-            length = _length_at(data, pos + 1)[0]
+            length = length_at(data, pos + 1)[0]
             if length < 4 or length > max_size:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
             end = pos + 1 + length
