@@ -11,6 +11,7 @@ than a flag elsewhere.
                     ADMIN        WAITING ──> SYNCING ─────┘ │
                                     ▲                       └──> WAITING_FOR_LISTENER ──> ATTACHED
                                     └── ATTACHED (its server died before answering a read: retry)
+                    IDLE ──> FANNED_OUT ──> IDLE  (sharded pools: pypool runs a request aside: a read on every shard, a describe)
     any state ──> CLOSED
 
 ``shown`` is the state in PgBouncer's vocabulary, as SHOW CLIENTS, SHOW POOLS
@@ -36,6 +37,7 @@ class ClientState(enum.Enum):
     ATTACHED = "attached"  # relaying a request or transaction on its server connection
     READING_BACK = "reading back settings"  # learning the settings its transaction left, then releasing
     WAITING_FOR_LISTENER = "waiting for the listener"  # a LISTEN waits for the pool's listener connection
+    FANNED_OUT = "fanned out"  # pypool runs the request on servers itself (every shard) and answers from their replies
     CLOSED = "closed"
 
     # Set below for every member (plain attributes: read on the relay's hot path).
@@ -49,18 +51,19 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.STARTUP: (_S.AUTHENTICATING, _S.CLOSED),
     _S.AUTHENTICATING: (_S.IDLE, _S.ADMIN, _S.CLOSED),
     _S.ADMIN: (_S.CLOSED,),
-    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.CLOSED),
+    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.FANNED_OUT, _S.CLOSED),
     _S.WAITING: (_S.SYNCING, _S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CLOSED),
     _S.READING_BACK: (_S.IDLE, _S.CLOSED),
     _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.CLOSED),
+    _S.FANNED_OUT: (_S.IDLE, _S.CLOSED),
     _S.CLOSED: (),
 }
 _SHOWN = {
     _S.STARTUP: "login", _S.AUTHENTICATING: "login", _S.ADMIN: "active", _S.IDLE: "idle",
     _S.WAITING: "waiting", _S.SYNCING: "waiting", _S.ATTACHED: "active", _S.READING_BACK: "active",
-    _S.WAITING_FOR_LISTENER: "waiting", _S.CLOSED: "closed",
+    _S.WAITING_FOR_LISTENER: "waiting", _S.FANNED_OUT: "active", _S.CLOSED: "closed",
 }
 for _state in ClientState:
     _state.may_become = _TRANSITIONS[_state]
@@ -70,7 +73,7 @@ for _state in ClientState:
 # The members as module names: reading ``ClientState.IDLE`` goes through the Enum class (about 0.1 us on
 # Python 3.11), ``states.IDLE`` is a plain module attribute; the relay reads them per request.
 (STARTUP, AUTHENTICATING, ADMIN, IDLE, WAITING, SYNCING, ATTACHED, READING_BACK, WAITING_FOR_LISTENER,
- CLOSED) = ClientState
+ FANNED_OUT, CLOSED) = ClientState
 
 # PgBouncer's client states, as counted by SHOW POOLS (cl_*) and /metrics.
 CLIENT_STATES = ("active", "idle", "waiting")

@@ -66,7 +66,7 @@ def idle_server(sp: ServerPool) -> ServerConnection:
 
 def logged_in_client(app: Application) -> ClientConnection:
     """A client of the ``postgres`` pool as login leaves it, writing to a Recorder."""
-    group = app.groups[("postgres", "postgres")]
+    group = app.groups[("postgres", "postgres", 0)]
     client = ClientConnection(app)
     client.transport = Recorder()
     client.group = group

@@ -29,7 +29,7 @@ from tests.unit._fakes import idle_server, logged_in_client, primary_only_app
 def logged_in(pool_mode: str = "transaction") -> tuple[ClientConnection, ServerConnection, Application]:
     """A client past login on a primary-only pool with one idle server connection."""
     app = primary_only_app(pool_mode)
-    server = idle_server(app.groups[("postgres", "postgres")].primary)
+    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
     return logged_in_client(app), server, app
 
 
