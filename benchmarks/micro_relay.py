@@ -83,7 +83,8 @@ def build(routing: bool, extended: bool) -> tuple[ClientConnection, list[ServerC
     pool["query_parser_read_write_splitting"] = routing
     config = parse_config(dump_config(cfg))
     app = Application(config)
-    group = app.groups[("postgres", "postgres", 0)]
+    # Keyed (pool, user, shard) since sharding, (pool, user) before: either checkout can be measured.
+    group = next(g for key, g in app.groups.items() if key[:2] == ("postgres", "postgres"))
     client = ClientConnection(app)
     client.transport = FakeTransport()
     client.group = group
