@@ -14,6 +14,7 @@ the framing can be unit-tested and fuzzed on its own.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -21,6 +22,9 @@ from pypool import sqlstates
 from pypool.errors import FATAL, FixedCodeError
 
 HEADER_SIZE = 5  # tag + int32 length
+# A message's length field at an offset, read in place: int.from_bytes needs a slice first, and the
+# walker reads one per relayed message (micro_relay --extended: about 1.5 us per transaction less).
+length_at = struct.Struct("!I").unpack_from
 
 PROTOCOL_VERSION_3 = 196608  # 3.0
 SSL_REQUEST_CODE = 80877103
@@ -127,6 +131,18 @@ def _parse_cstring_pairs(body: bytes) -> dict[str, str]:
     return params
 
 
+def tag_table(tags: "Iterable[int]") -> bytes:
+    """A lookup table of message types for ``FrameWalker.next``: byte ``t`` is 1 when ``t`` is in ``tags``."""
+    table = bytearray(256)
+    for tag in tags:
+        table[tag] = 1
+    return bytes(table)
+
+
+ALL_TAGS = bytes((1,)) * 256
+NO_TAGS = bytes(256)
+
+
 class FrameWalker:
     """Finds message boundaries in one direction of a connection, whatever the chunking.
 
@@ -183,7 +199,7 @@ class FrameWalker:
         self.skip = 0
         return data, skip
 
-    def next(self, data: bytes, pos: int, n: int, stops: bytes, whole: bytes = b"") -> tuple[int, int]:
+    def next(self, data: bytes, pos: int, n: int, stops: bytes, whole: bytes = NO_TAGS) -> tuple[int, int]:
         """``(offset, end)`` of the first message in ``data[pos:n]`` whose tag is in ``stops``.
 
         ``stops`` and ``whole`` are tables made by ``tag_table`` (an index is
@@ -193,9 +209,7 @@ class FrameWalker:
         bytes before ``offset`` are complete and can be forwarded, the walker
         keeps the rest. Raises ProtocolViolation on an impossible length.
         """
-        from_bytes = int.from_bytes
         max_size = self.max_size
-        whole = whole or NO_TAGS
         while True:
             if n - pos < HEADER_SIZE:
                 if pos >= n:
@@ -206,7 +220,7 @@ class FrameWalker:
                 self._need = HEADER_SIZE
                 return pos, -1
             tag = data[pos]
-            length = from_bytes(data[pos + 1:pos + 5], "big")
+            length = length_at(data, pos + 1)[0]
             if length < 4 or length > max_size:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
             end = pos + 1 + length
@@ -218,17 +232,6 @@ class FrameWalker:
                 return pos, end
             pos = end
 
-
-def tag_table(tags: "Iterable[int]") -> bytes:
-    """A lookup table of message types for ``FrameWalker.next``: byte ``t`` is 1 when ``t`` is in ``tags``."""
-    table = bytearray(256)
-    for tag in tags:
-        table[tag] = 1
-    return bytes(table)
-
-
-ALL_TAGS = bytes((1,)) * 256
-NO_TAGS = bytes(256)
 
 
 def scan_messages(buf: bytes | bytearray | memoryview, start: int = 0,

@@ -18,7 +18,8 @@ from pypool.pool.group import WAITERS
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.roles import PRIMARY, REPLICA
 from pypool.protocol import messages as m
-from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
+from pypool.protocol.frames import (ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, length_at,
+                                     tag_table)
 from pypool.session import states
 
 if TYPE_CHECKING:
@@ -169,7 +170,7 @@ class SessionRelay:
         n = len(data)
         if n < HEADER_SIZE or data[0] not in _STARTS_TRANSACTION:
             return False
-        end = 1 + int.from_bytes(data[1:5], "big")
+        end = 1 + length_at(data, 1)[0]
         if end > n or end < HEADER_SIZE or end > self._max_message:
             return False
         decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
