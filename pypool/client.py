@@ -26,6 +26,7 @@ from pypool.protocol.frames import FrameWalker, MessageBuffer
 from pypool.routing.router import Router, RoutingState
 from pypool.session.checkout import SessionCheckout
 from pypool.session.effects import SessionEffects
+from pypool.session.pinning import SessionPinning
 from pypool.session.prepared import ClientStatements
 from pypool.session.relay import SessionRelay
 from pypool.session.states import ClientState, IllegalTransition
@@ -70,7 +71,8 @@ class ClientHost(Protocol):
     def route(self, client: "ClientConnection", tag: int, payload: bytes) -> "Decision": ...
 
 
-class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEffects, asyncio.Protocol):
+class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEffects, SessionPinning,
+                       asyncio.Protocol):
     def __init__(self, app: ClientHost) -> None:
         self.app = app
         self.transport: asyncio.Transport | None = None
@@ -116,6 +118,10 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._hub: listen.ListenHub | None = None
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []
+        # Why this client holds (or, in its current transaction, reserved) one of its pool's
+        # pinnable server connections (pypool/session/pinning.py); None: it shares them all.
+        self.pin_reason: str | None = None
+        self.pin_check_due = False  # its transaction may have created or released pinned state
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).
@@ -226,24 +232,26 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
             self._queued = None
         if self._hub is not None:
             self._hub.unlisten(self, "*")
+        pinned = self.pin_reason is not None
+        self._unpin()
         if self._handshake_task is not None and not self._handshake_task.done() \
                 and self._handshake_task is not asyncio.current_task():
             self._handshake_task.cancel()
         server = self.server
         if server is not None:
             self.server = None
-            self._release_on_disconnect(server)
+            self._release_on_disconnect(server, pinned)
         if self.transport is not None:
             self.transport.close()
 
-    def _release_on_disconnect(self, server: ServerConnection) -> None:
+    def _release_on_disconnect(self, server: ServerConnection, pinned: bool) -> None:
         group = self.group
         assert group is not None
         clean = not server.requests.in_transaction and not self._walker.mid_message
-        if clean and group.pool_mode != "session":
+        if clean and group.pool_mode != "session" and not pinned:
             group.checkin(server)
         elif clean:
-            # Session mode: the next client must not inherit this one's session state.
+            # Session mode, or pinned: the next client must not inherit this one's session state.
             server.detach()
             asyncio.get_running_loop().create_task(self._reset_and_checkin(group, server))
         else:

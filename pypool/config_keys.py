@@ -165,6 +165,8 @@ KEYS: tuple[Key, ...] = (
     Key(P, "read_only_functions", REBUILD, "Pool.read_only_functions", pgcat=False),
     Key(P, "prepared_statements_cache_size", REBUILD, "Pool.prepared_statements_cache_size"),
     Key(P, "max_prepared_statements", REBUILD, "Pool.prepared_statements_cache_size", pgcat=False),
+    Key(P, "session_pinning", REBUILD, "Pool.session_pinning", pgcat=False),
+    Key(P, "max_pinned_connections", REBUILD, "Pool.max_pinned_connections", pgcat=False),
     Key(P, "users", REBUILD, "Pool.users"),
     Key(P, "shards", REBUILD, "Pool.shards"),
     _ignored(P, "sharding_function", _NOT_SHARDING, str),

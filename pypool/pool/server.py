@@ -51,6 +51,7 @@ SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
 # Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
 _REPLY_STOPS = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
 _REPLY_WHOLE = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
+_READY_SIZE = 6  # a whole ReadyForQuery message: tag, length, status
 
 
 class ServerError(PoolerError):
@@ -66,6 +67,10 @@ class RelayTarget(Protocol):
 
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
+
+    # The transaction may have left or released session state: its final ReadyForQuery waits
+    # until the client has asked the catalogs (pypool/session/pinning.py, ``take_ready``).
+    pin_check_due: bool
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
@@ -107,6 +112,7 @@ class ServerConnection(asyncio.Protocol):
         # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
+        self.held_ready = b""  # a ReadyForQuery not relayed yet (``RelayTarget.pin_check_due``)
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -286,7 +292,11 @@ class ServerConnection(asyncio.Protocol):
         """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
         client = self.client
         assert client is not None
-        client.transport.write(data if end == n else data[:end])
+        if client.pin_check_due and self.requests.status == _IDLE:
+            client.transport.write(data[:end - _READY_SIZE])
+            self.held_ready = data[end - _READY_SIZE:end]
+        else:
+            client.transport.write(data if end == n else data[:end])
         rest = data[end:] if end < n else b""
         if self.requests.status == _IDLE:
             # A transaction ended: count it and time it. The clock starts at ``attach``, so in

@@ -65,8 +65,9 @@ class SessionEffects:
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
                 self._pending += data[pos:]
+                resume = self.state  # ATTACHED, or PINNED
                 self.set_state(ClientState.WAITING_FOR_LISTENER)
-                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
+                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects, resume))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
             if replacement is not None:
@@ -106,6 +107,10 @@ class SessionEffects:
         if effects.refusal is not None:
             self._listen_error = None
             return session.refusal_sql(*effects.refusal)
+        if effects.pins is not None or effects.may_release:
+            refusal = self._pinning_refusal(effects)
+            if refusal is not None:
+                return refusal
         if effects.settings:
             self._settings_dirty = True
         statements = self.statements
@@ -119,7 +124,6 @@ class SessionEffects:
                 server.statements.clear()
             if effects.settings and self._hub is not None:  # DISCARD ALL: the session starts over
                 self._hub.unlisten(self, "*")
-            return None
         if effects.forget:
             names = [name.encode() for name in effects.forget]
             if not all(name in statements.names for name in names):
@@ -128,13 +132,17 @@ class SessionEffects:
                 del statements.names[name]
             return session.NOOP_STATEMENT
         if effects.listen:
+            for op, channel in effects.listen:
+                if op == "UNLISTEN" and self._hub is not None:
+                    self._hub.unlisten(self, channel)
+            if all(op == "UNLISTEN" for op, _ in effects.listen):
+                # As sent: server connections listen on nothing of a client's, so the server's
+                # reply is PostgreSQL's and the text may hold other statements (pool resets).
+                return None
             if self._listen_error is not None:
                 error, self._listen_error = self._listen_error, None
                 return session.refusal_sql(f"LISTEN failed: pypool's listener connection: {error}",
                                            "retry later; the pool's primary must accept a connection")
-            for op, channel in effects.listen:
-                if op == "UNLISTEN" and self._hub is not None:
-                    self._hub.unlisten(self, channel)
             return session.listen_stand_in(effects.listen)
         return None
 
@@ -145,7 +153,7 @@ class SessionEffects:
         return any(op == "LISTEN" and (hub is None or not hub.is_listening(self, channel))
                    for op, channel in effects.listen)
 
-    async def _listen_then_resume(self, effects: session.Effects) -> None:
+    async def _listen_then_resume(self, effects: session.Effects, resume: ClientState) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
         try:
@@ -170,7 +178,7 @@ class SessionEffects:
         self._pending.clear()
         server = self.server
         if server is not None:
-            self.set_state(ClientState.ATTACHED)
+            self.set_state(resume)
             self._forward(server, data)
         else:
             self._pending += data

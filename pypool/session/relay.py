@@ -212,6 +212,9 @@ class SessionRelay:
         self.xact_count += 1
         if self._session_mode:
             return
+        if self.pin_reason is not None:
+            self._pinned_request_done(server)
+            return
         self.server = None
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.

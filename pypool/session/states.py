@@ -11,6 +11,8 @@ than a flag elsewhere.
                     ADMIN        WAITING ──> SYNCING ─────┘ │
                                     ▲                       └──> WAITING_FOR_LISTENER ──> ATTACHED
                                     └── ATTACHED (its server died before answering a read: retry)
+    ATTACHED ──> CHECKING_PIN ──> PINNED ──> CHECKING_PIN ──> IDLE (or READING_BACK)
+    (a transaction that may leave or release session state ends; the catalogs decide)
     any state ──> CLOSED
 
 ``shown`` is the state in PgBouncer's vocabulary, as SHOW CLIENTS, SHOW POOLS
@@ -36,6 +38,11 @@ class ClientState(enum.Enum):
     ATTACHED = "attached"  # relaying a request or transaction on its server connection
     READING_BACK = "reading back settings"  # learning the settings its transaction left, then releasing
     WAITING_FOR_LISTENER = "waiting for the listener"  # a LISTEN waits for the pool's listener connection
+    # Keeps its server connection between transactions: state that outlives a transaction
+    # (temporary tables, WITH HOLD cursors, session advisory locks, SQL PREPARE) lives there.
+    PINNED = "pinned"
+    # A transaction that may have created or released such state ended: the server's catalogs say.
+    CHECKING_PIN = "checking its session state"
     CLOSED = "closed"
 
     # Set below for every member (plain attributes: read on the relay's hot path).
@@ -52,15 +59,17 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.CLOSED),
     _S.WAITING: (_S.SYNCING, _S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
-    _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CLOSED),
+    _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CHECKING_PIN, _S.CLOSED),
     _S.READING_BACK: (_S.IDLE, _S.CLOSED),
-    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.CLOSED),
+    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.PINNED, _S.IDLE, _S.WAITING, _S.CLOSED),
+    _S.PINNED: (_S.CHECKING_PIN, _S.WAITING_FOR_LISTENER, _S.CLOSED),
+    _S.CHECKING_PIN: (_S.PINNED, _S.IDLE, _S.READING_BACK, _S.CLOSED),
     _S.CLOSED: (),
 }
 _SHOWN = {
     _S.STARTUP: "login", _S.AUTHENTICATING: "login", _S.ADMIN: "active", _S.IDLE: "idle",
     _S.WAITING: "waiting", _S.SYNCING: "waiting", _S.ATTACHED: "active", _S.READING_BACK: "active",
-    _S.WAITING_FOR_LISTENER: "waiting", _S.CLOSED: "closed",
+    _S.WAITING_FOR_LISTENER: "waiting", _S.PINNED: "active", _S.CHECKING_PIN: "active", _S.CLOSED: "closed",
 }
 for _state in ClientState:
     _state.may_become = _TRANSITIONS[_state]
