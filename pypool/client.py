@@ -121,7 +121,10 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         # Why this client holds (or, in its current transaction, reserved) one of its pool's
         # pinnable server connections (pypool/session/pinning.py); None: it shares them all.
         self.pin_reason: str | None = None
-        self.pin_check_due = False  # its transaction may have created or released pinned state
+        # Its transaction may have created or released pinned state, or RESET startup settings: the
+        # final ReadyForQuery waits for pypool's follow-up (the catalog check, the startup values
+        # set again), in ServerConnection.held_ready.
+        self.hold_ready = False
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).

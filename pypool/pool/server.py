@@ -68,9 +68,9 @@ class RelayTarget(Protocol):
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
 
-    # The transaction may have left or released session state: its final ReadyForQuery waits
-    # until the client has asked the catalogs (pypool/session/pinning.py, ``take_ready``).
-    pin_check_due: bool
+    # The final ReadyForQuery of the transaction waits for the client's follow-up (the catalog
+    # check of pypool/session/pinning.py, settings restored after a RESET): kept in ``held_ready``.
+    hold_ready: bool
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
@@ -112,7 +112,7 @@ class ServerConnection(asyncio.Protocol):
         # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
-        self.held_ready = b""  # a ReadyForQuery not relayed yet (``RelayTarget.pin_check_due``)
+        self.held_ready = b""  # a ReadyForQuery not relayed yet (``RelayTarget.hold_ready``)
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -292,7 +292,7 @@ class ServerConnection(asyncio.Protocol):
         """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
         client = self.client
         assert client is not None
-        if client.pin_check_due and self.requests.status == _IDLE:
+        if client.hold_ready and self.requests.status == _IDLE:
             client.transport.write(data[:end - _READY_SIZE])
             self.held_ready = data[end - _READY_SIZE:end]
         else:

@@ -113,6 +113,8 @@ class SessionEffects:
                 return refusal
         if effects.settings:
             self._settings_dirty = True
+            if effects.resets and self._startup_settings:
+                self.hold_ready = True  # its ParameterStatus must show the startup values first
         statements = self.statements
         assert statements is not None
         if effects.forget_all:
@@ -215,6 +217,34 @@ class SessionEffects:
         server.applied_parameters = dict(self._desired_settings)
         server.applied_key = self._parameters_key
 
+    async def _restore_startup_settings(self, server: ServerConnection) -> dict[str, str]:
+        """The session settings ``server`` holds after the client's transaction, startup values restored.
+
+        A RESET puts a setting back to its default: in PostgreSQL the value the
+        client's startup packet gave, on a pooled server connection the server's
+        own. pypool sets the startup values again and tells the client the
+        values as PostgreSQL would have left them (ParameterStatus).
+        """
+        rows = await server.query(session.SETTINGS_QUERY)
+        settings = {str(name).lower(): str(value) for name, value in rows}
+        lost = {k: v for k, v in self._startup_settings.items() if k not in settings}
+        if not lost:
+            return settings
+        before = dict(server.parameters)
+        await server.query(session.sync_statement(lost, {}))  # type: ignore[arg-type]
+        transport = self.transport
+        if transport is not None:
+            transport.write(b"".join(m.parameter_status(k, v) for k, v in server.parameters.items()
+                                     if before.get(k) != v))
+        return {**settings, **lost}
+
+    def _release_ready(self, server: ServerConnection) -> None:
+        """Relay the ReadyForQuery held back while pypool followed up the transaction."""
+        self.hold_ready = False
+        ready, server.held_ready = server.held_ready, b""
+        if ready and self.transport is not None:
+            self.transport.write(ready)
+
     async def _read_back_settings(self, server: ServerConnection) -> None:
         """After a transaction that ran SET/RESET: learn the session settings it left, then release.
 
@@ -226,15 +256,16 @@ class SessionEffects:
         assert group is not None
         server.detach()
         try:
-            rows = await server.query(session.SETTINGS_QUERY)
+            settings = await self._restore_startup_settings(server)
         except ServerError as exc:
             log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
+            self._release_ready(server)
             group.checkin(server, clean=False)
         except asyncio.CancelledError:
             group.checkin(server, clean=False)
             raise
         else:
-            settings = {str(name).lower(): str(value) for name, value in rows}
+            self._release_ready(server)
             self._set_settings(settings)
             server.applied_parameters = settings
             server.applied_key = self._parameters_key if settings == self._desired_settings else None

@@ -11,8 +11,10 @@ the server's catalogs are asked what the connection really holds
 its connection as in session mode; nothing -> back to transaction pooling.
 A pinned client's statements that may release the state (DROP, DISCARD,
 CLOSE, DEALLOCATE, the advisory unlock functions) make pypool ask again
-after their transaction. Clients that never pin pay one attribute test per
-transaction. Mixed into ClientConnection.
+after their transaction. The transaction's final ReadyForQuery waits for the
+answer (``hold_ready``), so the client's next statement already meets its
+new state. Clients that never pin pay two attribute tests per transaction.
+Mixed into ClientConnection.
 """
 
 from __future__ import annotations
@@ -44,16 +46,15 @@ class SessionPinning:
                                   f"max_pinned_connections ({group.max_pinned}) of pool "  # type: ignore[union-attr]
                                   f"\"{self.database}\" are pinned by other clients"))
             self.pin_reason = effects.pins[0]
-            self.pin_check_due = True
+            self.hold_ready = True
         elif self.pin_reason is not None and (effects.may_release or self.state is not ClientState.PINNED):
-            self.pin_check_due = True
+            self.hold_ready = True
         return None
 
     def _pinned_request_done(self, server: ServerConnection) -> None:
         """A transaction of a client holding a pin ended: stay, or ask the catalogs what is left."""
-        if not self.pin_check_due and self.state is ClientState.PINNED:
+        if not self.hold_ready and self.state is ClientState.PINNED:
             return
-        self.pin_check_due = False
         was_pinned = self.state is ClientState.PINNED
         if server.reported_change:
             self._settings_dirty = True  # the read-back after unpinning must not miss it
@@ -69,6 +70,9 @@ class SessionPinning:
         assert group is not None
         try:
             rows = await server.query(session.PINNED_STATE_QUERY)
+            held = session.held_state(rows[0]) if rows else ""
+            if held and self.hold_ready and self._settings_dirty:
+                await self._restore_startup_settings(server)  # a RESET on the connection it keeps
         except ServerError as exc:
             self._checkout_task = None
             group.checkin(server, clean=False)
@@ -80,11 +84,10 @@ class SessionPinning:
             group.checkin(server, clean=False)  # it holds the leaving client's state
             raise
         self._checkout_task = None
-        held = session.held_state(rows[0]) if rows else ""
-        # The client learns its transaction ended once pypool knows where its next one runs.
-        ready, server.held_ready = server.held_ready, b""
-        if ready and self.transport is not None:
-            self.transport.write(ready)
+        if held or not self._settings_dirty:
+            # The client learns its transaction ended once pypool knows where its next one runs
+            # (and, when it is unpinned, which settings it has: after the read-back).
+            self._release_ready(server)
         if held:
             if not was_pinned:
                 log.info("client %s pinned to server connection %s (pid %s) for %s: it keeps %s",
@@ -116,7 +119,6 @@ class SessionPinning:
         """Give back the pool's pin slot this client holds (or reserved)."""
         if self.pin_reason is not None:
             self.pin_reason = None
-            self.pin_check_due = False
             self.group.release_pin()  # type: ignore[union-attr]
 
     @property

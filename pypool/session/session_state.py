@@ -88,6 +88,9 @@ class Effects:
     # the client is pinned to that connection, or refused with the message and hint.
     pins: tuple[str, str, str] | None = None
     may_release: bool = False  # may drop such state: the catalogs are asked after the transaction
+    # Puts settings back to their defaults (RESET, SET ... TO DEFAULT, DISCARD ALL): PostgreSQL's
+    # default is the client's startup value, a pooled server's is its own (see effects.py).
+    resets: bool = False
 
 
 NOTHING = Effects()
@@ -123,12 +126,12 @@ def _statement(toks: list) -> Effects:
     if first == "SET":
         if second in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
             return NOTHING  # ends with the transaction
-        return Effects(settings=True)
+        return Effects(settings=True, resets="DEFAULT" in words)
     if first == "RESET":
-        return Effects(settings=True)
+        return Effects(settings=True, resets=True)
     if first == "DISCARD":
         if second == "ALL":
-            return Effects(settings=True, forget_all=True, may_release=True)
+            return Effects(settings=True, forget_all=True, may_release=True, resets=True)
         return _RELEASES if second in ("TEMP", "TEMPORARY") else NOTHING
     if first == "DEALLOCATE":
         rest = toks[2:] if second == "PREPARE" else toks[1:]
@@ -187,6 +190,7 @@ def _analyze(sql: str) -> Effects:
         listen=tuple(op for e in found for op in e.listen),
         pins=next((e.pins for e in found if e.pins), None),
         may_release=any(e.may_release for e in found),
+        resets=any(e.resets for e in found),
     )
     # The pooler answers a LISTEN and a DEALLOCATE of a driver's statement by sending another
     # text instead; mixed with other statements it cannot. The rest run as sent (resets
