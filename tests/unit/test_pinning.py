@@ -163,3 +163,34 @@ def test_max_pinned_connections_defaults_to_half_the_pool():
     assert setup(pool_size=10)[2].groups[("postgres", "postgres")].max_pinned == 5
     assert setup(pool_size=1)[2].groups[("postgres", "postgres")].max_pinned == 1
     assert setup(pool_size=10, max_pinned_connections=3)[2].groups[("postgres", "postgres")].max_pinned == 3
+
+
+@pytest.mark.parametrize("drip", [False, True])
+def test_a_reset_restores_the_startup_values_before_the_ready_for_query(drip):
+    async def scenario() -> None:
+        client, server, _ = setup()
+        client._startup_settings = {"application_name": "startup-name"}
+        client._set_settings({})
+        server.applied_parameters = {"application_name": "startup-name"}  # set up for this client already
+        server.applied_key = client._parameters_key
+        feed(client, m.query("RESET ALL"), drip)
+        assert server.transport.take() == m.query("RESET ALL")
+        # The pooled server's own default comes back first (PostgreSQL would keep the startup value).
+        feed(server, m.parameter_status("application_name", "") + done("RESET"), drip)
+        assert client.transport.take() == m.parameter_status("application_name", "") + m.command_complete("RESET")
+        assert client.state is ClientState.READING_BACK
+        await asyncio.sleep(0)
+        assert server.transport.take() == m.query(session.SETTINGS_QUERY)
+        feed(server, m.row_description(["name", "setting"]) + done("SELECT 0"), drip)
+        await asyncio.sleep(0)
+        assert b"set_config('application_name', 'startup-name', false)" in server.transport.take()
+        feed(server, m.parameter_status("application_name", "startup-name") + m.row_description(["set_config"])
+             + m.data_row(["startup-name"]) + done("SELECT 1"), drip)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert client.transport.take() == m.parameter_status("application_name", "startup-name") \
+            + m.ready_for_query()
+        assert client.state is ClientState.IDLE and server in server.pool.idle
+        assert server.applied_key == client._parameters_key, "the connection carries the client's settings"
+
+    asyncio.run(scenario())
