@@ -327,18 +327,22 @@ def _start_pypool_like(t: Target) -> None:
 # -- PgBouncer
 
 
+def installed_binary(name: str) -> str | None:
+    """``name`` on PATH, or in /usr/sbin (Debian puts daemons there, often off a non-root PATH)."""
+    return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+
+
 def pgbouncer_binary() -> str | None:
-    return shutil.which("pgbouncer") or (
-        "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    return installed_binary("pgbouncer")
 
 
-def install_pgbouncer(log=print) -> str:
-    """apt-get install pgbouncer without letting Debian start its own service."""
-    found = pgbouncer_binary()
+def install_debian_package(package: str, binary: str, log=print) -> str:
+    """apt-get install ``package`` without letting Debian start its own service; the path of ``binary``."""
+    found = installed_binary(binary)
     if found:
         return found
     if os.geteuid() != 0:
-        raise TargetError("pgbouncer is not installed and we are not root to apt-get install it")
+        raise TargetError(f"{package} is not installed and we are not root to apt-get install it")
     policy = Path("/usr/sbin/policy-rc.d")
     created = not policy.exists()
     if created:
@@ -346,7 +350,7 @@ def install_pgbouncer(log=print) -> str:
         policy.chmod(0o755)
     try:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "pgbouncer"]):
+        for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", package]):
             log(f"$ {' '.join(cmd)}")
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
             if proc.returncode != 0:
@@ -354,10 +358,14 @@ def install_pgbouncer(log=print) -> str:
     finally:
         if created:
             policy.unlink(missing_ok=True)
-    found = pgbouncer_binary()
+    found = installed_binary(binary)
     if not found:
-        raise TargetError("installed pgbouncer but found no pgbouncer binary")
+        raise TargetError(f"installed {package} but found no {binary} binary")
     return found
+
+
+def install_pgbouncer(log=print) -> str:
+    return install_debian_package("pgbouncer", "pgbouncer", log)
 
 
 def pgbouncer_target(*, database: str, user: str, scram_verifier: str, primary: tuple[str, int],

@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from pypool import admin, idle, keepalive, metrics, snapshot, tls
+from pypool import admin, autoreload, idle, keepalive, metrics, probes, snapshot, tls
 from pypool.client import ClientConnection
 from pypool.config import ConfigError
 from pypool.listener import Listener
@@ -76,13 +76,14 @@ class Application:
         if general.enable_prometheus_exporter and self.worker is None:  # else the supervisor serves it
             try:
                 self.metrics_server = metrics.MetricsServer(self._scrape, general.host,
-                                                            general.prometheus_exporter_port)
+                                                            general.prometheus_exporter_port, probes.AppProbes(self))
             except OSError as exc:
                 log.error("cannot serve Prometheus metrics on %s:%s: %s", general.host,
                           general.prometheus_exporter_port, exc)
             else:
                 log.info("Prometheus metrics on http://%s:%s/metrics", general.host, general.prometheus_exporter_port)
         self._background = [loop.create_task(self._housekeep()), loop.create_task(self.idle_reaper.run())]
+        self._background.extend(autoreload.watch(self))  # PgCat's `autoreload`, when configured
 
     async def _housekeep(self) -> None:
         """Once a second: forget drained pools; every stats period: roll the SHOW STATS averages."""
@@ -139,6 +140,11 @@ class Application:
 
     def request_shutdown(self, reason: str) -> None:
         self._shutdown.request(reason)
+
+    @property
+    def leaving(self) -> bool:
+        """A shutdown was asked for: /readyz fails from then on, during shutdown_delay too."""
+        return self._shutdown.requested
 
     async def wait_stopped(self) -> None:
         await self._shutdown.wait()

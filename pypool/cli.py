@@ -94,7 +94,7 @@ def config_command(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        for warning in config.warnings:
+        for warning in config.warnings + tuple(_capacity_warnings(config, args)):
             print(f"warning: {warning}", file=sys.stderr)
         users = sum(len(p.users) for p in config.pools.values())
         print(f"{args.path}: OK ({len(config.pools)} pool(s), {users} user(s))")
@@ -122,6 +122,15 @@ def config_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capacity_warnings(config, args: argparse.Namespace) -> list[str]:  # type: ignore[no-untyped-def]
+    from pypool import capacity
+
+    if args.instances == 1 and args.max_connections is None:
+        return []
+    return capacity.instance_warnings(config, args.instances,
+                                      args.max_connections or capacity.POSTGRES_MAX_CONNECTIONS)
+
+
 def _add_config_command(commands: "argparse._SubParsersAction") -> None:
     parser = commands.add_parser("config", help="check a config file, or write one from the Compose .env",
                                  description="Work with PgCat-format TOML config files.")
@@ -131,6 +140,11 @@ def _add_config_command(commands: "argparse._SubParsersAction") -> None:
                                            "pools and users, or an error naming the file and the key; exit status "
                                            "0 or 1. Warnings (e.g. keys pypool ignores) go to stderr.")
     check.add_argument("path", metavar="CONFIG", help="the PgCat-format TOML file to check, e.g. pgcat.toml")
+    check.add_argument("--instances", type=int, default=1,
+                       help="how many pypool instances run this config (warns when they may open more "
+                            "connections than --max-connections)")
+    check.add_argument("--max-connections", type=int, default=None,
+                       help="the servers' max_connections (default: PostgreSQL's 100)")
     check.add_argument("--strict", action="store_true",
                        help="unknown keys are errors, not warnings (as [general] reject_unknown_keys = true makes "
                             "them for the pooler)")

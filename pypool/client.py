@@ -29,6 +29,7 @@ from pypool.session.effects import SessionEffects
 from pypool.session.pinning import SessionPinning
 from pypool.session.prepared import ClientStatements
 from pypool.session.relay import SessionRelay
+from pypool.session import states
 from pypool.session.states import ClientState, IllegalTransition
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self.app = app
         self.transport: asyncio.Transport | None = None
         self.reading = ReadingPause()  # paused while its server cannot take more
-        self.state = ClientState.STARTUP  # changed only by ``set_state``
+        self.state = states.STARTUP  # changed only by ``set_state``
         self.peer = "?"
         self.peer_host = ""  # the client's IP address, for the hba rules
         self.tls = False  # the connection was upgraded to TLS
@@ -173,11 +174,11 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
                 if pos >= len(data):
                     return
                 data = data[pos:]
-            if self._pending or self.state is not ClientState.IDLE or not self._start_fast(data):
+            if self._pending or self.state is not states.IDLE or not self._start_fast(data):
                 self._pending += data
                 self._dispatch_pending()
             return
-        elif self.state is not ClientState.CLOSED:
+        elif self.state is not states.CLOSED:
             self._buffer.feed(data)
             waiter = self._waiter
             if waiter is not None and not waiter.done():
@@ -220,9 +221,9 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self.close_with_error(sqlstates.ADMIN_SHUTDOWN, "pypool is shutting down")
 
     def close(self) -> None:
-        if self.state is ClientState.CLOSED:
+        if self.state is states.CLOSED:
             return
-        self.set_state(ClientState.CLOSED)
+        self.set_state(states.CLOSED)
         self.app.client_disconnected(self)
         if self._counted_as is not None:
             self.app.user_clients.release(self._counted_as)

@@ -39,7 +39,7 @@ from typing import Any, Iterable, Mapping
 
 import tomli_w
 
-from pypool import config_keys
+from pypool import config_env, config_keys
 from pypool import hba as _hba
 from pypool.config_keys import Section
 
@@ -78,6 +78,7 @@ DEFAULT_HEALTHCHECK_TIMEOUT_MS = 1000
 DEFAULT_HEALTHCHECK_DELAY_MS = 30_000
 DEFAULT_BAN_TIME_S = 60  # seconds, like PgCat
 DEFAULT_SHUTDOWN_TIMEOUT_MS = 60_000
+DEFAULT_AUTORELOAD_MS = 15_000  # PgCat's interval for the old `autoreload = true`
 DEFAULT_IDLE_CLIENT_IN_TRANSACTION_TIMEOUT_MS = 0  # 0 = off
 DEFAULT_PROMETHEUS_EXPORTER_PORT = 9930
 DEFAULT_POOL_MODE = "transaction"
@@ -276,6 +277,8 @@ class General:
     tcp_keepalives_count: int = DEFAULT_TCP_KEEPALIVES_COUNT
     tcp_keepalives_interval: int = DEFAULT_TCP_KEEPALIVES_INTERVAL_S  # s
     tcp_user_timeout: int = DEFAULT_TCP_USER_TIMEOUT_MS  # ms; 0 = the kernel's default
+    autoreload: int | None = None  # ms between looks at the config file (pypool.autoreload); None = off
+    shutdown_delay: int = 0  # pypool addition, ms: serve on with /readyz failing before the drain
 
 
 @dataclass(frozen=True)
@@ -312,14 +315,20 @@ def load_config(path: str | os.PathLike, *, strict: bool = False) -> Config:
     return parse_config(text, spath, strict=strict)
 
 
-def parse_config(text: str, path: str = "<string>", *, strict: bool = False) -> Config:
-    """Parse PgCat-format TOML text; ``path`` is only used in messages. ``strict``: see :func:`load_config`."""
+def parse_config(text: str, path: str = "<string>", *, strict: bool = False,
+                 environ: Mapping[str, str] | None = None) -> Config:
+    """Parse PgCat-format TOML text; ``path`` is only used in messages. ``strict``: see :func:`load_config`.
+    ``"${NAME}"`` values come from ``environ`` (default: the process environment)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's messages carry "(at line L, column C)" and never echo the
         # offending text, so no secret can leak through here.
         raise ConfigError(path, None, f"invalid TOML: {exc}") from None
+    try:
+        data = config_env.expand(data, environ)  # "${NAME}" values from the environment (secrets)
+    except config_env.MissingVariable as exc:
+        raise ConfigError(path, exc.key, str(exc)) from None
     return _build(_Ctx(path), data, strict)
 
 
@@ -722,6 +731,8 @@ def _parse_general(t: _Table) -> General:
         tcp_keepalives_interval=t.integer("tcp_keepalives_interval", DEFAULT_TCP_KEEPALIVES_INTERVAL_S,
                                           minimum=1, maximum=32767),
         tcp_user_timeout=t.integer("tcp_user_timeout", DEFAULT_TCP_USER_TIMEOUT_MS, maximum=2**31 - 1),
+        autoreload=_parse_autoreload(t),
+        shutdown_delay=t.integer("shutdown_delay", 0),
     )
     if general.tls_certificate is not None and general.tls_private_key is None:
         raise t.error(
@@ -742,6 +753,19 @@ def _parse_workers(t: _Table) -> int:
     """``workers`` (pypool) sets the process count; PgCat's ``worker_threads`` counts Tokio threads and is
     reported as ignored (config_keys), so a PgCat file does not silently start four processes."""
     return t.integer("workers", DEFAULT_WORKERS, minimum=1, maximum=MAX_WORKERS)
+
+
+def _parse_autoreload(t: _Table) -> int | None:
+    """PgCat's ``autoreload``: milliseconds between looks at the file; PgCat before 1.0 took
+    true (every 15 s) or false, which pypool reads too."""
+    value = t.raw("autoreload")
+    if value is _MISSING or value is False:
+        return None
+    if value is True:
+        return DEFAULT_AUTORELOAD_MS
+    if isinstance(value, int) and value >= 1:
+        return value
+    raise t.error("autoreload", f"expected milliseconds (a positive integer), or true/false, got {_describe(value)}")
 
 
 def _parse_hba(t: _Table) -> tuple[_hba.HbaRule, ...] | None:

@@ -130,8 +130,8 @@ KEYS: tuple[Key, ...] = (
     # Older PgCat releases set prepared statements here: the default of every pool's size.
     Key(G, "prepared_statements", REBUILD, "Pool.prepared_statements_cache_size"),
     Key(G, "prepared_statements_cache_size", REBUILD, "Pool.prepared_statements_cache_size"),
-    _ignored(G, "autoreload", "pypool reloads on SIGHUP or the admin RELOAD command; it does not poll the "
-                              "file", bool, int),
+    Key(G, "autoreload", RESTART, "General.autoreload"),  # read at start, as in PgCat
+    Key(G, "shutdown_delay", LIVE, "General.shutdown_delay", pgcat=False),
     Key(G, "tcp_keepalives_idle", RESTART, "General.tcp_keepalives_idle"),
     Key(G, "tcp_keepalives_count", RESTART, "General.tcp_keepalives_count"),
     Key(G, "tcp_keepalives_interval", RESTART, "General.tcp_keepalives_interval"),

@@ -28,7 +28,7 @@ import signal
 import types
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pypool import snapshot, sqlstates
+from pypool import probes, snapshot, sqlstates
 from pypool.admin.commands import AdminCommands, AdminError, Pooler
 from pypool.admin.tables import TEXT
 from pypool.client import new_cancel_key
@@ -176,7 +176,9 @@ class Worker:
         assert self.app is not None
         op = request.get("op")
         if op == "ping":
-            return {"pid": os.getpid(), "index": self.index, "accepting": self.app.accepting}
+            ready = probes.app_readiness(self.app)
+            return {"pid": os.getpid(), "index": self.index, "accepting": self.app.accepting,
+                    "ready": [ready.ok, ready.reason]}
         if op == "cancel":
             self.app.cancel(int(request["process_id"]), int(request["secret_key"]))
             return {}

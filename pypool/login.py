@@ -20,7 +20,7 @@ from pypool.protocol import messages as m
 from pypool.protocol.frames import CancelRequest, GSSEncRequest, ProtocolViolation, SSLRequest, StartupMessage
 from pypool.session import session_state as session
 from pypool.session.prepared import ClientStatements
-from pypool.session.states import ClientState
+from pypool.session import states
 
 if TYPE_CHECKING:
     from pypool.pool.group import PoolGroup
@@ -89,7 +89,7 @@ class LoginHandshake:
         startup = await self._read_startup()
         if startup is None:
             return
-        self.set_state(ClientState.AUTHENTICATING)
+        self.set_state(states.AUTHENTICATING)
         params = startup.params
         self.user = params["user"]
         self.database = params.get("database") or self.user
@@ -104,7 +104,7 @@ class LoginHandshake:
         if self.app.is_admin_database(self.database):
             self.auth_method = limits.admin_method(general, self.auth_method)
             self.admin = await self.app.admin_login(self)
-            self.set_state(ClientState.ADMIN)
+            self.set_state(states.ADMIN)
             return
         group = self.app.find_group(self.database, self.user)
         if group is None:
@@ -141,7 +141,7 @@ class LoginHandshake:
         self.transport.write(b"".join(out))  # type: ignore[union-attr]
         if self.app.config.general.log_client_connections:
             log.info("client %s logged in as %s to %s", self.peer, self.user, self.database)
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         leftover = self._buffer.take_raw()
         if leftover:
             self._pending += leftover

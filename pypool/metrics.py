@@ -17,8 +17,9 @@ Two metric families are exported:
   ``_total`` counters, histograms for transaction time and checkout wait,
   the classification-cache hit ratio, routing decisions by role).
 
-The exporter is prometheus-client's WSGI server in a daemon thread, so HTTP
-parsing and text formatting stay off the event loop.
+The exporter is served by ``pypool.httpd`` (a WSGI server in a daemon thread,
+beside the health probes), so HTTP parsing and text formatting stay off the
+event loop.
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import socket
-import threading
-from typing import Awaitable, Callable, Iterable
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from typing import Awaitable, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -38,11 +36,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from pypool import __version__
 from pypool.admin.tables import pools_table, stats_values  # SHOW POOLS / SHOW STATS: one source of these numbers
+from pypool.httpd import HttpEndpoint
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
+from pypool.probes import Verdict
 from pypool.snapshot import SERVER_STATES, AddressStats, Snapshot
 
 log = logging.getLogger("pypool.metrics")
@@ -302,6 +301,14 @@ def _float_str(value: float) -> str:
     return repr(float(value))
 
 
+class Probes(Protocol):
+    """What /healthz and /readyz ask, from the HTTP thread (``pypool.probes.AppProbes``)."""
+
+    def liveness(self) -> Verdict: ...
+
+    def readiness(self) -> Verdict: ...
+
+
 class PypoolCollector:
     """prometheus-client collector: the snapshot is taken on the event loop, rendered on the HTTP thread."""
 
@@ -323,35 +330,16 @@ class PypoolCollector:
         return render_families(snap, averages)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
 class MetricsServer:
-    """``GET /metrics`` on host:prometheus_exporter_port, served from a daemon thread."""
+    """``GET /metrics``, ``/healthz`` and ``/readyz`` on host:prometheus_exporter_port (``pypool.httpd``)."""
 
-    def __init__(self, scrape: Scrape, host: str, port: int) -> None:
+    def __init__(self, scrape: Scrape, host: str, port: int, probes: "Probes") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PypoolCollector(scrape, asyncio.get_running_loop()))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        metrics_app = make_wsgi_app(self.registry)
-
-        def wsgi(environ, start_response):  # type: ignore[no-untyped-def]
-            if environ.get("PATH_INFO") not in ("/metrics", "/metrics/"):
-                start_response("404 Not Found", [("Content-Type", "text/plain")])
-                return [b"not found: metrics are at /metrics\n"]
-            return metrics_app(environ, start_response)
-
-        class Server(ThreadingWSGIServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        self.httpd = make_server(host, port, wsgi, Server, handler_class=_QuietHandler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="pypool-metrics", daemon=True)
-        self.thread.start()
-        self.address = self.httpd.server_address
+        self.endpoint = HttpEndpoint(host, port, self.registry, probes.liveness, probes.readiness)
+        self.address = self.endpoint.address
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.endpoint.close()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol
 
+from pypool import shutdown_delay
 from pypool.pool.server import send_cancel
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class Shutdown:
         self._stopped = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._deadline = 0.0  # loop time when clients still in a transaction are cancelled and closed
+        self._hurry = asyncio.Event()  # asked again: cut shutdown_delay short, and the drain
 
     async def wait(self) -> None:
         await self._stopped.wait()
@@ -51,15 +53,22 @@ class Shutdown:
         elif not self._stopped.is_set():
             log.warning("%s while draining: closing every connection now", reason)
             self._deadline = 0.0
+            self._hurry.set()
+
+    @property
+    def requested(self) -> bool:
+        """True from the signal on, during shutdown_delay too (/readyz reads it)."""
+        return self._task is not None
 
     async def run(self, reason: str) -> None:
         pooler = self.pooler
         registry = pooler.registry
         if not registry.accepting:
             return
+        await shutdown_delay.serve_on(pooler.config.general.shutdown_delay, reason, self._hurry)
         registry.accepting = False
         loop = asyncio.get_running_loop()
-        timeout = pooler.config.general.shutdown_timeout / 1000
+        timeout = 0.0 if self._hurry.is_set() else pooler.config.general.shutdown_timeout / 1000
         self._deadline = loop.time() + timeout
         busy = [c for c in registry.clients if c.in_transaction]
         log.info("shutting down (%s): no new clients or transactions; waiting up to %.1f s for %d "

@@ -12,7 +12,10 @@ process does no pooling itself. It
 * forwards SIGHUP (reload), SIGINT and SIGTERM (graceful drain; a second one
   stops at once) to every worker and exits when they have all stopped;
 * serves ``/metrics`` for the whole instance: it merges every worker's
-  statistics snapshot (``pypool.snapshot``) and renders the merged one.
+  statistics snapshot (``pypool.snapshot``) and renders the merged one;
+* answers ``/healthz`` and ``/readyz`` for the whole instance (``pypool.probes``);
+* with ``autoreload``, watches the config file and, when it changed and is
+  valid, reloads every worker as SIGHUP does (``pypool.autoreload``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterable
 
-from prometheus_client import CollectorRegistry, PlatformCollector, start_http_server
+from prometheus_client import CollectorRegistry, PlatformCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pypool import snapshot
+from pypool import probes, snapshot
+from pypool.autoreload import SupervisorAutoreload
+from pypool.httpd import HttpEndpoint
 from pypool.instance import ask_control_socket, control_socket_path
 from pypool.metrics import render_families
 
@@ -46,6 +51,7 @@ RESTART_DELAY_MIN = 0.5  # seconds; doubled for each quick successive death, up 
 RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long resets the restart delay
 POLL_INTERVAL = 0.2
+STALLED_AFTER = 5.0  # seconds without a supervision round: /healthz fails
 
 
 class WorkerProcess:
@@ -75,7 +81,9 @@ class Supervisor:
         self.workers = [WorkerProcess(i) for i in range(self.count)]
         self.stopping = False
         self._signals: list[int] = []
-        self._metrics_server = None
+        self._http: HttpEndpoint | None = None
+        self._last_round = time.monotonic()  # the supervision loop's heartbeat, read by /healthz
+        self._autoreload = SupervisorAutoreload(config_path, config, self._reload_workers)
 
     # ---------------------------------------------------------- lifecycle
 
@@ -96,9 +104,8 @@ class Supervisor:
             self._start_metrics()
             return self._supervise()
         finally:
-            if self._metrics_server is not None:
-                self._metrics_server.shutdown()
-                self._metrics_server.server_close()
+            if self._http is not None:
+                self._http.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -158,8 +165,7 @@ class Supervisor:
             while self._signals:
                 signum = self._signals.pop(0)
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading the config in every worker")
-                    self._stop_all(signal.SIGHUP)
+                    self._reload_workers("SIGHUP")
                     continue
                 interrupts += 1
                 self.stopping = True
@@ -170,7 +176,9 @@ class Supervisor:
                     log.warning("%s again: every worker closes its connections now", name)
                 # SIGTERM drains a worker as SIGINT does, and ends one still starting up without a traceback.
                 self._stop_all(signal.SIGTERM)
-            now = time.monotonic()
+            now = self._last_round = time.monotonic()
+            if not self.stopping:
+                self._autoreload.poll(now)
             for worker in self.workers:
                 if worker.alive():
                     if not worker.ready and not self.stopping:
@@ -186,6 +194,10 @@ class Supervisor:
                 log.info("pypool: all workers stopped")
                 return 0
             time.sleep(POLL_INTERVAL)
+
+    def _reload_workers(self, reason: str) -> None:
+        log.info("%s: reloading the config in every worker", reason)
+        self._stop_all(signal.SIGHUP)
 
     def _schedule_restart(self, worker: WorkerProcess, now: float) -> None:
         code = worker.proc.returncode if worker.proc else None
@@ -225,14 +237,36 @@ class Supervisor:
         registry.register(InstanceCollector(self))
         PlatformCollector(registry=registry)
         try:
-            self._metrics_server, _ = start_http_server(general.prometheus_exporter_port, general.host,
-                                                        registry=registry)
+            self._http = HttpEndpoint(general.host, general.prometheus_exporter_port, registry,
+                                      self.liveness, self.readiness)
         except OSError as exc:
             log.error("cannot serve Prometheus metrics on %s:%s: %s", general.host,
                       general.prometheus_exporter_port, exc)
         else:
             log.info("Prometheus metrics for all workers on http://%s:%s/metrics", general.host,
                      general.prometheus_exporter_port)
+
+    def _ping_all(self) -> list[dict | None]:
+        async def gather() -> list:
+            return await asyncio.gather(*(ask_control_socket(control_socket_path(self.rundir, w.index), {"op": "ping"},
+                                                             timeout=probes.LOOP_ANSWER_TIMEOUT)
+                                          for w in self.workers), return_exceptions=True)
+
+        return [None if isinstance(a, BaseException) else a for a in asyncio.run(gather())]
+
+    def liveness(self) -> probes.Verdict:
+        """The supervision loop runs and a worker's event loop answers (called from the HTTP thread)."""
+        if time.monotonic() - self._last_round > STALLED_AFTER:
+            return probes.Verdict(False, f"the supervisor has not run for {STALLED_AFTER:.0f} s")
+        if not any(self._ping_all()):
+            return probes.Verdict(False, "no worker answered")
+        return probes.Verdict(True, "alive")
+
+    def readiness(self) -> probes.Verdict:
+        if self.stopping:  # before asking anyone: a drain fails readiness at once
+            return probes.combine_workers(True, [])
+        answers = [probes.Verdict(*a["ready"]) if a and "ready" in a else None for a in self._ping_all()]
+        return probes.combine_workers(self.stopping, answers)
 
     def collect_snapshots(self) -> tuple[snapshot.Snapshot, dict[tuple, dict[str, float]]]:
         """Every live worker's snapshot merged, and the SHOW STATS averages one worker computed.

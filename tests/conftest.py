@@ -61,13 +61,18 @@ class PyPoolProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it is still there 10 s later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 15) -> None:
@@ -87,6 +92,15 @@ def wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: fl
 def pg_cluster() -> list[cluster.Node]:
     """The local primary + 2 replicas, started (idempotently) for the test session."""
     return cluster.up()
+
+
+def run_database_name(prefix: str) -> str:
+    """``prefix`` and this test run's pid: a test run sharing the cluster with this one uses another database."""
+    return f"{prefix}_{os.getpid()}"
+
+
+def drop_database(nodes: list[cluster.Node], database: str) -> None:
+    cluster.run_sql(nodes[0], f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
 
 
 def pgbench_database(nodes: list[cluster.Node], database: str) -> str:

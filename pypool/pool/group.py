@@ -69,6 +69,7 @@ class CheckoutTask:
 
 
 WAITERS = (CallbackWaiter, CheckoutTask)  # what ``checkout_now`` returns when there is no connection yet
+CheckoutWaiter = CallbackWaiter | CheckoutTask
 
 
 def _override(user_value: int | None, pool_value: int) -> int:

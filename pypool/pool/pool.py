@@ -148,7 +148,7 @@ class PoolStats:
     xact_count: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
-    # Timed transactions (see ServerConnection._request_done) and waits that
+    # Timed transactions (see ServerConnection._relay) and waits that
     # went through the slow path; immediate checkouts are zero-second waits.
     xact_time: float = 0.0
     xact_hist: list[int] = field(default_factory=lambda: [0] * (len(XACT_BUCKETS) + 1))

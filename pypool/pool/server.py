@@ -29,7 +29,7 @@ from pypool.session.tracker import RequestTracker
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.flow import ReadingPause
-from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation
+from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation, tag_table
 from pypool.tls import connect_tls
 
 if TYPE_CHECKING:
@@ -49,8 +49,9 @@ _IDLE = ord("I")
 LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
 SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
 # Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
-_REPLY_STOPS = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE, m.CLOSE_COMPLETE))
-_REPLY_WHOLE = bytes((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
+_REPLY_STOPS = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
+                          m.CLOSE_COMPLETE))
+_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
 _READY_SIZE = 6  # a whole ReadyForQuery message: tag, length, status
 
 
@@ -208,11 +209,8 @@ class ServerConnection(asyncio.Protocol):
     def _relay(self, data: bytes, n: int) -> None:
         """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors.
 
-        While prepared-statement actions wait for their replies
-        (pypool/session/prepared.py) it also swallows replies to messages
-        pypool injected, turns the CloseComplete of a stand-in Close into
-        ParseComplete, and undoes the actions an ErrorResponse makes the
-        server skip.
+        While prepared-statement actions wait (pypool/session/prepared.py), also rewrite their replies
+        (``_rewrite_reply``) and undo the actions an ErrorResponse makes the server skip.
         """
         if not self.replied and data[0] == _E and self._is_farewell(data):
             # The server is going away before answering (crash, shutdown): drop the
@@ -236,6 +234,7 @@ class ServerConnection(asyncio.Protocol):
         rewriting = statements is not None and statements.actions
         requests = self.requests
         start = 0  # first byte not yet written
+        done = False
         try:
             while True:
                 pos, end = walker.next(data, pos, n, _REPLY_STOPS, _REPLY_WHOLE)
@@ -247,8 +246,8 @@ class ServerConnection(asyncio.Protocol):
                     if rewriting:
                         statements.on_ready()  # type: ignore[union-attr]
                     if requests.ready(data[pos + 5]):
-                        self._request_done(data[start:] if start else data, end - start, n - start)
-                        return
+                        done = True  # everything asked is answered: the connection goes back below
+                        break
                 elif tag == _S:
                     self._note_parameter(data[pos + 5:end])
                 elif tag == _E:
@@ -258,13 +257,7 @@ class ServerConnection(asyncio.Protocol):
                 else:  # ParseComplete / CloseComplete
                     requests.parse_answered += 1
                     if rewriting and statements.actions:  # type: ignore[union-attr]
-                        kind = statements.on_reply(requests.parse_answered)  # type: ignore[union-attr]
-                        if kind == SWALLOW or kind == AS_PARSE_COMPLETE:
-                            if pos > start:
-                                write(data[start:pos])
-                            if kind == AS_PARSE_COMPLETE:
-                                write(PARSE_COMPLETE)
-                            start = end
+                        start = self._rewrite_reply(statements, data, start, pos, end)  # type: ignore[arg-type]
                 if end == n:
                     pos = n
                     break
@@ -273,8 +266,50 @@ class ServerConnection(asyncio.Protocol):
             log.warning("server %s sent garbage (%s); closing it", self.label, exc)
             self.transport.abort()  # type: ignore[union-attr]
             return
+        if not done:
+            if pos > start:
+                write(data[start:pos] if start or pos < n else data)
+            return
+        # The final ReadyForQuery, ending at ``end``: relay up to it, then hand the connection back.
+        if client.hold_ready and requests.status == _IDLE:  # type: ignore[union-attr]
+            write(data[start:end - _READY_SIZE])
+            self.held_ready = data[end - _READY_SIZE:end]
+        else:
+            write(data if end == n and not start else data[start:end])
+        if requests.status == _IDLE:
+            # A transaction ended: count it and time it. The clock starts at ``attach``, so in
+            # transaction mode this is the checkout-to-commit time; a session-mode client's later
+            # transactions on the same attachment are counted but not timed (their start is unknown).
+            self.xact_count += 1
+            started = self.xact_start
+            if started:
+                self.xact_start = 0.0
+                if self.stats is not None:
+                    self.stats.observe_xact(time.monotonic() - started)
+        client.server_request_done(self)  # type: ignore[union-attr]
+        if end < n:
+            self._after_request(data[end:])
+
+    def _rewrite_reply(self, statements: ServerStatements, data: bytes, start: int, pos: int, end: int) -> int:
+        """A ParseComplete/CloseComplete at ``data[pos:end]`` while prepared-statement actions wait:
+        swallow it, turn it into ParseComplete, or leave it. Returns the first byte not yet written."""
+        kind = statements.on_reply(self.requests.parse_answered)
+        if kind != SWALLOW and kind != AS_PARSE_COMPLETE:
+            return start
+        write = self.client.transport.write  # type: ignore[union-attr]
         if pos > start:
-            write(data[start:pos] if start or pos < n else data)
+            write(data[start:pos])
+        if kind == AS_PARSE_COMPLETE:
+            write(PARSE_COMPLETE)
+        return end
+
+    def _after_request(self, rest: bytes) -> None:
+        """Messages after the final ReadyForQuery: relayed while still attached (session mode), else idle traffic."""
+        if self.client is not None:
+            self._relay(rest, len(rest))
+        else:
+            self._buffer.feed(rest)
+            self._drain_idle_messages()
 
     @staticmethod
     def _is_farewell(data: bytes) -> bool:
@@ -287,36 +322,6 @@ class ServerConnection(asyncio.Protocol):
         except ProtocolViolation:
             return False
         return fields.get("V", fields.get("S")) == "FATAL" and fields.get("C", "").startswith("57P")
-
-    def _request_done(self, data: bytes, end: int, n: int) -> None:
-        """The final ReadyForQuery ends at ``end`` of ``data`` (``n`` bytes): relay it, hand the connection back."""
-        client = self.client
-        assert client is not None
-        if client.hold_ready and self.requests.status == _IDLE:
-            client.transport.write(data[:end - _READY_SIZE])
-            self.held_ready = data[end - _READY_SIZE:end]
-        else:
-            client.transport.write(data if end == n else data[:end])
-        rest = data[end:] if end < n else b""
-        if self.requests.status == _IDLE:
-            # A transaction ended: count it and time it. The clock starts at ``attach``, so in
-            # transaction mode this is the checkout-to-commit time; a session-mode client's later
-            # transactions on the same attachment are counted but not timed (their start is unknown).
-            self.xact_count += 1
-            started = self.xact_start
-            if started:
-                self.xact_start = 0.0
-                if self.stats is not None:
-                    self.stats.observe_xact(time.monotonic() - started)
-        client.server_request_done(self)
-        if rest:
-            # Asynchronous messages after the final ReadyForQuery: relay them if
-            # still attached (session mode), otherwise treat them as idle traffic.
-            if self.client is not None:
-                self._relay(rest, len(rest))
-            else:
-                self._buffer.feed(rest)
-                self._drain_idle_messages()
 
     def _fold(self) -> None:
         """Add this connection's counts to its pool's totals, once, as it ends."""

@@ -13,12 +13,12 @@ import asyncio
 import logging
 import time
 
-from pypool.pool.group import WAITERS, CheckoutAgain
+from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter
 from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
 from pypool.roles import PRIMARY
-from pypool.session.states import ClientState
+from pypool.session import states
 
 log = logging.getLogger("pypool.client")
 
@@ -31,45 +31,40 @@ def sqlstate_of(exc: Exception) -> str:
 
 
 class SessionCheckout:
-    def _begin_request(self, role: str, data: bytes | None) -> None:
-        """Check out a connection for ``role`` and attach it, or start waiting for one.
+    def _begin_request(self, role: str) -> None:
+        """Check out a connection for ``role`` for the request in ``_pending``: attach it, or wait.
 
-        ``data`` is the request when it is not in ``_pending`` (the fast path).
         One checkout: a connection now (attached at once when it is set up like
-        this client, else handed to the checkout coroutine, which syncs settings
-        and replays a held BEGIN), or a waiter that calls back. Raises
-        ServerError when the pool has no primary.
+        this client), or a waiter that calls back. Raises ServerError when the
+        pool has no primary. ``_start_fast`` is the same without ``_pending``.
         """
         got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
+        if got.__class__ in WAITERS or self._held_begin is not None \
+                or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            self._not_ready_yet(role, got)
+        else:
+            self._attach(got, role)  # type: ignore[arg-type]
+
+    def _not_ready_yet(self, role: str, got: "ServerConnection | CheckoutWaiter") -> None:
+        """No connection to attach yet: wait for the waiter's call (WAITING), or set the connection up
+        in the checkout coroutine (SYNCING: the client's settings, a held BEGIN)."""
         if got.__class__ in WAITERS:
-            if data is not None:
-                self._pending += data
-            self.set_state(ClientState.WAITING)
+            self.set_state(states.WAITING)
             self._queued = got  # type: ignore[assignment]
             self._queued_role = role
             self.wait_started = got.started  # type: ignore[union-attr]
-        elif self._held_begin is not None or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
-            if data is not None:
-                self._pending += data
-            self._start_checkout(role, got)  # type: ignore[arg-type]
-        elif data is None:
-            self._attach(got, role)  # type: ignore[arg-type]
         else:
-            self.set_state(ClientState.ATTACHED)
-            self.server = got  # type: ignore[assignment]
-            got.attach(self)  # type: ignore[union-attr]
-            self._replay = (data, role, None) if role != PRIMARY else None
-            self._forward(got, data)  # type: ignore[arg-type]
+            self._start_checkout(role, got)  # type: ignore[arg-type]
 
     def _start_checkout(self, role: str, server: ServerConnection | None) -> None:
         """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine."""
-        self.set_state(ClientState.WAITING if server is None else ClientState.SYNCING)
+        self.set_state(states.WAITING if server is None else states.SYNCING)
         self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_begin_request``."""
         self._end_queued_wait()
-        if self.state is not ClientState.WAITING:
+        if self.state is not states.WAITING:
             self.group.checkin(server)  # type: ignore[union-attr]
             return
         if self._needs_sync(server) or self._held_begin is not None:
@@ -80,13 +75,13 @@ class SessionCheckout:
     def _on_queued_failed(self, exc: Exception) -> None:
         """The queued wait ended without a connection: report why, or let the coroutine try."""
         self._end_queued_wait()
-        if self.state is not ClientState.WAITING:
+        if self.state is not states.WAITING:
             return
         if isinstance(exc, CheckoutAgain):
             self._start_checkout(self._queued_role, None)
             return
         log.warning("client %s: %s", self.peer, exc)
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         self._fail_request(sqlstate_of(exc), str(exc))
         self._dispatch_pending()
 
@@ -109,7 +104,7 @@ class SessionCheckout:
         try:
             if server is None:
                 server = await self._checkout_current(role)
-                self.set_state(ClientState.SYNCING)
+                self.set_state(states.SYNCING)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
@@ -118,7 +113,7 @@ class SessionCheckout:
             if server is not None:
                 group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
             log.warning("client %s: %s", self.peer, exc)
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             self._fail_request(sqlstate_of(exc), str(exc))
             self._dispatch_pending()
             return
@@ -154,7 +149,7 @@ class SessionCheckout:
                                       "pypool's configuration", {"C": sqlstates.INVALID_CATALOG_NAME}) from None
 
     def _attach(self, server: ServerConnection, role: str) -> None:
-        self.set_state(ClientState.ATTACHED)
+        self.set_state(states.ATTACHED)
         self.server = server
         server.attach(self)
         if self.transport is not None and self.transport.is_closing():

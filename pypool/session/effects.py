@@ -17,7 +17,7 @@ from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
 from pypool.session.prepared import Rewriter, ServerStatements, names_statement
-from pypool.session.states import ClientState
+from pypool.session import states
 
 log = logging.getLogger("pypool.client")
 
@@ -66,7 +66,7 @@ class SessionEffects:
             if effects.listen and self._must_wait_for_listener(effects):
                 self._pending += data[pos:]
                 resume = self.state  # ATTACHED, or PINNED
-                self.set_state(ClientState.WAITING_FOR_LISTENER)
+                self.set_state(states.WAITING_FOR_LISTENER)
                 self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects, resume))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
@@ -155,7 +155,7 @@ class SessionEffects:
         return any(op == "LISTEN" and (hub is None or not hub.is_listening(self, channel))
                    for op, channel in effects.listen)
 
-    async def _listen_then_resume(self, effects: session.Effects, resume: ClientState) -> None:
+    async def _listen_then_resume(self, effects: session.Effects, resume: states.ClientState) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
         try:
@@ -184,7 +184,7 @@ class SessionEffects:
             self._forward(server, data)
         else:
             self._pending += data
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             self._dispatch_pending()
 
     def deliver_notification(self, message: bytes) -> None:
@@ -254,7 +254,6 @@ class SessionEffects:
         """
         group = self.group
         assert group is not None
-        server.detach()
         try:
             settings = await self._restore_startup_settings(server)
         except ServerError as exc:
@@ -272,6 +271,6 @@ class SessionEffects:
             group.checkin(server)
         self._checkout_task = None
         if self.state.relaying:
-            self.set_state(ClientState.IDLE)
+            self.set_state(states.IDLE)
             if self._pending:
                 self._dispatch_pending()

@@ -25,7 +25,7 @@ import logging
 from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.session import session_state as session
-from pypool.session.states import ClientState
+from pypool.session import states
 
 log = logging.getLogger("pypool.client")
 
@@ -47,22 +47,22 @@ class SessionPinning:
                                   f"\"{self.database}\" are pinned by other clients"))
             self.pin_reason = effects.pins[0]
             self.hold_ready = True
-        elif self.pin_reason is not None and (effects.may_release or self.state is not ClientState.PINNED):
+        elif self.pin_reason is not None and (effects.may_release or self.state is not states.PINNED):
             self.hold_ready = True
         return None
 
     def _pinned_request_done(self, server: ServerConnection) -> None:
         """A transaction of a client holding a pin ended: stay, or ask the catalogs what is left."""
-        if not self.hold_ready and self.state is ClientState.PINNED:
+        if not self.hold_ready and self.state is states.PINNED:
             return
-        was_pinned = self.state is ClientState.PINNED
+        was_pinned = self.state is states.PINNED
         if server.reported_change:
             self._settings_dirty = True  # the read-back after unpinning must not miss it
         self.server = None
         server.detach()
         if self._walker.held:
             self._pending[:0] = self._walker.take_held()
-        self.set_state(ClientState.CHECKING_PIN)
+        self.set_state(states.CHECKING_PIN)
         self._checkout_task = asyncio.get_running_loop().create_task(self._check_pinned_state(server, was_pinned))
 
     async def _check_pinned_state(self, server: ServerConnection, was_pinned: bool) -> None:
@@ -92,7 +92,7 @@ class SessionPinning:
             if not was_pinned:
                 log.info("client %s pinned to server connection %s (pid %s) for %s: it keeps %s",
                          self.peer, server.label, server.backend_pid, self.pin_reason, held)
-            self.set_state(ClientState.PINNED)
+            self.set_state(states.PINNED)
             self.server = server
             server.attach(self)
             data = bytes(self._pending)
@@ -107,10 +107,10 @@ class SessionPinning:
                      server.label)
         if self._settings_dirty:
             self._settings_dirty = False
-            self.set_state(ClientState.READING_BACK)
+            self.set_state(states.READING_BACK)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         group.checkin(server)
         if self._pending:
             self._dispatch_pending()
@@ -124,4 +124,4 @@ class SessionPinning:
     @property
     def pinned(self) -> bool:
         """Keeps its server connection between transactions (SHOW CLIENTS, SHOW POOLS cl_pinned)."""
-        return self.state is ClientState.PINNED
+        return self.state is states.PINNED

@@ -14,10 +14,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from pypool import sqlstates
+from pypool.pool.group import WAITERS
 from pypool.pool.server import ServerConnection, ServerError
+from pypool.roles import PRIMARY
 from pypool.protocol import messages as m
-from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, ProtocolViolation, first_message
-from pypool.session.states import ClientState
+from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
+from pypool.session import states
 
 if TYPE_CHECKING:
     from pypool.routing.router import Decision
@@ -34,7 +36,7 @@ _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 _STARTS_TRANSACTION = frozenset((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.FLUSH,
                                  m.FUNCTION_CALL))
 # Messages that may need rewriting in transaction mode (named statements, session statements).
-_CAREFUL_TAGS = bytes((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
+_CAREFUL_TAGS = tag_table((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _IDLE = ord("I")
 
 
@@ -56,7 +58,7 @@ class SessionRelay:
             return
         start = 0  # first byte not yet written (moves past messages rewritten on the way)
         # Transaction mode: these may need rewriting, so the walker gathers them whole.
-        careful = _CAREFUL_TAGS if self.statements is not None else b""
+        careful = _CAREFUL_TAGS if self.statements is not None else NO_TAGS
         requests = server.requests
         try:
             while True:
@@ -64,7 +66,7 @@ class SessionRelay:
                 if end < 0:
                     break
                 tag = data[pos]
-                if careful and tag in careful and self._needs_care(tag, data, pos + 5, end):
+                if careful[tag] and self._needs_care(tag, data, pos + 5, end):
                     if pos > start:
                         write(data[start:pos])
                     if not self._forward_with_care(server, data, pos, end):
@@ -89,7 +91,7 @@ class SessionRelay:
 
     def _dispatch_pending(self) -> None:
         """No server attached: route the first complete message and get a connection."""
-        if self.state is not ClientState.IDLE:
+        if self.state is not states.IDLE:
             return
         buf = self._pending
         while buf:
@@ -126,7 +128,7 @@ class SessionRelay:
                 self._answer_locally(decision, length)
                 continue
             try:
-                self._begin_request(decision.role, None)
+                self._begin_request(decision.role)
             except ServerError as exc:
                 self._fail_request(exc.sqlstate, str(exc))
                 continue
@@ -155,10 +157,21 @@ class SessionRelay:
         decision = self._router.route_default(data if end == n else data[:end])  # type: ignore[union-attr]
         if decision is None:
             return False
+        role = decision.role
         try:
-            self._begin_request(decision.role, data)
+            got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
         except ServerError:
             return False  # ``_dispatch_pending`` answers it with the error
+        if got.__class__ in WAITERS or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
+            self._pending += data
+            self._not_ready_yet(role, got)
+            return True
+        # ``_attach`` without the copy through ``_pending``.
+        self.set_state(states.ATTACHED)
+        self.server = got  # type: ignore[assignment]
+        got.attach(self)  # type: ignore[union-attr]
+        self._replay = (data, role, None) if role != PRIMARY else None
+        self._forward(got, data)  # type: ignore[arg-type]
         return True
 
     def _routable(self, tag: int, payload: bytes) -> tuple[int, bytes]:
@@ -221,10 +234,11 @@ class SessionRelay:
             self._pending[:0] = self._walker.take_held()
         if self._settings_dirty or server.reported_change:
             self._settings_dirty = False
-            self.set_state(ClientState.READING_BACK)
+            self.set_state(states.READING_BACK)
+            server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
             self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
             return
-        self.set_state(ClientState.IDLE)
+        self.set_state(states.IDLE)
         self.group.checkin(server)  # type: ignore[union-attr]
         if self._pending:
             self._dispatch_pending()

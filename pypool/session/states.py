@@ -76,5 +76,10 @@ for _state in ClientState:
     _state.relaying = _state not in (_S.STARTUP, _S.AUTHENTICATING, _S.ADMIN, _S.CLOSED)
     _state.shown = _SHOWN[_state]
 
+# The members as module names: reading ``ClientState.IDLE`` goes through the Enum class (about 0.1 us on
+# Python 3.11), ``states.IDLE`` is a plain module attribute; the relay reads them per request.
+(STARTUP, AUTHENTICATING, ADMIN, IDLE, WAITING, SYNCING, ATTACHED, READING_BACK, WAITING_FOR_LISTENER,
+ PINNED, CHECKING_PIN, CLOSED) = ClientState
+
 # PgBouncer's client states, as counted by SHOW POOLS (cl_*) and /metrics.
 CLIENT_STATES = ("active", "idle", "waiting")

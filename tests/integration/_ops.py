@@ -1,9 +1,9 @@
 """Helpers of the operations tests: the admin console, login outcomes, the log, a private database.
 
-The private database: other test sessions on the same cluster run ``pgbench -i`` on the default
-database, which drops and recreates the pgbench tables under a running
+The private database, one per test run: other test runs on the same cluster run ``pgbench -i`` on
+the default database, which drops and recreates the pgbench tables under a running
 benchmark; and the servers' ``pg_stat_database`` counters of a database only
-these tests use move only with their traffic. Pools reach it through their
+this run uses move only with its traffic. Pools reach it through their
 shard's ``database`` while clients still connect to the pool ``postgres``.
 """
 
@@ -16,14 +16,15 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.conftest import DATABASE, PASSWORD, USER, pgbench_database
+from tests.conftest import DATABASE, PASSWORD, USER, drop_database, pgbench_database, run_database_name
 
-PRIVATE_DB = "pypool_ops"
+PRIVATE_DB = run_database_name("pypool_ops")
 
 
 @pytest.fixture(scope="session")
-def private_db(pg_cluster) -> str:
-    return pgbench_database(pg_cluster, PRIVATE_DB)
+def private_db(pg_cluster):
+    yield pgbench_database(pg_cluster, PRIVATE_DB)
+    drop_database(pg_cluster, PRIVATE_DB)
 
 
 def on_private_db() -> dict:

@@ -10,9 +10,14 @@ import re
 import socket
 import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import psycopg
+
+from pypool import cluster
 from tests.conftest import DATABASE, PASSWORD, USER, deep_merge
 
 # Where the server choice matters (counting connections on the primary, pool
@@ -39,6 +44,59 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def _pg1_leads(base: Path) -> bool:
+    """On disk, pg1 is the primary and pg2, pg3 its standbys (a promotion or a rebuild changes that)."""
+    standby = {n.name: (n.data_dir / "standby.signal").exists() for n in cluster.nodes(base)}
+    return standby == {"pg1": False, "pg2": True, "pg3": True}
+
+
+def _pg1_streams_to_both(base: Path) -> bool:
+    nodes = cluster.nodes(base)
+    return all(cluster._running_pid(n) for n in nodes) and cluster._try_sql(
+        nodes[0], "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'", timeout=3) == "2"
+
+
+def make_standard_cluster(base: Path) -> tuple[list[cluster.Node], bool]:
+    """Make the private cluster in ``base`` pg1 primary with pg2 and pg3 streaming from it, whatever
+    a test left (stopped, killed, promoted, destroyed); returns its nodes and whether it is new."""
+    if (base / "pg1" / "PG_VERSION").is_file():
+        if not _pg1_leads(base):
+            cluster.destroy(base)  # the primary moved: start afresh rather than fail back
+        elif _pg1_streams_to_both(base):
+            return cluster.nodes(base), False
+    fresh = not (base / "pg1" / "PG_VERSION").is_file()
+    return cluster.up(base, timeout=120), fresh
+
+
+def cancel_when_running(conn: psycopg.Connection, server_dsn: str, marker: str,
+                        timeout: float = 30) -> threading.Thread:
+    """A started thread that calls ``conn.cancel()`` once the server at ``server_dsn`` runs a
+    statement containing ``marker``: the cancel cannot arrive before the statement it is for."""
+    def running() -> bool:
+        return watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                               "AND pid <> pg_backend_pid() AND strpos(query, %s) > 0", [marker]).fetchone()[0] > 0
+
+    def run() -> None:
+        try:
+            wait_for(running, timeout, what=f"a running statement with {marker!r}", interval=0.05)
+            conn.cancel()
+        finally:
+            watcher.close()
+
+    watcher = psycopg.connect(server_dsn, autocommit=True)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_failed_on_one_connect(message: str, connect_timeout_ms: int) -> None:
+    """The error reports one failed attempt to reach the server (refused, or cut off by
+    connect_timeout): the client was answered at once, not queued for a pool slot."""
+    assert "could not connect to server" in message, message
+    assert "Connection refused" in message or f"timed out after {connect_timeout_ms} ms" in message, message
+    assert "checkout_timeout" not in message, message
 
 
 def psql(pypool, *args: str, input: str | None = None, password: str = PASSWORD,

@@ -42,7 +42,7 @@ def run_benchmark(results: Path, *args: str, timeout: float) -> dict[tuple[str, 
 def test_benchmark_harness_smoke(tmp_path: Path, pg_cluster) -> None:
     results = tmp_path / "results"
     rows = run_benchmark(results, "--targets", "direct,pypool,pypool-w2", "--workloads", "select-c64,rtt,memory",
-                         "--duration", "1", "--rounds", "1", "--scale", "1", "--warmup", "0",
+                         "--duration", "2", "--rounds", "1", "--scale", "1", "--warmup", "0",
                          "--rtt-queries", "300", "--memory-clients", "200", timeout=240)
     for target in ("direct", "pypool", "pypool-w2"):
         row = rows[("select-c64", target)]

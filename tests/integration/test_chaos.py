@@ -34,7 +34,7 @@ import pytest
 from pypool import cluster
 from tests.conftest import DATABASE, PASSWORD, USER, free_port, local_config, start_pypool_process
 from tests.integration._support import login
-from tests.integration.test_failover import private_cluster  # noqa: F401 - the private cluster fixture
+from tests.integration.test_failover import failover_dir, private_cluster  # noqa: F401 - the private cluster fixtures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,8 +45,8 @@ BAN_TIME = 3
 VANISH_DELTA = 1_000_000
 
 
-@pytest.fixture(scope="module")
-def chaos_pooler(private_cluster, tmp_path_factory):  # noqa: F811
+@pytest.fixture
+def chaos_pooler(private_cluster, tmp_path):  # noqa: F811
     port = free_port()
     config = local_config(private_cluster, port, {
         # connect_timeout leaves room for a loaded machine: every vanished client costs a reconnect
@@ -55,7 +55,7 @@ def chaos_pooler(private_cluster, tmp_path_factory):  # noqa: F811
         "pools": {DATABASE: {"load_balancing_mode": "random", "checkout_timeout": 20000,
                              "users": {"0": {"pool_size": 12}}}},
     })
-    proc = start_pypool_process(config, tmp_path_factory.mktemp("chaos"), port)
+    proc = start_pypool_process(config, tmp_path, port)
     yield proc
     proc.stop()
 

@@ -2,8 +2,9 @@
 
 Runs its own throwaway cluster in a private directory under /tmp on three free
 ports (PG1_PORT/PG2_PORT/PG3_PORT patched for this module), so it never touches
-the shared development cluster on 5433-5435. The tests share that cluster and
-run in file order: each one starts from the state the previous one left.
+the shared development cluster on 5433-5435. The tests share that directory but
+not a state: each asks for the cluster it needs (none at all, or pg1 primary with
+pg2 and pg3 streaming), whatever the test before it left, so they pass in any order.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import os
 import shutil
 import socket
 import tempfile
-import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from pypool import cluster
-from tests.integration._support import wait_for
+from tests.integration._support import make_standard_cluster, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,41 @@ def cluster_dir():
             shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture
+def no_cluster(cluster_dir):
+    """The private directory with no cluster in it."""
+    cluster.destroy(cluster_dir)
+    return cluster_dir
+
+
+@pytest.fixture
+def standard_cluster(cluster_dir):
+    """pg1 primary, pg2 and pg3 streaming from it, all running: made so whatever an earlier test left."""
+    make_standard_cluster(cluster_dir)
+    return cluster_dir
+
+
+@pytest.fixture
+def some_cluster(cluster_dir):
+    """A cluster on disk, in whatever shape an earlier test left it (stopping and destroying take any)."""
+    if not (cluster_dir / "pg1" / "PG_VERSION").is_file():
+        cluster.up(cluster_dir, timeout=60)
+    return cluster_dir
+
+
+def _new_table(node: cluster.Node, *rows: str) -> str:
+    """A table of this test's own (id, note), holding ``rows`` as ids 1, 2, ..."""
+    name = f"cluster_probe_{uuid.uuid4().hex[:8]}"
+    values = ", ".join(f"({i}, '{note}')" for i, note in enumerate(rows, start=1))
+    cluster.run_sql(node, f"CREATE TABLE {name} (id int PRIMARY KEY, note text);"
+                          + (f"INSERT INTO {name} VALUES {values};" if rows else ""))
+    return name
+
+
+def _wait_replayed(node: cluster.Node, table: str, count: int, what: str) -> None:
+    _wait_for(lambda: cluster._try_sql(node, f"SELECT count(*) FROM {table}", timeout=3) == str(count), what=what)
+
+
 def _by_name(rows: list[dict]) -> dict[str, dict]:
     return {row["name"]: row for row in rows}
 
@@ -82,7 +118,8 @@ def test_nodes_read_ports_from_env(cluster_dir):
     assert dsn.startswith("postgresql://") and f"@127.0.0.1:{ports[0]}/" in dsn
 
 
-def test_up_starts_primary_and_two_streaming_replicas(cluster_dir):
+def test_up_starts_primary_and_two_streaming_replicas(no_cluster):
+    cluster_dir = no_cluster
     steps: list[str] = []
     returned = cluster.up(cluster_dir, timeout=60, progress=steps.append)
     assert [n.name for n in returned] == ["pg1", "pg2", "pg3"]
@@ -117,45 +154,55 @@ def test_up_starts_primary_and_two_streaming_replicas(cluster_dir):
         assert (node.data_dir / cluster.LOG_NAME).is_file()
 
 
-def test_status_cli_prints_table_without_passwords(cluster_dir, capsys):
+def test_status_cli_prints_table_without_passwords(standard_cluster, capsys):
+    cluster_dir = standard_cluster
     assert cluster.main(["status", "--data-dir", str(cluster_dir)]) == 0
     out = capsys.readouterr().out
     assert "pg1" in out and "primary" in out and out.count("replica") == 2
     assert "mysecretpassword" not in out and "repl_password" not in out
 
 
-def test_write_on_primary_is_visible_on_both_replicas(cluster_dir):
-    primary = _node("pg1", cluster_dir)
-    cluster.run_sql(primary, "CREATE TABLE cluster_probe (id int PRIMARY KEY, note text);"
-                             "INSERT INTO cluster_probe VALUES (1, 'hello replicas');")
+def test_write_on_primary_is_visible_on_both_replicas(standard_cluster):
+    cluster_dir = standard_cluster
+    table = _new_table(_node("pg1", cluster_dir), "hello replicas")
     for name in ("pg2", "pg3"):
         replica = _node(name, cluster_dir)
         _wait_for(
-            lambda: cluster._try_sql(replica, "SELECT note FROM cluster_probe WHERE id = 1", timeout=3) == "hello replicas",
+            lambda: cluster._try_sql(replica, f"SELECT note FROM {table} WHERE id = 1", timeout=3) == "hello replicas",
             what=f"row on {name}",
         )
         # and the replica refuses writes
         with pytest.raises(cluster.ClusterError, match="read-only"):
-            cluster.run_sql(replica, "INSERT INTO cluster_probe VALUES (2, 'no')")
+            cluster.run_sql(replica, f"INSERT INTO {table} VALUES (2, 'no')")
 
 
-def test_up_again_is_a_noop(cluster_dir, capsys):
-    pids = {n.name: cluster._running_pid(n) for n in cluster.nodes(cluster_dir)}
-    assert all(pids.values())
-    started = time.monotonic()
+def _what_up_would_redo(base: Path) -> dict[str, tuple]:
+    """Per node: the postmaster pid (a restart, re-initdb or base backup changes it) and the
+    WAL receiver pid (re-pointing a replica at another primary restarts its receiver)."""
+    return {node.name: (cluster._running_pid(node), cluster.run_sql(node, "SELECT pid FROM pg_stat_wal_receiver"))
+            for node in cluster.nodes(base)}
+
+
+def test_up_again_is_a_noop(standard_cluster, capsys):
+    cluster_dir = standard_cluster
+    table = _new_table(_node("pg1", cluster_dir), "kept")
+    before = _what_up_would_redo(cluster_dir)
+    assert all(pid for pid, _ in before.values())
+    assert before["pg2"][1] and before["pg3"][1]  # both replicas are receiving WAL
     assert cluster.main(["up", "--data-dir", str(cluster_dir), "--timeout", "30"]) == 0
-    assert time.monotonic() - started < 10
     lines = capsys.readouterr().out.splitlines()
     # The command line prints each step as it happens, then the status table.
     assert lines[0] == f"pypool cluster: pg1 (primary) already running on 127.0.0.1:{_node('pg1', cluster_dir).port}"
     assert "pypool cluster: pg3 (replica) already running on" in lines[3]
     assert lines[4:6] == ["pypool cluster: waiting for pg2, pg3 to stream from pg1", "pypool cluster: cluster ready"]
     assert lines[6].split() == ["name", "port", "role", "state", "replay", "lag"]
-    assert {n.name: cluster._running_pid(n) for n in cluster.nodes(cluster_dir)} == pids
-    assert cluster.run_sql(_node("pg1", cluster_dir), "SELECT count(*) FROM cluster_probe") == "1"
+    # Nothing restarted, re-initialised, re-copied or re-pointed; the data is still there.
+    assert _what_up_would_redo(cluster_dir) == before
+    assert cluster.run_sql(_node("pg1", cluster_dir), f"SELECT count(*) FROM {table}") == "1"
 
 
-def test_stopped_replica_shows_down_and_comes_back(cluster_dir):
+def test_stopped_replica_shows_down_and_comes_back(standard_cluster):
+    cluster_dir = standard_cluster
     cluster.stop_node("pg3", cluster_dir)
     rows = _by_name(cluster.status(cluster_dir))
     assert rows["pg3"]["role"] == "down" and not rows["pg3"]["running"]
@@ -164,34 +211,8 @@ def test_stopped_replica_shows_down_and_comes_back(cluster_dir):
     _wait_for(lambda: _by_name(cluster.status(cluster_dir))["pg3"]["streaming"], what="pg3 streaming again")
 
 
-def test_promote_replica_after_primary_stops(cluster_dir):
-    cluster.stop_node("pg1", cluster_dir)
-    assert _by_name(cluster.status(cluster_dir))["pg1"]["role"] == "down"
-    cluster.promote_node("pg2", cluster_dir)
-    new_primary = _node("pg2", cluster_dir)
-    assert cluster.run_sql(new_primary, "SELECT pg_is_in_recovery()") == "f"
-    cluster.run_sql(new_primary, "INSERT INTO cluster_probe VALUES (2, 'after failover')")
-    assert cluster.run_sql(new_primary, "SELECT count(*) FROM cluster_probe") == "2"
-    assert _by_name(cluster.status(cluster_dir))["pg2"]["role"] == "primary"
-
-
-def test_rebuild_replica_follows_new_primary(cluster_dir):
-    cluster.rebuild_replica("pg1", cluster_dir, timeout=60)
-    old_primary = _node("pg1", cluster_dir)
-    assert cluster.run_sql(old_primary, "SELECT pg_is_in_recovery()") == "t"
-    _wait_for(
-        lambda: cluster._try_sql(old_primary, "SELECT count(*) FROM cluster_probe", timeout=3) == "2",
-        what="pg1 to replay the post-failover row",
-    )
-    # up() repairs the rest (pg3 still points at the old primary) and leaves 1 primary + 2 streaming.
-    cluster.up(cluster_dir, timeout=60)
-    rows = _by_name(cluster.status(cluster_dir))
-    assert [r["role"] for r in rows.values()].count("primary") == 1
-    assert rows["pg2"]["role"] == "primary"
-    assert rows["pg1"]["streaming"] and rows["pg3"]["streaming"]
-
-
-def test_kill_node_then_start_recovers(cluster_dir):
+def test_kill_node_then_start_recovers(standard_cluster):
+    cluster_dir = standard_cluster
     replica = _node("pg3", cluster_dir)
     pid = cluster._running_pid(replica)
     cluster.kill_node("pg3", cluster_dir)
@@ -201,7 +222,8 @@ def test_kill_node_then_start_recovers(cluster_dir):
     assert cluster._running_pid(replica) not in (None, pid)
 
 
-def test_start_failure_reports_log_tail(cluster_dir):
+def test_start_failure_reports_log_tail(standard_cluster):
+    cluster_dir = standard_cluster
     # Occupy pg3's port with a plain socket: the start must fail with the server's own words.
     cluster.stop_node("pg3", cluster_dir)
     replica = _node("pg3", cluster_dir)
@@ -219,7 +241,43 @@ def test_start_failure_reports_log_tail(cluster_dir):
         blocker.close()
 
 
-def test_down_and_destroy(cluster_dir):
+def _fail_over_to_pg2(base: Path) -> str:
+    """Stop pg1, promote pg2, write there; returns the table holding one row from before and one after."""
+    table = _new_table(_node("pg1", base), "before failover")
+    _wait_replayed(_node("pg2", base), table, 1, "pg2 to replay the first row")
+    cluster.stop_node("pg1", base)
+    assert _by_name(cluster.status(base))["pg1"]["role"] == "down"
+    cluster.promote_node("pg2", base)
+    cluster.run_sql(_node("pg2", base), f"INSERT INTO {table} VALUES (2, 'after failover')")
+    return table
+
+
+def test_promote_replica_after_primary_stops(standard_cluster):
+    cluster_dir = standard_cluster
+    table = _fail_over_to_pg2(cluster_dir)
+    new_primary = _node("pg2", cluster_dir)
+    assert cluster.run_sql(new_primary, "SELECT pg_is_in_recovery()") == "f"
+    assert cluster.run_sql(new_primary, f"SELECT count(*) FROM {table}") == "2"
+    assert _by_name(cluster.status(cluster_dir))["pg2"]["role"] == "primary"
+
+
+def test_rebuild_replica_follows_new_primary(standard_cluster):
+    cluster_dir = standard_cluster
+    table = _fail_over_to_pg2(cluster_dir)
+    cluster.rebuild_replica("pg1", cluster_dir, timeout=60)
+    old_primary = _node("pg1", cluster_dir)
+    assert cluster.run_sql(old_primary, "SELECT pg_is_in_recovery()") == "t"
+    _wait_replayed(old_primary, table, 2, "pg1 to replay the post-failover row")
+    # up() repairs the rest (pg3 still points at the old primary) and leaves 1 primary + 2 streaming.
+    cluster.up(cluster_dir, timeout=60)
+    rows = _by_name(cluster.status(cluster_dir))
+    assert [r["role"] for r in rows.values()].count("primary") == 1
+    assert rows["pg2"]["role"] == "primary"
+    assert rows["pg1"]["streaming"] and rows["pg3"]["streaming"]
+
+
+def test_down_and_destroy(some_cluster):
+    cluster_dir = some_cluster
     cluster.down(cluster_dir)
     rows = cluster.status(cluster_dir)
     assert all(r["role"] == "down" and not r["running"] for r in rows)

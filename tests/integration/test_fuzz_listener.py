@@ -4,8 +4,9 @@ Hypothesis drives one running pypool with byte streams before the login
 (startup packets, SASL/md5 answers) and after it (tagged messages with
 random, impossible or truncated lengths, messages from the wrong phase).
 Each connection must get well-framed replies whose errors carry a SQLSTATE,
-or be closed; afterwards pypool must still be running, serve a fresh client,
-hold no server connection in a transaction, and its memory must stay bounded.
+or be closed; after each test's examples pypool must still be running, serve a
+fresh client, hold no server connection in a transaction, and its memory must
+stay bounded. Each test fuzzes a pypool of its own.
 
 Short form by default; ``PYPOOL_LONG=1`` runs the long form. FunctionCall
 ('F') is never sent: with random OIDs it could call any function on the
@@ -37,19 +38,19 @@ POOL_SIZE = 5
 SSL_REQUEST = struct.pack("!II", 8, 80877103)
 GSSENC_REQUEST = struct.pack("!II", 8, 80877104)
 
-FIGURES = {"connections": 0, "bytes_sent": 0, "errors_received": 0, "probes_answered": 0, "sqlstates": set()}
+def new_figures() -> dict:
+    return {"connections": 0, "bytes_sent": 0, "errors_received": 0, "probes_answered": 0, "sqlstates": set()}
 
 
-@pytest.fixture(scope="module")
-def fuzz_target(pg_cluster, tmp_path_factory):
+@pytest.fixture
+def fuzz_target(pg_cluster, tmp_path):
     port = free_port()
-    directory = tmp_path_factory.mktemp("fuzz")
-    certs = make_certificates(directory / "certs")  # TLS offered: SSLRequests reach the upgrade path
+    certs = make_certificates(tmp_path / "certs")  # TLS offered: SSLRequests reach the upgrade path
     config = local_config(pg_cluster, port, merge(PRIMARY_ONLY, {
         "general": {"max_message_size": MAX_MESSAGE, "client_login_timeout": 5000,
                     "tls_certificate": str(certs.cert), "tls_private_key": str(certs.key)},
         "pools": {DATABASE: {"users": {"0": {"pool_size": POOL_SIZE}}}}}))
-    proc = start_pypool_process(config, directory, port)
+    proc = start_pypool_process(config, tmp_path, port)
     yield proc
     proc.stop()
 
@@ -134,7 +135,7 @@ def _startup(params: dict[str, str], version: int) -> bytes:
 PROBE = frame(ord("Q"), b"SELECT 'probe-end'\0")
 
 
-def exchange(port: int, chunks: list[bytes], logged_in: bool) -> bytes:
+def exchange(port: int, chunks: list[bytes], logged_in: bool, figures: dict) -> bytes:
     """Send ``chunks`` (after a real login if asked) and a probe query; collect the replies until EOF.
 
     The probe shows whether the session is still usable after the bad input.
@@ -146,7 +147,7 @@ def exchange(port: int, chunks: list[bytes], logged_in: bool) -> bytes:
         if logged_in:
             login(sock)
         for chunk in chunks + ([PROBE] if logged_in else []):
-            FIGURES["bytes_sent"] += len(chunk)
+            figures["bytes_sent"] += len(chunk)
             try:
                 sock.sendall(chunk)
             except (BrokenPipeError, ConnectionResetError):
@@ -167,7 +168,7 @@ def exchange(port: int, chunks: list[bytes], logged_in: bool) -> bytes:
                 break
             received += data
         if b"probe-end" in received:
-            FIGURES["probes_answered"] += 1
+            figures["probes_answered"] += 1
         sock.settimeout(30)
         try:
             sock.shutdown(socket.SHUT_WR)
@@ -184,11 +185,11 @@ def exchange(port: int, chunks: list[bytes], logged_in: bool) -> bytes:
             if not data:
                 break
             received += data
-    FIGURES["connections"] += 1
+    figures["connections"] += 1
     return received
 
 
-def check_frames(data: bytes, skip_single_bytes: int = 0) -> None:
+def check_frames(data: bytes, figures: dict, skip_single_bytes: int = 0) -> None:
     """Every reply is a well-framed backend message, and every ErrorResponse carries a SQLSTATE."""
     pos = 0
     for _ in range(skip_single_bytes):  # one-byte answers to SSL/GSSENC requests
@@ -205,34 +206,49 @@ def check_frames(data: bytes, skip_single_bytes: int = 0) -> None:
         if tag == ord("E"):
             fields = {p[:1]: p[1:] for p in payload.split(b"\0") if p}
             assert len(fields.get(b"C", b"")) == 5, f"ErrorResponse without a SQLSTATE: {payload!r}"
-            FIGURES["errors_received"] += 1
-            FIGURES["sqlstates"].add(fields[b"C"].decode())
+            figures["errors_received"] += 1
+            figures["sqlstates"].add(fields[b"C"].decode())
         pos += 1 + length
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(chunks=st.lists(before_login, min_size=1, max_size=3).map(_flatten))
-def test_fuzz_before_login(fuzz_target, chunks):
-    data = exchange(fuzz_target.port, chunks, logged_in=False)
-    leading = 0
-    for chunk in chunks:
-        if chunk[:8] in (SSL_REQUEST, GSSENC_REQUEST):
-            leading += 1
-        else:
-            break
-    check_frames(data, leading)
+FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(chunks=after_login)
-def test_fuzz_after_login(fuzz_target, chunks):
-    check_frames(exchange(fuzz_target.port, chunks, logged_in=True))
+def test_fuzz_before_login(fuzz_target, pg_cluster):
+    figures = new_figures()
+
+    @FUZZ_SETTINGS
+    @given(chunks=st.lists(before_login, min_size=1, max_size=3).map(_flatten))
+    def fuzz(chunks):
+        data = exchange(fuzz_target.port, chunks, logged_in=False, figures=figures)
+        leading = 0
+        for chunk in chunks:
+            if chunk[:8] in (SSL_REQUEST, GSSENC_REQUEST):
+                leading += 1
+            else:
+                break
+        check_frames(data, figures, leading)
+
+    fuzz()
+    assert_survived(fuzz_target, pg_cluster, figures)
 
 
-def test_pypool_survived_the_fuzzing(fuzz_target, pg_cluster):
-    """Runs after the two fuzz tests (file order): alive, serving, nothing leaked, memory bounded."""
+def test_fuzz_after_login(fuzz_target, pg_cluster):
+    figures = new_figures()
+
+    @FUZZ_SETTINGS
+    @given(chunks=after_login)
+    def fuzz(chunks):
+        check_frames(exchange(fuzz_target.port, chunks, logged_in=True, figures=figures), figures)
+
+    fuzz()
+    assert_survived(fuzz_target, pg_cluster, figures)
+
+
+def assert_survived(fuzz_target, pg_cluster, figures: dict) -> None:
+    """After the fuzzing: alive, serving, nothing leaked, memory bounded."""
+    assert figures["connections"] > 0, "no example reached pypool"
     assert fuzz_target.proc.poll() is None, fuzz_target.log()[-3000:]
     log = fuzz_target.log()
     assert "Traceback" not in log and "unexpected error" not in log, log[-5000:]
@@ -254,8 +270,8 @@ def test_pypool_survived_the_fuzzing(fuzz_target, pg_cluster):
             time.sleep(0.2)
     # pool_size for clients, plus the health monitor's own connection.
     assert len(states) <= POOL_SIZE + 1, states
-    print(f"\nfuzz figures: {FIGURES['connections']} connections, {FIGURES['bytes_sent']} bytes sent, "
-          f"{FIGURES['errors_received']} ErrorResponses received, "
-          f"{FIGURES['probes_answered']} sessions still answered a query after the bad input (SQLSTATEs {sorted(FIGURES['sqlstates'])}), "
+    print(f"\nfuzz figures: {figures['connections']} connections, {figures['bytes_sent']} bytes sent, "
+          f"{figures['errors_received']} ErrorResponses received, "
+          f"{figures['probes_answered']} sessions still answered a query after the bad input (SQLSTATEs {sorted(figures['sqlstates'])}), "
           f"pypool RSS {rss_before // 1024} MiB, {len(states)} server connections left, all idle")
     assert rss_before < 200 * 1024, f"pypool RSS {rss_before} KiB after fuzzing"

@@ -153,7 +153,7 @@ def test_per_user_max_client_connections(start_pypool):
 
 def test_silent_client_is_dropped_after_client_login_timeout(start_pypool):
     proc = start_pypool({"general": {"client_login_timeout": 1000}})
-    started = time.monotonic()
+    # The 20 s socket timeout only stops a hang: a wait that ends in it finds no ErrorResponse.
     with socket.create_connection(("127.0.0.1", proc.port), timeout=20) as silent, \
             socket.create_connection(("127.0.0.1", proc.port), timeout=20) as half:
         half.sendall(startup_packet(user=USER, database=DATABASE)[:7])  # a startup packet that never ends
@@ -162,7 +162,6 @@ def test_silent_client_is_dropped_after_client_login_timeout(start_pypool):
             assert fields is not None and fields["C"] == "57014", fields
             assert "client_login_timeout (1000 ms)" in fields["M"]
             assert_closed(sock)
-    assert time.monotonic() - started < 15
     # A client that does log in is unaffected by the timeout once it is in.
     with psycopg.connect(proc.dsn(), autocommit=True) as conn:
         time.sleep(1.5)

@@ -18,13 +18,15 @@ import resource
 import socket
 import struct
 import time
+import uuid
 
 import asyncpg
 import psycopg
 import pytest
 
+from pypool import cluster
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
-from tests.integration._support import PRIMARY_ONLY, login, merge
+from tests.integration._support import PRIMARY_ONLY, login, merge, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,7 +123,7 @@ def read_row_count(sock: socket.socket, chunk: int, pause: float, seconds: float
     return got
 
 
-def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool):
+def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool, pg_cluster):
     proc = start_pypool(merge(PRIMARY_ONLY, {"pools": {DATABASE: {"users": {"0": {"pool_size": 4}}}}}))
     rss_before = rss_mib(proc.proc.pid)
     with socket.socket() as slow:
@@ -129,7 +131,8 @@ def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool):
         slow.connect(("127.0.0.1", proc.port))
         slow.settimeout(30)
         login(slow)
-        sql = b"SELECT repeat('x', 1000) FROM generate_series(1, 300000)\0"  # about 300 MB of rows
+        marker = f"slow-reader-{uuid.uuid4().hex[:8]}"
+        sql = f"SELECT repeat('x', 1000) FROM generate_series(1, 300000) /* {marker} */\0".encode()  # ~300 MB
         slow.sendall(b"Q" + struct.pack("!I", len(sql) + 4) + sql)
         got = read_row_count(slow, 4096, 0.01, 2.0)  # a slow start: the server produces much faster
         latencies = []
@@ -138,6 +141,10 @@ def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool):
                 started = time.monotonic()
                 assert other.execute("SELECT count(*) FROM generate_series(1, 1000)").fetchone() == (1000,)
                 latencies.append(time.monotonic() - started)
+        # The other client was served while the big result was still on its way: the primary still sends it.
+        with psycopg.connect(cluster.psql_dsn(pg_cluster[0]), autocommit=True) as direct:
+            assert direct.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                  "AND strpos(query, %s) > 0 AND pid <> pg_backend_pid()", [marker]).fetchone()[0] == 1
         got += read_row_count(slow, 4096, 0.01, 2.0)
         rss_during = rss_mib(proc.proc.pid)
     latencies.sort()
@@ -145,7 +152,6 @@ def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool):
           f"query p50 {latencies[10] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms; pypool RSS "
           f"{rss_before:.0f} -> {rss_during:.0f} MiB")
     assert got < 200e6  # it really was slow
-    assert latencies[-1] < 5.0, latencies
     # pypool paused reading the server instead of buffering the result.
     assert rss_during < rss_before + 64, (rss_before, rss_during)
     with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as conn:  # and the slow client's server came back clean
@@ -155,17 +161,17 @@ def test_slow_reader_does_not_stall_others_or_fill_memory(start_pypool):
 
 def test_idle_client_in_transaction_timeout(start_pypool, pg_cluster):
     proc = start_pypool(merge(PRIMARY_ONLY, {"general": {"idle_client_in_transaction_timeout": 1000}}))
-    table = "pypool_idle_tx_probe"
+    table = f"pypool_idle_tx_{uuid.uuid4().hex[:8]}"  # other test sessions share the cluster
     with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as setup:
-        setup.execute(f"CREATE TABLE IF NOT EXISTS {table} (id int PRIMARY KEY, v int)")
-        setup.execute(f"INSERT INTO {table} VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET v = 0")
+        setup.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v int)")
+        setup.execute(f"INSERT INTO {table} VALUES (1, 0)")
     idler = psycopg.connect(proc.dsn(), prepare_threshold=None)
     idler.execute(f"UPDATE {table} SET v = 99 WHERE id = 1")  # psycopg opened a transaction
     busy = psycopg.connect(proc.dsn(), prepare_threshold=None)
     outside = psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None)
     # A transaction that is working (a long statement) is not idle, however long it takes.
     assert busy.execute("SELECT pg_sleep(2.5), 1").fetchone()[1] == 1
-    time.sleep(1.0)
+    wait_for(lambda: "idle in transaction for more than 1000 ms" in proc.log(), what="pypool to end the idle transaction")
     with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as excinfo:
         idler.execute("SELECT 1")
     assert excinfo.value.sqlstate == "25P03", excinfo.value
@@ -187,10 +193,9 @@ def test_idle_client_in_transaction_timeout(start_pypool, pg_cluster):
 def test_user_statement_timeout_cancels_long_statements(start_pypool):
     proc = start_pypool(merge(PRIMARY_ONLY, user_overrides(statement_timeout=500)))
     with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as conn:
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+        # Not cancelled, the sleep would end without an error; the message names the server's timeout.
+        with pytest.raises(psycopg.errors.QueryCanceled, match="canceling statement due to statement timeout"):
             conn.execute("SELECT pg_sleep(5)")
-        assert time.monotonic() - started < 4
         # The session goes on, with the configured default in force on whichever server connection.
         assert conn.execute("SHOW statement_timeout").fetchone() == ("500ms",)
         # A client may still choose its own value for its transaction.

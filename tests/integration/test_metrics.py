@@ -1,6 +1,6 @@
 """/metrics and SHOW STATS under a running pgbench, checked against what the servers themselves count.
 
-The pool serves a database of its own (``tests/integration/_private_db.py``) so that the
+The pool serves a database of this test run's own (``PRIVATE_DB`` in ``tests/integration/_ops.py``) so that the
 servers' ``pg_stat_database`` counters for it move only with this test's
 traffic (and pypool's health checks, about one a second per server), not with
 other tests sharing the cluster.
@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pypool import cluster
 from tests.conftest import USER
 from tests.integration._ops import PRIVATE_DB, admin_rows, on_private_db, private_db  # noqa: F401 - fixture
-from tests.integration._support import merge
+from tests.integration._support import merge, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -89,11 +89,13 @@ def test_counts_agree_with_the_servers_under_pgbench(pypool, pg_cluster):
          "-T", "6", "-b", "select-only@4", "-b", "simple-update@1", "postgres"],
         env=pypool.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(2.5)
         # While pgbench runs: every pgbench client is a logged-in client of the pool, and
         # the exporter and SHOW STATS both see the count rise.
-        pools = admin_rows(pypool, "SHOW POOLS")
-        assert sum(int(pools[0][k]) for k in ("cl_idle", "cl_active", "cl_waiting")) == CLIENTS
+        def clients() -> int:
+            pools = admin_rows(pypool, "SHOW POOLS")
+            return sum(int(pools[0][k]) for k in ("cl_idle", "cl_active", "cl_waiting"))
+        wait_for(lambda: clients() == CLIENTS and show_stats_xacts(pypool) > 0, timeout=30,
+                 what=f"{CLIENTS} pgbench clients at work", interval=0.2)
         first = scrape(pypool.metrics_port)
         mid_show = show_stats_xacts(pypool)
         second = scrape(pypool.metrics_port)

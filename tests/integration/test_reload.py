@@ -13,7 +13,7 @@ import pytest
 from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._ops import admin, on_private_db, private_db, show, wait_for_log  # noqa: F401 - fixture
-from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, merge
+from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, merge, wait_for
 from tests.integration.test_metrics import scrape, total
 from tests.integration.test_pool_limits import BackendSampler
 
@@ -56,7 +56,9 @@ def test_pool_size_change_during_pgbench(start_pypool, pg_cluster, private_db, t
     bench = run_pgbench(pypool)
     sampler.start()
     try:
-        time.sleep(BENCH_SECONDS / 3)
+        # Reload once pgbench uses more connections than the new limit allows.
+        wait_for(lambda: max(sampler.samples, default=0) > 3, timeout=BENCH_SECONDS,
+                 what="pgbench to use more than 3 server connections")
         before = len(sampler.samples)
         rewrite(pypool, user_overrides(pool_size=3))
         if trigger == "RELOAD":

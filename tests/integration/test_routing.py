@@ -15,7 +15,8 @@ import psycopg
 import pytest
 
 from pypool import cluster
-from tests.conftest import DATABASE, USER, pgbench_database, pool_overrides, wait_replicas_caught_up
+from tests.conftest import (DATABASE, USER, drop_database, pgbench_database, pool_overrides, run_database_name,
+                            wait_replicas_caught_up)
 
 pytestmark = pytest.mark.integration
 
@@ -198,12 +199,13 @@ def test_extended_protocol_routes_by_parse(splitting, pg_cluster):
 
 # pgbench runs in a database of its own so that other users of the shared cluster
 # (benchmarks, other test sessions) can neither add to nor reset the counts.
-SHARE_DB = "pypool_routing_share"
+SHARE_DB = run_database_name("pypool_routing_share")
 
 
 @pytest.fixture(scope="module")
-def share_db(pg_cluster) -> str:
-    return pgbench_database(pg_cluster, SHARE_DB)
+def share_db(pg_cluster):
+    yield pgbench_database(pg_cluster, SHARE_DB)
+    drop_database(pg_cluster, SHARE_DB)
 
 
 def _share_overrides(**values: object) -> dict:

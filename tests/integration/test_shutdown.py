@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 import uuid
 
 import psycopg
@@ -12,7 +11,7 @@ import pytest
 
 from tests.conftest import DATABASE, PASSWORD, USER
 from tests.integration._ops import admin, login_error, wait_for_log
-from tests.integration._support import PRIMARY_ONLY, merge
+from tests.integration._support import PRIMARY_ONLY, merge, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,48 +40,49 @@ def rows_on_primary(pg_cluster, table: str) -> int:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
-def sleeping_backends(pg_cluster, application_name: str) -> int:
+def running_backends(pg_cluster, application_name: str, sql: str) -> int:
+    """How many backends of ``application_name`` run ``sql`` on the primary now."""
     with psycopg.connect(primary_dsn(pg_cluster), autocommit=True) as conn:
         return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-                            "AND query LIKE 'SELECT pg_sleep%%' AND state = 'active'",
-                            [application_name]).fetchone()[0]
-
-
-
-
+                            "AND query = %s AND state = 'active'", [application_name, sql]).fetchone()[0]
 
 
 class LongTransaction(threading.Thread):
-    """BEGIN; INSERT; SELECT pg_sleep(seconds); COMMIT -- through pypool, in a thread."""
+    """BEGIN; INSERT; ``wait_sql``; COMMIT -- through pypool, in a thread.
 
-    def __init__(self, pypool, table: str, seconds: float) -> None:
+    ``wait_sql`` is a long pg_sleep, or an advisory lock that the test holds and
+    releases when it has seen what it wants to see during the transaction.
+    """
+
+    def __init__(self, pypool, table: str, wait_sql: str) -> None:
         super().__init__(daemon=True)
         self.application_name = f"shutdown-test-{uuid.uuid4().hex[:8]}"
         self.conn = psycopg.connect(pypool.dsn(), prepare_threshold=None, application_name=self.application_name)
-        self.table, self.seconds = table, seconds
-        self.sleeping = threading.Event()
+        self.table, self.wait_sql = table, wait_sql
         self.committed = False
         self.error: BaseException | None = None
 
     @classmethod
-    def running(cls, pypool, table: str, seconds: float) -> "LongTransaction":
-        tx = cls(pypool, table, seconds)
+    def running(cls, pypool, pg_cluster, table: str, wait_sql: str) -> "LongTransaction":
+        """Started, with ``wait_sql`` seen running on the primary."""
+        tx = cls(pypool, table, wait_sql)
         tx.start()
-        assert tx.sleeping.wait(10)
-        time.sleep(0.3)  # pg_sleep has started on the server
+        wait_for(lambda: running_backends(pg_cluster, tx.application_name, wait_sql) or tx.error,
+                 what=f"{wait_sql} on the primary")
+        assert tx.error is None, tx.error
         return tx
 
     def run(self) -> None:
         try:
             self.conn.execute(f"INSERT INTO {self.table} VALUES (1)")
-            self.sleeping.set()
-            self.conn.execute("SELECT pg_sleep(%s)", [self.seconds])
+            self.conn.execute(self.wait_sql)
             self.conn.commit()
             self.committed = True
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
-        finally:
-            self.sleeping.set()
+
+
+TEN_MINUTES = "SELECT pg_sleep(600)"  # far longer than any test waits: pypool must not wait for it
 
 
 def start(start_pypool, shutdown_timeout: float = SHUTDOWN_TIMEOUT):
@@ -94,68 +94,83 @@ def test_transaction_in_flight_commits_new_clients_are_refused(start_pypool, pg_
     pypool = start(start_pypool)
     idle = psycopg.connect(pypool.dsn(), autocommit=True)
     assert idle.execute("SELECT 1").fetchone() == (1,)
-    tx = LongTransaction.running(pypool, table, seconds=3)
-    started = time.monotonic()
-    if how == "SHUTDOWN":
-        with admin(pypool) as conn:
-            assert conn.execute("SHUTDOWN").fetchall() == [("t",)]
-    else:
-        pypool.proc.send_signal(getattr(signal, how))
-    wait_for_log(pypool, "shutting down")
+    key = uuid.uuid4().int & 0x7FFFFFFF
+    with psycopg.connect(primary_dsn(pg_cluster), autocommit=True) as gate:
+        # The transaction stays in flight, blocked on this lock, until the checks below are done.
+        gate.execute("SELECT pg_advisory_lock(%s)", [key])
+        tx = LongTransaction.running(pypool, pg_cluster, table, f"SELECT pg_advisory_xact_lock({key})")
+        if how == "SHUTDOWN":
+            with admin(pypool) as conn:
+                assert conn.execute("SHUTDOWN").fetchall() == [("t",)]
+        else:
+            pypool.proc.send_signal(getattr(signal, how))
+        wait_for_log(pypool, "shutting down")
 
-    # A new client is told why, with the admin-shutdown SQLSTATE.
-    sqlstate, message = login_error(pypool)
-    assert sqlstate == "57P01" and "shutting down" in message, (sqlstate, message)
-    # A client between transactions is closed at once, with the same error.
-    with pytest.raises(psycopg.OperationalError) as idle_error:
-        for _ in range(50):
-            idle.execute("SELECT 1")
-            time.sleep(0.1)
-    assert "shutting down" in str(idle_error.value)
+        # A new client is told why, with the admin-shutdown SQLSTATE.
+        sqlstate, message = login_error(pypool)
+        assert sqlstate == "57P01" and "shutting down" in message, (sqlstate, message)
+        # A client between transactions is closed, with the same error (30 s only stops a hang).
+        with pytest.raises(psycopg.OperationalError) as idle_error:
+            wait_for(lambda: idle.execute("SELECT 1") is None, timeout=30, what="pypool to close the idle client")
+        assert "shutting down" in str(idle_error.value)
+        assert pypool.proc.poll() is None and not tx.committed  # still draining: the transaction holds it
+        gate.execute("SELECT pg_advisory_unlock(%s)", [key])
 
     tx.join(30)
     assert tx.error is None, tx.error
     assert tx.committed and rows_on_primary(pg_cluster, table) == 1
-    pypool.proc.wait(SHUTDOWN_TIMEOUT)
-    elapsed = time.monotonic() - started
+    pypool.proc.wait(SHUTDOWN_TIMEOUT + 30)  # only stops a hang
     assert pypool.proc.returncode == 0, pypool.log()[-3000:]
-    assert elapsed < SHUTDOWN_TIMEOUT, f"exited after {elapsed:.1f}s"
-    assert "no transaction in flight" in pypool.log() or "pypool stopped" in pypool.log()
+    # pypool stopped because the last transaction ended, not because shutdown_timeout ran out.
+    assert "shutdown: no transaction in flight" in pypool.log(), pypool.log()[-3000:]
+    assert "still in a transaction" not in pypool.log()
     tx.conn.close()
     idle.close()
 
 
 def test_shutdown_timeout_bounds_the_wait(start_pypool, pg_cluster, table):
     pypool = start(start_pypool, shutdown_timeout=2)
-    tx = LongTransaction.running(pypool, table, seconds=60)
-    started = time.monotonic()
+    tx = LongTransaction.running(pypool, pg_cluster, table, TEN_MINUTES)
     pypool.proc.send_signal(signal.SIGINT)
-    pypool.proc.wait(15)
-    elapsed = time.monotonic() - started
+    pypool.proc.wait(60)  # only stops a hang
     assert pypool.proc.returncode == 0
-    assert elapsed < 10, f"shutdown_timeout is 2 s but pypool took {elapsed:.1f}s to exit"
     tx.join(30)
     # The unfinished transaction was rolled back, and its client was told.
     assert not tx.committed and tx.error is not None
     assert rows_on_primary(pg_cluster, table) == 0
     assert "still in a transaction" in pypool.log()
     # pypool cancelled the query before closing: the server is not left sleeping with the row lock.
-    deadline = time.monotonic() + 10
-    while sleeping_backends(pg_cluster, tx.application_name):
-        assert time.monotonic() < deadline, "the server still runs the cancelled transaction's pg_sleep"
-        time.sleep(0.2)
+    wait_for(lambda: not running_backends(pg_cluster, tx.application_name, TEN_MINUTES),
+             what="the server to stop running the cancelled transaction's pg_sleep")
     tx.conn.close()
 
 
-def test_second_signal_stops_at_once(start_pypool, table):
-    pypool = start(start_pypool, shutdown_timeout=60)
-    tx = LongTransaction.running(pypool, table, seconds=60)
-    started = time.monotonic()
+def test_second_signal_stops_at_once(start_pypool, pg_cluster, table):
+    # shutdown_timeout and the transaction both last ten minutes: only the second signal ends the wait.
+    pypool = start(start_pypool, shutdown_timeout=600)
+    tx = LongTransaction.running(pypool, pg_cluster, table, TEN_MINUTES)
     pypool.proc.send_signal(signal.SIGTERM)
     wait_for_log(pypool, "shutting down")
     pypool.proc.send_signal(signal.SIGINT)
-    pypool.proc.wait(15)
-    assert time.monotonic() - started < 10
+    pypool.proc.wait(60)  # only stops a hang
     assert "closing every connection now" in pypool.log()
+    assert "still in a transaction; cancelling" in pypool.log()
+    assert not tx.committed
     tx.join(30)
     tx.conn.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a BEGIN that pypool answered itself (held until the first statement "
+                                       "picks primary or replica) is not counted as a transaction in flight: "
+                                       "the drain closes that client with 57P01 at its first statement")
+def test_a_transaction_whose_begin_pypool_held_may_finish_during_the_drain(start_pypool, table):
+    # Read/write splitting on (the default config): BEGIN alone is answered by pypool itself.
+    pypool = start_pypool({"general": {"shutdown_timeout": int(SHUTDOWN_TIMEOUT * 1000)}})
+    conn = psycopg.connect(pypool.dsn(), autocommit=True)
+    conn.execute("BEGIN")  # the client is inside a transaction from here on
+    pypool.proc.send_signal(signal.SIGTERM)
+    wait_for_log(pypool, "shutting down")
+    conn.execute(f"INSERT INTO {table} VALUES (1)")
+    conn.execute("COMMIT")
+    conn.close()
+    assert pypool.proc.wait(30) == 0

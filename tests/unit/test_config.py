@@ -440,7 +440,7 @@ def test_unknown_keys_warn_at_every_level() -> None:
 def test_unsupported_pgcat_keys_warn_consistently() -> None:
     text = (
         GENERAL
-        + "worker_threads = 4\nautoreload = 15000\nserver_round_robin = true\n"
+        + "worker_threads = 4\nserver_round_robin = true\n"
         + POOL.replace(
             "[pools.app]\n",
             '[pools.app]\nsharding_function = "pg_bigint_hash"\nauth_query = "SELECT 1"\n',
@@ -451,7 +451,6 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
     cfg = parse(text)
     expected = {
         "general.worker_threads",
-        "general.autoreload",
         "general.server_round_robin",
         "pools.app.sharding_function",
         "pools.app.auth_query",

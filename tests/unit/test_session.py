@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from pypool.app import Application
 from pypool.pool.server import ACTIVE, IDLE
 from pypool.protocol import messages as m
-from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation
+from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation, tag_table
+from pypool.session import session_state
+from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState, IllegalTransition
 from pypool.session.tracker import RequestTracker
 from pypool.snapshot import take
@@ -138,6 +140,29 @@ def test_a_full_pool_queues_the_client_as_waiting_until_the_connection_comes_bac
     asyncio.run(scenario())
 
 
+def test_reading_back_settings_shows_the_client_active_and_its_server_tested():
+    async def scenario() -> None:
+        client, server, app = logged_in()
+        client.statements = ClientStatements()  # transaction mode: SET is noted
+        client.data_received(m.query("SET application_name = 'reader'"))
+        server.transport.take()
+        server.data_received(m.command_complete("SET") + m.ready_for_query())
+        assert client.state is ClientState.READING_BACK and client.server is None
+        snap = take(app)
+        assert [c.state for c in snap.clients] == ["active"], "not 'waiting': nothing waits for a server"
+        assert [s.state for s in snap.servers] == ["tested"], "pypool itself holds the server"
+        await asyncio.sleep(0)
+        assert server.transport.take() == m.query(session_state.SETTINGS_QUERY)
+        server.data_received(m.row_description(["name", "setting"]) + m.data_row(["application_name", "reader"])
+                             + m.command_complete("SELECT 1") + m.ready_for_query())
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert client.state is ClientState.IDLE and server.state == IDLE and server in server.pool.idle
+        assert server.applied_parameters == {"application_name": "reader"}
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------ states
 
 
@@ -186,7 +211,7 @@ def test_the_walker_finds_every_message_whatever_the_chunking(msgs, data):
 def test_a_tag_wanted_whole_is_only_returned_whole(msgs):
     stream = b"".join(m.message(tag, body) for tag, body in msgs)
     walker = FrameWalker()
-    whole = bytes(range(65, 91))
+    whole = tag_table(range(65, 91))
     bodies = []
     for i in range(len(stream)):
         chunk, pos = walker.start(stream[i:i + 1])
