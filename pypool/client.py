@@ -124,7 +124,7 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self.pin_reason: str | None = None
         # Its transaction may have created or released pinned state, or RESET startup settings: the
         # final ReadyForQuery waits for pypool's follow-up (the catalog check, the startup values
-        # set again), in ServerConnection.held_ready.
+        # set again): ServerConnection._relay leaves it to ``_release_ready``.
         self.hold_ready = False
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database

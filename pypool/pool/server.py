@@ -69,8 +69,8 @@ class RelayTarget(Protocol):
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
 
-    # The final ReadyForQuery of the transaction waits for the client's follow-up (the catalog
-    # check of pypool/session/pinning.py, settings restored after a RESET): kept in ``held_ready``.
+    # The final ReadyForQuery ('I') of the transaction is not relayed: the client sends it after its
+    # follow-up (the catalog check of pypool/session/pinning.py, settings restored after a RESET).
     hold_ready: bool
 
     def server_request_done(self, server: "ServerConnection") -> None: ...
@@ -113,7 +113,6 @@ class ServerConnection(asyncio.Protocol):
         # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
-        self.held_ready = b""  # a ReadyForQuery not relayed yet (``RelayTarget.hold_ready``)
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -271,11 +270,8 @@ class ServerConnection(asyncio.Protocol):
                 write(data[start:pos] if start or pos < n else data)
             return
         # The final ReadyForQuery, ending at ``end``: relay up to it, then hand the connection back.
-        if client.hold_ready and requests.status == _IDLE:  # type: ignore[union-attr]
-            write(data[start:end - _READY_SIZE])
-            self.held_ready = data[end - _READY_SIZE:end]
-        else:
-            write(data if end == n and not start else data[start:end])
+        stop = end - _READY_SIZE if client.hold_ready and requests.status == _IDLE else end  # type: ignore[union-attr]
+        write(data if stop == n and not start else data[start:stop])
         if requests.status == _IDLE:
             # A transaction ended: count it and time it. The clock starts at ``attach``, so in
             # transaction mode this is the checkout-to-commit time; a session-mode client's later

@@ -24,6 +24,7 @@ log = logging.getLogger("pypool.client")
 _Q = m.QUERY
 _P = m.PARSE
 _B = m.BIND
+_READY_IDLE = m.ready_for_query()  # held back only at the end of a transaction: status 'I'
 
 
 class SessionEffects:
@@ -238,12 +239,12 @@ class SessionEffects:
                                      if before.get(k) != v))
         return {**settings, **lost}
 
-    def _release_ready(self, server: ServerConnection) -> None:
-        """Relay the ReadyForQuery held back while pypool followed up the transaction."""
-        self.hold_ready = False
-        ready, server.held_ready = server.held_ready, b""
-        if ready and self.transport is not None:
-            self.transport.write(ready)
+    def _release_ready(self) -> None:
+        """Send the ReadyForQuery the server relay held back while pypool followed up the transaction."""
+        if self.hold_ready:
+            self.hold_ready = False
+            if self.transport is not None:
+                self.transport.write(_READY_IDLE)
 
     async def _read_back_settings(self, server: ServerConnection) -> None:
         """After a transaction that ran SET/RESET: learn the session settings it left, then release.
@@ -258,13 +259,13 @@ class SessionEffects:
             settings = await self._restore_startup_settings(server)
         except ServerError as exc:
             log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
-            self._release_ready(server)
+            self._release_ready()
             group.checkin(server, clean=False)
         except asyncio.CancelledError:
             group.checkin(server, clean=False)
             raise
         else:
-            self._release_ready(server)
+            self._release_ready()
             self._set_settings(settings)
             server.applied_parameters = settings
             server.applied_key = self._parameters_key if settings == self._desired_settings else None

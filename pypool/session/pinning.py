@@ -87,7 +87,7 @@ class SessionPinning:
         if held or not self._settings_dirty:
             # The client learns its transaction ended once pypool knows where its next one runs
             # (and, when it is unpinned, which settings it has: after the read-back).
-            self._release_ready(server)
+            self._release_ready()
         if held:
             if not was_pinned:
                 log.info("client %s pinned to server connection %s (pid %s) for %s: it keeps %s",

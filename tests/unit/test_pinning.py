@@ -16,6 +16,7 @@ from pypool.client import ClientConnection
 from pypool.pool.server import ServerConnection
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
+from pypool.session import states
 from pypool.session.states import ClientState, IllegalTransition
 from pypool.snapshot import take
 from tests.unit._fakes import feed, idle_server, logged_in, logged_in_client
@@ -192,5 +193,25 @@ def test_a_reset_restores_the_startup_values_before_the_ready_for_query(drip):
             + m.ready_for_query()
         assert client.state is ClientState.IDLE and server in server.pool.idle
         assert server.applied_key == client._parameters_key, "the connection carries the client's settings"
+
+    asyncio.run(scenario())
+
+
+def test_a_request_sent_during_the_catalog_check_runs_on_the_pinned_connection_after_it():
+    async def scenario() -> None:
+        client, server, _ = setup()
+        client.data_received(m.query("DECLARE c CURSOR WITH HOLD FOR SELECT 1"))
+        server.transport.take()
+        server.data_received(done("DECLARE CURSOR"))
+        assert client.state is states.CHECKING_PIN
+        client.data_received(m.query("FETCH c"))  # pipelined before the ReadyForQuery arrived
+        await asyncio.sleep(0)
+        assert server.transport.take() == m.query(session.PINNED_STATE_QUERY), "not mixed into the check"
+        server.data_received(catalogs(cursors=1))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert client.state is states.PINNED
+        assert server.transport.take() == m.query("FETCH c")
+        assert client.transport.take() == done("DECLARE CURSOR")
 
     asyncio.run(scenario())
