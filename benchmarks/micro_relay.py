@@ -53,7 +53,7 @@ def build(routing: bool) -> tuple[ClientConnection, ServerConnection, bytes, byt
     pool["query_parser_read_write_splitting"] = routing
     config = parse_config(dump_config(cfg))
     app = Application(config)
-    group = app.groups[("postgres", "postgres")]
+    group = app.groups[("postgres", "postgres", 0)]
     client = ClientConnection(app)
     client.transport = FakeTransport()
     client.group = group

@@ -16,7 +16,7 @@ import logging
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from pypool import admin, autoreload, idle, keepalive, metrics, probes, snapshot, tls
 from pypool.client import ClientConnection
@@ -187,7 +187,14 @@ class Application:
         return database in self.config.pools
 
     def find_group(self, database: str, user: str) -> PoolGroup | None:
-        return self.groups.get((database, user))
+        """The group of shard 0 (every pool has one): login, auth and the server parameters."""
+        return self.groups.get((database, user, 0))
+
+    def shard_groups(self, database: str, user: str) -> tuple[PoolGroup, ...]:
+        """The groups of every shard of the pool, in shard order (none if the pool or user is gone)."""
+        pool = self.config.pools.get(database)
+        groups = tuple(self.groups.get((database, user, shard)) for shard in range(len(pool.shards) if pool else 0))
+        return groups if None not in groups else ()  # type: ignore[return-value]
 
     def scram_verifier(self, group: PoolGroup) -> auth.ScramVerifier:
         # PBKDF2 runs once per user, not once per login.
@@ -197,6 +204,7 @@ class Application:
             verifier = self._verifiers[key] = auth.ScramVerifier.from_password(group.user.password)
         return verifier
 
-    def route(self, client: ClientConnection, tag: int, payload: bytes) -> Decision:
+    def route(self, client: ClientConnection, tag: int, payload: bytes,
+              params: Sequence[tuple[int, bytes | None]] | None = None) -> Decision:
         return self.routers[client.database].route(client.routing, tag, payload,
-                                                    held_begin=client.held_begin is not None)
+                                                    held_begin=client.held_begin is not None, params=params)

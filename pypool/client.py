@@ -14,7 +14,7 @@ import logging
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from pypool import limits, listen, sqlstates
 from pypool.flow import ReadingPause
@@ -30,6 +30,7 @@ from pypool.session.pinning import SessionPinning
 from pypool.session.prepared import ClientStatements
 from pypool.session.relay import SessionRelay
 from pypool.session import states
+from pypool.session.shards import SessionShards
 from pypool.session.states import ClientState, IllegalTransition
 
 if TYPE_CHECKING:
@@ -69,11 +70,13 @@ class ClientHost(Protocol):
     def register_cancel_key(self, client: "ClientConnection") -> tuple[int, int]: ...
     def cancel(self, process_id: int, secret_key: int) -> None: ...
     def scram_verifier(self, group: "PoolGroup") -> auth.ScramVerifier: ...
-    def route(self, client: "ClientConnection", tag: int, payload: bytes) -> "Decision": ...
+    def route(self, client: "ClientConnection", tag: int, payload: bytes,
+              params: Sequence[tuple[int, bytes | None]] | None = None) -> "Decision": ...
+    def shard_groups(self, database: str, user: str) -> tuple["PoolGroup", ...]: ...
 
 
-class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEffects, SessionPinning,
-                       asyncio.Protocol):
+class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEffects, SessionShards,
+                       SessionPinning, asyncio.Protocol):
     def __init__(self, app: ClientHost) -> None:
         self.app = app
         self.transport: asyncio.Transport | None = None
@@ -86,7 +89,9 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._counted_as: tuple[str, str] | None = None  # key in app.user_clients while logged in
         self.user = ""
         self.database = ""
-        self.group: PoolGroup | None = None
+        self.group: PoolGroup | None = None  # of the shard the current request runs on
+        self.shard_groups: tuple[PoolGroup, ...] = ()  # a sharded pool's groups, by shard; () if unsharded
+        self._unnamed_parse: bytes | None = None  # sharded: the unnamed statement last described aside
         self.session_parameters: dict[str, str] = {}
         self.process_id = 0
         self.secret_key = 0

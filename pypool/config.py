@@ -42,6 +42,7 @@ import tomli_w
 from pypool import config_env, config_keys
 from pypool import hba as _hba
 from pypool.config_keys import Section
+from pypool.routing.sharding import DEFAULT_REGEX_SEARCH_LIMIT, Sharding, parse_default_shard
 
 __all__ = [
     "ConfigError",
@@ -222,6 +223,7 @@ class Pool:
         default_factory=lambda: types.MappingProxyType({}), hash=False
     )
     shards: tuple[Shard, ...] = ()
+    sharding: Sharding = Sharding()
 
     def primary(self) -> ServerAddress | None:
         """The primary of shard 0, or None if that shard has only replicas."""
@@ -825,6 +827,8 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
             "expected false unless query_parser_enabled is true, got true",
         )
     ps_default = legacy_ps_size if legacy_ps_size is not None else DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE
+    users = _parse_users(t, general.workers)
+    shards = _parse_shards(t)
 
     functions_raw = t.raw("read_only_functions")
     read_only_functions: tuple[str, ...] = ()
@@ -864,8 +868,9 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         ),
         session_pinning=t.choice("session_pinning", SESSION_PINNING_MODES, DEFAULT_SESSION_PINNING),
         max_pinned_connections=t.integer("max_pinned_connections", None),
-        users=_parse_users(t, general.workers),
-        shards=_parse_shards(t),
+        users=users,
+        shards=shards,
+        sharding=_parse_sharding(t, len(shards), query_parser_enabled),
     )
     t.finish()
     return pool
@@ -874,6 +879,7 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
 def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
     users_data = pool.table("users")
     users: dict[str, User] = {}
+    owners: dict[str, str] = {}  # username -> its users.<index>
     for index, user_data in users_data.items():
         parts = pool.key("users") + (index,)
         if not isinstance(user_data, dict):
@@ -909,8 +915,16 @@ def _parse_users(pool: _Table, workers: int) -> Mapping[str, User]:
         )
         u.finish()
         if username in users:
-            raise u.error("username", f"expected a username unique in the pool, got {_quote(username)} twice")
+            # PgCat keeps one pool per username: the user listed last in key order wins.
+            earlier = owners[username]
+            # (PgCat's users are a BTreeMap<String, _>: string order, "10" < "2")
+            kept, dropped = (index, earlier) if index > earlier else (earlier, index)
+            u.ctx.warn(u.key("username"), f"{_quote(username)} is also users.{earlier}; as in PgCat, only "
+                                          f"users.{kept} is used and users.{dropped} is ignored")
+            if kept == earlier:
+                continue
         users[username] = user
+        owners[username] = index
     if not users:
         pool.ctx.warn(pool.key("users"), "no users configured; no client can log in to this pool")
     return types.MappingProxyType(users)
@@ -942,12 +956,59 @@ def _parse_shards(pool: _Table) -> tuple[Shard, ...]:
             pool.key("shards"),
             f"shard numbers should be 0, 1, 2, ... in order; got {numbers}, used in that order",
         )
-    if len(numbered) > 1:
-        pool.ctx.warn(
-            pool.key("shards"),
-            "sharding is not supported by pypool; only the first shard is used",
-        )
     return tuple(shard for _, shard in numbered)
+
+
+_SHARDING_FUNCTIONS = {"pg_bigint_hash": "pg_bigint_hash", "pgbiginthash": "pg_bigint_hash", "sha1": "sha1"}
+
+
+def _parse_sharding(pool: _Table, shards: int, query_parser_enabled: bool) -> Sharding:
+    """PgCat's sharding keys of a pool, validated as PgCat does."""
+    key = pool.string("automatic_sharding_key", None)
+    if key is not None:
+        # PgCat drops quotes so that quoted and unquoted names compare alike.
+        parts = key.replace('"', "").split(".")
+        if len(parts) != 2 or not all(parts):
+            raise pool.error("automatic_sharding_key",
+                             f'expected "table.column" or "*.column", got {_quote(key)}')
+        key = ".".join(parts).lower()
+        if not query_parser_enabled:
+            pool.ctx.warn(pool.key("automatic_sharding_key"),
+                          "needs query_parser_enabled = true to read keys from queries; ignored")
+            key = None
+    regexes = {name: _regex(pool, name) for name in ("sharding_key_regex", "shard_id_regex")}
+    default = pool.string("default_shard", None)
+    try:
+        default_shard = parse_default_shard(default, shards) if default is not None else Sharding().default_shard
+    except ValueError as exc:
+        raise pool.error("default_shard", str(exc)) from None
+    if default_shard.kind == "all" and not query_parser_enabled:
+        # A statement runs on every shard only when the parser has shown it is a read.
+        raise pool.error("default_shard", 'expected query_parser_enabled = true with "all" (pypool must tell '
+                                          'reads, which run on every shard, from writes, which need a key)')
+    return Sharding(
+        shards=shards,
+        function=pool.choice("sharding_function", _SHARDING_FUNCTIONS, "pg_bigint_hash"),
+        default_shard=default_shard,
+        automatic_sharding_key=key,
+        sharding_key_regex=regexes["sharding_key_regex"],
+        shard_id_regex=regexes["shard_id_regex"],
+        regex_search_limit=pool.integer("regex_search_limit", DEFAULT_REGEX_SEARCH_LIMIT, minimum=1),
+    )
+
+
+def _regex(pool: _Table, name: str) -> re.Pattern[str] | None:
+    text = pool.string(name, None)
+    if text is None:
+        return None
+    try:
+        pattern = re.compile(text)
+    except re.error as exc:
+        raise pool.error(name, f"expected a regular expression, got {_quote(text)} ({exc})") from None
+    if pattern.groups < 1:
+        # PgCat accepts it too, but reads the shard from group 1: this one never routes.
+        pool.ctx.warn(pool.key(name), "has no capture group (...) for the shard number or key; it never matches")
+    return pattern
 
 
 def _parse_servers(s: _Table) -> tuple[ServerAddress, ...]:

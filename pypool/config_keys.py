@@ -72,7 +72,6 @@ class Key:
 G, P, U, S, T = Section.GENERAL, Section.POOL, Section.USER, Section.SHARD, Section.TOP
 LIVE, REBUILD, RESTART, IGNORED = Applies.LIVE, Applies.REBUILD, Applies.RESTART, Applies.IGNORED
 
-_NOT_SHARDING = "pypool does not shard; it serves shard 0 of each pool"
 _NO_AUTH_QUERY = "pypool takes every password from the file; it does not look them up on the server"
 _NO_ACTIVITY_ROUTING = ("PgCat's experimental write-tracking routing is not implemented; pypool keeps a "
                         "transaction on one server, and max_replica_lag_ms keeps reads off lagging replicas")
@@ -169,12 +168,13 @@ KEYS: tuple[Key, ...] = (
     Key(P, "max_pinned_connections", REBUILD, "Pool.max_pinned_connections", pgcat=False),
     Key(P, "users", REBUILD, "Pool.users"),
     Key(P, "shards", REBUILD, "Pool.shards"),
-    _ignored(P, "sharding_function", _NOT_SHARDING, str),
-    _ignored(P, "automatic_sharding_key", _NOT_SHARDING, str),
-    _ignored(P, "sharding_key_regex", _NOT_SHARDING, str),
-    _ignored(P, "shard_id_regex", _NOT_SHARDING, str),
-    _ignored(P, "regex_search_limit", _NOT_SHARDING, int),
-    _ignored(P, "default_shard", _NOT_SHARDING, str, int),
+    # PgCat's sharding keys, read together into one Sharding (pypool.routing.sharding).
+    Key(P, "sharding_function", REBUILD, "Pool.sharding"),
+    Key(P, "automatic_sharding_key", REBUILD, "Pool.sharding"),
+    Key(P, "sharding_key_regex", REBUILD, "Pool.sharding"),
+    Key(P, "shard_id_regex", REBUILD, "Pool.sharding"),
+    Key(P, "regex_search_limit", REBUILD, "Pool.sharding"),
+    Key(P, "default_shard", REBUILD, "Pool.sharding"),
     _ignored(P, "auth_query", _NO_AUTH_QUERY, str),
     _ignored(P, "auth_query_user", _NO_AUTH_QUERY, str),
     _ignored(P, "auth_query_password", _NO_AUTH_QUERY, str),

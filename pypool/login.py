@@ -119,6 +119,8 @@ class LoginHandshake:
         self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
         self._counted_as = (self.database, self.user)
         self.group = group
+        if self.app.routers[self.database].sharded:
+            self.shard_groups = self.app.shard_groups(self.database, self.user)
         for name in TRACKED_STARTUP_PARAMETERS:
             if name in params:
                 self.session_parameters[name] = params[name]

@@ -57,7 +57,7 @@ _PGCAT_LABELS = ("host", "shard", "role", "pool", "index", "database", "username
 
 
 def _pgcat_labels(a: AddressStats) -> dict[str, str]:
-    return dict(zip(_PGCAT_LABELS, (a.host, "0", a.role, a.pool, str(a.index), a.database, a.user, a.user)))
+    return dict(zip(_PGCAT_LABELS, (a.host, str(a.shard), a.role, a.pool, str(a.index), a.database, a.user, a.user)))
 
 
 def _untyped(name: str, documentation: str) -> Metric:

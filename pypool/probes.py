@@ -40,21 +40,23 @@ class ServerView:
     host: str
     port: int
     reachable: bool  # the health monitor's last check succeeded (and, for a replica, not banned)
+    shard: int = 0  # each shard of a sharded pool has its own primary and replicas
 
 
 def readiness(accepting: bool, servers: Iterable[ServerView]) -> Verdict:
     if not accepting:
         return Verdict(False, "shutting down: send new clients elsewhere")
-    groups: dict[tuple[str, str], list[ServerView]] = {}
+    groups: dict[tuple[str, str, int], list[ServerView]] = {}
     for server in servers:
-        groups.setdefault((server.pool, server.user), []).append(server)
+        groups.setdefault((server.pool, server.user, server.shard), []).append(server)
+    sharded = {pool for pool, _, shard in groups if shard > 0}
     down: list[str] = []
     reads_only: list[str] = []
-    for (pool, user), views in sorted(groups.items()):
+    for (pool, user, shard), views in sorted(groups.items()):
         primary = [v for v in views if v.role == "primary"]
         if any(v.reachable for v in primary):
             continue
-        where = f"pool {pool} (user {user})"
+        where = f"pool {pool}{f' shard {shard}' if pool in sharded else ''} (user {user})"
         if primary:
             what = f"primary {primary[0].host}:{primary[0].port} unreachable"
         else:
@@ -90,17 +92,17 @@ class Pooler(Protocol):
 
     accepting: bool
     leaving: bool  # a shutdown was asked for (true during shutdown_delay, before the drain)
-    groups: dict[tuple[str, str], Any]  # PoolGroup by (pool, user)
+    groups: dict[tuple[str, str, int], Any]  # PoolGroup by (pool, user, shard)
 
 
 def app_servers(app: Pooler) -> list[ServerView]:
     """The configured servers of the running pools. Call on the event loop thread."""
     views = []
-    for (pool, user), group in app.groups.items():
+    for (pool, user, shard), group in app.groups.items():
         for sp in group.all_pools:
             role = "primary" if sp is group.primary else "replica"
             reachable = sp.healthy and (role == "primary" or not group.is_banned(sp))
-            views.append(ServerView(pool, user, role, sp.address.host, sp.address.port, reachable))
+            views.append(ServerView(pool, user, role, sp.address.host, sp.address.port, reachable, shard))
     return views
 
 

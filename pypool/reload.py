@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypool")
 
+# (pool, user, shard): one PoolGroup per shard of each user of each pool.
+GroupKey = tuple[str, str, int]
+
+
 class Worker(Protocol):
     """One worker of several processes (``pypool.instance.Worker``): runs its share of every pool."""
 
@@ -37,7 +41,7 @@ class Reloadable(Protocol):
     config: Config  # what this process runs (a worker's share of the file)
     file_config: Config  # as configured
     worker: Worker | None
-    groups: dict[tuple[str, str], PoolGroup]
+    groups: dict[GroupKey, PoolGroup]
     routers: dict[str, Router]
     draining: list[PoolGroup]
     reloads_ok: int
@@ -48,7 +52,7 @@ class Reloadable(Protocol):
 class ReloadPlan:
     restart_needed: list[str]  # [general] keys that changed but apply only at the next start
     new_routers: set[str]  # pools whose router is rebuilt (or new)
-    new_groups: set[tuple[str, str]]  # (pool, user) whose PoolGroup is rebuilt (or new)
+    new_groups: set[tuple[str, str]]  # (pool, user) whose PoolGroups (one per shard) are rebuilt (or new)
 
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
@@ -73,13 +77,14 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     return ReloadPlan(restart, routers, groups)
 
 
-def build_pools(config: Config) -> tuple[dict[tuple[str, str], PoolGroup], dict[str, Router]]:
-    """Every (pool, user) group and every pool's router, as at start."""
+def build_pools(config: Config) -> tuple[dict[GroupKey, PoolGroup], dict[str, Router]]:
+    """Every (pool, user, shard) group and every pool's router, as at start."""
     groups, routers = {}, {}
     for pool in config.pools.values():
         routers[pool.name] = Router(pool)
         for user in pool.users.values():
-            groups[(pool.name, user.username)] = PoolGroup(pool, user, config.general)
+            for shard in range(len(pool.shards)):
+                groups[(pool.name, user.username, shard)] = PoolGroup(pool, user, config.general, shard)
     return groups, routers
 
 
@@ -120,7 +125,7 @@ class Reloader:
         log.info("config reloaded from %s (%s): %d pool(s) kept, %d rebuilt, %d added, %d removed",
                  path, reason, kept, rebuilt, len(groups) - kept - rebuilt, len(replaced) - rebuilt)
 
-    def _apply(self, new: Config, plan: ReloadPlan) -> tuple[dict[tuple[str, str], PoolGroup], int, int]:
+    def _apply(self, new: Config, plan: ReloadPlan) -> tuple[dict[GroupKey, PoolGroup], int, int]:
         """The groups (and routers) of the new config: kept ones, rebuilt ones, new ones."""
         pooler = self.pooler
         for name in plan.new_routers:
@@ -130,21 +135,22 @@ class Reloader:
                 router.decisions = before.decisions
                 router.cache.hits, router.cache.misses = before.cache.hits, before.cache.misses
             pooler.routers[name] = router
-        groups: dict[tuple[str, str], PoolGroup] = {}
+        groups: dict[GroupKey, PoolGroup] = {}
         kept = rebuilt = 0
         for pool in new.pools.values():
             for user in pool.users.values():
-                key = (pool.name, user.username)
-                old = pooler.groups.get(key)
-                if old is not None and key not in plan.new_groups:
-                    old.general = new.general
-                    groups[key] = old
-                    kept += 1
-                    continue
-                group = groups[key] = PoolGroup(pool, user, new.general)
-                if old is not None:
-                    _inherit(old, group)
-                    rebuilt += 1
+                for shard in range(len(pool.shards)):
+                    key = (pool.name, user.username, shard)
+                    old = pooler.groups.get(key)
+                    if old is not None and (pool.name, user.username) not in plan.new_groups:
+                        old.general = new.general
+                        groups[key] = old
+                        kept += 1
+                        continue
+                    group = groups[key] = PoolGroup(pool, user, new.general, shard)
+                    if old is not None:
+                        _inherit(old, group)
+                        rebuilt += 1
         return groups, kept, rebuilt
 
     def _retire(self, old: PoolGroup, successor: PoolGroup | None) -> None:
@@ -166,9 +172,10 @@ def _inherit(old: PoolGroup, new: PoolGroup) -> None:
     """Carry counters, bans, health and PAUSE from a group a reload replaces to its successor."""
     new.cancel_requests = old.cancel_requests
     new.server_parameters = old.server_parameters
-    previous = {(sp.address.host, sp.address.port): sp for sp in old.all_pools}
+    # One server may be listed as primary and as replica: the role tells the two apart.
+    previous = {(sp.address.host, sp.address.port, sp.address.role): sp for sp in old.all_pools}
     for sp in new.all_pools:
-        before = previous.get((sp.address.host, sp.address.port))
+        before = previous.get((sp.address.host, sp.address.port, sp.address.role))
         if before is None:
             continue
         sp.stats = before.stats  # totals keep counting across the reload

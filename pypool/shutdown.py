@@ -27,7 +27,7 @@ class Stoppable(Protocol):
     """The running pooler (``pypool.app.Application`` is one)."""
 
     config: Config
-    groups: dict[tuple[str, str], PoolGroup]
+    groups: dict[tuple[str, str, int], PoolGroup]
     draining: list[PoolGroup]
     registry: ClientRegistry
 

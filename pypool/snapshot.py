@@ -70,10 +70,11 @@ class AddressStats:
     database: str
     role: str  # "primary" | "replica", as pypool routes now (follows failover)
     index: int  # position in the shard's server list (PgCat's address index)
-    name: str  # <pool>_shard_0_primary / <pool>_shard_0_replica_<n>
+    name: str  # <pool>_shard_<s>_primary / <pool>_shard_<s>_replica_<n>
     pool_mode: str
     pool_size: int
     min_pool_size: int
+    shard: int = 0
     paused: bool = False
     banned: bool = False
     healthy: bool = True
@@ -90,8 +91,10 @@ class AddressStats:
     wait_hist: list[int] = field(default_factory=lambda: [0] * (len(WAIT_BUCKETS) + 1))
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.pool, self.user, self.host, self.port)
+    def key(self) -> tuple[str, str, int, str, int, int]:
+        # A server may be listed as primary and as replica of one shard (its index tells the
+        # two apart, and stays when a failover changes the roles), and may serve several shards.
+        return (self.pool, self.user, self.shard, self.host, self.port, self.index)
 
     @property
     def errors(self) -> int:
@@ -272,7 +275,7 @@ class StatsSource(Protocol):
     """What ``take`` reads of the running pooler (``pypool.app.Application`` is one)."""
 
     config: Config
-    groups: dict[tuple[str, str], PoolGroup]
+    groups: dict[tuple[str, str, int], PoolGroup]
     draining: list[PoolGroup]  # replaced by a reload, still closing
     clients: Collection[ClientConnection]
     routers: dict[str, Router]
@@ -292,7 +295,7 @@ def take(app: StatsSource) -> Snapshot:
     for group in live_groups + list(app.draining):
         draining = group not in live_groups
         for sp in group.all_pools:
-            key = (group.name, group.user.username, sp.address.host, sp.address.port)
+            key = (group.name, group.user.username, group.shard, sp.address)
             a = addresses.get(key)
             if a is None:
                 if draining:
@@ -302,12 +305,14 @@ def take(app: StatsSource) -> Snapshot:
     for a in addresses.values():
         # Checkouts served at once never went through the slow path: zero-second waits.
         a.wait_hist[0] += max(0, int(a.counters["checkouts"]) - sum(a.wait_hist))
-    snap.addresses = sorted(addresses.values(), key=lambda a: (a.pool, a.user, a.index))
+    snap.addresses = sorted(addresses.values(), key=lambda a: (a.pool, a.user, a.shard, a.index))
 
     pools: dict[tuple, PoolStatsRow] = {}
-    for (name, user), group in app.groups.items():
-        pools[(name, user)] = PoolStatsRow(name, user, group.pool_mode,
-                                           paused=any(sp.paused for sp in group.all_pools))
+    for (name, user, _), group in app.groups.items():
+        row = pools.get((name, user))
+        if row is None:
+            row = pools[(name, user)] = PoolStatsRow(name, user, group.pool_mode)
+        row.paused = row.paused or any(sp.paused for sp in group.all_pools)
     for group in live_groups + list(app.draining):
         row = pools.get((group.name, group.user.username))
         if row is not None:
@@ -338,18 +343,18 @@ def take(app: StatsSource) -> Snapshot:
 
 
 def _address(group: "PoolGroup", sp: "ServerPool", now: float) -> AddressStats:
-    servers = group.config.shards[0].servers if group.config.shards else ()
-    index = next((i for i, s in enumerate(servers) if s.host == sp.address.host and s.port == sp.address.port), 0)
+    shard = group.config.shards[group.shard]
+    index = next((i for i, s in enumerate(shard.servers) if s == sp.address), 0)
     if sp is group.primary:
-        role, name = "primary", f"{group.name}_shard_0_primary"
+        role, name = "primary", f"{group.name}_shard_{group.shard}_primary"
     else:
         replica = group.replicas.index(sp) if sp in group.replicas else 0
-        role, name = "replica", f"{group.name}_shard_0_replica_{replica}"
+        role, name = "replica", f"{group.name}_shard_{group.shard}_replica_{replica}"
     remaining = sp.banned_until - now
     banned = remaining > 0
     return AddressStats(
         pool=group.name, user=group.user.username, host=sp.address.host, port=sp.address.port,
-        database=group.config.shards[0].database, role=role, index=index, name=name,
+        database=shard.database, role=role, index=index, name=name, shard=group.shard,
         pool_mode=group.pool_mode, pool_size=sp.settings.pool_size, min_pool_size=sp.settings.min_pool_size,
         paused=sp.paused, banned=banned, healthy=sp.healthy,
         lag_seconds=None if sp.lag_ms is None else sp.lag_ms / 1000,

@@ -17,12 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from pypool import cluster
 from pypool.config import default_config_dict, dump_config
 
 USER = os.environ.get("POSTGRESQL_USERNAME", "postgres")
 PASSWORD = os.environ.get("POSTGRESQL_PASSWORD", "mysecretpassword")
+
+# No per-example time limit: it measures wall-clock time, which a loaded 2-core machine stretches.
+hypothesis_settings.register_profile("pypool", deadline=None)
+hypothesis_settings.load_profile("pypool")
 DATABASE = os.environ.get("POSTGRESQL_DATABASE", "postgres")
 
 

@@ -57,7 +57,7 @@ class Pooler(Protocol):
 
     config: Config
     file_config: Config  # as configured: what SHOW CONFIG reports for the instance
-    groups: dict[tuple[str, str], PoolGroup]
+    groups: dict[tuple[str, str, int], PoolGroup]
     averager: Averager
     worker: Instance | None
 
@@ -169,12 +169,12 @@ class AdminCommands:
             raise AdminError(sqlstates.SYNTAX_ERROR, f"usage: {verb} [db[, user]]")
         database = parts[0]
         if len(parts) == 2:
-            group = groups.get((database, parts[1]))
-            if group is None:
+            shards = [g for (name, user, _), g in groups.items() if name == database and user == parts[1]]
+            if not shards:
                 raise AdminError(sqlstates.INVALID_CATALOG_NAME,
                                  f"No pool configured for database: {database}, user: {parts[1]}")
-            return [group], f"{verb} {database},{parts[1]}"
-        matching = [g for (name, _), g in groups.items() if name == database]
+            return shards, f"{verb} {database},{parts[1]}"
+        matching = [g for (name, _, _), g in groups.items() if name == database]
         if not matching:
             raise AdminError(sqlstates.INVALID_CATALOG_NAME, f"No pool configured for database: {database}")
         return matching, verb
@@ -208,7 +208,7 @@ class AdminCommands:
         host, _, port = target.partition(":")
         if port and not port.isdigit():
             raise AdminError(sqlstates.SYNTAX_ERROR, f"invalid port in {target!r}")
-        for (name, user), group in sorted(self.pooler.groups.items()):
+        for _, group in sorted(self.pooler.groups.items()):
             for sp in group.all_pools:
                 if sp.address.host == host and (not port or sp.address.port == int(port)):
                     yield group, sp

@@ -14,6 +14,7 @@ import datetime
 
 from pypool import config_keys
 from pypool.config import General, Pool, User
+from pypool.routing.sharding import Sharding
 from pypool.snapshot import Averager, Snapshot
 
 # Type OIDs of the result columns.
@@ -213,11 +214,14 @@ def config_table(config) -> Table:
                      "no" if config_keys.needs_restart(General, f.name) else "yes"])
     for name, pool in sorted(config.pools.items()):
         for f in dataclasses.fields(Pool):
-            if f.name in ("name", "users", "shards"):
+            if f.name in ("name", "users", "shards", "sharding"):
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append([f"pools.{name}.{f.name}", _config_value(getattr(pool, f.name)),
                          "-" if default is None else _config_value(default), "yes"])
+        defaults = Sharding().settings()
+        for key, value in pool.sharding.settings().items():
+            rows.append([f"pools.{name}.{key}", value, defaults[key], "yes"])
         for username, user in sorted(pool.users.items()):
             for f in dataclasses.fields(User):
                 if "password" in f.name or f.name == "username":

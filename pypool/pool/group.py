@@ -1,4 +1,8 @@
-"""All server pools of one PgCat pool entry for one user: the primary and its replicas.
+"""All server pools of one shard of a PgCat pool entry for one user: the primary and its replicas.
+
+A pool with several shards has one group per shard (``shard`` is its index),
+each with its own read/write split, balancing, bans, health checks and
+failover; the session picks the group from the routing decision.
 
 A client session asks the group for a connection of a role (pypool.roles);
 which server answers is decided here, so choosing a server per transaction is
@@ -77,16 +81,18 @@ def _override(user_value: int | None, pool_value: int) -> int:
 
 
 class PoolGroup:
-    def __init__(self, pool: "Pool", user: "User", general: "General") -> None:
+    def __init__(self, pool: "Pool", user: "User", general: "General", shard: int = 0) -> None:
         self.config = pool
         self.user = user
         self.general = general
         self.name = pool.name
+        self.shard = shard
+        # What logs and errors call it: a pool's shards share their servers' host:port.
+        self.label = pool.name if len(pool.shards) <= 1 else f"{pool.name} shard {shard}"
         self.pool_mode = user.pool_mode or pool.pool_mode
         server_user = user.server_username or user.username
         server_password = user.server_password or user.password
-        shard = pool.shards[0]
-        credentials = Credentials(server_user, server_password, shard.database)
+        credentials = Credentials(server_user, server_password, pool.shards[shard].database)
         size = max(1, user.pool_size)
         settings = PoolSettings(
             pool_size=size,
@@ -103,7 +109,7 @@ class PoolGroup:
         self.settings = settings
         self.primary: ServerPool | None = None
         self.replicas: list[ServerPool] = []
-        for address in shard.servers:
+        for address in pool.shards[shard].servers:
             server_pool = ServerPool(address, credentials, settings)
             if address.role == PRIMARY:
                 self.primary = server_pool
@@ -126,7 +132,7 @@ class PoolGroup:
         self.refresh_candidates()
 
     def __repr__(self) -> str:
-        return f"<PoolGroup {self.name}/{self.user.username}>"
+        return f"<PoolGroup {self.name}/{self.user.username} shard {self.shard}>"
 
     @property
     def all_pools(self) -> list[ServerPool]:
@@ -162,7 +168,7 @@ class PoolGroup:
         server_pool.ban_reason = reason
         server_pool.bans += 1
         self.refresh_candidates()
-        log.warning("pool %s: banning replica %s for %ss: %s", self.name, server_pool.label,
+        log.warning("pool %s: banning replica %s for %ss: %s", self.label, server_pool.label,
                     duration, reason)
 
     def ban_address(self, address: object, reason: str) -> None:
@@ -172,7 +178,7 @@ class PoolGroup:
 
     def unban(self, server_pool: ServerPool) -> None:
         if server_pool.banned_until:
-            log.info("pool %s: replica %s unbanned", self.name, server_pool.label)
+            log.info("pool %s: replica %s unbanned", self.label, server_pool.label)
         server_pool.banned_until = 0.0
         server_pool.ban_reason = ""
         self.refresh_candidates()
@@ -194,11 +200,11 @@ class PoolGroup:
         server_pool.lag_ms = result.lag_ms
         if self._lagging(server_pool) != was_lagging:
             if was_lagging:
-                log.info("pool %s: replica %s caught up (lag %.0f ms)", self.name, server_pool.label,
+                log.info("pool %s: replica %s caught up (lag %.0f ms)", self.label, server_pool.label,
                          result.lag_ms)
             else:
                 log.warning("pool %s: replica %s lags %.0f ms > max_replica_lag_ms %s; no reads until it "
-                            "catches up", self.name, server_pool.label, result.lag_ms,
+                            "catches up", self.label, server_pool.label, result.lag_ms,
                             self.config.max_replica_lag_ms)
         self._follow_promotion()
         self.refresh_candidates()
@@ -210,7 +216,7 @@ class PoolGroup:
         if current is not None and current in writable:
             others = [sp for sp in writable if sp is not current]
             if others and not self._split_brain_logged:
-                log.error("pool %s: %s and %s both accept writes; writes stay on %s", self.name,
+                log.error("pool %s: %s and %s both accept writes; writes stay on %s", self.label,
                           current.label, ", ".join(o.label for o in others), current.label)
                 self._split_brain_logged = True
             return
@@ -221,7 +227,7 @@ class PoolGroup:
         new = writable[0]
         self._split_brain_logged = False
         log.warning("pool %s: %s is no longer in recovery and %s is %s; sending writes to %s",
-                    self.name, new.label, current.label if current else "(none)",
+                    self.label, new.label, current.label if current else "(none)",
                     "a standby now" if current is not None and current.in_recovery else "unreachable",
                     new.label)
         self.replicas = [sp for sp in self.replicas if sp is not new]
@@ -246,7 +252,7 @@ class PoolGroup:
 
     def _primary_pool(self) -> ServerPool:
         if self.primary is None:
-            raise ServerError(f"pool {self.name} has no primary server", {"C": sqlstates.CONNECTION_FAILURE})
+            raise ServerError(f"pool {self.label} has no primary server", {"C": sqlstates.CONNECTION_FAILURE})
         return self.primary
 
     def _read_candidates(self, role: str, exclude: set[ServerPool] | frozenset = frozenset()) -> list[ServerPool]:
@@ -263,7 +269,7 @@ class PoolGroup:
         # Every replica banned or lagging: PgCat clears the bans rather than fail reads.
         untried = [r for r in self.replicas if r not in exclude]
         if untried:
-            log.warning("pool %s: every replica is banned; clearing bans", self.name)
+            log.warning("pool %s: every replica is banned; clearing bans", self.label)
             for r in untried:
                 self.unban(r)
         return untried
@@ -354,7 +360,7 @@ class PoolGroup:
                     conn = await primary.acquire()
                 except HealthCheckFailed as exc:
                     # The stale connections are gone; a fresh one tells whether the server is.
-                    log.warning("pool %s: %s; reconnecting to the primary", self.name, exc)
+                    log.warning("pool %s: %s; reconnecting to the primary", self.label, exc)
                     conn = await primary.acquire()
             except ServerError as exc:
                 raise self.primary_unavailable(primary, exc) from None
@@ -365,7 +371,7 @@ class PoolGroup:
         while True:
             candidates = self._read_candidates(role, tried)
             if not candidates:
-                raise ServerError(f"pool {self.name}: no server can serve reads: " + "; ".join(errors),
+                raise ServerError(f"pool {self.label}: no server can serve reads: " + "; ".join(errors),
                                   {"C": sqlstates.CONNECTION_FAILURE})
             if preferred is not None and preferred in candidates:
                 server_pool, preferred = preferred, None
@@ -383,7 +389,7 @@ class PoolGroup:
             return conn
 
     def primary_unavailable(self, primary: ServerPool, exc: ServerError) -> ServerError:
-        return ServerError(f"primary server {primary.label} of pool {self.name} is unavailable: {exc}",
+        return ServerError(f"primary server {primary.label} of pool {self.label} is unavailable: {exc}",
                            {**exc.fields, "C": exc.sqlstate})
 
     @staticmethod

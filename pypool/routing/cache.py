@@ -49,7 +49,7 @@ from pypool.routing.classify import (
     unterminated,
 )
 
-__all__ = ["fingerprint", "ClassificationCache", "TOO_LONG"]
+__all__ = ["fingerprint", "fingerprint_literals", "ClassificationCache", "TOO_LONG"]
 
 TOO_LONG = Classification(True, True, None, False, False, "too long")
 
@@ -196,22 +196,51 @@ def _fingerprint_exact(sql: str) -> str:
     return "".join(out).strip(_WS_CHARS)
 
 
-def fingerprint(sql: str) -> str:
-    """Literal-normalised form of ``sql`` (see the module docstring)."""
-    if (
+def _numbers_only(sql: str) -> bool:
+    """ASCII without quotes, dollars or comments: numbers are the only literals."""
+    return (
         sql.isascii()
         and "'" not in sql
         and '"' not in sql
         and "$" not in sql
         and "--" not in sql
         and "/*" not in sql
-    ):
+    )
+
+
+def fingerprint(sql: str) -> str:
+    """Literal-normalised form of ``sql`` (see the module docstring)."""
+    if _numbers_only(sql):
         return " ".join(_NUM_FAST_RE.sub("?", sql).split())
     try:
         s = _GENERAL_RE.sub(_general_repl, sql)
     except _NeedsScanner:
         return _fingerprint_exact(sql)
     return s.strip(_WS_CHARS)
+
+
+def fingerprint_literals(sql: str) -> tuple[str, list[str]] | None:
+    """``fingerprint(sql)`` and the literals its ``?`` marks replace, in order.
+
+    None when ``sql`` has a ``?`` of its own (an operator, not a literal) or
+    needs the exact scanner (nested or unclosed comments and quotes).
+    """
+    if "?" in sql:
+        return None
+    if _numbers_only(sql):
+        return " ".join(_NUM_FAST_RE.sub("?", sql).split()), _NUM_FAST_RE.findall(sql)
+    literals: list[str] = []
+
+    def collect(m: re.Match) -> str:
+        if m.lastgroup == "lit":
+            literals.append(m.group("lit"))
+        return _general_repl(m)
+
+    try:
+        s = _GENERAL_RE.sub(collect, sql)
+    except _NeedsScanner:
+        return None
+    return s.strip(_WS_CHARS), literals
 
 
 class ClassificationCache:

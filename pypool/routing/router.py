@@ -14,21 +14,39 @@ Decision order:
 4. otherwise the pool's ``default_role``.
 
 PgCat's custom commands (``SET SERVER ROLE``, ``SHOW SERVER ROLE``,
-``SET PRIMARY READS``, ``SHOW PRIMARY READS``) are recognised here and
-answered by the client session without a server.
+``SET PRIMARY READS``, ``SHOW PRIMARY READS``, ``SET SHARDING KEY``,
+``SET SHARD``, ``SHOW SHARD``) are recognised here and answered by the client
+session without a server.
+
+The shard (pools with several shards), in PgCat's order:
+1. ``shard_id_regex`` / ``sharding_key_regex`` comments in the first
+   ``regex_search_limit`` characters set the client's shard (it stays, as in PgCat);
+2. with ``automatic_sharding_key``, the keys in the statement decide this one
+   statement (several shards: a read fans out with ``default_shard = "all"``,
+   anything else is refused rather than run on too few shards);
+3. the client's shard from ``SET SHARD`` / ``SET SHARDING KEY`` / a comment;
+4. otherwise ``Decision.shard`` is None and the session applies the pool's
+   ``default_shard`` (``Router.sharding.target(decision.shard, healthy)``), except ``"all"``, which
+   the router resolves: reads of a table fan out (``Decision.fanout``), writes
+   are refused with an error naming the sharding key.
 """
 
 from __future__ import annotations
 
+import random
 import re
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Sequence
 
+from pypool import sqlstates
 from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.cache import ClassificationCache
 from pypool.routing.classify import DEFAULT_READ_ONLY_FUNCTIONS, Classification, role_hint
+from pypool.routing.fanout import FanoutError, FanoutPlan, plan_fanout
+from pypool.routing.shard_key import ShardKeyError, ShardKeyFinder
+from pypool.routing.sharding import ALL_SHARDS, parse_sharding_key
 
 if TYPE_CHECKING:
     from pypool.config import Pool
@@ -38,11 +56,14 @@ _SET_SERVER_ROLE = re.compile(r"(?i)^\s*SET\s+SERVER\s+ROLE\s+TO\s+'(primary|rep
 _SHOW_SERVER_ROLE = re.compile(r"(?i)^\s*SHOW\s+SERVER\s+ROLE\s*;?\s*$")
 _SET_PRIMARY_READS = re.compile(r"(?i)^\s*SET\s+PRIMARY\s+READS\s+TO\s+'?(on|off|default)'?\s*;?\s*$")
 _SHOW_PRIMARY_READS = re.compile(r"(?i)^\s*SHOW\s+PRIMARY\s+READS\s*;?\s*$")
+_SET_SHARDING_KEY = re.compile(r"(?i)^\s*SET\s+SHARDING\s+KEY\s+TO\s+'?([0-9]+)'?\s*;?\s*$")
+_SET_SHARD = re.compile(r"(?i)^\s*SET\s+SHARD\s+TO\s+'?([0-9]+|ANY)'?\s*;?\s*$")
+_SHOW_SHARD = re.compile(r"(?i)^\s*SHOW\s+SHARD\s*;?\s*$")
 MEMO_SIZE = 10_000
 # Transactions that only the primary can run, whatever their statements.
 _PRIMARY_BEGINS = {"read write": "BEGIN READ WRITE", "serializable": "BEGIN ISOLATION LEVEL SERIALIZABLE"}
 # Only these can start a custom command: a cheap filter before any regex.
-_CUSTOM_PREFIXES = ("set server", "show server", "set primary", "show primary")
+_CUSTOM_PREFIXES = ("set server", "show server", "set primary", "show primary", "set shard", "show shard")
 
 
 @dataclass(slots=True)
@@ -52,6 +73,7 @@ class RoutingState:
     role_override: str | None = None  # "primary" | "replica" | "any"; None = automatic
     auto: bool = False  # SET SERVER ROLE TO 'auto' (SHOW SERVER ROLE says so)
     primary_reads: bool | None = None  # None = the pool's primary_reads_enabled
+    shard: int | None = None  # SET SHARD, SET SHARDING KEY or a shard comment; None = by query/default_shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +87,13 @@ class Decision:
     end_tag: str = "COMMIT"
     statement: str = ""  # the held-back BEGIN's text, replayed on the chosen server
     reply: bytes | None = None  # a custom command answered by the pooler (no ReadyForQuery)
+    # Sharded pools: the shard to run on; None = the pool's default_shard; ALL_SHARDS = fan out.
+    shard: int | None = None
+    fanout: FanoutPlan | None = None  # with ALL_SHARDS: what each shard runs and how replies merge
+    # Refuse the statement with this ErrorResponse (no ReadyForQuery; extended protocol: skip to Sync).
+    error: bytes | None = None
+    # The key is a $n parameter: route again with the Bind values (``params``).
+    needs_params: bool = False
 
 
 class Router:
@@ -81,6 +110,11 @@ class Router:
         self._memo: dict[bytes, Decision] = {}
         self._default_state = RoutingState()
         self._unparsed = Decision(self._default_role(), "default_role")
+        self.sharding = pool.sharding
+        # Shard routing (comments, keys, default_shard "all") only where there is a choice.
+        self.sharded = pool.sharding.shards > 1
+        key = pool.sharding.automatic_sharding_key
+        self.key_finder = ShardKeyFinder(key, pool.sharding.shard_for_key) if key and self.sharded else None
 
     # --------------------------------------------------------- custom commands
 
@@ -105,14 +139,38 @@ class Router:
                 state.role_override = value
             return m.command_complete("SET SERVER ROLE")
         if _SHOW_SERVER_ROLE.match(sql):
-            return m.result_set(["server role"], [[self.describe_role(state)]], tag="SHOW")
+            return _show("server role", self.describe_role(state))
         if match := _SET_PRIMARY_READS.match(sql):
             value = match.group(1).lower()
             state.primary_reads = None if value == "default" else value == "on"
             return m.command_complete("SET PRIMARY READS")
         if _SHOW_PRIMARY_READS.match(sql):
-            return m.result_set(["primary reads"], [["on" if self.primary_reads(state) else "off"]], tag="SHOW")
+            return _show("primary reads", "on" if self.primary_reads(state) else "off")
+        if match := _SET_SHARDING_KEY.match(sql):
+            key = parse_sharding_key(match.group(1))
+            if key is None:
+                return m.error_response(sqlstates.NUMERIC_VALUE_OUT_OF_RANGE,
+                                        f"sharding key {match.group(1)} is out of range for type bigint")
+            state.shard = self.sharding.shard_for_key(key)
+            return m.command_complete("SET SHARDING KEY")
+        if match := _SET_SHARD.match(sql):
+            value = match.group(1)
+            shards = self.sharding.shards
+            shard = random.randrange(shards) if value.upper() == "ANY" else int(value)
+            if shard >= shards:
+                return self._unknown_shard(shard, state)
+            state.shard = shard
+            return m.command_complete("SET SHARD")
+        if _SHOW_SHARD.match(sql):
+            return _show("shard", "unset" if state.shard is None else str(state.shard))
         return None
+
+    def _unknown_shard(self, shard: int, state: RoutingState) -> bytes:
+        # PgCat's words; the client keeps its shard.
+        current = "unset" if state.shard is None else state.shard
+        return m.error_response(sqlstates.INVALID_PARAMETER_VALUE,
+                                f"shard {shard} is not configured {self.sharding.shards}, staying on shard "
+                                f"{current} (shard numbers start at 0)")
 
     def describe_role(self, state: RoutingState) -> str:
         if state.auto:
@@ -135,6 +193,8 @@ class Router:
         None when it needs the full path (a custom command, a BEGIN to hold
         back, a message without statement text).
         """
+        if self.sharded:
+            return None  # the shard depends on the client's state and on values: full path
         if not self.splitting and b"pypool" not in message:
             decision = self._unparsed  # no parser: only a hint comment could change the role
             self.decisions[decision.role] += 1
@@ -159,15 +219,90 @@ class Router:
         self.decisions[decision.role] += 1
         return decision
 
-    def route(self, state: RoutingState, tag: int, payload: bytes, *, held_begin: bool = False) -> Decision:
-        sql = _statement_text(tag, payload)
-        if tag == m.QUERY and sql:
+    def route(self, state: RoutingState, tag: int, payload: bytes, *, held_begin: bool = False,
+              params: Sequence[tuple[int, bytes | None]] | None = None, sql: str | None = None) -> Decision:
+        """The decision for one message (Query, Parse; Bind/Execute/Sync give no text).
+
+        Sharded pools: ``params`` are the Bind values of the statement
+        (``shard_key.bind_parameters``), ``sql`` its text when the message
+        does not carry it (a Bind of a statement prepared earlier).
+        """
+        if sql is None:
+            sql = _statement_text(tag, payload)
+        commented = None
+        if self.sharded and sql and self.sharding.comment_routing:
+            commented = self.sharding.shard_from_comment(sql)
+            if commented is not None:
+                if commented >= self.sharding.shards:
+                    return Decision(PRIMARY, "shard comment", error=self._unknown_shard(commented, state))
+                state.shard = commented  # as in PgCat: a comment skips the custom commands
+        if tag == m.QUERY and sql and commented is None:
             reply = self.custom_command(state, sql)
             if reply is not None:
                 return Decision(PRIMARY, "custom command", reply=reply)
         decision = self._decide(state, tag, sql, held_begin)
+        if self.sharded and not (decision.hold_begin or decision.ends_empty_transaction):
+            decision = self._shard(decision, state, tag, sql, params)
+            if held_begin and decision.shard == ALL_SHARDS:
+                # A transaction stays on the server of its first statement: one shard.
+                decision = replace(decision, shard=None, fanout=None, error=m.error_response(
+                    sqlstates.FEATURE_NOT_SUPPORTED,
+                    "a transaction runs on one shard: its first statement needs a value of the sharding key "
+                    f"{self.sharding.automatic_sharding_key or '(or SET SHARD before BEGIN)'}"))
         self.decisions[decision.role] += 1
         return decision
+
+    def _shard(self, decision: Decision, state: RoutingState, tag: int, sql: str | None,
+               params: Sequence[tuple[int, bytes | None]] | None) -> Decision:
+        shards = None
+        if self.key_finder is not None and sql:
+            if params is None and tag != m.QUERY and self.key_finder.uses_parameters(sql):
+                return replace(decision, needs_params=True)
+            try:
+                shards = self.key_finder.shards(sql, params or ())
+            except ShardKeyError as exc:
+                return replace(decision, error=m.error_response_for(exc))
+        if shards is not None and len(shards) == 1:
+            return replace(decision, shard=next(iter(shards)))
+        default_all = self.sharding.default_shard.kind == "all"
+        if shards is not None and not (default_all and self._reads(sql)):
+            listed = ", ".join(map(str, sorted(shards)))
+            return replace(decision, error=m.error_response(
+                sqlstates.FEATURE_NOT_SUPPORTED,
+                f"the values of the sharding key {self.sharding.automatic_sharding_key} in this statement are on "
+                f"shards {listed}; pypool runs a statement on one shard",
+                hint="send one statement per shard" + ("" if default_all else
+                                                       ', or set default_shard = "all" to run reads on every shard')))
+        if shards is None and state.shard is not None:
+            return replace(decision, shard=state.shard)
+        if not default_all:
+            return decision
+        return self._everywhere(decision, sql)
+
+    def _everywhere(self, decision: Decision, sql: str | None) -> Decision:
+        """default_shard = "all": a read of tables runs on every shard, a write is refused."""
+        key = self.sharding.automatic_sharding_key or "(SET SHARDING KEY, SET SHARD or a shard comment)"
+        if sql is None:
+            return replace(decision, error=m.error_response(
+                sqlstates.FEATURE_NOT_SUPPORTED, f"no statement text to find the sharding key {key} in"))
+        c = self.cache.classify(sql)
+        if not c.has_statement:
+            return replace(decision, shard=0)  # COMMIT, SET...: no rows to look for, any shard answers
+        if c.writes:
+            return replace(decision, error=m.error_response(
+                sqlstates.FEATURE_NOT_SUPPORTED,
+                f"a write must name its shard: this statement has no value of the sharding key {key}",
+                hint='with default_shard = "all" only reads run on every shard'))
+        try:
+            plan = plan_fanout(sql, key)
+        except FanoutError as exc:
+            return replace(decision, error=m.error_response_for(exc))
+        if not plan.reads_tables:
+            return replace(decision, shard=0)  # SELECT now(): one answer, not one per shard
+        return replace(decision, shard=ALL_SHARDS, fanout=plan)
+
+    def _reads(self, sql: str | None) -> bool:
+        return sql is not None and not self.cache.classify(sql).writes
 
     def _decide(self, state: RoutingState, tag: int, sql: str | None, held_begin: bool) -> Decision:
         if sql is not None:
@@ -213,6 +348,11 @@ class Router:
     def _default_role(self) -> str:
         role = self.pool.default_role
         return {"primary": PRIMARY, "replica": REPLICA}.get(role, ANY)
+
+
+def _show(name: str, value: str) -> bytes:
+    # PgCat's reply to its SHOW commands: one text column, tag "SELECT 1".
+    return m.result_set([name], [[value]])
 
 
 def _text(payload: bytes) -> str:

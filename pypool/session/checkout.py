@@ -141,6 +141,8 @@ class SessionCheckout:
                 self.group = group
                 self._router = self.app.routers.get(self.database, self._router)
                 self._session_mode = group.pool_mode == "session"
+                # A reload may have changed the pool's shards.
+                self.shard_groups = self.app.shard_groups(self.database, self.user) if self._router.sharded else ()
             try:
                 return await group.checkout(role)
             except PoolRetired:

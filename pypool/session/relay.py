@@ -123,10 +123,26 @@ class SessionRelay:
                     self._discarding = False
                     self._write_ready()
                 continue
-            decision = self.app.route(self, *self._routable(tag, bytes(buf[5:1 + length])))
+            if self.shard_groups:
+                decision = self._route_sharded(*self._routable(tag, bytes(buf[5:1 + length])))
+                if decision is None:
+                    return  # the batch's Bind (the key's value) has not arrived
+            else:
+                decision = self.app.route(self, *self._routable(tag, bytes(buf[5:1 + length])))
             if decision.reply is not None or decision.hold_begin or decision.ends_empty_transaction:
                 self._answer_locally(decision, length)
                 continue
+            if self.shard_groups:
+                if decision.error is not None:
+                    self._refuse_request(decision.error)
+                    continue
+                if decision.fanout is not None:
+                    if self._start_fanout(decision, length) and self.state is states.IDLE:
+                        continue  # refused at once: the next request may follow
+                    return
+                if tag != _Q and (self._start_describe(decision) or self._start_unnamed_bind(decision, length)):
+                    return
+                self._use_shard(decision)
             try:
                 self._begin_request(decision.role)
             except ServerError as exc:
@@ -199,9 +215,12 @@ class SessionRelay:
 
     @property
     def in_transaction(self) -> bool:
-        """Attached to a server connection that is inside a transaction or still owes replies."""
+        """Attached to a server connection that is inside a transaction or still owes replies,
+        or waiting for the servers of a request pypool runs itself (a read on every shard)."""
         server = self.server
-        return server is not None and server.requests.in_transaction
+        if server is None:
+            return self.state is states.FANNED_OUT
+        return server.requests.in_transaction
 
     @property
     def held_begin(self) -> str | None:
@@ -268,10 +287,14 @@ class SessionRelay:
 
     def _fail_request(self, sqlstate: str, text: str) -> None:
         """Answer the request at the head of ``_pending`` with an error, as a server would."""
+        self._refuse_request(m.error_response(sqlstate, text))
+
+    def _refuse_request(self, error: bytes) -> None:
+        """Answer the request at the head of ``_pending`` with the ErrorResponse ``error``."""
         if self.transport is None or self.transport.is_closing():
             return
         self.error_count += 1
-        self.transport.write(m.error_response(sqlstate, text))
+        self.transport.write(error)
         buf = self._pending
         while True:
             try:

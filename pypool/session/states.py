@@ -13,6 +13,7 @@ than a flag elsewhere.
                                     └── ATTACHED (its server died before answering a read: retry)
     ATTACHED ──> CHECKING_PIN ──> PINNED ──> CHECKING_PIN ──> IDLE (or READING_BACK)
     (a transaction that may leave or release session state ends; the catalogs decide)
+                    IDLE ──> FANNED_OUT ──> IDLE  (sharded pools: pypool runs a request aside: a read on every shard, a describe)
     any state ──> CLOSED
 
 ``shown`` is the state in PgBouncer's vocabulary, as SHOW CLIENTS, SHOW POOLS
@@ -43,6 +44,7 @@ class ClientState(enum.Enum):
     PINNED = "pinned"
     # A transaction that may have created or released such state ended: the server's catalogs say.
     CHECKING_PIN = "checking its session state"
+    FANNED_OUT = "fanned out"  # pypool runs the request on servers itself (every shard) and answers from their replies
     CLOSED = "closed"
 
     # Set below for every member (plain attributes: read on the relay's hot path).
@@ -56,7 +58,7 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.STARTUP: (_S.AUTHENTICATING, _S.CLOSED),
     _S.AUTHENTICATING: (_S.IDLE, _S.ADMIN, _S.CLOSED),
     _S.ADMIN: (_S.CLOSED,),
-    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.CLOSED),
+    _S.IDLE: (_S.ATTACHED, _S.WAITING, _S.SYNCING, _S.FANNED_OUT, _S.CLOSED),
     _S.WAITING: (_S.SYNCING, _S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.CHECKING_PIN, _S.CLOSED),
@@ -64,12 +66,14 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.PINNED, _S.IDLE, _S.WAITING, _S.CLOSED),
     _S.PINNED: (_S.CHECKING_PIN, _S.WAITING_FOR_LISTENER, _S.CLOSED),
     _S.CHECKING_PIN: (_S.PINNED, _S.IDLE, _S.READING_BACK, _S.CLOSED),
+    _S.FANNED_OUT: (_S.IDLE, _S.CLOSED),
     _S.CLOSED: (),
 }
 _SHOWN = {
     _S.STARTUP: "login", _S.AUTHENTICATING: "login", _S.ADMIN: "active", _S.IDLE: "idle",
     _S.WAITING: "waiting", _S.SYNCING: "waiting", _S.ATTACHED: "active", _S.READING_BACK: "active",
-    _S.WAITING_FOR_LISTENER: "waiting", _S.PINNED: "active", _S.CHECKING_PIN: "active", _S.CLOSED: "closed",
+    _S.WAITING_FOR_LISTENER: "waiting", _S.PINNED: "active", _S.CHECKING_PIN: "active", _S.FANNED_OUT: "active",
+    _S.CLOSED: "closed",
 }
 for _state in ClientState:
     _state.may_become = _TRANSITIONS[_state]
@@ -79,7 +83,7 @@ for _state in ClientState:
 # The members as module names: reading ``ClientState.IDLE`` goes through the Enum class (about 0.1 us on
 # Python 3.11), ``states.IDLE`` is a plain module attribute; the relay reads them per request.
 (STARTUP, AUTHENTICATING, ADMIN, IDLE, WAITING, SYNCING, ATTACHED, READING_BACK, WAITING_FOR_LISTENER,
- PINNED, CHECKING_PIN, CLOSED) = ClientState
+ PINNED, CHECKING_PIN, FANNED_OUT, CLOSED) = ClientState
 
 # PgBouncer's client states, as counted by SHOW POOLS (cl_*) and /metrics.
 CLIENT_STATES = ("active", "idle", "waiting")

@@ -71,7 +71,7 @@ def idle_server(sp: ServerPool) -> ServerConnection:
 
 def logged_in_client(app: Application) -> ClientConnection:
     """A client of the ``postgres`` pool as login leaves it, writing to a Recorder."""
-    group = app.groups[("postgres", "postgres")]
+    group = app.groups[("postgres", "postgres", 0)]
     client = ClientConnection(app)
     client.transport = Recorder()
     client.group = group
@@ -90,7 +90,7 @@ def logged_in(pool_mode: str = "transaction", pool_size: int = 1,
               **keys: object) -> tuple[ClientConnection, ServerConnection, Application]:
     """A client past login on a primary-only pool with one idle server connection."""
     app = primary_only_app(pool_mode, pool_size, **keys)
-    server = idle_server(app.groups[("postgres", "postgres")].primary)
+    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
     return logged_in_client(app), server, app
 
 

@@ -385,7 +385,7 @@ def test_shards_are_ordered_by_number() -> None:
     # Shard 0 has only a replica: no primary.
     assert pool.primary() is None
     assert pool.replicas() == (ServerAddress("z", 5432, "replica"),)
-    assert any("shards" in w and "sharding is not supported" in w for w in cfg.warnings)
+    assert not any("not supported" in w for w in cfg.warnings)  # every shard is served
     assert any("0, 1, 2" in w for w in cfg.warnings)
 
 
@@ -443,7 +443,7 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
         + "worker_threads = 4\nserver_round_robin = true\n"
         + POOL.replace(
             "[pools.app]\n",
-            '[pools.app]\nsharding_function = "pg_bigint_hash"\nauth_query = "SELECT 1"\n',
+            '[pools.app]\nauth_query = "SELECT 1"\n',
         ).replace('database = "appdb"\n', 'database = "appdb"\nmirrors = [["m", 5432, 0]]\n')
         + '\n[pools.app.plugins.query_logger]\nenabled = true\n'
         + '\n[plugins.prewarmer]\nenabled = false\n'
@@ -452,7 +452,6 @@ def test_unsupported_pgcat_keys_warn_consistently() -> None:
     expected = {
         "general.worker_threads",
         "general.server_round_robin",
-        "pools.app.sharding_function",
         "pools.app.auth_query",
         "pools.app.shards.0.mirrors",
         "pools.app.plugins",
@@ -616,8 +615,9 @@ def test_pool_without_users_or_shards_tables() -> None:
         # unknown role
         ('database = "d"\nservers = [["a", 1, "primary"], ["b", 2, "standby"]]', "pools.app.shards.0.servers.1",
          ['"primary" or "replica"', '"standby"']),
-        ('database = "d"\nservers = [["a", 1, "replica"], ["a", 1, "replica"]]', "pools.app.shards.0.servers.1",
-         ["each server once", "a:1"]),
+        # PgCat's rule is one server per (host, port, role): the same one twice as replica is refused.
+        ('database = "d"\nservers = [["a", 1, "primary"], ["a", 1, "replica"], ["a", 1, "replica"]]',
+         "pools.app.shards.0.servers.2", ["each server once per role", "a:1 (replica)"]),
     ],
 )
 def test_bad_shards(shard_body: str, key: str, fragments: list[str]) -> None:
@@ -633,9 +633,16 @@ def test_bad_shard_keys() -> None:
     assert_error(colliding, "pools.app.shards", "each shard number once")
 
 
-def test_duplicate_usernames_in_a_pool() -> None:
+def test_duplicate_usernames_in_a_pool_keep_the_last_as_pgcat_does() -> None:
+    # PgCat's Docker example lists the same username twice; PgCat keeps the last one in key order.
     text = MINIMAL + f'\n[pools.app.users.1]\nusername = "alice"\npassword = "{SECRET}"\npool_size = 1\n'
-    assert_error(text, "pools.app.users.1.username", "unique", '"alice"')
+    cfg = parse(text)
+    assert cfg.pools["app"].users["alice"].pool_size == 1
+    assert any("pools.app.users.1.username" in w and "only users.1 is used" in w for w in cfg.warnings)
+    assert all(SECRET not in w for w in cfg.warnings)
+    # Key order, not file order: users.2 comes after users.1.
+    later_first = text.replace("[pools.app.users.0]", "[pools.app.users.2]")
+    assert parse(later_first).pools["app"].users["alice"].pool_size == 5
 
 
 def test_non_table_sections() -> None:
@@ -658,7 +665,6 @@ def test_non_table_sections() -> None:
         MINIMAL.replace("pool_size = 5", "pool_size = 5\nserver_password = 987654321"),
         MINIMAL.replace("pool_size = 5", f'pool_size = 5\nserver_password = ["{SECRET}"]'),
         MINIMAL.replace("pool_size = 5", "pool_size = 0"),
-        MINIMAL + f'\n[pools.app.users.1]\nusername = "alice"\npassword = "{SECRET}"\npool_size = 1\n',
     ],
 )
 def test_passwords_never_appear_in_errors(text: str) -> None:

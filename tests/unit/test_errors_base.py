@@ -19,6 +19,8 @@ from pypool.pool.server import Credentials, ServerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import MessageBuffer, ProtocolViolation, parse_startup_packet
+from pypool.routing.fanout import FanoutError
+from pypool.routing.shard_key import ShardKeyError
 
 PYPOOL = pathlib.Path(__file__).resolve().parents[2] / "pypool"
 
@@ -100,7 +102,8 @@ def test_server_error_keeps_the_servers_fields():
 
 
 @pytest.mark.parametrize("cls", [ProtocolViolation, auth.AuthError, auth.VerifierFormatError, ServerError,
-                                 HealthCheckFailed, PoolTimeout, LoginRefused, AdminError])
+                                 HealthCheckFailed, PoolTimeout, LoginRefused, AdminError, FanoutError,
+                                 ShardKeyError])
 def test_every_error_a_client_can_see_derives_from_the_base(cls):
     assert issubclass(cls, PoolerError)
 

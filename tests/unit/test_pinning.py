@@ -112,7 +112,7 @@ def test_beyond_max_pinned_connections_the_statement_is_refused_with_0A000():
         first, server, app = setup(pool_size=4, max_pinned_connections=1)
         await run_transaction(first, server, "CREATE TEMP TABLE t (id int)", done("CREATE TABLE"), False,
                               catalogs(temp=1))
-        other_server = idle_server(app.groups[("postgres", "postgres")].primary)
+        other_server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
         second = logged_in_client(app)
         second.data_received(m.query("CREATE TEMP TABLE t (id int)"))
         sent = other_server.transport.take()
@@ -161,9 +161,9 @@ def test_pinned_is_reached_only_through_the_catalog_check():
 
 
 def test_max_pinned_connections_defaults_to_half_the_pool():
-    assert setup(pool_size=10)[2].groups[("postgres", "postgres")].max_pinned == 5
-    assert setup(pool_size=1)[2].groups[("postgres", "postgres")].max_pinned == 1
-    assert setup(pool_size=10, max_pinned_connections=3)[2].groups[("postgres", "postgres")].max_pinned == 3
+    assert setup(pool_size=10)[2].groups[("postgres", "postgres", 0)].max_pinned == 5
+    assert setup(pool_size=1)[2].groups[("postgres", "postgres", 0)].max_pinned == 1
+    assert setup(pool_size=10, max_pinned_connections=3)[2].groups[("postgres", "postgres", 0)].max_pinned == 3
 
 
 @pytest.mark.parametrize("drip", [False, True])

@@ -17,7 +17,7 @@ from tests.unit._fakes import idle_server, logged_in_client, primary_only_app
 
 def setup(clients: int = 2) -> tuple[list[ClientConnection], ServerConnection]:
     app = primary_only_app()
-    server = idle_server(app.groups[("postgres", "postgres")].primary)
+    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
     out = []
     for _ in range(clients):
         client = logged_in_client(app)

@@ -44,6 +44,16 @@ def test_nothing_reachable_in_one_pool_is_not_ready_and_names_it() -> None:
     assert verdict.reason == "pool app (user u): primary 10.0.0.1:5432 unreachable and no replica reachable"
 
 
+def test_each_shard_of_a_sharded_pool_needs_a_reachable_server() -> None:
+    # The same servers serve shard 0 and shard 1 (databases); shard 1's are down.
+    shard1 = [ServerView(v.pool, v.user, v.role, v.host, v.port, False, shard=1) for v in (PRIMARY, REPLICA)]
+    verdict = readiness(True, [PRIMARY, REPLICA, *shard1])
+    assert verdict == Verdict(False, "pool app shard 1 (user u): primary 10.0.0.1:5432 unreachable and no "
+                                     "replica reachable")
+    assert readiness(True, [PRIMARY, REPLICA, shard1[0], ServerView("app", "u", "replica", "10.0.0.2", 5432, True,
+                                                                    shard=1)]).ok
+
+
 def test_replica_only_pool_needs_a_replica() -> None:
     assert readiness(True, [REPLICA]).ok
     verdict = readiness(True, [down(REPLICA)])

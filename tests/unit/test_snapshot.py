@@ -112,7 +112,7 @@ def test_averages_follow_merged_snapshots():
     averager = Averager()
     averager.roll(merge([worker(1000, 10, 30, 0, 0), worker(2000, 5, 50, 0, 0)]), now=100.0)
     averager.roll(merge([worker(1000, 40, 30, 0, 0), worker(2000, 35, 50, 0, 0)]), now=110.0)
-    primary = averager.get(("app", "alice", "10.0.0.1", 5432))
+    primary = averager.get(("app", "alice", 0, "10.0.0.1", 5432, 0))
     assert primary["xact_count"] == 6.0  # (75 - 15) transactions in 10 s
     assert primary["xact_time"] == pytest.approx(1000.0)  # 1 ms each, in microseconds
-    assert averager.get(("app", "alice", "10.0.0.1", 5433))["xact_count"] == 0.0
+    assert averager.get(("app", "alice", 0, "10.0.0.1", 5433, 1))["xact_count"] == 0.0
