@@ -122,6 +122,7 @@ class _Aside:
     """Stands in for the client on a server running a request pypool answers itself: keeps the reply."""
 
     __slots__ = ("transport", "reading", "reply", "done")
+    hold_ready = False  # RelayTarget: the whole reply, ReadyForQuery included, is kept
 
     def __init__(self, reading: ReadingPause) -> None:
         self.transport = self  # the server's relay writes its replies to ``write``
