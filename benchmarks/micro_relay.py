@@ -61,6 +61,7 @@ def build(routing: bool) -> tuple[ClientConnection, ServerConnection, bytes, byt
     client.state = ClientState.IDLE  # logged in
     client._router = app.routers["postgres"]
     client._parameters_key = ()
+    client._join_causal(group)  # as login does: causal_reads is "session" with --routing
     # One idle server connection in each server pool.
     servers = []
     for sp in group.all_pools:

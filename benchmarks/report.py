@@ -14,6 +14,7 @@ LABELS = {
     "pypool": "pypool",
     "pypool-w2": "pypool workers=2",
     "pypool-rw": "pypool R/W split",
+    "pypool-rw-causal": "pypool R/W split, causal reads",
     "pypool-base": "pypool baseline",
     "pgbouncer": "PgBouncer",
     "pgcat": "PgCat",
@@ -24,6 +25,7 @@ COLORS = {
     "pypool": "#1f77b4",
     "pypool-w2": "#08519c",
     "pypool-rw": "#6baed6",
+    "pypool-rw-causal": "#3182bd",
     "pgbouncer": "#ff7f0e",
     "pgcat": "#2ca02c",
     "pgcat-rw": "#98df8a",
@@ -239,7 +241,8 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
             notes = []
             share = s.med(wl, t, "replica_share")
             if share is not None:
-                notes.append(f"{share:.0%} of transactions counted on the replicas")
+                what = "-S reads" if wl.startswith("mixed") else "transactions"
+                notes.append(f"{share:.0%} of {what} counted on the replicas")
             for r in s.other.get((wl, t), []):
                 notes.append(f"round {r['round']}: {r['status']}: {r['note']}")
             cells = [titles.get(wl, wl) if t == s.targets_for(wl)[0] else "", LABELS.get(t, t),

@@ -47,7 +47,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONNECT_ALLOWANCE_S = 0.025  # extra pgbench -T seconds per client, for runs with >= 64 clients
 
 POOLERS = ("pypool", "pgbouncer", "pgcat")
-ALL_TARGETS = ("direct", "pypool", "pypool-w2", "pypool-rw", "pgbouncer", "pgcat", "pgcat-rw")
+ALL_TARGETS = ("direct", "pypool", "pypool-w2", "pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat", "pgcat-rw")
 PLAIN = ("direct", "pypool", "pgbouncer", "pgcat")
 
 
@@ -59,6 +59,7 @@ class Workload:
     clients: int = 1
     kind: str = "pgbench"  # pgbench | rtt | memory
     targets: tuple[str, ...] = PLAIN
+    options: str = ""  # PGOPTIONS for pgbench's sessions
 
 
 WORKLOADS: tuple[Workload, ...] = (
@@ -71,8 +72,20 @@ WORKLOADS: tuple[Workload, ...] = (
              ("-S", "-M", "extended"), 16),
     Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
     Workload("select-connect-c16", "New connection per transaction (-S -C), 16 clients", ("-S", "-C"), 16),
+    # pypool-rw-causal: the same split with causal_reads = "session"; reads that follow no write cost the same.
     Workload("rw-split-c64", "Read-only, 64 clients, reads split over 2 replicas (pypool) vs primary (PgBouncer)",
-             ("-S",), 64, targets=("pypool-rw", "pgbouncer", "pgcat-rw")),
+             ("-S",), 64, targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
+    # Each client mixes writes and reads: with causal reads a read after the client's own write waits
+    # for a replica that replayed it. replica_share here is the share of the -S reads the replicas served.
+    Workload("mixed-split-c16", "Mixed TPC-B-like 1 : read-only 9, 16 clients, split: causal reads off vs session",
+             ("-b", "tpcb-like@1", "-b", "select-only@9"), 16,
+             targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
+    # The same with PostgreSQL's default synchronous_commit = on (the local cluster runs off, so a
+    # commit reaches the replicas only at the WAL writer's next flush, up to wal_writer_delay later).
+    Workload("mixed-split-sync-c16", "Mixed as above, synchronous_commit = on",
+             ("-b", "tpcb-like@1", "-b", "select-only@9"), 16,
+             targets=("pypool-rw", "pypool-rw-causal", "pgcat-rw"),  # PgBouncer refuses `options`
+             options="-c synchronous_commit=on"),
     Workload("rtt", "SELECT 1 round trip, 1 client", kind="rtt", clients=1),
     Workload("memory", "RSS with idle client connections", kind="memory", targets=("pypool", "pgbouncer")),
 )
@@ -102,6 +115,7 @@ class Row:
     rss_idle_kib: int | None = None
     connections: int | None = None
     replica_share: float | None = None
+    read_transactions: int | None = None  # the -S script's share of a mixed workload
     started_at: str = ""
     note: str = ""
 
@@ -189,6 +203,21 @@ def connection_headroom(primary: cluster.Node) -> int:
     return int(out)
 
 
+def replica_account_reads(replicas: list[cluster.Node], db: str) -> int:
+    """Index scans of pgbench_accounts on the replicas: one per -S transaction they served.
+
+    Not xact_commit: pypool's monitor (and its causal-read checks) commit transactions there too.
+    """
+    total = 0
+    for node in replicas:
+        try:
+            total += int(cluster.run_sql(node, "SELECT coalesce(sum(idx_scan), 0) FROM pg_stat_user_tables "
+                                               "WHERE relname = 'pgbench_accounts'", dbname=db))
+        except (cluster.ClusterError, ValueError):
+            pass
+    return total
+
+
 def replica_commits(replicas: list[cluster.Node], db: str) -> int:
     total = 0
     for node in replicas:
@@ -199,14 +228,15 @@ def replica_commits(replicas: list[cluster.Node], db: str) -> int:
     return total
 
 
-def settled_replica_commits(replicas: list[cluster.Node], db: str, limit: float = 12.0) -> int:
+def settled_replica_commits(replicas: list[cluster.Node], db: str, limit: float = 12.0,
+                            counter=replica_commits) -> int:
     """Backends publish their counters at most once a second while busy and some seconds after
     going idle: poll until the replicas' sum stops moving."""
     deadline = time.monotonic() + limit
-    last = replica_commits(replicas, db)
+    last = counter(replicas, db)
     while time.monotonic() < deadline:
         time.sleep(1.0)
-        now = replica_commits(replicas, db)
+        now = counter(replicas, db)
         if now == last:
             break
         last = now
@@ -230,6 +260,8 @@ def parse_pgbench(out: str) -> dict:
         "failed": grab(r"number of failed transactions: (\d+)", int),
         "lat_avg_ms": grab(r"latency average = " + _NUM + " ms"),
         "tps": grab(r"tps = " + _NUM),
+        # with several -b scripts: the transactions of pgbench's builtin select-only script
+        "select_only": grab(r"<builtin: select only>\n - weight: [^\n]*\n - (\d+) transactions", int),
     }
 
 
@@ -259,7 +291,8 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
     row.clients, row.duration_s = wl.clients, seconds
     cpu0 = target.cpu() if target.is_pooler else None
     try:
-        proc = subprocess.run(argv, env=pg_env(), capture_output=True, text=True, timeout=seconds + 90,
+        env = {**pg_env(), **({"PGOPTIONS": wl.options} if wl.options else {})}
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 90,
                               cwd=str(scratch))
         out, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
@@ -268,6 +301,7 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
     parsed = parse_pgbench(out)
     lat = read_latency_logs(prefix)
     row.transactions, row.failed, row.tps = parsed["transactions"], parsed["failed"], parsed["tps"]
+    row.read_transactions = parsed["select_only"]
     if parsed["lat_avg_ms"] is not None:
         row.lat_avg_us = round(parsed["lat_avg_ms"] * 1000, 1)
     if lat:
@@ -443,7 +477,7 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     out: dict[str, Target] = {}
     if "direct" in needed:
         out["direct"] = direct_target(primary.port, opts.database)
-    pypools = {"pypool", "pypool-w2", "pypool-rw"}
+    pypools = {"pypool", "pypool-w2", "pypool-rw", "pypool-rw-causal"}
     broken = check_importable(pypool_path) if needed & pypools else None
     if broken:
         for name in needed & pypools:
@@ -454,12 +488,15 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     if "pypool-w2" in needed and not broken:
         out["pypool-w2"] = pypool_target("pypool-w2", "pypool (workers = 2)", database=opts.database, split=False,
                                          cfg_args=cfg_args, pypool_path=pypool_path, workers=2)
-    if "pypool-rw" in needed and not broken:
+    for name, causal, label in (("pypool-rw", "off", "pypool (R/W split)"),
+                                ("pypool-rw-causal", "session", "pypool (R/W split, causal reads)")):
+        if name not in needed or broken:
+            continue
         if len(replicas) < 2:
-            unavailable["pypool-rw"] = f"only {len(replicas)} streaming replica(s)"
+            unavailable[name] = f"only {len(replicas)} streaming replica(s)"
         else:
-            out["pypool-rw"] = pypool_target("pypool-rw", "pypool (R/W split)", database=opts.database,
-                                             split=True, cfg_args=cfg_args, pypool_path=pypool_path)
+            out[name] = pypool_target(name, label, database=opts.database, split=True, cfg_args=cfg_args,
+                                      pypool_path=pypool_path, causal_reads=causal)
     if "pgbouncer" in needed:
         try:
             install_pgbouncer(log)
@@ -599,12 +636,15 @@ def main(argv: list[str] | None = None) -> int:
                                         f"(max_connections minus open connections, incl. the poolers' pools)")
                             log(f"  {wl.name:<20} {name:<10} skipped: {row.note}")
                             continue
-                    split = name.endswith("-rw")
-                    before = settled_replica_commits(replicas, opts.database) if split else 0
+                    split = "-rw" in name
+                    # Mixed: -S reads counted by their index scans, divided by the -S transactions only.
+                    counter = replica_account_reads if wl.name.startswith("mixed") else replica_commits
+                    before = settled_replica_commits(replicas, opts.database, counter=counter) if split else 0
                     run_pgbench(t, wl, opts.duration, scratch, row)
-                    if split and row.transactions:
-                        after = settled_replica_commits(replicas, opts.database)
-                        row.replica_share = round(min(1.0, (after - before) / row.transactions), 3)
+                    reads = row.read_transactions if wl.name.startswith("mixed") else row.transactions
+                    if split and reads:
+                        after = settled_replica_commits(replicas, opts.database, counter=counter)
+                        row.replica_share = round(min(1.0, (after - before) / reads), 3)
                     log(f"  {wl.name:<20} {name:<10} {report.fmt_row(row)}")
             if "rtt" in opts.workloads:
                 names = [n for n in BY_NAME["rtt"].targets if n in opts.targets]

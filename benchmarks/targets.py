@@ -222,18 +222,20 @@ def direct_target(primary_port: int, database: str) -> Target:
 
 def pgcat_style_config(*, port: int, database: str, user: str, password: str, pool_size: int,
                        primary: tuple[str, int], replicas: list[tuple[str, int]], split: bool,
-                       workers: int = 1) -> dict:
+                       workers: int = 1, causal_reads: str | None = None) -> dict:
     """A PgCat-format config: one pool named like the database, transaction mode.
 
     split=False: the primary only, no query parser (a plain pooler, like PgBouncer).
     split=True: primary + replicas, the parser routes reads to the replicas and
     ``primary_reads_enabled = false`` keeps them off the primary.
     workers > 1: pypool's worker processes (each with its share of pool_size).
+    causal_reads: pypool's key, written when given ("off", "session", "global").
     """
     servers = [[primary[0], primary[1], "primary"]]
     if split:
         servers += [[h, p, "replica"] for h, p in replicas]
     general = {"workers": workers} if workers > 1 else {}
+    causal = {"causal_reads": causal_reads} if causal_reads is not None else {}
     return {
         "general": {
             **general,
@@ -254,6 +256,7 @@ def pgcat_style_config(*, port: int, database: str, user: str, password: str, po
                 "query_parser_read_write_splitting": split,
                 "primary_reads_enabled": not split,
                 "load_balancing_mode": "random",
+                **causal,
                 "users": {"0": {"username": user, "password": password,
                                 "pool_size": pool_size, "min_pool_size": 0, "statement_timeout": 0}},
                 "shards": {"0": {"database": database, "servers": servers}},
@@ -264,9 +267,10 @@ def pgcat_style_config(*, port: int, database: str, user: str, password: str, po
 
 def pypool_target(name: str, label: str, *, database: str, split: bool, cfg_args: dict,
                   kind: str = "pypool", binary: str | None = None, pypool_path: Path | None = None,
-                  workers: int = 1) -> Target:
+                  workers: int = 1, causal_reads: str | None = None) -> Target:
     t = Target(name, kind, label, database=database)
-    t.extra.update(split=split, cfg_args=cfg_args, binary=binary, pypool_path=pypool_path or REPO, workers=workers)
+    t.extra.update(split=split, cfg_args=cfg_args, binary=binary, pypool_path=pypool_path or REPO, workers=workers,
+                   causal_reads=causal_reads)
     return t
 
 
@@ -296,7 +300,8 @@ def _start_pypool_like(t: Target) -> None:
         t.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{t.name}-"))
     t.port = free_port()
     cfg = pgcat_style_config(port=t.port, database=t.database, split=t.extra["split"],
-                             workers=t.extra.get("workers", 1), **t.extra["cfg_args"])
+                             workers=t.extra.get("workers", 1), causal_reads=t.extra.get("causal_reads"),
+                             **t.extra["cfg_args"])
     cfg_path = t.workdir / "pooler.toml"
     cfg_path.write_text(dump_config(cfg))
     log = open(t.workdir / "pooler.log", "ab")

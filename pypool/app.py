@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from pypool import admin, autoreload, idle, keepalive, metrics, probes, snapshot, tls
+from pypool.causal.pool_causal import CommitLogs
 from pypool.client import ClientConnection
 from pypool.config import ConfigError
 from pypool.listener import Listener
@@ -44,7 +45,8 @@ class Application:
         if worker is not None:
             config = worker.share(config)
         self.config = config
-        self.groups, self.routers = build_pools(config)
+        self.commit_logs = CommitLogs(worker.commit_slots if worker is not None else None)
+        self.groups, self.routers = build_pools(config, self.commit_logs)
         # Groups a config reload replaced or removed, until their last connection closes.
         self.draining: list[PoolGroup] = []
         self.reloads_ok = 0

@@ -17,8 +17,9 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from pypool import limits, listen, sqlstates
+from pypool.causal.requirement import ClientCausal
 from pypool.flow import ReadingPause
-from pypool.login import TRACKED_STARTUP_PARAMETERS, LoginHandshake
+from pypool.login import LoginHandshake
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from pypool.pool.pool import CallbackWaiter
     from pypool.routing.router import Decision
 
-__all__ = ["ClientConnection", "TRACKED_STARTUP_PARAMETERS", "new_cancel_key"]
+__all__ = ["ClientConnection", "new_cancel_key"]
 
 log = logging.getLogger("pypool.client")
 
@@ -115,22 +116,33 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._parameters_key: tuple[tuple[str, str], ...] = ()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
+        # Causal reads (pypool.causal): whether its writes are tracked, what its reads must see (None:
+        # nothing yet, or off), the ticket of a write whose commit position is learnt once it is released.
+        self._causal_writes = False
+        self.causal: ClientCausal | None = None
+        self._commit_ticket: int | None = None
+        self._asynchronous_commit = False  # its transaction ran SET LOCAL synchronous_commit = off
         # Transaction mode: named statements (None in session mode), a message that needs
         # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.
         self.statements: ClientStatements | None = None
         self._startup_settings: dict[str, str] = {}
         self._desired_settings: dict[str, str] = {}
         self._settings_dirty = False
+        self._schema_changing = False  # DDL sent in the current transaction (see SessionEffects)
         self._hub: listen.ListenHub | None = None
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []
         # Why this client holds (or, in its current transaction, reserved) one of its pool's
         # pinnable server connections (pypool/session/pinning.py); None: it shares them all.
         self.pin_reason: str | None = None
-        # Its transaction may have created or released pinned state, or RESET startup settings: the
-        # final ReadyForQuery waits for pypool's follow-up (the catalog check, the startup values
-        # set again): ServerConnection._relay leaves it to ``_release_ready``.
+        # The final ReadyForQuery of its transaction waits for pypool's follow-up (its own
+        # notifications delivered, the catalog check, the startup values set again):
+        # ServerConnection._relay keeps it in ``_held_ready``, ``_release_ready`` sends it.
         self.hold_ready = False
+        self._held_ready: bytes | None = None
+        # A transaction of this listening client ran NOTIFY on this backend PID (it holds its
+        # ReadyForQuery until the listener has handed those notifications out).
+        self.own_notify_pid = 0
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).

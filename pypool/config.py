@@ -63,6 +63,7 @@ __all__ = [
     "CLIENT_AUTH_METHODS",
     "AUTH_TYPES",
     "CLIENT_TLS_MODES",
+    "CAUSAL_READS_MODES",
 ]
 
 
@@ -106,6 +107,13 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # bytes; larger messages are refuse
 DEFAULT_WORKERS = 1
 MAX_WORKERS = 64
 DEFAULT_CLIENT_LOGIN_TIMEOUT_MS = 60_000  # a client must finish logging in within this
+# Causal reads (pypool addition): "session" whenever read/write splitting is on, else "off".
+# A read waits at most this long for a replica to replay the write it must see. Healthy
+# streaming replicas replay within milliseconds; a replica a second behind is in trouble,
+# and an interactive read-after-write should not hang longer: past it the read goes to the
+# primary (primary reads on) or fails with a message naming the lag. It also matches
+# connect_timeout and healthcheck_timeout, the other waits a client meets per request.
+DEFAULT_CAUSAL_READS_TIMEOUT_MS = 1000
 
 # Accepted spellings -> canonical value.  Matching is case-insensitive
 # (PgCat accepts e.g. "transaction" and "Transaction").
@@ -137,6 +145,9 @@ AUTH_TYPES: Mapping[str, str] = types.MappingProxyType(
 )
 CLIENT_TLS_MODES: Mapping[str, str] = types.MappingProxyType(
     {"disable": "disable", "allow": "allow", "require": "require"}
+)
+CAUSAL_READS_MODES: Mapping[str, str] = types.MappingProxyType(
+    {"off": "off", "session": "session", "global": "global"}
 )
 
 # Values of these keys are never echoed in an error or a warning.
@@ -219,6 +230,8 @@ class Pool:
     session_pinning: str = DEFAULT_SESSION_PINNING  # pypool addition: "auto" | "refuse"
     # pypool addition: server connections of one pool user that may be pinned; None = half of pool_size
     max_pinned_connections: int | None = None
+    causal_reads: str = "off"  # pypool addition: "off" | "session" | "global"
+    causal_reads_timeout: int = DEFAULT_CAUSAL_READS_TIMEOUT_MS  # pypool addition, ms
     users: Mapping[str, User] = field(
         default_factory=lambda: types.MappingProxyType({}), hash=False
     )
@@ -868,6 +881,8 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         ),
         session_pinning=t.choice("session_pinning", SESSION_PINNING_MODES, DEFAULT_SESSION_PINNING),
         max_pinned_connections=t.integer("max_pinned_connections", None),
+        causal_reads=t.choice("causal_reads", CAUSAL_READS_MODES, "session" if rw_splitting else "off"),
+        causal_reads_timeout=t.integer("causal_reads_timeout", DEFAULT_CAUSAL_READS_TIMEOUT_MS, minimum=1),
         users=users,
         shards=shards,
         sharding=_parse_sharding(t, len(shards), query_parser_enabled),

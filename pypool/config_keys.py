@@ -162,6 +162,8 @@ KEYS: tuple[Key, ...] = (
     Key(P, "checkout_timeout", REBUILD, "Pool.checkout_timeout", pgcat=False),
     Key(P, "max_replica_lag_ms", REBUILD, "Pool.max_replica_lag_ms", pgcat=False),
     Key(P, "read_only_functions", REBUILD, "Pool.read_only_functions", pgcat=False),
+    Key(P, "causal_reads", REBUILD, "Pool.causal_reads", pgcat=False),
+    Key(P, "causal_reads_timeout", REBUILD, "Pool.causal_reads_timeout", pgcat=False),
     Key(P, "prepared_statements_cache_size", REBUILD, "Pool.prepared_statements_cache_size"),
     Key(P, "max_prepared_statements", REBUILD, "Pool.prepared_statements_cache_size", pgcat=False),
     Key(P, "session_pinning", REBUILD, "Pool.session_pinning", pgcat=False),

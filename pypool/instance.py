@@ -10,6 +10,8 @@ instance lives here:
 * cancel keys: the worker index sits in the low bits of every BackendKeyData
   process id this worker hands out, so a CancelRequest that the kernel gives
   to another worker is passed to the owner;
+* global causal reads: every worker publishes the commit positions it learns
+  in its slot of a table the supervisor created (``commit_slots``);
 * a control socket (unix, JSON lines, in the supervisor's private directory)
   through which peers forward cancels, ask for each other's statistics
   snapshots (``pypool.snapshot``, merged for admin ``SHOW``), run admin
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pypool import probes, snapshot, sqlstates
 from pypool.admin.commands import AdminCommands, AdminError, Pooler
 from pypool.admin.tables import TEXT
+from pypool.causal import shared as causal_shared
 from pypool.client import new_cancel_key
 from pypool.protocol import messages as m
 
@@ -107,6 +110,7 @@ class Worker:
         self.app: WorkerPooler | None = None
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._commit_table: causal_shared.CommitTable | None = None
 
     def __repr__(self) -> str:
         return f"<Worker {self.index}/{self.count}>"
@@ -115,6 +119,22 @@ class Worker:
 
     def share(self, config: "Config") -> "Config":
         return config_share(config, self.index, self.count)
+
+    # ------------------------------------------------------- causal reads
+
+    def commit_slots(self, pool_name: str) -> causal_shared.SharedSlots | None:
+        """This worker's slot among every worker's commit positions for ``pool_name``.
+
+        None (the pool then keeps its positions to this worker, and logs why)
+        if the supervisor's table is missing or already holds its most pools.
+        """
+        try:
+            if self._commit_table is None:
+                self._commit_table = causal_shared.CommitTable(causal_shared.table_path(self.rundir), self.index)
+            return self._commit_table.slots(pool_name)
+        except (OSError, ValueError, causal_shared.TableFull) as exc:
+            log.error("pool %s: global causal reads cannot see other workers' writes: %s", pool_name, exc)
+            return None
 
     # ------------------------------------------------------------ cancel
 
@@ -156,6 +176,9 @@ class Worker:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._commit_table is not None:
+            self._commit_table.close()
+            self._commit_table = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -10,7 +10,10 @@ delivers them (one that is inside a transaction gets it when the current
 request is answered).
 
 The listener's ``LISTEN`` completes before the client's own statement is
-answered, so a ``NOTIFY`` committed after that reaches the client.
+answered, so a ``NOTIFY`` committed after that reaches the client. A
+client's own ``NOTIFY`` on a channel it listens on reaches it before the
+ReadyForQuery that ends its transaction, as PostgreSQL delivers it, with
+the process ID pypool gave that client (``ListenHub.barrier``).
 Notifications sent while the listener connection is being re-opened after
 a loss are missed (logged).
 """
@@ -145,6 +148,17 @@ class ListenHub:
             await conn.query("; ".join(f"LISTEN {quote_ident(n)}" for n in self.channels))
         self._conn = conn
         return conn
+
+    async def barrier(self) -> None:
+        """Return once every notification committed before the call has been handed out.
+
+        A round trip on the listener connection: PostgreSQL sends a listening
+        session the notifications it was signalled about before the
+        ReadyForQuery of its next query.
+        """
+        async with self._lock:
+            if self._alive():
+                await self._conn.query("")  # type: ignore[union-attr]
 
     def deliver(self, channel: str, message: bytes) -> None:
         for client in list(self.channels.get(channel, ())):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pypool import limits, sqlstates
 from pypool.errors import LoginRefused
+from pypool.pool.server import ServerError
 from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import CancelRequest, GSSEncRequest, ProtocolViolation, SSLRequest, StartupMessage
@@ -27,12 +28,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypool.client")
 
-# Startup parameters that must match on whichever server runs the client's
-# transaction; anything else in the startup packet stays with the pooler.
-TRACKED_STARTUP_PARAMETERS = (
-    "client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name",
-    "extra_float_digits", "search_path", "standard_conforming_strings",
-)
+# Startup packet entries that are not settings; PostgreSQL takes every other one as a
+# setting (a GUC name, matched case-insensitively), and so does pypool: each server
+# connection that runs the client's transactions carries them.
+NOT_SETTINGS = ("user", "database", "options", "replication")
+# Reported settings a client may choose whose value PostgreSQL echoes as given.
+_ECHOED = ("application_name",)
+_REPORTED_VALUES_KEPT = 256  # distinct startup value sets remembered per pool
 
 _DECOY_PASSWORD = secrets.token_hex(16)
 
@@ -121,23 +123,21 @@ class LoginHandshake:
         self.group = group
         if self.app.routers[self.database].sharded:
             self.shard_groups = self.app.shard_groups(self.database, self.user)
-        for name in TRACKED_STARTUP_PARAMETERS:
-            if name in params:
-                self.session_parameters[name] = params[name]
-        self._startup_settings = {k.lower(): v for k, v in self.session_parameters.items()}
+        self.session_parameters = {name.lower(): value for name, value in params.items()
+                                   if name not in NOT_SETTINGS and not name.startswith("_pq_.")}
+        self._startup_settings = dict(self.session_parameters)
         if params.get("options"):
             self._startup_settings.update(session.startup_options(params["options"]))
-        self._set_settings({})
         self._router = self.app.routers[self.database]
         self._session_mode = group.pool_mode == "session"
+        self._join_causal(group)
         if not self._session_mode:
-            self.statements = ClientStatements()
-        server_params = await group.login_parameters()
-        server_params.update(self.session_parameters)
+            self.statements = ClientStatements(group.schema)
+        self._set_settings({})
+        server_params = await self._reported_parameters(group)
         self.process_id, self.secret_key = self.app.register_cancel_key(self)
         out = [m.authentication_ok()]
-        out.extend(m.parameter_status(k, v) for k, v in server_params.items()
-                   if k not in ("extra_float_digits", "search_path"))
+        out.extend(m.parameter_status(k, v) for k, v in server_params.items())
         out.append(m.backend_key_data(self.process_id, self.secret_key))
         out.append(m.ready_for_query())
         self.transport.write(b"".join(out))  # type: ignore[union-attr]
@@ -148,6 +148,49 @@ class LoginHandshake:
         if leftover:
             self._pending += leftover
             self._dispatch_pending()
+
+    async def _reported_parameters(self, group: "PoolGroup") -> dict[str, str]:
+        """The ParameterStatus a client is told at login: the server's, with its own settings applied.
+
+        PostgreSQL reports a setting as it stores it (``client_encoding=utf8``
+        comes back as ``UTF8``, ``timezone=utc`` as ``TimeZone`` ``UTC``), and
+        drivers compare with that spelling. So the client's reported settings
+        are applied on a server connection, which then reports them -- once per
+        distinct set of values (``group.reported_values``); the connection
+        keeps them for the client's first transaction. A value the server
+        refuses refuses the login, as PostgreSQL does.
+        """
+        server_params = await group.login_parameters()
+        names = {name.lower(): name for name in server_params}
+        names.update((name, name) for name in _ECHOED)
+        chosen = {names[k]: v for k, v in self._desired_settings.items() if k in names}
+        asked = tuple(sorted((name, value) for name, value in chosen.items()
+                             if name not in _ECHOED and server_params.get(name) != value))
+        if asked:
+            reported = group.reported_values.get(asked)
+            if reported is None:
+                reported = await self._ask_reported_values(group, asked)
+            chosen.update(reported)
+        server_params.update(chosen)
+        return server_params
+
+    async def _ask_reported_values(self, group: "PoolGroup", asked: tuple[tuple[str, str], ...]) -> dict[str, str]:
+        server = await group.any_connection()
+        if server is None:
+            return {}  # no server answers now: the client's spelling, as before it connects
+        try:
+            await self._sync_parameters(server)
+        except ServerError as exc:
+            group.checkin(server, clean=not server.closed and not server.reply_owed)
+            fields = exc.fields
+            raise LoginRefused(fields.get("C", sqlstates.INVALID_PARAMETER_VALUE),
+                               fields.get("M", str(exc)), "FATAL") from None
+        reported = {name: server.parameters[name] for name, _ in asked if name in server.parameters}
+        group.checkin(server)
+        if len(group.reported_values) >= _REPORTED_VALUES_KEPT:
+            group.reported_values.clear()
+        group.reported_values[asked] = reported
+        return reported
 
     async def _read_startup(self) -> StartupMessage | None:
         while True:

@@ -15,7 +15,8 @@ Two metric families are exported:
   counters, so they are exported untyped under PgCat's exact names.
 * ``pypool_*``: pypool's own family, named the Prometheus way (base units,
   ``_total`` counters, histograms for transaction time and checkout wait,
-  the classification-cache hit ratio, routing decisions by role).
+  the classification-cache hit ratio, routing decisions by role, causal reads by
+  outcome and their waits).
 
 The exporter is served by ``pypool.httpd`` (a WSGI server in a daemon thread,
 beside the health probes), so HTTP parsing and text formatting stay off the
@@ -41,6 +42,7 @@ from pypool import __version__
 from pypool.admin.tables import pools_table, stats_values  # SHOW POOLS / SHOW STATS: one source of these numbers
 from pypool.httpd import HttpEndpoint
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
+from pypool.causal.stats import WAIT_BUCKETS as CAUSAL_WAIT_BUCKETS
 from pypool.probes import Verdict
 from pypool.snapshot import SERVER_STATES, AddressStats, Snapshot
 
@@ -165,7 +167,8 @@ def pypool_families(snap: Snapshot) -> list[Metric]:
                                   labels=["result"])
     reloads.add_metric(["success"], snap.reloads_ok)
     reloads.add_metric(["failure"], snap.reloads_failed)
-    return [info, *_client_families(snap), *_server_families(snap), *_routing_families(snap), reloads]
+    return [info, *_client_families(snap), *_server_families(snap), *_routing_families(snap),
+            *_causal_families(snap), reloads]
 
 
 def _client_families(snap: Snapshot) -> list[Metric]:
@@ -280,6 +283,26 @@ def _routing_families(snap: Snapshot) -> list[Metric]:
         for role, n in sorted(r.decisions.items()):
             decisions.add_metric([r.pool, role], n)
     return [hits, misses, ratio, entries, decisions]
+
+
+def _causal_families(snap: Snapshot) -> list[Metric]:
+    """Causal reads (pools with causal_reads on): where reads with a requirement ran, and their waits."""
+    reads = CounterMetricFamily(
+        "pypool_causal_reads", "Reads that had to see earlier writes, by where they ran: a replica known to "
+        "be caught up (replica_at_once), one after waiting for it (replica_after_wait), the primary, or none "
+        "(timed_out: causal_reads_timeout passed and primary reads are off)", labels=["pool", "user", "outcome"])
+    waits = HistogramMetricFamily("pypool_causal_read_wait_seconds",
+                                  "Time a causal read waited for a replica to replay the writes it must see",
+                                  labels=["pool", "user"])
+    outcomes = {"at_once": "replica_at_once", "after_wait": "replica_after_wait", "to_primary": "primary",
+                "timed_out": "timed_out"}
+    for p in snap.pools:
+        if p.causal_mode == "off":
+            continue
+        for key, outcome in outcomes.items():
+            reads.add_metric([p.pool, p.user, outcome], p.causal[key])
+        waits.add_metric([p.pool, p.user], _buckets(CAUSAL_WAIT_BUCKETS[:-1], p.causal_wait_hist), p.causal_wait_sum)
+    return [reads, waits]
 
 
 def render_families(snap: Snapshot, averages: dict[tuple, dict[str, float]]) -> list[Metric]:

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from pypool import config_keys
+from pypool.causal.pool_causal import CommitLogs
 from pypool.config import ConfigError, load_config
 from pypool.pool.group import PoolGroup
 from pypool.routing.router import Router
@@ -43,6 +44,7 @@ class Reloadable(Protocol):
     worker: Worker | None
     groups: dict[GroupKey, PoolGroup]
     routers: dict[str, Router]
+    commit_logs: CommitLogs  # global causal reads: one log per pool name, kept across reloads
     draining: list[PoolGroup]
     reloads_ok: int
     reloads_failed: int
@@ -77,14 +79,15 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     return ReloadPlan(restart, routers, groups)
 
 
-def build_pools(config: Config) -> tuple[dict[GroupKey, PoolGroup], dict[str, Router]]:
+def build_pools(config: Config, commit_logs: CommitLogs) -> tuple[dict[GroupKey, PoolGroup], dict[str, Router]]:
     """Every (pool, user, shard) group and every pool's router, as at start."""
     groups, routers = {}, {}
     for pool in config.pools.values():
         routers[pool.name] = Router(pool)
         for user in pool.users.values():
             for shard in range(len(pool.shards)):
-                groups[(pool.name, user.username, shard)] = PoolGroup(pool, user, config.general, shard)
+                groups[(pool.name, user.username, shard)] = PoolGroup(
+                    pool, user, config.general, shard, commit_logs.for_shard(pool.name, shard, pool.causal_reads))
     return groups, routers
 
 
@@ -147,7 +150,9 @@ class Reloader:
                         groups[key] = old
                         kept += 1
                         continue
-                    group = groups[key] = PoolGroup(pool, user, new.general, shard)
+                    group = groups[key] = PoolGroup(
+                        pool, user, new.general, shard,
+                        pooler.commit_logs.for_shard(pool.name, shard, pool.causal_reads))
                     if old is not None:
                         _inherit(old, group)
                         rebuilt += 1
@@ -171,6 +176,7 @@ def _without_users(pool: Pool) -> Pool:
 def _inherit(old: PoolGroup, new: PoolGroup) -> None:
     """Carry counters, bans, health and PAUSE from a group a reload replaces to its successor."""
     new.cancel_requests = old.cancel_requests
+    new.causal.reads.stats = old.causal.reads.stats  # /metrics counters keep counting
     new.server_parameters = old.server_parameters
     # One server may be listed as primary and as replica: the role tells the two apart.
     previous = {(sp.address.host, sp.address.port, sp.address.role): sp for sp in old.all_pools}

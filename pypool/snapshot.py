@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Collection, Iterable, Protocol
 
+from pypool.causal.stats import WAIT_BUCKETS as CAUSAL_WAIT_BUCKETS
 from pypool.pool.pool import WAIT_BUCKETS, XACT_BUCKETS
 from pypool.pool.server import IDLE, SERVER_STATES
 from pypool.session.states import CLIENT_STATES, ClientState
@@ -44,6 +45,7 @@ class ClientConnection(Protocol):
     wait_started: float
     max_wait: float
     pin_reason: str | None  # why it keeps its server connection across transactions (when PINNED)
+    causal: Any  # pypool.causal.requirement.ClientCausal or None: str() is the position its reads must see
 
 
 STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's period)
@@ -52,6 +54,9 @@ STATS_PERIOD = 15.0  # seconds between SHOW STATS average computations (PgCat's 
 # (pypool/pool/server.py, pypool/session/states.py); only "used" (idle for longer
 # than healthcheck_delay) is told from the clock here.
 __all__ = ["CLIENT_STATES", "SERVER_STATES"]
+
+# Causal reads of one (pool, user) by outcome (pypool.causal.stats.CausalStats); merged by summing.
+CAUSAL_OUTCOMES = ("at_once", "after_wait", "to_primary", "timed_out")
 
 # Cumulative counters of one address; merged by summing.
 COUNTERS = ("xact_count", "query_count", "bytes_received", "bytes_sent", "xact_time", "checkouts",
@@ -114,6 +119,11 @@ class PoolStatsRow:
     pinned: int = 0  # clients keeping their server connection across transactions (session state)
     maxwait: float = 0.0  # seconds: the longest current wait of a waiting client
     paused: bool = False
+    causal_mode: str = "off"
+    causal: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CAUSAL_OUTCOMES, 0))
+    # Reads that waited for a replica: counts per CAUSAL_WAIT_BUCKETS bound (the last is +Inf), total seconds.
+    causal_wait_hist: list[int] = field(default_factory=lambda: [0] * len(CAUSAL_WAIT_BUCKETS))
+    causal_wait_sum: float = 0.0
 
     @property
     def key(self) -> tuple[str, str]:
@@ -135,6 +145,7 @@ class ClientRow:
     maxwait: float  # seconds
     connected_at: float  # wall clock, for ordering across processes
     pinned: str = ""  # why the client keeps its server connection across transactions; "" = it shares them
+    causal_required: str = ""  # the WAL position its next read must see ("pending" while being learnt)
 
 
 @dataclass
@@ -229,9 +240,13 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
         for p in snap.pools:
             into = pools.get(p.key)
             if into is None:
-                pools[p.key] = dataclasses.replace(p, clients=dict(p.clients))
+                pools[p.key] = dataclasses.replace(p, clients=dict(p.clients), causal=dict(p.causal),
+                                                   causal_wait_hist=list(p.causal_wait_hist))
                 continue
             _add(into.clients, p.clients)
+            _add(into.causal, p.causal)
+            into.causal_wait_hist = [x + y for x, y in zip(into.causal_wait_hist, p.causal_wait_hist)]
+            into.causal_wait_sum += p.causal_wait_sum
             into.cancels_in_flight += p.cancels_in_flight
             into.cancel_requests += p.cancel_requests
             into.pinned += p.pinned
@@ -311,8 +326,13 @@ def take(app: StatsSource) -> Snapshot:
     for (name, user, _), group in app.groups.items():
         row = pools.get((name, user))
         if row is None:
-            row = pools[(name, user)] = PoolStatsRow(name, user, group.pool_mode)
+            row = pools[(name, user)] = PoolStatsRow(name, user, group.pool_mode, causal_mode=group.causal.mode)
         row.paused = row.paused or any(sp.paused for sp in group.all_pools)
+        causal = group.causal.stats  # a rebuilt group inherits its predecessor's: count live groups only
+        for outcome in CAUSAL_OUTCOMES:
+            row.causal[outcome] += getattr(causal, outcome)
+        row.causal_wait_hist = [x + y for x, y in zip(row.causal_wait_hist, causal.wait_counts)]
+        row.causal_wait_sum += causal.wait_sum
     for group in live_groups + list(app.draining):
         row = pools.get((group.name, group.user.username))
         if row is not None:
@@ -412,7 +432,8 @@ def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRo
                      client.session_parameters.get("application_name", ""), state, client.admin is not None,
                      client.xact_count, client.query_count, client.error_count, now - client.connected_at,
                      max(client.max_wait, current_wait), wall - (now - client.connected_at),
-                     (client.pin_reason or "") if client.state is ClientState.PINNED else "")
+                     (client.pin_reason or "") if client.state is ClientState.PINNED else "",
+                     str(client.causal) if client.causal is not None else "")
 
 
 # ------------------------------------------------------------------ averages

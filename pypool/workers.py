@@ -11,6 +11,8 @@ process does no pooling itself. It
 * restarts a worker that dies, with a growing delay if it keeps dying;
 * forwards SIGHUP (reload), SIGINT and SIGTERM (graceful drain; a second one
   stops at once) to every worker and exits when they have all stopped;
+* creates the table through which workers share commit positions (global
+  causal reads, ``pypool.causal.shared``) in its private run directory;
 * serves ``/metrics`` for the whole instance: it merges every worker's
   statistics snapshot (``pypool.snapshot``) and renders the merged one;
 * answers ``/healthz`` and ``/readyz`` for the whole instance (``pypool.probes``);
@@ -37,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from pypool import probes, snapshot
 from pypool.autoreload import SupervisorAutoreload
+from pypool.causal import shared as causal_shared
 from pypool.httpd import HttpEndpoint
 from pypool.instance import ask_control_socket, control_socket_path
 from pypool.metrics import render_families
@@ -89,6 +92,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.rundir = tempfile.mkdtemp(prefix="pypool-workers-")  # mode 0700: cancel keys pass through here
+        causal_shared.create_table(causal_shared.table_path(self.rundir), self.count)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         try:

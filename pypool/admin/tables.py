@@ -144,9 +144,10 @@ def servers_table(snap: Snapshot) -> Table:
 
 
 def clients_table(snap: Snapshot) -> Table:
+    # PgBouncer's columns, then pypool's: the WAL position the client's next read must see (causal reads).
     columns = [("client_id", TEXT), ("database", TEXT), ("user", TEXT), ("application_name", TEXT),
                ("state", TEXT)] + _numeric("transaction_count", "query_count", "error_count", "age_seconds",
-                                           "maxwait", "maxwait_us") + [("pinned", TEXT)]
+                                           "maxwait", "maxwait_us") + [("pinned", TEXT), ("causal_required", TEXT)]
     rows = []
     for c in snap.clients:
         if c.state == "login":
@@ -154,7 +155,7 @@ def clients_table(snap: Snapshot) -> Table:
         wait = _us(c.maxwait)
         rows.append([_hex_id(c.client_id), c.database, c.user, c.application_name, c.state, c.transaction_count,
                      c.query_count, c.error_count, int(c.age_seconds), wait // 1_000_000, wait % 1_000_000,
-                     c.pinned])
+                     c.pinned, c.causal_required])
     return columns, rows
 
 

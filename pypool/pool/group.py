@@ -14,7 +14,9 @@ one call. The group is the session's only door to the pools:
 * ``checkout``: the awaitable path, with failover between replicas;
 * ``checkin(conn, clean)``: back to its pool, or closed when its state
   cannot be trusted;
-* bans and health results beside them, so the policy lives in one place.
+* bans and health results beside them, so the policy lives in one place;
+* ``causal``: the pool's causal reads (``pypool.causal.PoolCausal``), fed by
+  its monitors' replay positions and asked by the session before a read.
 """
 
 from __future__ import annotations
@@ -25,11 +27,15 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from pypool import sqlstates
+from pypool.causal.lsn import Position
+from pypool.causal.pool_causal import PoolCausal
+from pypool.causal.requirement import CommitLog
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
 from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, PoolTimeout, ServerPool
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.roles import ANY, PRIMARY, REPLICA
+from pypool.session.schema import generation_for
 from pypool.tls import server_context
 
 if TYPE_CHECKING:
@@ -81,7 +87,10 @@ def _override(user_value: int | None, pool_value: int) -> int:
 
 
 class PoolGroup:
-    def __init__(self, pool: "Pool", user: "User", general: "General", shard: int = 0) -> None:
+    def __init__(self, pool: "Pool", user: "User", general: "General", shard: int = 0,
+                 commits: CommitLog | None = None) -> None:
+        """``commits``: the commit log of this pool's shard when its causal_reads is "global"
+        (``CommitLogs.for_shard``)."""
         self.config = pool
         self.user = user
         self.general = general
@@ -116,8 +125,19 @@ class PoolGroup:
             else:
                 self.replicas.append(server_pool)
         self.balancer = Balancer(pool.load_balancing_mode)
+        # Part of every prepared statement's identity: moved on by DDL and stale-statement errors.
+        servers = pool.shards[shard].servers
+        self.schema = generation_for(f"{pool.shards[shard].database}@{servers[0].host}:{servers[0].port}"
+                                     if servers else pool.shards[shard].database)
         self.server_parameters: dict[str, str] | None = None
+        # Reported parameters as PostgreSQL spells them once set from a client's startup values
+        # (client_encoding=utf8 -> UTF8), keyed by those values: asked once per distinct set.
+        self.reported_values: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.monitors: list[ServerMonitor] = []
+        self._monitor_of: dict[ServerPool, ServerMonitor] = {}
+        self.causal: PoolCausal[ServerPool] = PoolCausal(
+            pool.causal_reads, pool.causal_reads_timeout, self._check_position, self._primary_position,
+            commits=commits, label=lambda sp: sp.label)
         # Set by a config reload that rebuilt this pool: clients move there at their next checkout.
         self.successor: PoolGroup | None = None
         self.cancel_requests = 0  # CancelRequests forwarded for this pool's clients
@@ -141,15 +161,25 @@ class PoolGroup:
     def start(self) -> None:
         for server_pool in self.all_pools:
             server_pool.start()
-            monitor = ServerMonitor(server_pool, self.general.healthcheck_timeout / 1000, self.health_result)
+            monitor = ServerMonitor(server_pool, self.general.healthcheck_timeout / 1000, self.health_result,
+                                    positions=self.causal.positions)
             self.monitors.append(monitor)
+            self._monitor_of[server_pool] = monitor
             monitor.start()
 
     async def close(self) -> None:
         for monitor in self.monitors:
             await monitor.stop()
+        await self.causal.close()
         for server_pool in self.all_pools:
             await server_pool.close()
+
+    async def _check_position(self, server_pool: ServerPool) -> Position | None:
+        """A waiting causal read asks this replica's monitor for its replay position now."""
+        return await self._monitor_of[server_pool].check_position()
+
+    async def _primary_position(self) -> Position | None:
+        return await self._monitor_of[self._primary_pool()].check_position()
 
     # -------------------------------------------------------- health and bans
 
@@ -189,6 +219,7 @@ class PoolGroup:
 
     def health_result(self, server_pool: ServerPool, result: HealthResult) -> None:
         """Called by the monitor after every check of ``server_pool``."""
+        self.causal.reads.notify()  # its position is recorded: wake the causal reads it satisfies
         server_pool.healthy = result.ok
         if not result.ok:
             server_pool.last_error = result.error or "health check failed"
@@ -280,6 +311,10 @@ class PoolGroup:
             return self._primary_pool()
         candidates = self._candidates.get(role)
         return self.balancer.pick(candidates) if candidates else None
+
+    def replica_candidates(self) -> list[ServerPool]:
+        """The replicas a read would be given now (banned and lagging ones left out)."""
+        return self._candidates[REPLICA]
 
     def refresh_candidates(self) -> None:
         """Recompute who may serve reads; called on every health result, ban and failover.
@@ -418,12 +453,16 @@ class PoolGroup:
         one (primary first, then replicas) so clients see real values.
         """
         if self.server_parameters is None:
-            for role in (PRIMARY, REPLICA):
-                try:
-                    conn = await self.checkout(role)
-                except Exception as exc:  # noqa: BLE001 - try the next server
-                    log.debug("parameter discovery via %s failed: %s", role, exc)
-                    continue
+            conn = await self.any_connection()
+            if conn is not None:
                 self.checkin(conn)
-                break
         return dict(self.server_parameters or FALLBACK_PARAMETERS)
+
+    async def any_connection(self) -> ServerConnection | None:
+        """A connection to whichever server answers, primary first, then replicas (None: none does)."""
+        for role in (PRIMARY, REPLICA):
+            try:
+                return await self.checkout(role)
+            except Exception as exc:  # noqa: BLE001 - try the next server
+                log.debug("pool %s: no %s connection for login-time questions: %s", self.name, role, exc)
+        return None

@@ -48,11 +48,10 @@ _IDLE = ord("I")
 # connection seen at snapshot time.
 LOGIN, ACTIVE, IDLE, TESTED = "login", "active", "idle", "tested"
 SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
-# Replies the relay looks at; ReadyForQuery and ParameterStatus it needs whole.
+# Replies the relay looks at; ReadyForQuery, ParameterStatus and ErrorResponse it needs whole.
 _REPLY_STOPS = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
                           m.CLOSE_COMPLETE))
-_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS))
-_READY_SIZE = 6  # a whole ReadyForQuery message: tag, length, status
+_REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE))
 
 
 class ServerError(PoolerError):
@@ -68,12 +67,15 @@ class RelayTarget(Protocol):
 
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
-
-    # The final ReadyForQuery ('I') of the transaction is not relayed: the client sends it after its
-    # follow-up (the catalog check of pypool/session/pinning.py, settings restored after a RESET).
+    # The final ReadyForQuery ('I') of the transaction is not relayed but kept (``hold_ready_for_query``):
+    # the client sends it after its follow-up (its own notifications delivered, the catalog check of
+    # pypool/session/pinning.py, startup settings restored after a RESET).
     hold_ready: bool
 
+    def hold_ready_for_query(self, data: bytes, end: int) -> int: ...
+
     def server_request_done(self, server: "ServerConnection") -> None: ...
+    def write_committed(self, server: "ServerConnection") -> None: ...
     def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
 
 
@@ -113,6 +115,9 @@ class ServerConnection(asyncio.Protocol):
         # Named prepared statements (pypool/session/prepared.py) this session has prepared.
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
+        # Causal reads: the attached client's transaction may write on the primary; it is told
+        # (``write_committed``) when it ends, before the client can see that it did.
+        self.track_commit = False
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -194,6 +199,7 @@ class ServerConnection(asyncio.Protocol):
         if walker.held or walker.skip:
             walker.reset()
         self.reported_change = False
+        self.track_commit = False
         # Bytes that arrived while idle (e.g. a NOTICE) are not the new client's.
         if self._buffer.buffered:
             self._buffer.take_raw()
@@ -206,11 +212,8 @@ class ServerConnection(asyncio.Protocol):
             self.reading.resume()
 
     def _relay(self, data: bytes, n: int) -> None:
-        """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors.
-
-        While prepared-statement actions wait (pypool/session/prepared.py), also rewrite their replies
-        (``_rewrite_reply``) and undo the actions an ErrorResponse makes the server skip.
-        """
+        """Forward server bytes to the client; notice ReadyForQuery, ParameterStatus and errors (and, while
+        prepared-statement actions wait, rewrite their replies and undo what an ErrorResponse skips)."""
         if not self.replied and data[0] == _E and self._is_farewell(data):
             # The server is going away before answering (crash, shutdown): drop the
             # connection unanswered so the client side can retry a read elsewhere.
@@ -251,8 +254,8 @@ class ServerConnection(asyncio.Protocol):
                     self._note_parameter(data[pos + 5:end])
                 elif tag == _E:
                     requests.failed = True
-                    if rewriting:
-                        statements.on_error(getattr(client, "statements", None))  # type: ignore[union-attr]
+                    if statements is not None:
+                        statements.on_error_response(data, pos + 5, end, getattr(client, "statements", None))
                 else:  # ParseComplete / CloseComplete
                     requests.parse_answered += 1
                     if rewriting and statements.actions:  # type: ignore[union-attr]
@@ -269,13 +272,14 @@ class ServerConnection(asyncio.Protocol):
             if pos > start:
                 write(data[start:pos] if start or pos < n else data)
             return
-        # The final ReadyForQuery, ending at ``end``: relay up to it, then hand the connection back.
-        stop = end - _READY_SIZE if client.hold_ready and requests.status == _IDLE else end  # type: ignore[union-attr]
-        write(data if stop == n and not start else data[start:stop])
-        if requests.status == _IDLE:
-            # A transaction ended: count it and time it. The clock starts at ``attach``, so in
-            # transaction mode this is the checkout-to-commit time; a session-mode client's later
-            # transactions on the same attachment are counted but not timed (their start is unknown).
+        # The final ReadyForQuery, ending at ``end`` (held back while pypool follows the transaction up): relay, hand back.
+        idle = requests.status == _IDLE
+        if idle and self.track_commit:
+            client.write_committed(self)  # type: ignore[union-attr]  # before anyone can read after the commit
+        held = client.hold_ready_for_query(data, end) if idle and client.hold_ready else 0  # type: ignore[union-attr]
+        write(data if end == n and not start and not held else data[start:end - held])
+        if idle:
+            # Timed from ``attach`` (checkout to commit); a session client's later transactions are not timed.
             self.xact_count += 1
             started = self.xact_start
             if started:

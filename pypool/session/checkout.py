@@ -4,7 +4,15 @@
 (attached at once when it carries the client's settings), or a waiter that
 calls back (``_on_queued_ready`` / ``_on_queued_failed``). The checkout
 coroutine syncs settings, replays a held BEGIN, and follows a config reload
-that rebuilt the client's pool. Mixed into ClientConnection.
+that rebuilt the client's pool.
+
+Causal reads (``pypool.causal``): a read after this client's write (or, in
+``global`` mode, anyone's) that no usable replica is known to have replayed
+waits in WAITING_FOR_REPLICA, in the checkout coroutine, for the group to say
+where it runs. A read with nothing to wait for costs one ``must_wait`` call.
+A transaction that may write on the primary is marked on its connection
+(``track_commit``) so that its end is noticed (``write_committed``).
+Mixed into ClientConnection.
 """
 
 from __future__ import annotations
@@ -13,11 +21,14 @@ import asyncio
 import logging
 import time
 
-from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter
-from pypool.pool.pool import PoolRetired, PoolTimeout
+from pypool.causal.decide import Fail, UsePrimary
+from pypool.causal.requirement import GLOBAL, OFF
+from pypool.errors import PoolerError
+from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup
+from pypool.pool.pool import PoolRetired, ServerPool
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
-from pypool.roles import PRIMARY
+from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.session import states
 
 log = logging.getLogger("pypool.client")
@@ -38,6 +49,9 @@ class SessionCheckout:
         this client), or a waiter that calls back. Raises ServerError when the
         pool has no primary. ``_start_fast`` is the same without ``_pending``.
         """
+        if self.causal is not None and role != PRIMARY and self._must_wait_for_replica():
+            self._wait_for_replica(role)
+            return
         got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
         if got.__class__ in WAITERS or self._held_begin is not None \
                 or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
@@ -57,9 +71,64 @@ class SessionCheckout:
             self._start_checkout(role, got)  # type: ignore[arg-type]
 
     def _start_checkout(self, role: str, server: ServerConnection | None) -> None:
-        """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine."""
+        """Wait for a connection (WAITING), or set up the one given (SYNCING), in the checkout coroutine.
+
+        A read that must first wait for a replica to catch up starts in WAITING_FOR_REPLICA.
+        """
+        if server is None and self.causal is not None and role != PRIMARY and self._must_wait_for_replica():
+            self._wait_for_replica(role)
+            return
         self.set_state(states.WAITING if server is None else states.SYNCING)
         self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
+
+    # ------------------------------------------------------------ causal reads
+
+    def _must_wait_for_replica(self) -> bool:
+        group = self.group
+        return group.causal.must_wait(self.causal, group.replica_candidates())  # type: ignore[union-attr, arg-type]
+
+    def _wait_for_replica(self, role: str) -> None:
+        """The read in ``_pending`` waits for a replica to replay what it must see, in the checkout coroutine."""
+        self.set_state(states.WAITING_FOR_REPLICA)
+        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
+
+    async def _where_causal_read_runs(self, role: str) -> tuple[str, ServerPool | None] | Fail:
+        """Wait until a replica has replayed what this read must see: (role, server pool) to check out."""
+        group = self.group
+        assert group is not None and self.causal is not None
+        decision = await group.causal.choose(self.causal, group.replica_candidates, pick=group.balancer.pick,
+                                             primary=group.primary if role == ANY else None)
+        if decision is None:
+            return role, None
+        if isinstance(decision, Fail):
+            return decision
+        if isinstance(decision, UsePrimary) or decision.server is group.primary:
+            return ANY, group.primary  # still a read: "any" server, the primary preferred
+        return role, decision.server
+
+    def _track_writes(self, server: ServerConnection, role: str) -> None:
+        """Mark a transaction on the primary that may write: its end is reported (``write_committed``).
+
+        A read that the router sent to "any" server and that landed on the
+        primary writes nothing; one sent there by SET SERVER ROLE 'any' or
+        without the query parser may.
+        """
+        if role == PRIMARY:
+            server.track_commit = True
+        elif server.pool is self.group.primary:  # type: ignore[union-attr]
+            server.track_commit = self.routing.role_override == ANY or not self._router.splitting  # type: ignore[union-attr]
+
+    def _join_causal(self, group: PoolGroup) -> None:
+        """At login and when a reload moves the client: do its writes count (``_causal_writes``), and in
+        ``global`` mode its reads' state. In ``session`` mode that state (``causal``) is made by the first
+        write, so reads of a client that never wrote cost one attribute test."""
+        # Sharded pools: each shard's primary has its own WAL, so one client's positions would not compare.
+        on = group.pool_mode != "session" and group.causal.mode != OFF and not self._router.sharded  # type: ignore[union-attr]
+        self._causal_writes = on
+        if not on:
+            self.causal = None
+        elif self.causal is None and group.causal.mode == GLOBAL:
+            self.causal = group.causal.client()
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_begin_request``."""
@@ -103,12 +172,19 @@ class SessionCheckout:
         self.wait_started = time.monotonic()
         try:
             if server is None:
-                server = await self._checkout_current(role)
+                preferred = None
+                if self.state is states.WAITING_FOR_REPLICA:
+                    where = await self._where_causal_read_runs(role)
+                    if isinstance(where, Fail):
+                        raise PoolerError(where.sqlstate, where.message)
+                    role, preferred = where
+                    self.set_state(states.WAITING)
+                server = await self._checkout_current(role, preferred)
                 self.set_state(states.SYNCING)
             await self._sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
-        except (PoolTimeout, ServerError) as exc:
+        except PoolerError as exc:  # PoolTimeout, ServerError, a causal read that timed out
             self._checkout_task = None
             if server is not None:
                 group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
@@ -130,7 +206,7 @@ class SessionCheckout:
             return
         self._attach(server, role)
 
-    async def _checkout_current(self, role: str) -> ServerConnection:
+    async def _checkout_current(self, role: str, preferred: ServerPool | None = None) -> ServerConnection:
         """``group.checkout``, following a config reload that rebuilt this client's pool."""
         group = self.group
         assert group is not None
@@ -143,8 +219,10 @@ class SessionCheckout:
                 self._session_mode = group.pool_mode == "session"
                 # A reload may have changed the pool's shards.
                 self.shard_groups = self.app.shard_groups(self.database, self.user) if self._router.sharded else ()
+                self._join_causal(group)
+                preferred = None
             try:
-                return await group.checkout(role)
+                return await group.checkout(role, preferred)
             except PoolRetired:
                 if group.successor is None:
                     raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '
@@ -154,6 +232,8 @@ class SessionCheckout:
         self.set_state(states.ATTACHED)
         self.server = server
         server.attach(self)
+        if self._causal_writes and role != REPLICA:
+            self._track_writes(server, role)
         if self.transport is not None and self.transport.is_closing():
             return
         data = bytes(self._pending)

@@ -11,40 +11,60 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from typing import TYPE_CHECKING
 
 from pypool import listen
+from pypool.causal.requirement import COMMIT_POSITION_QUERY
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
 from pypool.session.prepared import Rewriter, ServerStatements, names_statement
 from pypool.session import states
 
+if TYPE_CHECKING:
+    from pypool.pool.group import PoolGroup
+
 log = logging.getLogger("pypool.client")
+
+# Commit-position lookups running after their client was let go (the loop keeps only weak references).
+_COMMIT_LOOKUPS: set[asyncio.Task[None]] = set()
 
 _Q = m.QUERY
 _P = m.PARSE
 _B = m.BIND
-_READY_IDLE = m.ready_for_query()  # held back only at the end of a transaction: status 'I'
+# NOTIFY or pg_notify() in a listening client's statement (a false positive costs one listener round trip).
+_NOTIFY = re.compile(rb"(?i)notify")
+# How long the end of a client's own NOTIFY waits for the listener before answering anyway.
+OWN_NOTIFY_WAIT = 5.0
+
+
+def needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
+    """Transaction mode: does this message name a statement or change the session?"""
+    if end > len(data):
+        return True  # cannot tell yet: gather it whole
+    if tag == _Q:
+        return session.might_matter(data, start, end)
+    if tag == _P:
+        # An empty (malformed) Parse takes the careful path, which reports it.
+        if start >= end or data[start] != 0:
+            return True
+        # Only the query text: the parameter types after it may contain any byte (';' too).
+        text_end = data.find(b"\x00", start + 1, end)
+        return text_end < 0 or session.might_matter(data, start + 1, text_end)
+    if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
+        return data[start + 1] != 0
+    return names_statement(tag, data, start, end)
 
 
 class SessionEffects:
-    @staticmethod
-    def _needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
-        """Transaction mode: does this message name a statement or change the session?"""
-        if end > len(data):
-            return True  # cannot tell yet: gather it whole
-        if tag == _Q:
-            return session.might_matter(data, start, end)
-        if tag == _P:
-            # An empty (malformed) Parse takes the careful path, which reports it.
-            if start >= end or data[start] != 0:
-                return True
-            # Only the query text: the parameter types after it may contain any byte (';' too).
-            text_end = data.find(b"\x00", start + 1, end)
-            return text_end < 0 or session.might_matter(data, start + 1, text_end)
-        if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
-            return data[start + 1] != 0
-        return names_statement(tag, data, start, end)
+    _needs_care = staticmethod(needs_care)
+
+    def _needs_care_listening(self, tag: int, data: bytes, start: int, end: int) -> bool:
+        """``_needs_care`` once the client listens: its NOTIFY statements need a look too."""
+        if needs_care(tag, data, start, end):
+            return True
+        return (tag == _Q or tag == _P) and _NOTIFY.search(data, start, end) is not None
 
     def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
         """Send one whole Query/Parse/Bind/Describe/Close at ``data[pos:end]``, rewritten as needed.
@@ -62,6 +82,9 @@ class SessionEffects:
             if text_end < 0:
                 self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
                 return False
+            if self._hub is not None and _NOTIFY.search(payload, text_at, text_end):
+                self.own_notify_pid = server.backend_pid
+                self.hold_ready = True  # its ReadyForQuery waits for its notifications
             sql = payload[text_at:text_end].decode("utf-8", "replace")
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
@@ -88,7 +111,10 @@ class SessionEffects:
             return True
         statements = server.statements
         if statements is None:
-            statements = server.statements = ServerStatements(self.group.config.prepared_statements_cache_size)  # type: ignore[union-attr]
+            group = self.group
+            assert group is not None
+            statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,
+                                                              group.schema)
         rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
                             requests.parse_rank)
         rewriter.message(tag, payload, raw)
@@ -116,6 +142,13 @@ class SessionEffects:
             self._settings_dirty = True
             if effects.resets and self._startup_settings:
                 self.hold_ready = True  # its ParameterStatus must show the startup values first
+        if effects.asynchronous_commit:
+            self._asynchronous_commit = True  # the commit position to learn is the insert position
+        if effects.schema:
+            # Statements prepared from now on parse again, and again once the DDL is committed
+            # (``server_request_done``): in between others may still prepare on the old schema.
+            self.group.schema.bump()  # type: ignore[union-attr]
+            self._schema_changing = True
         statements = self.statements
         assert statements is not None
         if effects.forget_all:
@@ -159,6 +192,7 @@ class SessionEffects:
     async def _listen_then_resume(self, effects: session.Effects, resume: states.ClientState) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
+        self._needs_care = self._needs_care_listening  # type: ignore[method-assign]
         try:
             for op, channel in effects.listen:
                 if op == "LISTEN":
@@ -193,10 +227,43 @@ class SessionEffects:
         transport = self.transport
         if not self.state.relaying or transport is None or transport.is_closing():
             return
+        own = self.own_notify_pid
+        if own and int.from_bytes(message[5:9], "big") == own:
+            # Sent by this client's transaction: the PID is the one pypool gave the client.
+            message = message[:5] + self.process_id.to_bytes(4, "big") + message[9:]
         if self.server is None:
             transport.write(message)
         else:
             self._notifications.append(message)
+
+    def hold_ready_for_query(self, data: bytes, end: int) -> int:
+        """Keep the ReadyForQuery ending at ``data[end]`` for ``_release_ready``; its length."""
+        self._held_ready = data[end - 6:end]
+        return 6
+
+    async def _deliver_own_notifications(self) -> None:
+        """Wait for the listener to hand out what the transaction notified (before its ReadyForQuery).
+
+        PostgreSQL delivers a session's own notifications before that
+        ReadyForQuery. The server connection stays out of the pool meanwhile, so
+        every notification from its backend PID until then is this client's.
+        """
+        assert self._hub is not None
+        barrier = asyncio.ensure_future(self._hub.barrier())  # not cancelled half-way: the listener is shared
+        barrier.add_done_callback(lambda done: done.cancelled() or done.exception())  # reported below, if awaited
+        try:
+            await asyncio.wait_for(asyncio.shield(barrier), OWN_NOTIFY_WAIT)
+        except (ServerError, asyncio.TimeoutError) as exc:
+            log.warning("client %s: the listener did not confirm its notifications: %s", self.peer, exc or "timeout")
+        self.own_notify_pid = 0  # the caller sends the held ReadyForQuery (``_release_ready``)
+
+    def _idle_again(self) -> None:
+        """The coroutine that ran after a transaction is done: on to the next request, if any."""
+        self._checkout_task = None
+        if self.state.relaying:
+            self.set_state(states.IDLE)
+            if self._pending:
+                self._dispatch_pending()
 
     def _needs_sync(self, server: ServerConnection) -> bool:
         return server.applied_key != self._parameters_key
@@ -205,6 +272,8 @@ class SessionEffects:
         """The client's settings: its startup parameters, overridden by what its SETs left."""
         self._desired_settings = {**self._startup_settings, **session_settings}
         self._parameters_key = tuple(sorted(self._desired_settings.items()))
+        if self.statements is not None:
+            self.statements.search_path = self._desired_settings.get("search_path", "")
 
     async def _sync_parameters(self, server: ServerConnection) -> None:
         """Make the server session carry this client's settings (and no other client's)."""
@@ -240,38 +309,95 @@ class SessionEffects:
         return {**settings, **lost}
 
     def _release_ready(self) -> None:
-        """Send the ReadyForQuery the server relay held back while pypool followed up the transaction."""
-        if self.hold_ready:
-            self.hold_ready = False
-            if self.transport is not None:
-                self.transport.write(_READY_IDLE)
+        """Send the ReadyForQuery the server relay held back while pypool followed up the transaction.
 
-    async def _read_back_settings(self, server: ServerConnection) -> None:
-        """After a transaction that ran SET/RESET: learn the session settings it left, then release.
+        The one place a held ReadyForQuery is written, after whatever it waited
+        for (own notifications, the pin check, startup settings restored).
+        """
+        self.hold_ready = False
+        ready, self._held_ready = self._held_ready, None
+        if ready and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(ready)
 
-        PostgreSQL has already applied its rules (SET LOCAL ends with the
-        transaction, a rolled-back SET is undone), so the server's own view
-        is the client's new session state.
+    def _learn_commit_position(self, server: ServerConnection, ticket: int, asynchronous: bool) -> None:
+        """Learn a write's commit position on its released connection; the client goes on meanwhile."""
+        task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket, asynchronous))
+        _COMMIT_LOOKUPS.add(task)
+        task.add_done_callback(_COMMIT_LOOKUPS.discard)
+
+    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None,
+                                 asynchronous: bool = False) -> None:
+        """Talk to a released connection before it goes back: own notifications, settings, commit position.
+
+        The client's own NOTIFY (``own_notify_pid``): its held ReadyForQuery
+        waits in WAITING_FOR_LISTENER until the listener has handed those
+        notifications out. ``read_back``: the transaction ran SET/RESET; the
+        client waits in READING_BACK until its settings are known (startup
+        values restored before the ReadyForQuery). ``ticket``: the transaction
+        may have written (causal reads, ``write_committed``); its commit
+        position is asked on the same connection, whose session is the one
+        that committed, after the client was let go (``asynchronous``: it ran
+        SET LOCAL synchronous_commit = off).
         """
         group = self.group
         assert group is not None
+        clean = True
+        holds_client = read_back or self.hold_ready
+        try:
+            if self.own_notify_pid:
+                await self._deliver_own_notifications()
+                if read_back and self.state.relaying:
+                    self.set_state(states.READING_BACK)
+            if read_back:
+                clean = await self._read_back_settings(server)
+            if holds_client:
+                self._release_ready()
+                self._idle_again()
+            if ticket is not None and clean:
+                clean = await self._learn_commit(group, server, ticket, asynchronous)
+                if clean:
+                    ticket = None  # learnt
+        except asyncio.CancelledError:
+            clean = False
+            raise
+        finally:
+            if ticket is not None:  # not learnt here: the primary's current position covers it
+                group.causal.commit_lookup_failed(self.causal, ticket)  # type: ignore[arg-type]
+            group.checkin(server, clean=clean)
+
+    async def _read_back_settings(self, server: ServerConnection) -> bool:
+        """Learn the session settings a transaction left; False if the server could not say.
+
+        PostgreSQL has already applied its rules (SET LOCAL ends with the
+        transaction, a rolled-back SET is undone), so the server's own view is
+        the client's new session state.
+        """
         try:
             settings = await self._restore_startup_settings(server)
         except ServerError as exc:
             log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
-            self._release_ready()
-            group.checkin(server, clean=False)
-        except asyncio.CancelledError:
-            group.checkin(server, clean=False)
-            raise
-        else:
-            self._release_ready()
-            self._set_settings(settings)
-            server.applied_parameters = settings
-            server.applied_key = self._parameters_key if settings == self._desired_settings else None
-            group.checkin(server)
-        self._checkout_task = None
-        if self.state.relaying:
-            self.set_state(states.IDLE)
-            if self._pending:
-                self._dispatch_pending()
+            return False
+        self._set_settings(settings)
+        server.applied_parameters = settings
+        server.applied_key = self._parameters_key if settings == self._desired_settings else None
+        return True
+
+    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: int,
+                            asynchronous: bool) -> bool:
+        """Ask the connection that committed where its commit lies; False if it could not say.
+
+        ``asynchronous``: the transaction ran SET LOCAL synchronous_commit = off
+        (the session's own setting the query reads itself).
+        """
+        timeout = group.settings.healthcheck_timeout
+        try:
+            # A connection that hangs now (its server stopped) must not stay out of the pool for good.
+            rows = await asyncio.wait_for(server.query(COMMIT_POSITION_QUERY), timeout)
+        except (ServerError, asyncio.TimeoutError) as exc:
+            why = str(exc) or f"no answer within healthcheck_timeout ({timeout * 1000:.0f} ms)"
+            log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, why)
+            return False
+        group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [],  # type: ignore[arg-type]
+                                   asynchronous=asynchronous)
+        return True
+

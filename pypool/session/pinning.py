@@ -12,7 +12,7 @@ its connection as in session mode; nothing -> back to transaction pooling.
 A pinned client's statements that may release the state (DROP, DISCARD,
 CLOSE, DEALLOCATE, the advisory unlock functions) make pypool ask again
 after their transaction. The transaction's final ReadyForQuery waits for the
-answer (``hold_ready``), so the client's next statement already meets its
+answer (``hold_ready``; the relay keeps it, ``_release_ready`` sends it), so the client's next statement already meets its
 new state. Clients that never pin pay two attribute tests per transaction.
 Mixed into ClientConnection.
 """
@@ -53,6 +53,12 @@ class SessionPinning:
 
     def _pinned_request_done(self, server: ServerConnection) -> None:
         """A transaction of a client holding a pin ended: stay, or ask the catalogs what is left."""
+        ticket = self._commit_ticket
+        if ticket is not None:
+            # Its connection stays busy with the client: the primary's current position covers the write.
+            self._commit_ticket = None
+            self._asynchronous_commit = False
+            self.group.causal.commit_lookup_failed(self.causal, ticket)  # type: ignore[union-attr]
         if not self.hold_ready and self.state is states.PINNED:
             return
         was_pinned = self.state is states.PINNED
@@ -69,6 +75,8 @@ class SessionPinning:
         group = self.group
         assert group is not None
         try:
+            if self.own_notify_pid:
+                await self._deliver_own_notifications()
             rows = await server.query(session.PINNED_STATE_QUERY)
             held = session.held_state(rows[0]) if rows else ""
             if held and self.hold_ready and self._settings_dirty:
@@ -108,7 +116,7 @@ class SessionPinning:
         if self._settings_dirty:
             self._settings_dirty = False
             self.set_state(states.READING_BACK)
-            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+            self._checkout_task = asyncio.get_running_loop().create_task(self._after_transaction(server, True, None))
             return
         self.set_state(states.IDLE)
         group.checkin(server)

@@ -7,8 +7,11 @@ statement of the same name. So pypool never lets a client's names reach a
 server:
 
 * each client's names map to a server-side name derived from the statement
-  itself (``pypool_`` + a hash of query text and parameter types), so clients
-  preparing the same statement share it on a server connection;
+  itself (``pypool_`` + a hash of query text and parameter types) and from
+  what its description depends on (the database's schema generation,
+  pypool/session/schema.py, and the client's search_path), so clients
+  preparing the same statement share it on a server connection, and a Parse
+  after a schema change parses again instead of reusing a stale statement;
 * each server connection remembers which of those it has prepared, in an LRU
   bounded by ``prepared_statements_cache_size`` (evicted with ``Close``);
 * a ``Bind``/``Describe`` of a statement the current server lacks is preceded
@@ -41,6 +44,7 @@ import hashlib
 from dataclasses import dataclass
 
 from pypool.protocol import messages as m
+from pypool.session.schema import SchemaGeneration, invalidates_statements
 
 SERVER_PREFIX = b"pypool_"
 # A statement name no one prepares: closing it is a no-op that still gets a reply.
@@ -68,18 +72,23 @@ class Action:
     client_name: bytes = b""
 
 
-def server_name(body: bytes) -> bytes:
-    """Server-side name of a statement; ``body`` is Parse's query text and parameter types."""
-    return SERVER_PREFIX + hashlib.blake2b(body, digest_size=12).hexdigest().encode()
+def server_name(body: bytes, context: bytes = b"") -> bytes:
+    """Server-side name of a statement; ``body`` is Parse's query text and parameter types,
+    ``context`` what its description depends on besides them (``ClientStatements.context``)."""
+    digest = hashlib.blake2b(body, digest_size=12)
+    if context:
+        digest.update(b"\x00" + context)
+    return SERVER_PREFIX + digest.hexdigest().encode()
 
 
 class ServerStatements:
     """What one server connection has prepared, and the actions waiting for its replies."""
 
-    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions")
+    __slots__ = ("capacity", "names", "actions", "epoch", "hits", "misses", "evictions", "schema")
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, schema: SchemaGeneration | None = None) -> None:
         self.capacity = capacity if capacity > 0 else DEFAULT_CACHE_SIZE
+        self.schema = schema  # the server database's schema generation, moved on by stale-statement errors
         self.names: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # name -> body
         self.actions: collections.deque[Action] = collections.deque()
         self.epoch = 0  # ReadyForQuery replies seen while actions were waiting
@@ -122,17 +131,41 @@ class ServerStatements:
     def on_ready(self) -> None:
         self.epoch += 1
 
+    def on_error_response(self, data: bytes, start: int, end: int, client: "ClientStatements | None") -> None:
+        """An ErrorResponse (fields at ``data[start:end]``) relayed to ``client``'s statements.
+
+        The rest of the epoch is skipped (``on_error``), and a stale statement moves the schema on.
+
+        PostgreSQL keeps a statement whose plan cannot be revalidated failing
+        ("cached plan must not change result type", "cache lookup failed for
+        type"); the driver answers by preparing it again, and that Parse must
+        reach a server as a new statement, on every server connection.
+        """
+        if self.actions:
+            self.on_error(client)
+        if self.schema is not None and invalidates_statements(data, start, end):
+            self.schema.bump()
+
 
 class ClientStatements:
     """One client's named statements: client name -> (server name, Parse body)."""
 
-    __slots__ = ("names", "changing_settings")
+    __slots__ = ("names", "changing_settings", "schema", "search_path")
 
-    def __init__(self) -> None:
+    def __init__(self, schema: SchemaGeneration | None = None) -> None:
         self.names: dict[bytes, tuple[bytes, bytes]] = {}
         # Names of statements that change session settings (a prepared SET): each Bind of
         # one must mark the session for read-back, as its text is not sent again.
         self.changing_settings: set[bytes] = set()
+        self.schema = schema
+        self.search_path = ""  # the client's, as pypool syncs it: names resolve through it
+
+    def context(self) -> bytes:
+        """What a statement prepared now depends on besides its text: part of its server name."""
+        if self.schema is None and not self.search_path:
+            return b""
+        generation = self.schema.value if self.schema is not None else 0
+        return f"{generation}\x00{self.search_path}".encode()
 
     def forget_if(self, name: bytes, server: bytes) -> None:
         entry = self.names.get(name)
@@ -205,7 +238,7 @@ class Rewriter:
             return
         name = payload[:end]
         body = payload[end + 1:]
-        target = server_name(body)
+        target = server_name(body, self.client.context())
         self.client.names[name] = (target, body)
         server = self.server
         if target in server.names:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pypool import sqlstates
 from pypool.pool.group import WAITERS
 from pypool.pool.server import ServerConnection, ServerError
-from pypool.roles import PRIMARY
+from pypool.roles import PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, tag_table
 from pypool.session import states
@@ -174,6 +174,10 @@ class SessionRelay:
         if decision is None:
             return False
         role = decision.role
+        if self.causal is not None and role != PRIMARY and self._must_wait_for_replica():
+            self._pending += data
+            self._wait_for_replica(role)
+            return True
         try:
             got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
         except ServerError:
@@ -186,6 +190,8 @@ class SessionRelay:
         self.set_state(states.ATTACHED)
         self.server = got  # type: ignore[assignment]
         got.attach(self)  # type: ignore[union-attr]
+        if self._causal_writes and role != REPLICA:
+            self._track_writes(got, role)  # type: ignore[arg-type]
         self._replay = (data, role, None) if role != PRIMARY else None
         self._forward(got, data)  # type: ignore[arg-type]
         return True
@@ -244,6 +250,9 @@ class SessionRelay:
         self.xact_count += 1
         if self._session_mode:
             return
+        if self._schema_changing:
+            self._schema_changing = False
+            self.group.schema.bump()  # type: ignore[union-attr]
         if self.pin_reason is not None:
             self._pinned_request_done(server)
             return
@@ -251,16 +260,40 @@ class SessionRelay:
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.
             self._pending[:0] = self._walker.take_held()
-        if self._settings_dirty or server.reported_change:
+        ticket = self._commit_ticket
+        asynchronous = False
+        if ticket is not None:
+            self._commit_ticket = None
+            asynchronous, self._asynchronous_commit = self._asynchronous_commit, False
+        read_back = self._settings_dirty or server.reported_change
+        if read_back or self.hold_ready:
             self._settings_dirty = False
-            self.set_state(states.READING_BACK)
+            self.set_state(states.WAITING_FOR_LISTENER if self.own_notify_pid else states.READING_BACK)
             server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
-            self._checkout_task = asyncio.get_running_loop().create_task(self._read_back_settings(server))
+            self._checkout_task = asyncio.get_running_loop().create_task(
+                self._after_transaction(server, read_back, ticket, asynchronous))
             return
         self.set_state(states.IDLE)
-        self.group.checkin(server)  # type: ignore[union-attr]
+        if ticket is None:
+            self.group.checkin(server)  # type: ignore[union-attr]
+        else:
+            server.detach()  # pypool itself asks it where the commit lies, then checks it in
+            self._learn_commit_position(server, ticket, asynchronous)
         if self._pending:
             self._dispatch_pending()
+
+    def write_committed(self, server: ServerConnection) -> None:
+        """A transaction that may have written on the primary ended; its reply is not written yet.
+
+        Its commit position is pending from now on (in ``global`` mode for
+        every worker's reads too): a read that must see it waits for the
+        lookup the connection runs once it is released. Session pools have no
+        causal state, so this is transaction pooling only.
+        """
+        causal = self.group.causal  # type: ignore[union-attr]
+        if self.causal is None:
+            self.causal = causal.client()  # its first write: from now on its reads must see its writes
+        self._commit_ticket = causal.write_ended(self.causal)  # type: ignore[arg-type]
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:
         self.server = None

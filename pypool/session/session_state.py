@@ -13,6 +13,11 @@ whose effect outlives the transaction:
   is shared, so it stays); ``DEALLOCATE ALL``/``DISCARD ALL`` run on the
   server and empty both the client's names and the server's statements;
 * ``LISTEN``/``UNLISTEN`` are served by the pool's listener connection;
+* ``SET LOCAL synchronous_commit = off`` makes the transaction's commit
+  asynchronous: causal reads must then wait for its insert position, not its
+  flush position (``pypool.causal.requirement.parse_commit_row``);
+* ``CREATE``/``ALTER``/``DROP`` move the database's schema generation on, so
+  statements prepared afterwards parse again (pypool/session/schema.py);
 * state that lives on the server connection itself -- SQL ``PREPARE``,
   session advisory locks, temporary objects that outlive the transaction,
   ``WITH HOLD`` cursors -- pins the client to that connection
@@ -37,7 +42,7 @@ from pypool.routing.classify import lex_statements
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(
     rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|drop|close)\b",
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop|close)\b",
     re.S,
 )
 _ADVISORY_LOCK_FUNCTIONS = frozenset((
@@ -65,6 +70,8 @@ _HELD_KINDS = ("temporary relations", "cursors WITH HOLD", "SQL prepared stateme
 def held_state(row: list) -> str:
     """The answer to PINNED_STATE_QUERY in words ("1 temporary relations, ..."); "" when nothing is held."""
     return ", ".join(f"{int(n)} {kind}" for n, kind in zip(row, _HELD_KINDS) if n is not None and int(n))
+# synchronous_commit's spellings of off (it is an enum that also takes boolean words).
+_SYNCHRONOUS_COMMIT_OFF = frozenset(("off", "false", "no", "0"))
 
 
 def might_matter(data: bytes, start: int, end: int) -> bool:
@@ -91,6 +98,8 @@ class Effects:
     # Puts settings back to their defaults (RESET, SET ... TO DEFAULT, DISCARD ALL): PostgreSQL's
     # default is the client's startup value, a pooled server's is its own (see effects.py).
     resets: bool = False
+    asynchronous_commit: bool = False  # SET LOCAL synchronous_commit = off: this transaction's commit
+    schema: bool = False  # DDL: prepared statements may describe what is no longer there
 
 
 NOTHING = Effects()
@@ -102,6 +111,7 @@ def _pins(what: str, hint: str) -> Effects:
 
 
 _RELEASES = Effects(may_release=True)
+_DROPS = Effects(may_release=True, schema=True)  # may drop a temporary object; moves the schema on
 
 
 def _identifier(tok: tuple) -> str:
@@ -124,6 +134,9 @@ def _statement(toks: list) -> Effects:
             if tok[1] in _ADVISORY_UNLOCK_FUNCTIONS:
                 return _RELEASES
     if first == "SET":
+        if second == "LOCAL" and len(toks) > 4 and toks[2][1] == "SYNCHRONOUS_COMMIT" \
+                and toks[-1][1].strip("'\"").lower() in _SYNCHRONOUS_COMMIT_OFF:
+            return Effects(asynchronous_commit=True)
         if second in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
             return NOTHING  # ends with the transaction
         return Effects(settings=True, resets="DEFAULT" in words)
@@ -140,7 +153,9 @@ def _statement(toks: list) -> Effects:
         if rest[0][0] == "word" and rest[0][1] == "ALL":
             return Effects(forget_all=True, may_release=True)
         return Effects(forget=(_identifier(rest[0]),), may_release=True)
-    if first in ("DROP", "CLOSE"):
+    if first == "DROP":
+        return _DROPS
+    if first == "CLOSE":
         return _RELEASES
     if first == "PREPARE" and second != "TRANSACTION":
         return _pins("SQL PREPARE", "use your driver's prepared statements (protocol-level Parse/Bind), "
@@ -154,11 +169,14 @@ def _statement(toks: list) -> Effects:
         return Effects(listen=((first, channel),))
     if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
         return _pins("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
-    if first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4]):
+    temporary = first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4])
+    if temporary:
         text = " ".join(words)
         if "ON COMMIT DROP" not in text:
             return _pins("a temporary object that outlives its transaction",
                          "create it inside a transaction with ON COMMIT DROP, or use pool_mode = \"session\"")
+    elif first in ("CREATE", "ALTER"):
+        return Effects(schema=True)
     if "SET_CONFIG" in words:
         return Effects(settings=True)
     return NOTHING
@@ -191,6 +209,8 @@ def _analyze(sql: str) -> Effects:
         pins=next((e.pins for e in found if e.pins), None),
         may_release=any(e.may_release for e in found),
         resets=any(e.resets for e in found),
+        asynchronous_commit=any(e.asynchronous_commit for e in found),
+        schema=any(e.schema for e in found),
     )
     # The pooler answers a LISTEN and a DEALLOCATE of a driver's statement by sending another
     # text instead; mixed with other statements it cannot. The rest run as sent (resets

@@ -133,6 +133,9 @@ class _Aside:
     def write(self, data: bytes) -> None:
         self.reply += data
 
+    def hold_ready_for_query(self, data: bytes, end: int) -> int:
+        return 0  # never asked: ``hold_ready`` is False
+
     def server_request_done(self, server: ServerConnection) -> None:
         if not self.done.done():
             self.done.set_result(None)

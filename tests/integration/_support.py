@@ -12,10 +12,12 @@ import struct
 import subprocess
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from pypool import cluster
 from tests.conftest import DATABASE, PASSWORD, USER, deep_merge
@@ -32,6 +34,22 @@ def merge(*overrides: dict) -> dict:
     for override in overrides:
         out = deep_merge(out, override)
     return out
+
+
+def scrape(pypool) -> dict[tuple[str, tuple], float]:
+    """Every sample of pypool's /metrics: (name, sorted labels) -> value."""
+    port = pypool.config["general"]["prometheus_exporter_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric_sum(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition", interval: float = 0.1):

@@ -32,7 +32,7 @@ COLUMNS = {
                 "transaction_count", "query_count", "bytes_sent", "bytes_received", "age_seconds",
                 "prepare_cache_hit", "prepare_cache_miss", "prepare_cache_eviction", "prepare_cache_size"],
     "CLIENTS": ["client_id", "database", "user", "application_name", "state", "transaction_count", "query_count",
-                "error_count", "age_seconds", "maxwait", "maxwait_us", "pinned"],
+                "error_count", "age_seconds", "maxwait", "maxwait_us", "pinned", "causal_required"],
     "DATABASES": ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool",
                   "pool_mode", "max_connections", "current_connections", "paused", "disabled"],
     "CONFIG": ["key", "value", "default", "changeable"],

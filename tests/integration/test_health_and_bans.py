@@ -145,7 +145,9 @@ def test_hung_replica_connection_is_replaced_without_a_client_error(start_pypool
 
 def test_hung_primary_connection_is_replaced_by_a_fresh_one(start_pypool, pg_cluster):
     primary = pg_cluster[0].port
-    proc = start_pypool(health_config())
+    # Causal reads off: the connection goes idle with the reply (no commit-position lookup after
+    # the hinted query, which a stopped backend would leave unanswered until healthcheck_timeout).
+    proc = start_pypool(health_config(causal_reads="off"))
     hint = "/* pypool: role=primary */ SELECT pg_backend_pid(), inet_server_port()"
     with connect(proc) as conn:
         victim, port = pid_and_port(conn, hint)

@@ -74,3 +74,38 @@ def test_asyncpg_add_listener(one_connection):
         await sender.close()
 
     asyncio.run(main())
+
+
+def own_notifications(dsn: str) -> list:
+    """What psycopg's notify handler has seen right after each statement of a client that notifies itself."""
+    seen = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        got: list[psycopg.Notify] = []
+        conn.add_notify_handler(got.append)
+        me = conn.pgconn.backend_pid
+
+        def now() -> list:
+            return [(n.channel, n.payload, n.pid == me) for n in got]
+
+        conn.execute("LISTEN own")
+        conn.execute("NOTIFY own, 'simple'")
+        seen.append(now())
+        with conn.transaction():
+            conn.execute("SELECT pg_notify('own', 'in a transaction')")
+            seen.append(now())  # delivered at commit, not before
+        seen.append(now())
+        conn.execute("NOTIFY elsewhere, 'not listened'")
+        seen.append(now())
+        with conn.transaction():
+            conn.execute("NOTIFY own, 'rolled back'")
+            raise psycopg.Rollback()
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        seen.append(now())
+    return seen
+
+
+def test_psycopg_notify_handler_fires_right_after_its_own_notify(one_connection, pg_cluster):
+    direct = one_connection.dsn().replace(f":{one_connection.port}/", f":{pg_cluster[0].port}/")
+    expected = own_notifications(direct)
+    assert expected[0] == [("own", "simple", True)]
+    assert own_notifications(one_connection.dsn()) == expected

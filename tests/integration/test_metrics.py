@@ -65,7 +65,9 @@ def pypool(start_pypool, private_db, pg_cluster):
     proc = start_pypool(merge(
         {"general": {"enable_prometheus_exporter": True}},
         on_private_db(),
-        {"pools": {"postgres": {"primary_reads_enabled": False,
+        # Causal reads off: the servers count only what clients sent (no commit-position lookups or
+        # replay-position checks of pypool's own; those are tested in test_causal_reads.py).
+        {"pools": {"postgres": {"primary_reads_enabled": False, "causal_reads": "off",
                                 "query_parser_enabled": True, "query_parser_read_write_splitting": True}}}))
     metrics_port = proc.config["general"]["prometheus_exporter_port"]
     deadline = time.monotonic() + 15

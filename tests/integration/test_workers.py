@@ -13,17 +13,15 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pypool import cluster
 from pypool.config import dump_config
 from tests.conftest import DATABASE, PASSWORD, USER
 from tests.integration._support import (PRIMARY_ONLY, assert_clean_pgbench, cancel_when_running, local_tcp_ports,
-                                        merge, pgbench, wait_for)
+                                        merge, metric_sum, pgbench, scrape, wait_for)
 
 pytestmark = pytest.mark.integration
 
@@ -68,21 +66,6 @@ def admin(pypool, sql: str) -> list[dict[str, str]]:
     lines = proc.stdout.splitlines()
     header = lines[0].split("\t")
     return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
-
-
-def scrape(pypool) -> dict[tuple[str, tuple], float]:
-    port = pypool.config["general"]["prometheus_exporter_port"]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric_sum(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, lab), v in samples.items()
-               if n == name and all(dict(lab).get(k) == val for k, val in labels.items()))
 
 
 def test_pgbench_through_two_workers_stays_within_pool_size(start_pypool, pg_cluster, pgbench_tables):

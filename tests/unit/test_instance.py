@@ -49,3 +49,18 @@ def test_cancel_keys_name_their_worker() -> None:
         assert {cancel_key_owner(pid) for pid, _ in keys} == {index}
         assert all(0 <= pid < 2**31 for pid, _ in keys)  # BackendKeyData's process id stays a positive int32
     assert not Worker(2, 6, "/nonexistent").forward_cancel(2 | 64, 1)  # its own key: cancelled here
+
+
+def test_workers_share_commit_positions_through_the_supervisors_table(tmp_path) -> None:
+    from pypool.causal import shared
+    from pypool.causal.lsn import Position
+    from pypool.causal.requirement import CommitLog
+
+    shared.create_table(shared.table_path(str(tmp_path)), 2)  # what the supervisor does before spawning
+    first, second = Worker(0, 2, str(tmp_path)), Worker(1, 2, str(tmp_path))
+    writes, reads = CommitLog(first.commit_slots("app")), CommitLog(second.commit_slots("app"))
+    writes.end_lookup(writes.begin_lookup(), Position(1, 77))
+    assert reads.read_barrier() == (Position(1, 77), ())
+    first.close()
+    second.close()
+    assert Worker(0, 1, str(tmp_path / "missing")).commit_slots("app") is None  # logged, per-worker positions

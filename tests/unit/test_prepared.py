@@ -7,6 +7,7 @@ import struct
 from pypool.session import prepared
 from pypool.session.prepared import AS_PARSE_COMPLETE, PASS, SWALLOW, ClientStatements, Rewriter, ServerStatements
 from pypool.protocol import messages as m
+from pypool.session.schema import SchemaGeneration
 
 
 def parse(name: bytes, query: bytes, types: tuple[int, ...] = ()) -> bytes:
@@ -184,3 +185,42 @@ def test_messages_sent_after_the_error_was_relayed_are_undone_too():
     run(client, server, (m.PARSE, parse(b"late", b"SELECT 5")))
     server.on_error(client)  # what the client side does when the relay saw the error first
     assert not server.names and not client.names and not server.actions
+
+
+def stale_error(code: str, routine: str) -> bytes:
+    fields = [b"SERROR", b"VERROR", b"C" + code.encode(), b"Mcached plan must not change result type",
+              b"R" + routine.encode()]
+    return b"\0".join(fields) + b"\0\0"
+
+
+def test_statement_identity_includes_schema_generation_and_search_path():
+    generation = SchemaGeneration()
+    client = ClientStatements(generation)
+    run(client, ServerStatements(10), (m.PARSE, parse(b"s", b"SELECT * FROM t")))
+    before = client.names[b"s"][0]
+    generation.bump()
+    run(client, ServerStatements(10), (m.PARSE, parse(b"s", b"SELECT * FROM t")))
+    after_ddl = client.names[b"s"][0]
+    client.search_path = "other, public"
+    run(client, ServerStatements(10), (m.PARSE, parse(b"s", b"SELECT * FROM t")))
+    assert len({before, after_ddl, client.names[b"s"][0]}) == 3
+    assert ClientStatements().context() == b"", "no schema, no search_path: the plain text identity"
+
+
+def test_a_stale_statement_error_moves_the_schema_on_and_the_next_parse_parses_again():
+    generation = SchemaGeneration()
+    client, server = ClientStatements(generation), ServerStatements(10, generation)
+    run(client, server, (m.PARSE, parse(b"s", b"SELECT * FROM t")))
+    server.actions.clear()
+    for code, routine in [("0A000", "exec_stmt_raise"), ("42P01", "parserOpenTable")]:
+        error = stale_error(code, routine)
+        server.on_error_response(error, 0, len(error), client)  # not about a stale statement
+    out, _ = run(ClientStatements(generation), server, (m.PARSE, parse(b"again", b"SELECT * FROM t")))
+    assert out == [("C", b"S" + prepared.ABSENT_NAME + b"\0")], "same schema: the server's copy is shared"
+    for code, routine in [("0A000", "RevalidateCachedQuery"), ("XX000", "format_type_extended")]:
+        server.actions.clear()
+        error = stale_error(code, routine)
+        server.on_error_response(error, 0, len(error), client)
+        out, _ = run(ClientStatements(generation), server, (m.PARSE, parse(b"again", b"SELECT * FROM t")))
+        assert [tag for tag, _ in out] == ["C", "P"], f"after {code} the Parse must reach the server"
+    assert generation.value == 2

@@ -120,3 +120,33 @@ def test_an_unnamed_parse_of_a_plain_select_stays_on_the_fast_path():
     setting = b"\x00SET search_path TO app\x00\x00\x00"
     parse_set = b"P" + (4 + len(setting)).to_bytes(4, "big") + setting
     assert ClientConnection._needs_care(ord("P"), parse_set, 5, len(parse_set)) is True
+
+
+def test_ddl_and_stale_statement_errors_make_the_next_parse_reach_the_server():
+    (client, other), server = setup()
+    schema = client.group.schema
+    client.statements = prepared.ClientStatements(schema)
+    other.statements = prepared.ClientStatements(schema)
+    drip(client, parse(b"s1", b"SELECT * FROM t") + SYNC)
+    drip(server, CLOSE_COMPLETE + PARSE_COMPLETE + m.ready_for_query())
+    server.transport.take()
+    start = schema.value
+    # DDL through pypool: the generation moves when it is sent and again when it is committed.
+    drip(other, m.query("ALTER TABLE t ADD COLUMN b int"))
+    assert schema.value == start + 1
+    drip(server, m.command_complete("ALTER TABLE") + m.ready_for_query())
+    assert schema.value == start + 2
+    server.transport.take()
+    # The old statement fails as PostgreSQL fails it; that error moves the generation too.
+    drip(client, bind(b"s1") + EXECUTE + SYNC)
+    stale = m.error_response("0A000", "cached plan must not change result type")
+    stale = stale[:-1] + b"RRevalidateCachedQuery\0\0"
+    stale = stale[:1] + (len(stale) - 1).to_bytes(4, "big") + stale[5:]
+    drip(server, stale + m.ready_for_query())
+    assert schema.value == start + 3
+    assert client.transport.take().endswith(m.ready_for_query())
+    server.transport.take()
+    # The driver prepares again under a new name: a real Parse, not the stale shared copy.
+    drip(client, parse(b"s2", b"SELECT * FROM t") + SYNC)
+    sent = server.transport.take()
+    assert parse(client.statements.names[b"s2"][0], b"SELECT * FROM t") in sent

@@ -26,7 +26,7 @@ def test_everyday_statements_skip_the_analysis(sql):
 @pytest.mark.parametrize("sql", [
     "SET search_path = a", "  /* c */ reset all", "-- note\nSET x = 1", "BEGIN; SET LOCAL x = 1; COMMIT",
     "SELECT set_config('a', 'b', false)", "SELECT pg_advisory_lock(1)", "LISTEN x", "deallocate all",
-    "DROP TABLE t", "close all",
+    "ALTER TABLE t ADD COLUMN c int", "DROP TABLE t", "close all",
 ])
 def test_session_statements_are_flagged(sql):
     assert matters(sql)
@@ -39,6 +39,12 @@ def test_session_statements_are_flagged(sql):
     ("SET work_mem TO DEFAULT", s.Effects(settings=True, resets=True)),
     ("SELECT set_config('search_path', 'a', false)", s.Effects(settings=True)),
     ("SET LOCAL statement_timeout = '1s'", s.NOTHING),
+    ("SET LOCAL synchronous_commit = off", s.Effects(asynchronous_commit=True)),
+    ("BEGIN; set local synchronous_commit to 'false'; INSERT INTO t VALUES (1)", s.Effects(asynchronous_commit=True)),
+    ("SET LOCAL synchronous_commit = local", s.NOTHING),
+    ("ALTER TABLE t ADD COLUMN b int", s.Effects(schema=True)),
+    ("drop type mood; create type mood AS ENUM ('a')", s.Effects(may_release=True, schema=True)),
+    ("CREATE TEMP TABLE x (a int) ON COMMIT DROP", s.NOTHING),
     ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", s.NOTHING),
     ("UPDATE t SET v = 1", s.NOTHING),
     ("DISCARD ALL", s.Effects(settings=True, forget_all=True, may_release=True, resets=True)),
@@ -47,7 +53,7 @@ def test_session_statements_are_flagged(sql):
     ("DEALLOCATE ALL", s.Effects(forget_all=True, may_release=True)),
     ("DEALLOCATE PREPARE _pg3_0", s.Effects(forget=("_pg3_0",), may_release=True)),
     ('DEALLOCATE "S_1"', s.Effects(forget=("S_1",), may_release=True)),
-    ("DROP TABLE t", s.Effects(may_release=True)),
+    ("DROP TABLE t", s.Effects(may_release=True, schema=True)),
     ("CLOSE ALL", s.Effects(may_release=True)),
     ("select pg_advisory_unlock_all()", s.Effects(may_release=True)),
     ("SELECT pg_advisory_unlock(1)", s.Effects(may_release=True)),
