@@ -403,3 +403,32 @@ def test_fifty_clients_on_five_connections_ten_of_them_with_temporary_tables(sta
     assert sums == [sum(range(20))] * 40, "every sharing client ran all its transactions"
     assert len(pins) == 10, "every temp-table client worked on its own table"
     assert pinned_counts(pooler) == (0, [])
+
+
+def test_pinned_client_gets_its_own_notify_before_its_next_statement(pooler):
+    """One held ReadyForQuery: the pin check and the own-NOTIFY delivery both come before it."""
+    with connect(pooler) as conn:
+        seen: list[tuple[str, str]] = []
+        conn.add_notify_handler(lambda n: seen.append((n.channel, n.payload)))
+        conn.execute("LISTEN own")
+        conn.execute("CREATE TEMP TABLE keep (a int)")  # pins the client
+        pid = backend(conn)
+        conn.execute("NOTIFY own, 'pinned'")
+        assert seen == [("own", "pinned")]  # delivered before NOTIFY's ReadyForQuery
+        assert backend(conn) == pid and pinned_counts(pooler)[0] == 1  # still pinned after the pin check
+        conn.execute("DROP TABLE keep; NOTIFY own, 'unpinned'")
+        assert seen == [("own", "pinned"), ("own", "unpinned")]
+        assert pinned_counts(pooler)[0] == 0
+
+
+def test_reset_with_own_notify_reports_startup_value_before_ready(start_pypool):
+    pypool = start_pypool(pinning())
+    with psycopg.connect(pypool.dsn(), autocommit=True, options="-c DateStyle=German") as conn:
+        seen: list[str] = []
+        conn.add_notify_handler(lambda n: seen.append(n.payload))
+        conn.execute("LISTEN own")
+        conn.execute("SET DateStyle = ISO")
+        conn.execute("RESET DateStyle; NOTIFY own, 'reset'")
+        assert seen == ["reset"]
+        assert conn.info.parameter_status("DateStyle") == "German, DMY"
+        assert conn.execute("SHOW DateStyle").fetchone()[0] == "German, DMY"
