@@ -27,6 +27,7 @@ from pypool.protocol.frames import FrameWalker, MessageBuffer
 from pypool.routing.router import Router, RoutingState
 from pypool.session.checkout import SessionCheckout
 from pypool.session.effects import SessionEffects
+from pypool.session.pinning import SessionPinning
 from pypool.session.prepared import ClientStatements
 from pypool.session.relay import SessionRelay
 from pypool.session import states
@@ -76,7 +77,7 @@ class ClientHost(Protocol):
 
 
 class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEffects, SessionShards,
-                       asyncio.Protocol):
+                       SessionPinning, asyncio.Protocol):
     def __init__(self, app: ClientHost) -> None:
         self.app = app
         self.transport: asyncio.Transport | None = None
@@ -131,10 +132,17 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
         self._hub: listen.ListenHub | None = None
         self._listen_error: str | None = None
         self._notifications: list[bytes] = []
-        # A transaction of this listening client ran NOTIFY on this backend PID: its final
-        # ReadyForQuery (``_held_ready``) waits until the listener has its notifications.
-        self.own_notify_pid = 0
+        # Why this client holds (or, in its current transaction, reserved) one of its pool's
+        # pinnable server connections (pypool/session/pinning.py); None: it shares them all.
+        self.pin_reason: str | None = None
+        # The final ReadyForQuery of its transaction waits for pypool's follow-up (its own
+        # notifications delivered, the catalog check, the startup values set again):
+        # ServerConnection._relay keeps it in ``_held_ready``, ``_release_ready`` sends it.
+        self.hold_ready = False
         self._held_ready: bytes | None = None
+        # A transaction of this listening client ran NOTIFY on this backend PID (it holds its
+        # ReadyForQuery until the listener has handed those notifications out).
+        self.own_notify_pid = 0
         self._max_message = app.config.general.max_message_size
         self.admin: AdminConsole | None = None  # set when logged in to the admin database
         # Statistics for SHOW CLIENTS (plain ints, read at scrape time).
@@ -245,24 +253,26 @@ class ClientConnection(LoginHandshake, SessionRelay, SessionCheckout, SessionEff
             self._queued = None
         if self._hub is not None:
             self._hub.unlisten(self, "*")
+        pinned = self.pin_reason is not None
+        self._unpin()
         if self._handshake_task is not None and not self._handshake_task.done() \
                 and self._handshake_task is not asyncio.current_task():
             self._handshake_task.cancel()
         server = self.server
         if server is not None:
             self.server = None
-            self._release_on_disconnect(server)
+            self._release_on_disconnect(server, pinned)
         if self.transport is not None:
             self.transport.close()
 
-    def _release_on_disconnect(self, server: ServerConnection) -> None:
+    def _release_on_disconnect(self, server: ServerConnection, pinned: bool) -> None:
         group = self.group
         assert group is not None
         clean = not server.requests.in_transaction and not self._walker.mid_message
-        if clean and group.pool_mode != "session":
+        if clean and group.pool_mode != "session" and not pinned:
             group.checkin(server)
         elif clean:
-            # Session mode: the next client must not inherit this one's session state.
+            # Session mode, or pinned: the next client must not inherit this one's session state.
             server.detach()
             asyncio.get_running_loop().create_task(self._reset_and_checkin(group, server))
         else:

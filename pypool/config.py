@@ -124,6 +124,10 @@ ROLES: Mapping[str, str] = types.MappingProxyType({"primary": "primary", "replic
 DEFAULT_ROLES: Mapping[str, str] = types.MappingProxyType(
     {"any": "any", "replica": "replica", "primary": "primary"}
 )
+# Transaction mode, a client whose transaction leaves state on its server connection (temporary
+# tables, WITH HOLD cursors, session advisory locks, SQL PREPARE): keep it on that connection, or refuse.
+SESSION_PINNING_MODES: Mapping[str, str] = types.MappingProxyType({"auto": "auto", "refuse": "refuse"})
+DEFAULT_SESSION_PINNING = "auto"
 LOAD_BALANCING_MODES: Mapping[str, str] = types.MappingProxyType(
     {
         "random": "random",
@@ -223,6 +227,9 @@ class Pool:
     max_replica_lag_ms: int | None = None  # pypool addition, None = off
     read_only_functions: tuple[str, ...] = ()  # pypool addition, lower-case names
     prepared_statements_cache_size: int = DEFAULT_PREPARED_STATEMENTS_CACHE_SIZE
+    session_pinning: str = DEFAULT_SESSION_PINNING  # pypool addition: "auto" | "refuse"
+    # pypool addition: server connections of one pool user that may be pinned; None = half of pool_size
+    max_pinned_connections: int | None = None
     causal_reads: str = "off"  # pypool addition: "off" | "session" | "global"
     causal_reads_timeout: int = DEFAULT_CAUSAL_READS_TIMEOUT_MS  # pypool addition, ms
     users: Mapping[str, User] = field(
@@ -872,6 +879,8 @@ def _parse_pool(t: _Table, name: str, general: General, legacy_ps_size: int | No
         prepared_statements_cache_size=t.integer(
             "prepared_statements_cache_size", t.integer("max_prepared_statements", ps_default)
         ),
+        session_pinning=t.choice("session_pinning", SESSION_PINNING_MODES, DEFAULT_SESSION_PINNING),
+        max_pinned_connections=t.integer("max_pinned_connections", None),
         causal_reads=t.choice("causal_reads", CAUSAL_READS_MODES, "session" if rw_splitting else "off"),
         causal_reads_timeout=t.integer("causal_reads_timeout", DEFAULT_CAUSAL_READS_TIMEOUT_MS, minimum=1),
         users=users,

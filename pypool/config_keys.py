@@ -166,6 +166,8 @@ KEYS: tuple[Key, ...] = (
     Key(P, "causal_reads_timeout", REBUILD, "Pool.causal_reads_timeout", pgcat=False),
     Key(P, "prepared_statements_cache_size", REBUILD, "Pool.prepared_statements_cache_size"),
     Key(P, "max_prepared_statements", REBUILD, "Pool.prepared_statements_cache_size", pgcat=False),
+    Key(P, "session_pinning", REBUILD, "Pool.session_pinning", pgcat=False),
+    Key(P, "max_pinned_connections", REBUILD, "Pool.max_pinned_connections", pgcat=False),
     Key(P, "users", REBUILD, "Pool.users"),
     Key(P, "shards", REBUILD, "Pool.shards"),
     # PgCat's sharding keys, read together into one Sharding (pypool.routing.sharding).

@@ -179,18 +179,22 @@ def _client_families(snap: Snapshot) -> list[Metric]:
                                labels=pool_labels)
     cancels = CounterMetricFamily("pypool_cancel_requests", "CancelRequests forwarded to a server",
                                   labels=pool_labels)
+    pinned = GaugeMetricFamily("pypool_client_pinned", "Clients keeping their server connection across "
+                               "transactions for session state (temporary tables, WITH HOLD cursors, "
+                               "session advisory locks, SQL PREPARE)", labels=pool_labels)
     for p in snap.pools:
         for state, n in sorted(p.clients.items()):
             clients.add_metric([p.pool, p.user, state], n)
         waiting_max.add_metric([p.pool, p.user], p.maxwait)
         paused.add_metric([p.pool, p.user], int(p.paused))
         cancels.add_metric([p.pool, p.user], p.cancel_requests)
+        pinned.add_metric([p.pool, p.user], p.pinned)
     logins = GaugeMetricFamily("pypool_client_logins_in_progress",
                                "Client connections still in startup or authentication")
     logins.add_metric([], sum(1 for c in snap.clients if c.state == "login"))
     admins = GaugeMetricFamily("pypool_admin_connections", "Client connections to the admin console")
     admins.add_metric([], sum(1 for c in snap.clients if c.admin))
-    return [clients, waiting_max, paused, cancels, logins, admins]
+    return [clients, waiting_max, paused, cancels, pinned, logins, admins]
 
 
 def _server_families(snap: Snapshot) -> list[Metric]:

@@ -44,6 +44,7 @@ class ClientConnection(Protocol):
     connected_at: float
     wait_started: float
     max_wait: float
+    pin_reason: str | None  # why it keeps its server connection across transactions (when PINNED)
     causal: Any  # pypool.causal.requirement.ClientCausal or None: str() is the position its reads must see
 
 
@@ -117,6 +118,7 @@ class PoolStatsRow:
     clients: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLIENT_STATES, 0))
     cancels_in_flight: int = 0
     cancel_requests: int = 0
+    pinned: int = 0  # clients keeping their server connection across transactions (session state)
     maxwait: float = 0.0  # seconds: the longest current wait of a waiting client
     paused: bool = False
     causal_mode: str = "off"
@@ -144,6 +146,7 @@ class ClientRow:
     age_seconds: float
     maxwait: float  # seconds
     connected_at: float  # wall clock, for ordering across processes
+    pinned: str = ""  # why the client keeps its server connection across transactions; "" = it shares them
     causal_required: str = ""  # the WAL position its next read must see ("pending" while being learnt)
 
 
@@ -248,6 +251,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             into.causal_wait_sum += p.causal_wait_sum
             into.cancels_in_flight += p.cancels_in_flight
             into.cancel_requests += p.cancel_requests
+            into.pinned += p.pinned
             into.maxwait = max(into.maxwait, p.maxwait)
             into.paused = into.paused or p.paused
         for r in snap.routers:
@@ -346,6 +350,8 @@ def take(app: StatsSource) -> Snapshot:
             continue
         state = client.state.shown
         row.clients[state] += 1
+        if client.state is ClientState.PINNED:
+            row.pinned += 1
         if state == "waiting" and client.wait_started:
             row.maxwait = max(row.maxwait, now - client.wait_started)
     snap.pools = sorted(pools.values(), key=lambda p: p.key)
@@ -435,6 +441,7 @@ def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRo
                      client.session_parameters.get("application_name", ""), state, client.admin is not None,
                      client.xact_count, client.query_count, client.error_count, now - client.connected_at,
                      max(client.max_wait, current_wait), wall - (now - client.connected_at),
+                     (client.pin_reason or "") if client.state is ClientState.PINNED else "",
                      str(client.causal) if client.causal is not None else "")
 
 

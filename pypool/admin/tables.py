@@ -36,7 +36,7 @@ def _us(seconds: float) -> int:
 def pools_table(snap: Snapshot) -> Table:
     columns = [("database", TEXT), ("user", TEXT), ("pool_mode", TEXT)] + _numeric(
         "cl_idle", "cl_active", "cl_waiting", "cl_cancel_req", "sv_active", "sv_idle", "sv_used", "sv_tested",
-        "sv_login", "maxwait", "maxwait_us")
+        "sv_login", "maxwait", "maxwait_us", "cl_pinned")
     servers: dict[tuple[str, str], dict[str, int]] = {}
     for a in snap.addresses:
         counts = servers.setdefault((a.pool, a.user), {})
@@ -48,7 +48,7 @@ def pools_table(snap: Snapshot) -> Table:
         wait = _us(p.maxwait)
         rows.append([p.pool, p.user, p.pool_mode, p.clients["idle"], p.clients["active"], p.clients["waiting"],
                      p.cancels_in_flight, sv.get("active", 0), sv.get("idle", 0), sv.get("used", 0),
-                     sv.get("tested", 0), sv.get("login", 0), wait // 1_000_000, wait % 1_000_000])
+                     sv.get("tested", 0), sv.get("login", 0), wait // 1_000_000, wait % 1_000_000, p.pinned])
     return columns, rows
 
 
@@ -158,7 +158,7 @@ def clients_table(snap: Snapshot) -> Table:
     # PgBouncer's columns, then pypool's: the WAL position the client's next read must see (causal reads).
     columns = [("client_id", TEXT), ("database", TEXT), ("user", TEXT), ("application_name", TEXT),
                ("state", TEXT)] + _numeric("transaction_count", "query_count", "error_count", "age_seconds",
-                                           "maxwait", "maxwait_us") + [("causal_required", TEXT)]
+                                           "maxwait", "maxwait_us") + [("pinned", TEXT), ("causal_required", TEXT)]
     rows = []
     for c in snap.clients:
         if c.state == "login":
@@ -166,7 +166,7 @@ def clients_table(snap: Snapshot) -> Table:
         wait = _us(c.maxwait)
         rows.append([_hex_id(c.client_id), c.database, c.user, c.application_name, c.state, c.transaction_count,
                      c.query_count, c.error_count, int(c.age_seconds), wait // 1_000_000, wait % 1_000_000,
-                     c.causal_required])
+                     c.pinned, c.causal_required])
     return columns, rows
 
 

@@ -142,6 +142,11 @@ class PoolGroup:
         self.successor: PoolGroup | None = None
         self.cancel_requests = 0  # CancelRequests forwarded for this pool's clients
         self.cancels_in_flight = 0  # ... and not yet delivered (SHOW POOLS cl_cancel_req)
+        # Server connections kept by one client across transactions (pypool/session/pinning.py):
+        # at most ``max_pinned``, so the others keep sharing the rest of the pool.
+        self.pinned = 0
+        cap = pool.max_pinned_connections
+        self.max_pinned = max(1, size // 2) if cap is None else min(cap, size)
         self._split_brain_logged = False
         self._candidates: dict[str, list[ServerPool]] = {}
         self.refresh_candidates()
@@ -261,6 +266,18 @@ class PoolGroup:
             self.replicas.append(current)
         self.unban(new)
         self.primary = new
+
+    # ------------------------------------------------------------------ pinning
+
+    def reserve_pin(self) -> bool:
+        """Count one more pinned server connection, unless ``max_pinned`` are already."""
+        if self.pinned >= self.max_pinned:
+            return False
+        self.pinned += 1
+        return True
+
+    def release_pin(self) -> None:
+        self.pinned -= 1
 
     # ----------------------------------------------------------------- checkout
 

@@ -69,7 +69,10 @@ class RelayTarget(Protocol):
 
     transport: asyncio.Transport
     reading: ReadingPause  # paused while this server's socket cannot take more
-    own_notify_pid: int  # nonzero: the ReadyForQuery ending this transaction waits for its notifications
+    # The final ReadyForQuery ('I') of the transaction is not relayed but kept (``hold_ready_for_query``):
+    # the client sends it after its follow-up (its own notifications delivered, the catalog check of
+    # pypool/session/pinning.py, startup settings restored after a RESET).
+    hold_ready: bool
 
     def hold_ready_for_query(self, data: bytes, end: int) -> int: ...
 
@@ -293,11 +296,11 @@ class ServerConnection(asyncio.Protocol):
             if pos > start:
                 write(data[start:pos] if start or pos < n else data)
             return
-        # The final ReadyForQuery, ending at ``end`` (held back after a client's own NOTIFY): relay, hand back.
+        # The final ReadyForQuery, ending at ``end`` (held back while pypool follows the transaction up): relay, hand back.
         idle = requests.status == _IDLE
         if idle and self.track_commit:
             client.write_committed(self)  # type: ignore[union-attr]  # before anyone can read after the commit
-        held = client.hold_ready_for_query(data, end) if idle and client.own_notify_pid else 0
+        held = client.hold_ready_for_query(data, end) if idle and client.hold_ready else 0  # type: ignore[union-attr]
         write(data if end == n and not start and not held else data[start:end - held])
         self._request_ended(idle)
         client.server_request_done(self)  # type: ignore[union-attr]

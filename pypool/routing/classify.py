@@ -668,6 +668,7 @@ _WRAPPING = {"EXPLAIN": _explain, "COPY": _copy, "PREPARE": _prepare, "DECLARE":
 
 
 _CURSOR_OUTSIDE = "cursor outside a transaction"
+_PREPARED_FOR_LATER = "prepare (kept after the transaction)"
 _CONSTANTS: dict[tuple, Classification] = {}
 for _c in (READ, EMPTY, PARSE_ERROR):
     _CONSTANTS[(_c.writes, _c.has_statement, _c.begin, _c.ends_transaction, _c.sets_session, _c.reason)] = _c
@@ -706,6 +707,7 @@ def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_F
             r = (False, True, None, False, False, "execute")
         elif why == "deallocate" and toks[-1][1] in prepared and len(toks) <= 3:
             r = (False, True, None, False, False, "deallocate")
+            prepared.discard(toks[-1][1])
         w, s, b, e, ss, why = r
         if w:
             writes = True
@@ -721,6 +723,10 @@ def classify(sql: str, read_only_functions: frozenset[str] = DEFAULT_READ_ONLY_F
             begin = b
         ends = ends or e
         sets = sets or ss
+    if prepared and not writes:
+        # The statement outlives the text and pins its client to that server connection
+        # (pypool/session/pinning.py): the primary, where the client's later writes can run too.
+        writes, reason_write = True, _PREPARED_FOR_LATER
     reason = reason_write or reason_stmt or reason_tx or "empty"
     key = (writes, has_statement, begin, ends, sets, reason)
     c = _CONSTANTS.get(key)

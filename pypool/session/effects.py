@@ -84,12 +84,14 @@ class SessionEffects:
                 return False
             if self._hub is not None and _NOTIFY.search(payload, text_at, text_end):
                 self.own_notify_pid = server.backend_pid
+                self.hold_ready = True  # its ReadyForQuery waits for its notifications
             sql = payload[text_at:text_end].decode("utf-8", "replace")
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
                 self._pending += data[pos:]
+                resume = self.state  # ATTACHED, or PINNED
                 self.set_state(states.WAITING_FOR_LISTENER)
-                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects))
+                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects, resume))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
             if replacement is not None:
@@ -132,8 +134,14 @@ class SessionEffects:
         if effects.refusal is not None:
             self._listen_error = None
             return session.refusal_sql(*effects.refusal)
+        if effects.pins is not None or effects.may_release:
+            refusal = self._pinning_refusal(effects)
+            if refusal is not None:
+                return refusal
         if effects.settings:
             self._settings_dirty = True
+            if effects.resets and self._startup_settings:
+                self.hold_ready = True  # its ParameterStatus must show the startup values first
         if effects.asynchronous_commit:
             self._asynchronous_commit = True  # the commit position to learn is the insert position
         if effects.schema:
@@ -152,7 +160,6 @@ class SessionEffects:
                 server.statements.clear()
             if effects.settings and self._hub is not None:  # DISCARD ALL: the session starts over
                 self._hub.unlisten(self, "*")
-            return None
         if effects.forget:
             names = [name.encode() for name in effects.forget]
             if not all(name in statements.names for name in names):
@@ -161,13 +168,17 @@ class SessionEffects:
                 del statements.names[name]
             return session.NOOP_STATEMENT
         if effects.listen:
+            for op, channel in effects.listen:
+                if op == "UNLISTEN" and self._hub is not None:
+                    self._hub.unlisten(self, channel)
+            if all(op == "UNLISTEN" for op, _ in effects.listen):
+                # As sent: server connections listen on nothing of a client's, so the server's
+                # reply is PostgreSQL's and the text may hold other statements (pool resets).
+                return None
             if self._listen_error is not None:
                 error, self._listen_error = self._listen_error, None
                 return session.refusal_sql(f"LISTEN failed: pypool's listener connection: {error}",
                                            "retry later; the pool's primary must accept a connection")
-            for op, channel in effects.listen:
-                if op == "UNLISTEN" and self._hub is not None:
-                    self._hub.unlisten(self, channel)
             return session.listen_stand_in(effects.listen)
         return None
 
@@ -178,7 +189,7 @@ class SessionEffects:
         return any(op == "LISTEN" and (hub is None or not hub.is_listening(self, channel))
                    for op, channel in effects.listen)
 
-    async def _listen_then_resume(self, effects: session.Effects) -> None:
+    async def _listen_then_resume(self, effects: session.Effects, resume: states.ClientState) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
         self._needs_care = self._needs_care_listening  # type: ignore[method-assign]
@@ -204,7 +215,7 @@ class SessionEffects:
         self._pending.clear()
         server = self.server
         if server is not None:
-            self.set_state(states.ATTACHED)
+            self.set_state(resume)
             self._forward(server, data)
         else:
             self._pending += data
@@ -226,12 +237,12 @@ class SessionEffects:
             self._notifications.append(message)
 
     def hold_ready_for_query(self, data: bytes, end: int) -> int:
-        """Keep the ReadyForQuery ending at ``data[end]`` for ``_deliver_own_notifications``; its length."""
+        """Keep the ReadyForQuery ending at ``data[end]`` for ``_release_ready``; its length."""
         self._held_ready = data[end - 6:end]
         return 6
 
     async def _deliver_own_notifications(self) -> None:
-        """Wait for the listener to hand out what the transaction notified, then answer ReadyForQuery.
+        """Wait for the listener to hand out what the transaction notified (before its ReadyForQuery).
 
         PostgreSQL delivers a session's own notifications before that
         ReadyForQuery. The server connection stays out of the pool meanwhile, so
@@ -244,10 +255,7 @@ class SessionEffects:
             await asyncio.wait_for(asyncio.shield(barrier), OWN_NOTIFY_WAIT)
         except (ServerError, asyncio.TimeoutError) as exc:
             log.warning("client %s: the listener did not confirm its notifications: %s", self.peer, exc or "timeout")
-        self.own_notify_pid = 0
-        ready, self._held_ready = self._held_ready, None
-        if self.transport is not None and not self.transport.is_closing() and ready:
-            self.transport.write(ready)
+        self.own_notify_pid = 0  # the caller sends the held ReadyForQuery (``_release_ready``)
 
     def _idle_again(self) -> None:
         """The coroutine that ran after a transaction is done: on to the next request, if any."""
@@ -279,6 +287,38 @@ class SessionEffects:
         server.applied_parameters = dict(self._desired_settings)
         server.applied_key = self._parameters_key
 
+    async def _restore_startup_settings(self, server: ServerConnection) -> dict[str, str]:
+        """The session settings ``server`` holds after the client's transaction, startup values restored.
+
+        A RESET puts a setting back to its default: in PostgreSQL the value the
+        client's startup packet gave, on a pooled server connection the server's
+        own. pypool sets the startup values again and tells the client the
+        values as PostgreSQL would have left them (ParameterStatus).
+        """
+        rows = await server.query(session.SETTINGS_QUERY)
+        settings = {str(name).lower(): str(value) for name, value in rows}
+        lost = {k: v for k, v in self._startup_settings.items() if k not in settings}
+        if not lost:
+            return settings
+        before = dict(server.parameters)
+        await server.query(session.sync_statement(lost, {}))  # type: ignore[arg-type]
+        transport = self.transport
+        if transport is not None:
+            transport.write(b"".join(m.parameter_status(k, v) for k, v in server.parameters.items()
+                                     if before.get(k) != v))
+        return {**settings, **lost}
+
+    def _release_ready(self) -> None:
+        """Send the ReadyForQuery the server relay held back while pypool followed up the transaction.
+
+        The one place a held ReadyForQuery is written, after whatever it waited
+        for (own notifications, the pin check, startup settings restored).
+        """
+        self.hold_ready = False
+        ready, self._held_ready = self._held_ready, None
+        if ready and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(ready)
+
     def _learn_commit_position(self, server: ServerConnection, ticket: int, asynchronous: bool) -> None:
         """Learn a write's commit position on its released connection; the client goes on meanwhile."""
         task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket, asynchronous))
@@ -289,10 +329,11 @@ class SessionEffects:
                                  asynchronous: bool = False) -> None:
         """Talk to a released connection before it goes back: own notifications, settings, commit position.
 
-        The client's own NOTIFY (``_held_ready``): its ReadyForQuery waits in
-        WAITING_FOR_LISTENER until the listener has handed those notifications
-        out. ``read_back``: the transaction ran SET/RESET; the client waits in
-        READING_BACK until its settings are known. ``ticket``: the transaction
+        The client's own NOTIFY (``own_notify_pid``): its held ReadyForQuery
+        waits in WAITING_FOR_LISTENER until the listener has handed those
+        notifications out. ``read_back``: the transaction ran SET/RESET; the
+        client waits in READING_BACK until its settings are known (startup
+        values restored before the ReadyForQuery). ``ticket``: the transaction
         may have written (causal reads, ``write_committed``); its commit
         position is asked on the same connection, whose session is the one
         that committed, after the client was let go (``asynchronous``: it ran
@@ -301,15 +342,16 @@ class SessionEffects:
         group = self.group
         assert group is not None
         clean = True
-        holds_client = read_back or self._held_ready is not None
+        holds_client = read_back or self.hold_ready
         try:
-            if self._held_ready is not None:
+            if self.own_notify_pid:
                 await self._deliver_own_notifications()
                 if read_back and self.state.relaying:
                     self.set_state(states.READING_BACK)
             if read_back:
                 clean = await self._read_back_settings(server)
             if holds_client:
+                self._release_ready()
                 self._idle_again()
             if ticket is not None and clean:
                 clean = await self._learn_commit(group, server, ticket, asynchronous)
@@ -331,11 +373,10 @@ class SessionEffects:
         the client's new session state.
         """
         try:
-            rows = await server.query(session.SETTINGS_QUERY)
+            settings = await self._restore_startup_settings(server)
         except ServerError as exc:
             log.warning("client %s: cannot read back session settings from %s: %s", self.peer, server.label, exc)
             return False
-        settings = {str(name).lower(): str(value) for name, value in rows}
         self._set_settings(settings)
         server.applied_parameters = settings
         server.applied_key = self._parameters_key if settings == self._desired_settings else None

@@ -256,6 +256,9 @@ class SessionRelay:
         if self._schema_changing:
             self._schema_changing = False
             self.group.schema.bump()  # type: ignore[union-attr]
+        if self.pin_reason is not None:
+            self._pinned_request_done(server)
+            return
         self.server = None
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.
@@ -266,9 +269,9 @@ class SessionRelay:
             self._commit_ticket = None
             asynchronous, self._asynchronous_commit = self._asynchronous_commit, False
         read_back = self._settings_dirty or server.reported_change
-        if read_back or self._held_ready is not None:
+        if read_back or self.hold_ready:
             self._settings_dirty = False
-            self.set_state(states.READING_BACK if self._held_ready is None else states.WAITING_FOR_LISTENER)
+            self.set_state(states.WAITING_FOR_LISTENER if self.own_notify_pid else states.READING_BACK)
             server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
             self._checkout_task = asyncio.get_running_loop().create_task(
                 self._after_transaction(server, read_back, ticket, asynchronous))

@@ -18,9 +18,13 @@ whose effect outlives the transaction:
   flush position (``pypool.causal.requirement.parse_commit_row``);
 * ``CREATE``/``ALTER``/``DROP`` move the database's schema generation on, so
   statements prepared afterwards parse again (pypool/session/schema.py);
-* what cannot survive pooling -- SQL ``PREPARE``/``EXECUTE``, session
-  advisory locks, temporary objects that outlive the transaction,
-  ``WITH HOLD`` cursors -- is refused with SQLSTATE 0A000 and a hint.
+* state that lives on the server connection itself -- SQL ``PREPARE``,
+  session advisory locks, temporary objects that outlive the transaction,
+  ``WITH HOLD`` cursors -- pins the client to that connection
+  (pypool/session/pinning.py), or is refused with SQLSTATE 0A000 and a hint
+  (``session_pinning = "refuse"``, or every pinnable connection taken);
+  statements that may release it (DROP, DISCARD, CLOSE, DEALLOCATE, the
+  advisory unlock functions) make pypool ask the server's catalogs.
 
 A cheap byte-level test (``might_matter``) runs on every query text of the
 relay; only texts it flags are lexed (``analyze``, cached).
@@ -38,18 +42,34 @@ from pypool.routing.classify import lex_statements
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(
     rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop)\b",
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop|close)\b",
     re.S,
 )
-_ADVISORY_SESSION_FUNCTIONS = frozenset((
+_ADVISORY_LOCK_FUNCTIONS = frozenset((
     "PG_ADVISORY_LOCK", "PG_ADVISORY_LOCK_SHARED", "PG_TRY_ADVISORY_LOCK", "PG_TRY_ADVISORY_LOCK_SHARED",
-    "PG_ADVISORY_UNLOCK", "PG_ADVISORY_UNLOCK_SHARED", "PG_ADVISORY_UNLOCK_ALL",
 ))
+_ADVISORY_UNLOCK_FUNCTIONS = frozenset(("PG_ADVISORY_UNLOCK", "PG_ADVISORY_UNLOCK_SHARED", "PG_ADVISORY_UNLOCK_ALL"))
 # Settings pypool re-reads after a client changed some (base units, as SET accepts them back).
 SETTINGS_QUERY = "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session'"
 # Stands in for a DEALLOCATE of a client's statement name (the server's copy stays).
 NOOP_STATEMENT = "DO $pypool$BEGIN END$pypool$"
 LISTEN_NOOP_CHANNEL = "pypool.listen"
+# What this backend keeps beyond its transactions, as the catalogs tell it (one row; see ``held_state``).
+# Outside a transaction only WITH HOLD cursors and session-level advisory locks remain.
+PINNED_STATE_QUERY = (
+    "SELECT (SELECT count(*) FROM pg_catalog.pg_class"
+    " WHERE relnamespace = pg_catalog.pg_my_temp_schema()),"
+    " (SELECT count(*) FROM pg_catalog.pg_cursors WHERE is_holdable),"
+    " (SELECT count(*) FROM pg_catalog.pg_prepared_statements WHERE from_sql),"
+    " (SELECT count(*) FROM pg_catalog.pg_locks"
+    " WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid())"
+)
+_HELD_KINDS = ("temporary relations", "cursors WITH HOLD", "SQL prepared statements", "session advisory locks")
+
+
+def held_state(row: list) -> str:
+    """The answer to PINNED_STATE_QUERY in words ("1 temporary relations, ..."); "" when nothing is held."""
+    return ", ".join(f"{int(n)} {kind}" for n, kind in zip(row, _HELD_KINDS) if n is not None and int(n))
 # synchronous_commit's spellings of off (it is an enum that also takes boolean words).
 _SYNCHRONOUS_COMMIT_OFF = frozenset(("off", "false", "no", "0"))
 
@@ -71,6 +91,13 @@ class Effects:
     forget: tuple[str, ...] = ()  # DEALLOCATE name
     listen: tuple[tuple[str, str], ...] = ()  # ("LISTEN"|"UNLISTEN", channel, "*" = all)
     refusal: tuple[str, str] | None = None  # (message, hint)
+    # State that outlives the transaction on its server connection: (what, message, hint);
+    # the client is pinned to that connection, or refused with the message and hint.
+    pins: tuple[str, str, str] | None = None
+    may_release: bool = False  # may drop such state: the catalogs are asked after the transaction
+    # Puts settings back to their defaults (RESET, SET ... TO DEFAULT, DISCARD ALL): PostgreSQL's
+    # default is the client's startup value, a pooled server's is its own (see effects.py).
+    resets: bool = False
     asynchronous_commit: bool = False  # SET LOCAL synchronous_commit = off: this transaction's commit
     schema: bool = False  # DDL: prepared statements may describe what is no longer there
 
@@ -78,9 +105,13 @@ class Effects:
 NOTHING = Effects()
 
 
-def _refuse(what: str, hint: str) -> Effects:
-    return Effects(refusal=(f"{what} cannot be used through pypool in transaction mode: "
-                            "the next transaction may run on another server connection", hint))
+def _pins(what: str, hint: str) -> Effects:
+    return Effects(pins=(what, f"{what} cannot be used through pypool in transaction mode: "
+                               "the next transaction may run on another server connection", hint))
+
+
+_RELEASES = Effects(may_release=True)
+_DROPS = Effects(may_release=True, schema=True)  # may drop a temporary object; moves the schema on
 
 
 def _identifier(tok: tuple) -> str:
@@ -95,46 +126,56 @@ def _statement(toks: list) -> Effects:
     second = toks[1][1] if len(toks) > 1 else ""
     words = [t[1] for t in toks if t[0] == "word"]
     for i, tok in enumerate(toks[:-1]):
-        if tok[0] == "word" and tok[1] in _ADVISORY_SESSION_FUNCTIONS and toks[i + 1][1] == "(":
-            return _refuse(f"session-level advisory lock function {tok[1].lower()}()",
-                           "use the transaction-level pg_advisory_xact_lock() family inside a transaction, "
-                           "or pool_mode = \"session\"")
+        if tok[0] == "word" and toks[i + 1][1] == "(":
+            if tok[1] in _ADVISORY_LOCK_FUNCTIONS:
+                return _pins(f"session-level advisory lock function {tok[1].lower()}()",
+                             "use the transaction-level pg_advisory_xact_lock() family inside a transaction, "
+                             "or pool_mode = \"session\"")
+            if tok[1] in _ADVISORY_UNLOCK_FUNCTIONS:
+                return _RELEASES
     if first == "SET":
         if second == "LOCAL" and len(toks) > 4 and toks[2][1] == "SYNCHRONOUS_COMMIT" \
                 and toks[-1][1].strip("'\"").lower() in _SYNCHRONOUS_COMMIT_OFF:
             return Effects(asynchronous_commit=True)
         if second in ("LOCAL", "TRANSACTION", "CONSTRAINTS"):
             return NOTHING  # ends with the transaction
-        return Effects(settings=True)
+        return Effects(settings=True, resets="DEFAULT" in words)
     if first == "RESET":
-        return Effects(settings=True)
+        return Effects(settings=True, resets=True)
     if first == "DISCARD":
-        return Effects(settings=True, forget_all=True) if second == "ALL" else NOTHING
+        if second == "ALL":
+            return Effects(settings=True, forget_all=True, may_release=True, resets=True)
+        return _RELEASES if second in ("TEMP", "TEMPORARY") else NOTHING
     if first == "DEALLOCATE":
         rest = toks[2:] if second == "PREPARE" else toks[1:]
         if not rest:
             return NOTHING
         if rest[0][0] == "word" and rest[0][1] == "ALL":
-            return Effects(forget_all=True)
-        return Effects(forget=(_identifier(rest[0]),))
+            return Effects(forget_all=True, may_release=True)
+        return Effects(forget=(_identifier(rest[0]),), may_release=True)
+    if first == "DROP":
+        return _DROPS
+    if first == "CLOSE":
+        return _RELEASES
     if first == "PREPARE" and second != "TRANSACTION":
-        return _refuse("SQL PREPARE", "use your driver's prepared statements (protocol-level Parse/Bind), "
-                       "which pypool maps onto every server connection, or pool_mode = \"session\"")
+        return _pins("SQL PREPARE", "use your driver's prepared statements (protocol-level Parse/Bind), "
+                     "which pypool maps onto every server connection, or pool_mode = \"session\"")
     if first == "EXECUTE":
-        return _refuse("SQL EXECUTE of a prepared statement",
-                       "use your driver's prepared statements (protocol-level Parse/Bind), or pool_mode = \"session\"")
+        # Runs where its PREPARE pinned the client; elsewhere the server says it does not exist.
+        return _pins("SQL EXECUTE of a prepared statement",
+                     "use your driver's prepared statements (protocol-level Parse/Bind), or pool_mode = \"session\"")
     if first in ("LISTEN", "UNLISTEN") and len(toks) == 2:
         channel = "*" if toks[1][1] == "*" else _identifier(toks[1])
         return Effects(listen=((first, channel),))
     if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
-        return _refuse("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
+        return _pins("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
     temporary = first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4])
     if temporary:
         text = " ".join(words)
         if "ON COMMIT DROP" not in text:
-            return _refuse("a temporary object that outlives its transaction",
-                           "create it inside a transaction with ON COMMIT DROP, or use pool_mode = \"session\"")
-    elif first in ("CREATE", "ALTER", "DROP"):
+            return _pins("a temporary object that outlives its transaction",
+                         "create it inside a transaction with ON COMMIT DROP, or use pool_mode = \"session\"")
+    elif first in ("CREATE", "ALTER"):
         return Effects(schema=True)
     if "SET_CONFIG" in words:
         return Effects(settings=True)
@@ -165,16 +206,27 @@ def _analyze(sql: str) -> Effects:
         forget_all=any(e.forget_all for e in found),
         forget=tuple(n for e in found for n in e.forget),
         listen=tuple(op for e in found for op in e.listen),
+        pins=next((e.pins for e in found if e.pins), None),
+        may_release=any(e.may_release for e in found),
+        resets=any(e.resets for e in found),
         asynchronous_commit=any(e.asynchronous_commit for e in found),
         schema=any(e.schema for e in found),
     )
-    special = sum(1 for e in found if e.forget_all or e.forget or e.listen)
-    if special and special != len(found):
-        # The pooler stands in for these or acts on them; mixed with other statements it cannot.
-        return Effects(refusal=("LISTEN, UNLISTEN, DEALLOCATE and DISCARD ALL must be sent on their own "
-                                "through pypool in transaction mode, not together with other statements",
+    # The pooler answers a LISTEN and a DEALLOCATE of a driver's statement by sending another
+    # text instead; mixed with other statements it cannot. The rest run as sent (resets
+    # like asyncpg's "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;").
+    replaced = sum(1 for e in found if e.forget or any(op == "LISTEN" for op, _ in e.listen))
+    if replaced and len(found) > 1:
+        return Effects(refusal=("LISTEN and DEALLOCATE must be sent on their own through pypool in "
+                                "transaction mode, not together with other statements",
                                 "send them as separate statements"))
     return NOTHING if merged == NOTHING else merged
+
+
+def pin_refusal(pins: tuple[str, str, str], full: str = "") -> tuple[str, str]:
+    """The 0A000 (message, hint) for state that may not pin; ``full`` says why it may not."""
+    _, message, hint = pins
+    return message, f"{hint}; {full}" if full else hint
 
 
 def refusal_sql(message: str, hint: str) -> str:

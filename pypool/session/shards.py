@@ -122,7 +122,7 @@ class _Aside:
     """Stands in for the client on a server running a request pypool answers itself: keeps the reply."""
 
     __slots__ = ("transport", "reading", "reply", "done")
-    own_notify_pid = 0  # a request pypool runs itself never waits for notifications
+    hold_ready = False  # RelayTarget: the whole reply, ReadyForQuery included, is kept
 
     def __init__(self, reading: ReadingPause) -> None:
         self.transport = self  # the server's relay writes its replies to ``write``
@@ -134,7 +134,7 @@ class _Aside:
         self.reply += data
 
     def hold_ready_for_query(self, data: bytes, end: int) -> int:
-        return 0  # never asked: ``own_notify_pid`` is 0
+        return 0  # never asked: ``hold_ready`` is False
 
     def server_request_done(self, server: ServerConnection) -> None:
         if not self.done.done():

@@ -15,6 +15,8 @@ than a flag elsewhere.
                                     └── WAITING_FOR_REPLICA <── IDLE, ATTACHED (retry), WAITING (again)
                                           (a read that must see a write no usable replica is known
                                           to have replayed; ends in WAITING, or IDLE with an error)
+    ATTACHED ──> CHECKING_PIN ──> PINNED ──> CHECKING_PIN ──> IDLE (or READING_BACK)
+    (a transaction that may leave or release session state ends; the catalogs decide)
                     IDLE ──> FANNED_OUT ──> IDLE  (sharded pools: pypool runs a request aside: a read on every shard, a describe)
     any state ──> CLOSED
 
@@ -44,6 +46,11 @@ class ClientState(enum.Enum):
     # channel the client listens on waits for the listener to have received its notifications.
     WAITING_FOR_LISTENER = "waiting for the listener"
     WAITING_FOR_REPLICA = "waiting for a replica"  # a causal read waits for a replica to replay its write
+    # Keeps its server connection between transactions: state that outlives a transaction
+    # (temporary tables, WITH HOLD cursors, session advisory locks, SQL PREPARE) lives there.
+    PINNED = "pinned"
+    # A transaction that may have created or released such state ended: the server's catalogs say.
+    CHECKING_PIN = "checking its session state"
     FANNED_OUT = "fanned out"  # pypool runs the request on servers itself (every shard) and answers from their replies
     CLOSED = "closed"
 
@@ -63,16 +70,19 @@ _TRANSITIONS: dict[ClientState, tuple[ClientState, ...]] = {
     _S.WAITING_FOR_REPLICA: (_S.WAITING, _S.IDLE, _S.CLOSED),
     _S.SYNCING: (_S.ATTACHED, _S.IDLE, _S.CLOSED),
     _S.ATTACHED: (_S.IDLE, _S.READING_BACK, _S.WAITING_FOR_LISTENER, _S.WAITING, _S.WAITING_FOR_REPLICA,
-                  _S.CLOSED),
+                  _S.CHECKING_PIN, _S.CLOSED),
     _S.READING_BACK: (_S.IDLE, _S.CLOSED),
-    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.IDLE, _S.WAITING, _S.READING_BACK, _S.CLOSED),
+    _S.WAITING_FOR_LISTENER: (_S.ATTACHED, _S.PINNED, _S.IDLE, _S.WAITING, _S.READING_BACK, _S.CLOSED),
+    _S.PINNED: (_S.CHECKING_PIN, _S.WAITING_FOR_LISTENER, _S.CLOSED),
+    _S.CHECKING_PIN: (_S.PINNED, _S.IDLE, _S.READING_BACK, _S.CLOSED),
     _S.FANNED_OUT: (_S.IDLE, _S.CLOSED),
     _S.CLOSED: (),
 }
 _SHOWN = {
     _S.STARTUP: "login", _S.AUTHENTICATING: "login", _S.ADMIN: "active", _S.IDLE: "idle",
     _S.WAITING: "waiting", _S.SYNCING: "waiting", _S.ATTACHED: "active", _S.READING_BACK: "active",
-    _S.WAITING_FOR_LISTENER: "waiting", _S.WAITING_FOR_REPLICA: "waiting", _S.FANNED_OUT: "active",
+    _S.WAITING_FOR_LISTENER: "waiting", _S.WAITING_FOR_REPLICA: "waiting", _S.PINNED: "active",
+    _S.CHECKING_PIN: "active", _S.FANNED_OUT: "active",
     _S.CLOSED: "closed",
 }
 for _state in ClientState:
@@ -83,7 +93,7 @@ for _state in ClientState:
 # The members as module names: reading ``ClientState.IDLE`` goes through the Enum class (about 0.1 us on
 # Python 3.11), ``states.IDLE`` is a plain module attribute; the relay reads them per request.
 (STARTUP, AUTHENTICATING, ADMIN, IDLE, WAITING, SYNCING, ATTACHED, READING_BACK, WAITING_FOR_LISTENER,
- WAITING_FOR_REPLICA, FANNED_OUT, CLOSED) = ClientState
+ WAITING_FOR_REPLICA, PINNED, CHECKING_PIN, FANNED_OUT, CLOSED) = ClientState
 
 # PgBouncer's client states, as counted by SHOW POOLS (cl_*) and /metrics.
 CLIENT_STATES = ("active", "idle", "waiting")

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 COLUMNS = {
     "POOLS": ["database", "user", "pool_mode", "cl_idle", "cl_active", "cl_waiting", "cl_cancel_req", "sv_active",
-              "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us"],
+              "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us", "cl_pinned"],
     "STATS": ["instance", "database", "user", "total_xact_count", "total_query_count", "total_received",
               "total_sent", "total_xact_time", "total_query_time", "total_wait_time", "total_errors",
               "avg_xact_count", "avg_query_count", "avg_recv", "avg_sent", "avg_errors", "avg_xact_time",
@@ -35,7 +35,7 @@ COLUMNS = {
                 "transaction_count", "query_count", "bytes_sent", "bytes_received", "age_seconds",
                 "prepare_cache_hit", "prepare_cache_miss", "prepare_cache_eviction", "prepare_cache_size"],
     "CLIENTS": ["client_id", "database", "user", "application_name", "state", "transaction_count", "query_count",
-                "error_count", "age_seconds", "maxwait", "maxwait_us", "causal_required"],
+                "error_count", "age_seconds", "maxwait", "maxwait_us", "pinned", "causal_required"],
     "DATABASES": ["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size", "reserve_pool",
                   "pool_mode", "max_connections", "current_connections", "paused", "disabled"],
     "CONFIG": ["key", "value", "default", "changeable"],

@@ -99,8 +99,11 @@ def test_reset_returns_to_the_clients_own_startup_values(one_connection):
     ("SELECT pg_advisory_lock(42)", "advisory lock"),
     ("CREATE TEMP TABLE t_session (id int)", "temporary object"),
 ])
-def test_what_cannot_survive_pooling_is_refused_with_a_hint(one_connection, sql, why):
-    with connect(one_connection) as conn:
+def test_what_cannot_survive_pooling_is_refused_with_a_hint_when_pinning_is_off(start_pypool, sql, why):
+    # session_pinning = "auto" pins such clients instead (tests/integration/test_pinning.py).
+    refusing = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1),
+                                  {"pools": {"postgres": {"session_pinning": "refuse"}}}))
+    with connect(refusing) as conn:
         with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
             conn.execute(sql)
         diag = info.value.diag
@@ -109,8 +112,9 @@ def test_what_cannot_survive_pooling_is_refused_with_a_hint(one_connection, sql,
         assert conn.execute("SELECT 1").fetchone() == (1,)  # the session carries on
 
 
-def test_with_hold_cursor_is_refused_and_the_transaction_rolls_back(one_connection):
-    with connect(one_connection) as conn:
+def test_with_hold_cursor_is_refused_and_the_transaction_rolls_back_when_pinning_is_off(start_pypool):
+    refusing = start_pypool(merge(PRIMARY_ONLY, {"pools": {"postgres": {"session_pinning": "refuse"}}}))
+    with connect(refusing) as conn:
         conn.execute("BEGIN")
         with pytest.raises(psycopg.errors.FeatureNotSupported, match="WITH HOLD"):
             conn.execute("DECLARE c CURSOR WITH HOLD FOR SELECT 1")

@@ -9,6 +9,7 @@ from pypool.client import ClientConnection
 from pypool.config import default_config_dict, dump_config, parse_config
 from pypool.pool.pool import ServerPool
 from pypool.pool.server import IDLE, Credentials, ServerConnection
+from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState
 
 
@@ -39,14 +40,18 @@ class Recorder(asyncio.Transport):
         return out
 
 
-def primary_only_app(pool_mode: str = "transaction", pool_size: int = 1) -> Application:
-    """An Application whose one pool sends everything to its primary; nothing is started."""
+def primary_only_app(pool_mode: str = "transaction", pool_size: int = 1, **keys: object) -> Application:
+    """An Application whose one pool sends everything to its primary; nothing is started.
+
+    ``keys``: more keys of that pool.
+    """
     cfg = default_config_dict({})
     pool = cfg["pools"]["postgres"]
     pool["default_role"] = "primary"
     pool["query_parser_enabled"] = False
     pool["query_parser_read_write_splitting"] = False
     pool["pool_mode"] = pool_mode
+    pool.update(keys)
     pool["users"]["0"]["pool_size"] = pool_size
     return Application(parse_config(dump_config(cfg)))
 
@@ -75,6 +80,25 @@ def logged_in_client(app: Application) -> ClientConnection:
     client.user = "postgres"
     client._router = app.routers["postgres"]
     client._session_mode = group.pool_mode == "session"
+    if not client._session_mode:
+        client.statements = ClientStatements()  # as login sets it up in transaction mode
     client.state = ClientState.IDLE
     app.clients.add(client)
     return client
+
+
+def logged_in(pool_mode: str = "transaction", pool_size: int = 1,
+              **keys: object) -> tuple[ClientConnection, ServerConnection, Application]:
+    """A client past login on a primary-only pool with one idle server connection."""
+    app = primary_only_app(pool_mode, pool_size, **keys)
+    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
+    return logged_in_client(app), server, app
+
+
+def feed(receiver, data: bytes, one_byte_at_a_time: bool) -> None:
+    """``data`` to a connection's ``data_received``, whole or one byte at a time (the worst TCP split)."""
+    if one_byte_at_a_time:
+        for i in range(len(data)):
+            receiver.data_received(data[i:i + 1])
+    else:
+        receiver.data_received(data)

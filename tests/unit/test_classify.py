@@ -160,9 +160,12 @@ TABLE: list[tuple[str, str]] = [
     ("DISCARD ALL", P),
     ("SET LOCAL statement_timeout = 1000", N),
     ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", N),
-    # --- PREPARE is a read only when its query is; EXECUTE/DEALLOCATE cannot be proven
-    ("PREPARE p AS SELECT * FROM t WHERE id = $1", R),
-    ("PREPARE p (int, text) AS SELECT $1, $2", R),
+    # --- PREPARE is a read only when its query is and it is gone by the end of the text: kept, it pins
+    # its client to that connection (the primary, where later writes can run); EXECUTE/DEALLOCATE
+    # cannot be proven
+    ("PREPARE p AS SELECT * FROM t WHERE id = $1", P),
+    ("PREPARE p (int, text) AS SELECT $1, $2", P),
+    ("PREPARE p AS SELECT 1; EXECUTE p; DEALLOCATE p", R),
     ("PREPARE p AS UPDATE t SET a = $1", P),
     ("PREPARE p AS SELECT nextval('s')", P),
     ("PREPARE p AS SELECT * FROM t FOR UPDATE", P),

@@ -26,7 +26,7 @@ def test_everyday_statements_skip_the_analysis(sql):
 @pytest.mark.parametrize("sql", [
     "SET search_path = a", "  /* c */ reset all", "-- note\nSET x = 1", "BEGIN; SET LOCAL x = 1; COMMIT",
     "SELECT set_config('a', 'b', false)", "SELECT pg_advisory_lock(1)", "LISTEN x", "deallocate all",
-    "ALTER TABLE t ADD COLUMN c int", "DROP TABLE t",
+    "ALTER TABLE t ADD COLUMN c int", "DROP TABLE t", "close all",
 ])
 def test_session_statements_are_flagged(sql):
     assert matters(sql)
@@ -35,22 +35,32 @@ def test_session_statements_are_flagged(sql):
 @pytest.mark.parametrize("sql, expected", [
     ("SET statement_timeout = '1s'", s.Effects(settings=True)),
     ("SET SESSION search_path TO a, b", s.Effects(settings=True)),
-    ("RESET ALL", s.Effects(settings=True)),
+    ("RESET ALL", s.Effects(settings=True, resets=True)),
+    ("SET work_mem TO DEFAULT", s.Effects(settings=True, resets=True)),
     ("SELECT set_config('search_path', 'a', false)", s.Effects(settings=True)),
     ("SET LOCAL statement_timeout = '1s'", s.NOTHING),
     ("SET LOCAL synchronous_commit = off", s.Effects(asynchronous_commit=True)),
     ("BEGIN; set local synchronous_commit to 'false'; INSERT INTO t VALUES (1)", s.Effects(asynchronous_commit=True)),
     ("SET LOCAL synchronous_commit = local", s.NOTHING),
     ("ALTER TABLE t ADD COLUMN b int", s.Effects(schema=True)),
-    ("drop type mood; create type mood AS ENUM ('a')", s.Effects(schema=True)),
+    ("drop type mood; create type mood AS ENUM ('a')", s.Effects(may_release=True, schema=True)),
     ("CREATE TEMP TABLE x (a int) ON COMMIT DROP", s.NOTHING),
     ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", s.NOTHING),
     ("UPDATE t SET v = 1", s.NOTHING),
-    ("DISCARD ALL", s.Effects(settings=True, forget_all=True)),
+    ("DISCARD ALL", s.Effects(settings=True, forget_all=True, may_release=True, resets=True)),
     ("DISCARD PLANS", s.NOTHING),
-    ("DEALLOCATE ALL", s.Effects(forget_all=True)),
-    ("DEALLOCATE PREPARE _pg3_0", s.Effects(forget=("_pg3_0",))),
-    ('DEALLOCATE "S_1"', s.Effects(forget=("S_1",))),
+    ("DISCARD TEMP", s.Effects(may_release=True)),
+    ("DEALLOCATE ALL", s.Effects(forget_all=True, may_release=True)),
+    ("DEALLOCATE PREPARE _pg3_0", s.Effects(forget=("_pg3_0",), may_release=True)),
+    ('DEALLOCATE "S_1"', s.Effects(forget=("S_1",), may_release=True)),
+    ("DROP TABLE t", s.Effects(may_release=True, schema=True)),
+    ("CLOSE ALL", s.Effects(may_release=True)),
+    ("select pg_advisory_unlock_all()", s.Effects(may_release=True)),
+    ("SELECT pg_advisory_unlock(1)", s.Effects(may_release=True)),
+    # asyncpg's pool reset, as PostgreSQL runs it: nothing refused, the pooler notes each effect
+    ("SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
+     s.Effects(settings=True, listen=(("UNLISTEN", "*"),), may_release=True, resets=True)),
+    ("CLOSE ALL; RESET ALL; DISCARD TEMP", s.Effects(settings=True, may_release=True, resets=True)),
     ("LISTEN Jobs", s.Effects(listen=(("LISTEN", "jobs"),))),
     ('UNLISTEN "Jobs"', s.Effects(listen=(("UNLISTEN", "Jobs"),))),
     ("UNLISTEN *", s.Effects(listen=(("UNLISTEN", "*"),))),
@@ -68,17 +78,29 @@ def test_analyze(sql, expected):
     ("PREPARE p AS SELECT 1", "SQL PREPARE"),
     ("EXECUTE p(1)", "SQL EXECUTE"),
     ("SELECT pg_try_advisory_lock(7)", "pg_try_advisory_lock"),
-    ("select pg_advisory_unlock_all()", "pg_advisory_unlock_all"),
     ("CREATE TEMPORARY TABLE t (id int)", "temporary object"),
     ("CREATE GLOBAL TEMP TABLE t (id int) ON COMMIT DELETE ROWS", "temporary object"),
     ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "WITH HOLD"),
-    ("SELECT 1; LISTEN x", "on their own"),
+    ("BEGIN; CREATE TEMP TABLE t (id int); COMMIT", "temporary object"),
 ])
-def test_refusals_say_what_and_how(sql, what):
-    refusal = s.analyze(sql).refusal
-    assert refusal is not None
-    message, hint = refusal
+def test_state_that_outlives_the_transaction_pins_or_is_refused_saying_what_and_how(sql, what):
+    effects = s.analyze(sql)
+    assert effects.pins is not None and effects.refusal is None
+    message, hint = s.pin_refusal(effects.pins)
     assert what in message and hint
+    message, hint = s.pin_refusal(effects.pins, "all 2 are pinned")
+    assert hint.endswith("; all 2 are pinned")
+
+
+@pytest.mark.parametrize("sql", ["SELECT 1; LISTEN x", "DEALLOCATE p; SELECT 1"])
+def test_statements_the_pooler_replaces_must_come_alone(sql):
+    message, hint = s.analyze(sql).refusal
+    assert "on their own" in message and hint
+
+
+def test_held_state_names_what_the_catalogs_report():
+    assert s.held_state(["0", "0", "0", "0"]) == ""
+    assert s.held_state(["2", "0", "1", "0"]) == "2 temporary relations, 1 SQL prepared statements"
 
 
 def test_refusal_sql_raises_feature_not_supported_with_quotes_escaped():

@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pypool.app import Application
-from pypool.client import ClientConnection
-from pypool.pool.server import ACTIVE, IDLE, ServerConnection
+from pypool.pool.server import ACTIVE, IDLE
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation, tag_table
 from pypool.session import session_state
@@ -23,22 +22,7 @@ from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState, IllegalTransition
 from pypool.session.tracker import RequestTracker
 from pypool.snapshot import take
-from tests.unit._fakes import idle_server, logged_in_client, primary_only_app
-
-
-def logged_in(pool_mode: str = "transaction") -> tuple[ClientConnection, ServerConnection, Application]:
-    """A client past login on a primary-only pool with one idle server connection."""
-    app = primary_only_app(pool_mode)
-    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
-    return logged_in_client(app), server, app
-
-
-def feed(receiver, data: bytes, one_byte_at_a_time: bool) -> None:
-    if one_byte_at_a_time:
-        for i in range(len(data)):
-            receiver.data_received(data[i:i + 1])
-    else:
-        receiver.data_received(data)
+from tests.unit._fakes import feed, logged_in, logged_in_client
 
 
 SELECT = m.query("SELECT 1")
