@@ -186,8 +186,8 @@ class Application:
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         return self.registry.register_cancel_key(client)
 
-    def cancel(self, process_id: int, secret_key: int) -> None:
-        self.registry.cancel(process_id, secret_key)
+    def cancel(self, process_id: int, secret_key: int) -> "asyncio.Task[None] | None":
+        return self.registry.cancel(process_id, secret_key)
 
     def has_database(self, database: str) -> bool:
         return database in self.config.pools

@@ -97,7 +97,7 @@ class WorkerPooler(Pooler, snapshot.StatsSource, Protocol):
 
     accepting: bool
 
-    def cancel(self, process_id: int, secret_key: int) -> None: ...
+    def cancel(self, process_id: int, secret_key: int) -> "asyncio.Task[None] | None": ...
 
 
 class Worker:

@@ -205,7 +205,11 @@ class LoginHandshake:
                 self.transport.write(b"N")  # type: ignore[union-attr]
                 continue
             if isinstance(packet, CancelRequest):
-                self.app.cancel(packet.process_id, packet.secret_key)
+                delivery = self.app.cancel(packet.process_id, packet.secret_key)
+                if delivery is not None:
+                    # Closed only once the server has the signal, as PostgreSQL closes it: a driver
+                    # that waits for the close (asyncpg) must not see the cancel hit its next statement.
+                    await asyncio.shield(delivery)
                 self.close()
                 return None
             return packet

@@ -70,13 +70,14 @@ class ClientRegistry:
                 self._cancel_keys[key] = client
                 return key
 
-    def cancel(self, process_id: int, secret_key: int) -> None:
+    def cancel(self, process_id: int, secret_key: int) -> "asyncio.Task[None] | None":
+        """Forward a CancelRequest to the server running that client's request; the delivery, if any."""
         if self.worker is not None and self.worker.forward_cancel(process_id, secret_key):
-            return  # another worker holds that client
+            return None  # another worker holds that client
         client = self._cancel_keys.get((process_id, secret_key))
         server = client.server if client is not None else None
         if server is None:
-            return  # unknown key or nothing running: nothing to cancel, as PostgreSQL does
+            return None  # unknown key or nothing running: nothing to cancel, as PostgreSQL does
         group = client.group
         task = asyncio.get_running_loop().create_task(
             send_cancel(server.address, server.backend_pid, server.backend_secret))
@@ -88,3 +89,4 @@ class ClientRegistry:
                 group.cancels_in_flight -= 1
 
             task.add_done_callback(delivered)
+        return task

@@ -551,14 +551,21 @@ async def open_connection(address: "ServerAddress", credentials: Credentials,
 
 
 async def send_cancel(address: "ServerAddress", process_id: int, secret_key: int, timeout: float = 5.0) -> None:
-    """Deliver a CancelRequest for a backend on ``address`` (best effort)."""
+    """Deliver a CancelRequest for a backend on ``address`` (best effort).
+
+    Returns once the server has closed the connection, as libpq's PQcancel
+    waits: by then the postmaster has signalled the backend.
+    """
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         log.warning("cancel: cannot reach %s:%s: %s", address.host, address.port, exc)
         return
     writer.write(m.cancel_request(process_id, secret_key))
     try:
         await writer.drain()
+        await asyncio.wait_for(reader.read(), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        log.warning("cancel: %s:%s did not confirm the cancel request: %s", address.host, address.port, exc)
     finally:
         writer.close()

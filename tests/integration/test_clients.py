@@ -302,6 +302,22 @@ async def test_asyncpg_timeout_cancels_the_query(pypool, pg_cluster):
         await conn.close()
 
 
+async def test_a_cancel_after_a_timeout_never_hits_the_next_statement(pypool):
+    """asyncpg waits for its cancel connection to close before its next statement, as libpq does.
+
+    PostgreSQL closes it once the backend has the signal; pypool must close it no sooner, or the
+    signal arrives while the client's next statement runs and cancels that one (57014).
+    """
+    conn = await asyncpg.connect(pypool.dsn(), statement_cache_size=0)
+    try:
+        for _ in range(20):
+            with pytest.raises(asyncio.TimeoutError):
+                await conn.fetchval("SELECT pg_sleep(5)", timeout=0.05)
+            assert await conn.fetchval("SELECT count(*) FROM generate_series(1, 20000)", timeout=60) == 20000
+    finally:
+        await conn.close()
+
+
 # ------------------------------------------------------------------ pgbench
 
 @pytest.mark.parametrize("mode", ["simple", "extended"])
