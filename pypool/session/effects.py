@@ -23,6 +23,7 @@ from pypool.session.prepared import Rewriter, ServerStatements, names_statement
 from pypool.session import states
 
 if TYPE_CHECKING:
+    from pypool.causal.pool_causal import CommitTicket
     from pypool.pool.group import PoolGroup
 
 log = logging.getLogger("pypool.client")
@@ -319,13 +320,13 @@ class SessionEffects:
         if ready and self.transport is not None and not self.transport.is_closing():
             self.transport.write(ready)
 
-    def _learn_commit_position(self, server: ServerConnection, ticket: int, asynchronous: bool) -> None:
+    def _learn_commit_position(self, server: ServerConnection, ticket: CommitTicket, asynchronous: bool) -> None:
         """Learn a write's commit position on its released connection; the client goes on meanwhile."""
         task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket, asynchronous))
         _COMMIT_LOOKUPS.add(task)
         task.add_done_callback(_COMMIT_LOOKUPS.discard)
 
-    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None,
+    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: CommitTicket | None,
                                  asynchronous: bool = False) -> None:
         """Talk to a released connection before it goes back: own notifications, settings, commit position.
 
@@ -362,7 +363,7 @@ class SessionEffects:
             raise
         finally:
             if ticket is not None:  # not learnt here: the primary's current position covers it
-                group.causal.commit_lookup_failed(self.causal, ticket)  # type: ignore[arg-type]
+                ticket.failed()
             group.checkin(server, clean=clean)
 
     async def _read_back_settings(self, server: ServerConnection) -> bool:
@@ -382,7 +383,7 @@ class SessionEffects:
         server.applied_key = self._parameters_key if settings == self._desired_settings else None
         return True
 
-    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: int,
+    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: CommitTicket,
                             asynchronous: bool) -> bool:
         """Ask the connection that committed where its commit lies; False if it could not say.
 
@@ -397,7 +398,6 @@ class SessionEffects:
             why = str(exc) or f"no answer within healthcheck_timeout ({timeout * 1000:.0f} ms)"
             log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, why)
             return False
-        group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [],  # type: ignore[arg-type]
-                                   asynchronous=asynchronous)
+        ticket.learnt(rows[0] if rows else [], asynchronous)
         return True
 

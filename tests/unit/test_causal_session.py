@@ -207,3 +207,40 @@ def test_causal_state_session_mode_from_the_first_write_global_from_login_off_an
         client = logged_in_client(app)
         client._join_causal(app.groups[("postgres", "postgres", 0)])
         assert (client._causal_writes, client.causal is not None) == (tracked, at_login), pool
+
+
+def test_sharded_a_write_is_credited_to_its_shard_even_when_the_client_moved_on_before_its_lookup():
+    """Each shard's primary has its own WAL: positions are kept by shard. The lookup runs after the
+    client got its reply, by which time its next request may already run on another shard."""
+    async def scenario() -> None:
+        cfg = default_config_dict({})
+        pool = cfg["pools"]["postgres"]
+        pool.update(query_parser_enabled=True, query_parser_read_write_splitting=True)
+        pool["shards"] = {str(s): {"database": f"shard{s}", "servers": pool["shards"]["0"]["servers"]}
+                          for s in range(2)}
+        app = Application(parse_config(dump_config(cfg)))
+        groups = app.shard_groups("postgres", "postgres")
+        primaries = [idle_server(g.primary) for g in groups]
+        replicas = [[idle_server(sp) for sp in g.replicas] for g in groups]
+        client = logged_in_client(app)
+        client.shard_groups = groups
+        client._join_causal(groups[0])  # as login does
+        client.data_received(m.query("SET SHARD TO '0'"))
+        client.data_received(INSERT)
+        assert client.server is primaries[0] and primaries[0].track_commit
+        primaries[0].data_received(INSERTED)
+        client.data_received(m.query("SET SHARD TO '1'") + SELECT)  # before the lookup began
+        assert client.server in replicas[1], "shard 1 has no write of this client to wait for"
+        assert primaries[0].transport.take() == INSERT
+        await settle()
+        assert primaries[0].transport.take() == m.query(COMMIT_POSITION_QUERY)
+        primaries[0].data_received(commit_position_reply())
+        await settle()
+        assert client._causal_by_shard[0].required == COMMITTED and 1 not in client._causal_by_shard
+        assert primaries[0] in groups[0].primary.idle
+        assert [c.causal_required for c in take(app).clients] == [f"shard 0: {COMMITTED}"]
+        client.server.data_received(SELECTED)
+        client.data_received(m.query("SET SHARD TO '0'") + SELECT)
+        assert client.state is ClientState.WAITING_FOR_REPLICA, "shard 0's replicas are not known to have it"
+        assert groups[1].causal.stats.at_once == 0
+    asyncio.run(scenario())
