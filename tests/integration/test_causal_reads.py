@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import time
 import uuid
@@ -328,8 +329,13 @@ def test_timeout_without_primary_reads_fails_naming_the_lag(start_pypool, laggin
     pypool = start_pypool(overrides)
     with psycopg.connect(pypool.dsn(), autocommit=True, options=SYNC_COMMIT) as conn:
         conn.execute(f"INSERT INTO {lagging} VALUES (1)")
-        with pytest.raises(psycopg.errors.QueryCanceled, match="causal_reads_timeout = 50 ms"):
+        with pytest.raises(psycopg.errors.QueryCanceled) as refused:
             conn.execute(f"SELECT count(*) FROM {lagging} WHERE id = 1")
+        assert refused.value.sqlstate == "57014"
+        # The message names the replica and how far behind it is (the monitor asked it meanwhile).
+        assert re.search(rf"causal_reads_timeout = 50 ms \(127\.0\.0\.1:{pg_cluster[2].port} \S+ (?:bytes|kB|MB) "
+                         rf"behind at [0-9A-F]+/[0-9A-F]+\)", str(refused.value)), str(refused.value)
+        conn.execute(f"INSERT INTO {lagging} VALUES (2)")  # the session goes on
 
 
 # ------------------------------------------------- positions from the monitor
