@@ -1,6 +1,6 @@
 """The session machine fed bytes without sockets: states, the frame walker, request tracking, the relay.
 
-Real ClientConnection/ServerConnection/PoolGroup objects with recording
+A real ClientSession (its IO recorded), real ServerConnection/PoolGroup objects with recording
 transports; every stream is also fed one byte at a time, the worst split a
 TCP read can produce.
 """
@@ -49,7 +49,7 @@ def test_a_query_goes_out_and_its_reply_back_then_the_server_returns_to_the_pool
     assert server.state == ACTIVE and shown_state(app) == "active"
     assert server.transport.take() == SELECT
     feed(server, REPLY, drip)
-    assert client.transport.take() == REPLY
+    assert client.io.take() == REPLY
     assert client.state is ClientState.IDLE and client.server is None
     assert server.state == IDLE and server in server.pool.idle
     assert shown_state(app) == "idle"
@@ -69,7 +69,7 @@ def test_an_extended_batch_stays_attached_until_its_last_sync_is_answered(drip):
     assert client.server is server, "one Sync is still unanswered"
     second = m.message(m.BIND_COMPLETE) + m.command_complete("SELECT 1") + m.ready_for_query()
     feed(server, second, drip)
-    assert client.transport.take() == first + second
+    assert client.io.take() == first + second
     assert client.server is None and client.state is ClientState.IDLE
 
 
@@ -103,7 +103,7 @@ def test_terminate_closes_the_client_and_returns_a_clean_server():
     feed(client, SELECT, False)
     feed(server, REPLY, False)
     client.data_received(m.terminate())
-    assert client.state is ClientState.CLOSED and client.transport.closed
+    assert client.state is ClientState.CLOSED and client.io.closed
     assert server.state == IDLE and not server.closed
 
 
@@ -111,7 +111,7 @@ def test_leaving_mid_transaction_closes_the_server_connection():
     client, server, _ = logged_in()
     feed(client, m.query("BEGIN"), False)
     feed(server, m.command_complete("BEGIN") + m.ready_for_query(b"T"), False)
-    client.connection_lost(None)
+    client.close()
     assert client.state is ClientState.CLOSED
     assert server.closed and server.pool is None
 
@@ -120,7 +120,7 @@ def test_an_impossible_length_is_a_protocol_violation_and_closes_the_client():
     client, server, _ = logged_in()
     client.data_received(b"Q\x00\x00\x00\x02")
     assert client.state is ClientState.CLOSED
-    assert b"08P01" in client.transport.take()
+    assert b"08P01" in client.io.take()
 
 
 def test_a_full_pool_queues_the_client_as_waiting_until_the_connection_comes_back():
