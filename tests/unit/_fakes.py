@@ -93,10 +93,11 @@ class RecordingIO:
         self.paused = False
 
 
-def primary_only_app(pool_mode: str = "transaction", pool_size: int = 1, **keys: object) -> Application:
+def primary_only_app(pool_mode: str = "transaction", pool_size: int = 1, user_keys: dict | None = None,
+                     **keys: object) -> Application:
     """An Application whose one pool sends everything to its primary; nothing is started.
 
-    ``keys``: more keys of that pool.
+    ``keys``: more keys of that pool; ``user_keys``: more keys of its user.
     """
     cfg = default_config_dict({})
     pool = cfg["pools"]["postgres"]
@@ -106,6 +107,7 @@ def primary_only_app(pool_mode: str = "transaction", pool_size: int = 1, **keys:
     pool["pool_mode"] = pool_mode
     pool.update(keys)
     pool["users"]["0"]["pool_size"] = pool_size
+    pool["users"]["0"].update(user_keys or {})
     return Application(parse_config(dump_config(cfg)))
 
 

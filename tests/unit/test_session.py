@@ -1,8 +1,10 @@
 """The session machine fed bytes without sockets: states, the frame walker, request tracking, the relay.
 
-A real ClientSession (its IO recorded), real ServerConnection/PoolGroup objects with recording
-transports; every stream is also fed one byte at a time, the worst split a
-TCP read can produce.
+A real ClientSession whose outside world is a RecordingIO (tests/unit/_fakes.py),
+real ServerConnection/PoolGroup objects with recording transports; every
+stream is also fed one byte at a time, the worst split a TCP read can
+produce. Tests not marked otherwise run no event loop: the session's relay,
+checkout and check-in need none.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pypool.app import Application
-from pypool.pool.server import ACTIVE, IDLE
+from pypool import sqlstates
+from pypool.pool.server import ACTIVE, IDLE, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation, tag_table
 from pypool.session import session_state
@@ -108,12 +111,53 @@ def test_terminate_closes_the_client_and_returns_a_clean_server():
 
 
 def test_leaving_mid_transaction_closes_the_server_connection():
-    client, server, _ = logged_in()
+    client, server, app = logged_in()
     feed(client, m.query("BEGIN"), False)
     feed(server, m.command_complete("BEGIN") + m.ready_for_query(b"T"), False)
+    pool = server.pool
     client.close()
-    assert client.state is ClientState.CLOSED
-    assert server.closed and server.pool is None
+    assert client.state is ClientState.CLOSED and client.io.closed
+    assert server.closed and server.pool is None, "checked in dirty: its transaction cannot be trusted"
+    assert server not in pool.idle and client not in app.clients
+
+
+@pytest.mark.parametrize("drip", [False, True])
+def test_leaving_in_the_middle_of_a_batch_checks_the_server_in_dirty(drip):
+    client, server, _ = logged_in()
+    feed(client, PARSE + BIND + EXECUTE, drip)  # no Sync yet: the server owes the batch its replies
+    assert client.in_transaction
+    pool = server.pool
+    client.close()
+    assert server.closed and server not in pool.idle
+
+
+def test_leaving_between_transactions_returns_the_server_clean():
+    client, server, app = logged_in()
+    feed(client, SELECT, False)
+    feed(server, REPLY, False)
+    client.close()
+    assert client.io.closed and client not in app.clients
+    assert not server.closed and server in server.pool.idle
+
+
+@pytest.mark.parametrize("drip", [False, True])
+def test_an_error_pypool_answers_discards_the_rest_of_the_batch_until_its_sync(drip, monkeypatch):
+    client, server, _ = logged_in()
+
+    def no_primary(role, on_ready, on_error):
+        raise ServerError("no primary is known", {"C": sqlstates.CONNECTION_FAILURE})
+
+    monkeypatch.setattr(client.group, "checkout_now", no_primary)
+    feed(client, PARSE + BIND, drip)
+    error = client.io.take()
+    assert error == m.error_response(sqlstates.CONNECTION_FAILURE, "no primary is known")
+    assert client.error_count == 1 and client.state is ClientState.IDLE
+    feed(client, EXECUTE + SYNC, drip)  # the rest of the failed batch: dropped, its Sync answered
+    assert client.io.take() == m.ready_for_query()
+    assert server.transport.take() == b"" and client.state is ClientState.IDLE
+    monkeypatch.undo()
+    feed(client, SELECT, drip)  # the next request runs as usual
+    assert server.transport.take() == SELECT and client.server is server
 
 
 def test_an_impossible_length_is_a_protocol_violation_and_closes_the_client():

@@ -1,0 +1,46 @@
+"""ClientConnection, the asyncio adapter around a ClientSession, without sockets.
+
+A Recorder stands in for the transport; the login runs as a coroutine on the
+event loop (trust authentication), then the client's bytes reach the session
+with no layer of the adapter in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pypool.client import ClientConnection
+from pypool.protocol import messages as m
+from pypool.session.states import ClientState
+from tests.unit._fakes import Recorder, idle_server, primary_only_app
+
+SELECT = m.query("SELECT 1")
+REPLY = m.row_description(["x"]) + m.data_row([1]) + m.command_complete("SELECT 1") + m.ready_for_query()
+
+
+def test_after_login_the_clients_bytes_go_straight_to_its_session_and_replies_to_the_transport():
+    async def scenario() -> None:
+        app = primary_only_app(user_keys={"auth_type": "trust"})
+        group = app.groups[("postgres", "postgres", 0)]
+        group.server_parameters = {"server_version": "15.0"}  # as learnt from a first server connection
+        server = idle_server(group.primary)
+        conn = ClientConnection(app)
+        transport = Recorder()
+        conn.connection_made(transport)
+        # A request sent right behind the startup packet waits for the login, then runs.
+        conn.data_received(m.startup_message({"user": "postgres", "database": "postgres"}) + SELECT)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        session = conn.session
+        greeting = transport.take()
+        assert greeting.startswith(m.authentication_ok()) and greeting.endswith(m.ready_for_query())
+        assert session.state is ClientState.ATTACHED and session in app.clients
+        assert conn.data_received == session.data_received, "no adapter call per read once logged in"
+        assert server.transport.take() == SELECT
+        server.data_received(REPLY)
+        assert transport.take() == REPLY and session.state is ClientState.IDLE
+        conn.connection_lost(None)
+        assert session.state is ClientState.CLOSED and transport.closed and session not in app.clients
+        assert server in server.pool.idle
+
+    asyncio.run(scenario())
