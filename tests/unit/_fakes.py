@@ -62,7 +62,8 @@ class RecordingIO:
         self.data = bytearray()
         self.closed = False
         self.paused = False
-        self.spawned: list = []
+        self.spawned: list = []  # coroutines kept while no event loop runs
+        self.tasks: list = []
 
     def write(self, data) -> None:
         self.data += data
@@ -84,7 +85,9 @@ class RecordingIO:
         except RuntimeError:
             self.spawned.append(work)
             return NotStarted(work)
-        return loop.create_task(work)
+        task = loop.create_task(work)
+        self.tasks.append(task)  # referenced, as the adapter does: the loop keeps only weak references
+        return task
 
     def pause_reading(self) -> None:
         self.paused = True

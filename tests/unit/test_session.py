@@ -343,3 +343,12 @@ def test_every_transaction_of_a_session_mode_client_is_timed(monkeypatch):
     assert client.server is server  # session mode: still attached
     assert (stats.queries_timed, stats.query_time) == (2, 3.0)
     assert (sum(stats.xact_hist), stats.xact_time) == (2, 3.0)
+
+
+def test_a_server_that_cannot_take_more_pauses_reading_its_client_until_it_drains():
+    client, server, _ = logged_in()
+    client.data_received(m.query("BEGIN"))
+    server.pause_writing()  # asyncio: the server's socket buffer is full
+    assert client.io.paused
+    server.resume_writing()
+    assert not client.io.paused
