@@ -29,9 +29,11 @@ def test_after_login_the_clients_bytes_go_straight_to_its_session_and_replies_to
         conn.connection_made(transport)
         # A request sent right behind the startup packet waits for the login, then runs.
         conn.data_received(m.startup_message({"user": "postgres", "database": "postgres"}) + SELECT)
-        for _ in range(5):
-            await asyncio.sleep(0)
         session = conn.session
+        for _ in range(100):  # the login coroutine's steps
+            if session.state is ClientState.ATTACHED:
+                break
+            await asyncio.sleep(0)
         greeting = transport.take()
         assert greeting.startswith(m.authentication_ok()) and greeting.endswith(m.ready_for_query())
         assert session.state is ClientState.ATTACHED and session in app.clients
