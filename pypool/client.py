@@ -107,8 +107,9 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Before and outside the relay: the login's and the admin console's bytes.
 
-        Once logged in to a pool this method is shadowed by the session's own
-        (``_relay_to_session``); this branch covers the bytes read in between.
+        Once logged in to a pool the session's own ``data_received`` takes this
+        one's place (``_relay_to_session``); the first branch is for a
+        transport that still calls this one.
         """
         session = self.session
         if session.state.relaying:
@@ -120,8 +121,12 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
                 waiter.set_result(None)
 
     def _relay_to_session(self) -> None:
-        """Logged in to a pool: asyncio hands the client's bytes to the session directly."""
+        """Logged in to a pool: the event loop hands the client's bytes to the session directly."""
         self.data_received = self.session.data_received  # type: ignore[method-assign]
+        transport = self.transport
+        if transport is not None:
+            # uvloop keeps the ``data_received`` it found when the protocol was set: set it again.
+            transport.set_protocol(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.close()

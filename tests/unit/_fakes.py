@@ -30,6 +30,9 @@ class Recorder(asyncio.Transport):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
 
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
     def close(self) -> None:
         self.closed = True
 
