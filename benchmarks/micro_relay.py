@@ -68,10 +68,8 @@ class FakeTransport(asyncio.Transport):
     def close(self) -> None:
         self.closing = True
 
-
-class FakeIO(FakeTransport):
-    """The session's SessionIO (the asyncio adapter binds ``write`` to its transport's)."""
-
+    # SessionIO (a client session's outside world): the same class for client and servers, so that
+    # ``write``'s attribute caches see one type, as they did when the client's was a transport too.
     def disconnect(self) -> None:
         self.closing = True
 
@@ -101,7 +99,7 @@ def build(routing: bool, extended: bool) -> tuple[ClientConnection, list[ServerC
     # Keyed (pool, user, shard) since sharding, (pool, user) before: either checkout can be measured.
     group = next(g for key, g in app.groups.items() if key[:2] == ("postgres", "postgres"))
     if ClientSession is not None:
-        client = ClientSession(app, FakeIO())  # what the adapter's data_received is bound to after login
+        client = ClientSession(app, FakeTransport())  # what the adapter's data_received is bound to after login
     else:
         client = ClientConnection(app)
         client.transport = FakeTransport()
