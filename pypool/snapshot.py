@@ -442,7 +442,7 @@ def _client_row(client: "ClientSession", now: float, wall: float) -> ClientRow:
                      client.xact_count, client.query_count, client.error_count, now - client.connected_at,
                      max(client.max_wait, current_wait), wall - (now - client.connected_at),
                      (client.pin_reason or "") if client.state is ClientState.PINNED else "",
-                     str(client.causal) if client.causal is not None else "")
+                     client.causal_required)
 
 
 # ------------------------------------------------------------------ averages

@@ -10,9 +10,10 @@
 ``stats``        counters and the wait histogram for /metrics
 
 Wiring (one ``PoolCausal`` per PoolGroup, built from the pool's ``causal_reads``
-and ``causal_reads_timeout``; in ``global`` mode one ``CommitLog`` per pool name,
-``CommitLog(worker.commit_slots(name))`` under workers, shared by that pool's
-groups):
+and ``causal_reads_timeout``; in ``global`` mode one ``CommitLog`` per pool shard,
+``CommitLog(worker.commit_slots(name))`` under workers, shared by that shard's
+groups; a sharded pool's client keeps one ``ClientCausal`` per shard, since each
+shard's primary has its own WAL):
 
 * the group passes ``causal.positions`` to each ServerMonitor it starts, gives
   ``check`` = that replica's ``monitor.check_position()`` and
@@ -27,8 +28,7 @@ groups):
   read on another connection can reach another worker before the lookup is
   published: measured, 3 stale reads in 1,000); once the reply is written,
   detach the server, send ``requirement.COMMIT_POSITION_QUERY`` on it, then
-  ``causal.commit_learnt(c, ticket, row)`` (or ``commit_lookup_failed`` on an
-  error) and check it in. The client is never held for this; its next write
+  ``ticket.learnt(row)`` (or ``ticket.failed()`` on an error) and check it in. The client is never held for this; its next write
   goes ahead at once, its next read waits for the answer only if it comes first;
 * before a read takes a replica: ``causal.must_wait(c, candidates)`` (False:
   the fast path, unchanged); True: in the checkout coroutine,

@@ -3,14 +3,16 @@
 The session holds one ``ClientCausal`` per client (``client()``; None when the
 pool's ``causal_reads`` is off) and calls, per transaction:
 
-1. ``write_ended(client)`` when a transaction that ran on the primary and was
-   not read-only ends: on the server's ReadyForQuery 'I', *before* those bytes
-   are written to the client (with workers, a read the client sends on another
-   connection may reach another process at once: the lookup must already be
-   published). Then, after the reply went out and before the connection goes
-   back to the pool, send ``COMMIT_POSITION_QUERY`` on that server connection
-   and report the row with ``commit_learnt(client, ticket, row)``, or
-   ``commit_lookup_failed(client, ticket)`` if it could not be answered.
+1. ``ticket = write_ended(client)`` when a transaction that ran on the primary
+   and was not read-only ends: on the server's ReadyForQuery 'I', *before* those
+   bytes are written to the client (with workers, a read the client sends on
+   another connection may reach another process at once: the lookup must
+   already be published). Then, after the reply went out and before the
+   connection goes back to the pool, send ``COMMIT_POSITION_QUERY`` on that
+   server connection and report the row with ``ticket.learnt(row)``, or
+   ``ticket.failed()`` if it could not be answered. The ticket remembers its
+   pool group and client state: in a sharded pool the client may have moved
+   on to another shard by then.
 2. ``must_wait(client, replicas)`` before a read is given a replica: False is
    the fast path (route as ever: no requirement, or every replica the group
    would choose from already replayed it). True: ``await choose(...)`` tells
@@ -66,10 +68,10 @@ class PoolCausal(Generic[K]):
 
     # ------------------------------------------------------ after a write
 
-    def write_ended(self, client: ClientCausal) -> int:
-        """A write transaction ended: its position is pending until ``commit_learnt``. Returns the ticket."""
+    def write_ended(self, client: ClientCausal) -> "CommitTicket":
+        """A write transaction ended: its position is pending until the ticket says where it lies."""
         client.begin_lookup()
-        return self.log.begin_lookup() if self.log is not None else NO_TICKET
+        return CommitTicket(self, client, self.log.begin_lookup() if self.log is not None else NO_TICKET)
 
     def commit_learnt(self, client: ClientCausal, ticket: int, row: list[str | None],
                       asynchronous: bool = False) -> None:
@@ -171,6 +173,23 @@ class PoolCausal(Generic[K]):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.reads.close()
+
+
+class CommitTicket:
+    """One write's pending commit position: the pool (shard) it ran on, whose client, the log's ticket."""
+
+    __slots__ = ("causal", "client", "number")
+
+    def __init__(self, causal: PoolCausal, client: ClientCausal, number: int) -> None:
+        self.causal = causal
+        self.client = client
+        self.number = number
+
+    def learnt(self, row: list[str | None], asynchronous: bool = False) -> None:
+        self.causal.commit_learnt(self.client, self.number, row, asynchronous)
+
+    def failed(self) -> None:
+        self.causal.commit_lookup_failed(self.client, self.number)
 
 
 class CommitLogs:

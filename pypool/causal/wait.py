@@ -6,8 +6,9 @@ wait registers the position it needs and sleeps; one poller per replica asks
 that replica for its replay position while any read waits on it (backing off
 from ``POLL_FIRST`` to ``POLL_MAX``: a replica that is far behind is not asked
 hundreds of times), and each answer wakes only the reads it satisfies. A read
-wakes otherwise only at its deadline, so many waiting reads cost one check per
-replica per poll, not one per read.
+wakes otherwise at a monitor tick (``notify``: it decides again, as bans or a
+promotion may have changed where it can run) or at its deadline, so many
+waiting reads cost one check per replica per poll, not one per read.
 
 The session calls ``choose`` only for a read that has a requirement; a read
 that follows no write never comes here.
@@ -62,9 +63,14 @@ class CausalReads(Generic[K]):
         return self._clock() + self.timeout
 
     def notify(self) -> None:
-        """Positions were learnt elsewhere (a monitor tick): wake the reads they satisfy."""
-        for server in list(self._waiting):
-            self._wake(server)
+        """A monitor tick: positions, bans, lag or the primary may have changed. Every waiting read
+        decides again (once a second per server): one may be served now, or its candidates changed
+        (a replica that cannot answer was banned, the primary was promoted: go there at once)."""
+        waiting, self._waiting = self._waiting, {}  # each woken read registers again if it still waits
+        for waiters in waiting.values():
+            for waiter in waiters:
+                if not waiter.future.done():
+                    waiter.future.set_result(None)
 
     @property
     def polling(self) -> int:

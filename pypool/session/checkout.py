@@ -22,7 +22,7 @@ import logging
 import time
 
 from pypool.causal.decide import Fail, UsePrimary
-from pypool.causal.requirement import GLOBAL, OFF
+from pypool.causal.requirement import GLOBAL, OFF, ClientCausal
 from pypool.errors import PoolerError
 from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup
 from pypool.pool.pool import PoolRetired, ServerPool
@@ -92,11 +92,11 @@ class SessionCheckout:
         self.set_state(states.WAITING_FOR_REPLICA)
         self._checkout_task = self.io.spawn(self._checkout(role, None))
 
-    async def _where_causal_read_runs(self, role: str) -> tuple[str, ServerPool | None] | Fail:
-        """Wait until a replica has replayed what this read must see: (role, server pool) to check out."""
-        group = self.group
-        assert group is not None and self.causal is not None
-        decision = await group.causal.choose(self.causal, group.replica_candidates, pick=group.balancer.pick,
+    async def _where_causal_read_runs(self, role: str, group: PoolGroup,
+                                      causal: ClientCausal) -> tuple[str, ServerPool | None] | Fail:
+        """Wait until a replica of ``group`` has replayed what this read must see: (role, server pool) to
+        check out. ``causal``: what the client's reads on that group's shard must see."""
+        decision = await group.causal.choose(causal, group.replica_candidates, pick=group.balancer.pick,
                                              primary=group.primary if role == ANY else None)
         if decision is None:
             return role, None
@@ -107,28 +107,48 @@ class SessionCheckout:
         return role, decision.server
 
     def _track_writes(self, server: ServerConnection, role: str) -> None:
-        """Mark a transaction on the primary that may write: its end is reported (``write_committed``).
+        """Mark a transaction on the primary that may write: its end is reported (``write_committed``)."""
+        if self._may_write(server, role, self.group):  # type: ignore[arg-type]
+            server.track_commit = True
+
+    def _may_write(self, server: ServerConnection, role: str, group: PoolGroup) -> bool:
+        """Whether a request for ``role`` on ``server`` (of ``group``) may write.
 
         A read that the router sent to "any" server and that landed on the
         primary writes nothing; one sent there by SET SERVER ROLE 'any' or
         without the query parser may.
         """
         if role == PRIMARY:
-            server.track_commit = True
-        elif server.pool is self.group.primary:  # type: ignore[union-attr]
-            server.track_commit = self.routing.role_override == ANY or not self._router.splitting  # type: ignore[union-attr]
+            return True
+        return server.pool is group.primary and (
+            self.routing.role_override == ANY or not self._router.splitting)  # type: ignore[union-attr]
 
     def _join_causal(self, group: PoolGroup) -> None:
         """At login and when a reload moves the client: do its writes count (``_causal_writes``), and in
         ``global`` mode its reads' state. In ``session`` mode that state (``causal``) is made by the first
-        write, so reads of a client that never wrote cost one attribute test."""
-        # Sharded pools: each shard's primary has its own WAL, so one client's positions would not compare.
-        on = group.pool_mode != "session" and group.causal.mode != OFF and not self._router.sharded  # type: ignore[union-attr]
+        write, so reads of a client that never wrote cost one attribute test.
+
+        Each shard's primary has its own WAL, so a sharded pool's client keeps one state per shard
+        (``_causal_by_shard``); ``causal`` is the one of the shard ``group`` serves.
+        """
+        on = group.pool_mode != "session" and group.causal.mode != OFF
         self._causal_writes = on
+        by_shard = self._causal_by_shard
         if not on:
-            self.causal = None
-        elif self.causal is None and group.causal.mode == GLOBAL:
-            self.causal = group.causal.client()
+            by_shard.clear()
+        elif group.causal.mode == GLOBAL:
+            for shard_group in self.shard_groups or (group,):
+                if shard_group.shard not in by_shard:
+                    by_shard[shard_group.shard] = shard_group.causal.client()  # type: ignore[assignment]
+        self.causal = by_shard.get(group.shard)
+
+    @property
+    def causal_required(self) -> str:
+        """What the client's next read must see (SHOW CLIENTS): by shard in a sharded pool."""
+        if not self.shard_groups:
+            return "" if self.causal is None else str(self.causal)
+        return "; ".join(f"shard {shard}: {required}" for shard, required in sorted(self._causal_by_shard.items())
+                         if str(required))
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
         """The pool handed over a connection this client queued for in ``_begin_request``."""
@@ -174,7 +194,7 @@ class SessionCheckout:
             if server is None:
                 preferred = None
                 if self.state is states.WAITING_FOR_REPLICA:
-                    where = await self._where_causal_read_runs(role)
+                    where = await self._where_causal_read_runs(role, group, self.causal)  # type: ignore[arg-type]
                     if isinstance(where, Fail):
                         raise PoolerError(where.sqlstate, where.message)
                     role, preferred = where

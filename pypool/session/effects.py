@@ -23,6 +23,7 @@ from pypool.session.prepared import Rewriter, ServerStatements, names_statement
 from pypool.session import states
 
 if TYPE_CHECKING:
+    from pypool.causal.pool_causal import CommitTicket
     from pypool.pool.group import PoolGroup
 
 log = logging.getLogger("pypool.client")
@@ -314,11 +315,11 @@ class SessionEffects:
         if ready and not self.io.is_closing():
             self.io.write(ready)
 
-    def _learn_commit_position(self, server: ServerConnection, ticket: int, asynchronous: bool) -> None:
+    def _learn_commit_position(self, server: ServerConnection, ticket: CommitTicket, asynchronous: bool) -> None:
         """Learn a write's commit position on its released connection; the client goes on meanwhile."""
         self.io.spawn(self._after_transaction(server, False, ticket, asynchronous))
 
-    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None,
+    async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: CommitTicket | None,
                                  asynchronous: bool = False) -> None:
         """Talk to a released connection before it goes back: own notifications, settings, commit position.
 
@@ -355,7 +356,7 @@ class SessionEffects:
             raise
         finally:
             if ticket is not None:  # not learnt here: the primary's current position covers it
-                group.causal.commit_lookup_failed(self.causal, ticket)  # type: ignore[arg-type]
+                ticket.failed()
             group.checkin(server, clean=clean)
 
     async def _read_back_settings(self, server: ServerConnection) -> bool:
@@ -375,7 +376,7 @@ class SessionEffects:
         server.applied_key = self._parameters_key if settings == self._desired_settings else None
         return True
 
-    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: int,
+    async def _learn_commit(self, group: "PoolGroup", server: ServerConnection, ticket: CommitTicket,
                             asynchronous: bool) -> bool:
         """Ask the connection that committed where its commit lies; False if it could not say.
 
@@ -390,7 +391,6 @@ class SessionEffects:
             why = str(exc) or f"no answer within healthcheck_timeout ({timeout * 1000:.0f} ms)"
             log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, why)
             return False
-        group.causal.commit_learnt(self.causal, ticket, rows[0] if rows else [],  # type: ignore[arg-type]
-                                   asynchronous=asynchronous)
+        ticket.learnt(rows[0] if rows else [], asynchronous)
         return True
 

@@ -58,7 +58,7 @@ class SessionPinning:
             # Its connection stays busy with the client: the primary's current position covers the write.
             self._commit_ticket = None
             self._asynchronous_commit = False
-            self.group.causal.commit_lookup_failed(self.causal, ticket)  # type: ignore[union-attr]
+            ticket.failed()
         if not self.hold_ready and self.state is states.PINNED:
             return
         was_pinned = self.state is states.PINNED

@@ -293,9 +293,11 @@ class SessionRelay:
         lookup the connection runs once it is released. Session pools have no
         causal state, so this is transaction pooling only.
         """
-        causal = self.group.causal  # type: ignore[union-attr]
+        group = self.group
+        causal = group.causal  # type: ignore[union-attr]
         if self.causal is None:
-            self.causal = causal.client()  # its first write: from now on its reads must see its writes
+            # Its first write (on this shard): from now on its reads must see its writes.
+            self.causal = self._causal_by_shard[group.shard] = causal.client()  # type: ignore[union-attr, assignment]
         self._commit_ticket = causal.write_ended(self.causal)  # type: ignore[arg-type]
 
     def server_lost(self, server: ServerConnection, exc: Exception | None) -> None:

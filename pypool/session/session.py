@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING, Any, Coroutine, Protocol, Sequence
 
 from pypool import limits, listen, sqlstates
+from pypool.causal.pool_causal import CommitTicket
 from pypool.causal.requirement import ClientCausal
 from pypool.pool.server import ServerError
 from pypool.protocol import messages as m
@@ -126,11 +127,13 @@ class ClientSession(SessionRelay, SessionCheckout, SessionEffects, SessionShards
         self._parameters_key: tuple[tuple[str, str], ...] = ()
         self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
         self._replay: tuple[bytes, str, str | None] | None = None
-        # Causal reads (pypool.causal): whether its writes are tracked, what its reads must see (None:
-        # nothing yet, or off), the ticket of a write whose commit position is learnt once it is released.
+        # Causal reads (pypool.causal): whether its writes are tracked, what its reads on the current
+        # shard must see (None: nothing yet, or off), the same by shard (each shard's primary has its own
+        # WAL), the ticket of a write whose commit position is learnt once it is released.
         self._causal_writes = False
         self.causal: ClientCausal | None = None
-        self._commit_ticket: int | None = None
+        self._causal_by_shard: dict[int, ClientCausal] = {}
+        self._commit_ticket: CommitTicket | None = None
         self._asynchronous_commit = False  # its transaction ran SET LOCAL synchronous_commit = off
         # Transaction mode: named statements (None in session mode), a message that needs
         # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.

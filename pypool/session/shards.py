@@ -25,11 +25,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Coroutine
 
 from pypool import sqlstates
+from pypool.causal.decide import Fail
 from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ClientIO, ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.fanout import FanoutCollector, FanoutPlan
+from pypool.roles import PRIMARY, REPLICA
 from pypool.routing.shard_key import bind_parameters
 from pypool.session.prepared import server_name
 from pypool.session import states
@@ -224,14 +226,31 @@ class SessionShards:
         healthy = None
         if decision.shard is None and sharding.default_shard.kind == "random_healthy":
             healthy = [i for i, g in enumerate(self.shard_groups) if g.primary is not None and g.primary.healthy]
-        self.group = self._shard_group(sharding.target(decision.shard, healthy))
+        self.group = group = self._shard_group(sharding.target(decision.shard, healthy))
+        if self._causal_writes:
+            self.causal = self._causal_by_shard.get(group.shard)  # what reads on this shard must see
 
     # ------------------------------------------------- requests pypool answers
 
     async def _run_aside(self, group: "PoolGroup", role: str, request: bytes) -> bytes:
-        """Run ``request`` (ending in Query or Sync) on a server of ``group``; its whole reply."""
-        server = await group.checkout(role)
+        """Run ``request`` (ending in Query or Sync) on a server of ``group``; its whole reply.
+
+        Causal reads as on the ordinary path, with the client's state for this
+        shard: a read waits for a replica that replayed the client's (or, in
+        ``global`` mode, everyone's) writes there; a request that may have
+        written takes its ticket before the caller writes the reply, and its
+        connection learns the commit position before it goes back.
+        """
+        causal = self._causal_by_shard.get(group.shard) if self._causal_writes else None
+        preferred = None
+        if causal is not None and role != PRIMARY and group.causal.must_wait(causal, group.replica_candidates()):
+            where = await self._where_causal_read_runs(role, group, causal)
+            if isinstance(where, Fail):
+                raise ServerError(where.message, {"C": where.sqlstate})
+            role, preferred = where
+        server = await group.checkout(role, preferred)
         clean = False
+        ticket = None
         try:
             await self._sync_parameters(server)
             aside = _Aside(self.io)
@@ -241,10 +260,20 @@ class SessionShards:
             server.bytes_sent += len(request)
             server.transport.write(request)  # type: ignore[union-attr]
             await aside.done
-            clean = True
+            clean = not server.closed and server.requests.status == _IDLE
+            if clean and self._causal_writes and role != REPLICA and self._may_write(server, role, group):
+                if causal is None:
+                    causal = self._causal_by_shard[group.shard] = group.causal.client()  # type: ignore[assignment]
+                    if group is self.group:
+                        self.causal = causal
+                ticket = group.causal.write_ended(causal)  # type: ignore[arg-type]
             return bytes(aside.reply)
         finally:
-            group.checkin(server, clean=clean and not server.closed and server.requests.status == _IDLE)
+            if ticket is not None:
+                server.detach()
+                self._learn_commit_position(server, ticket, False)  # once the caller wrote the reply
+            else:
+                group.checkin(server, clean=clean)
 
     def _take_batch(self, first_length: int) -> bytes | None:
         """The request at the head of ``_pending`` (a Query, or messages up to Sync), removed; None: not whole."""

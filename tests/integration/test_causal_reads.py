@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 import time
 import uuid
@@ -101,6 +102,39 @@ def lagging(pg_cluster, pairs_table):
         yield pairs_table
 
 
+SHARD_DATABASES = ("causal_shard0", "causal_shard1")
+
+
+def shard_dsn(nodes: list[cluster.Node], shard: int) -> str:
+    return f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{nodes[0].port}/{SHARD_DATABASES[shard]}?sslmode=disable"
+
+
+@pytest.fixture(scope="module")
+def shard_databases(pg_cluster):
+    """Two shard databases on the local primary (the replicas replicate them), each with a ``data`` table."""
+    for name in SHARD_DATABASES:
+        cluster.run_sql(pg_cluster[0], f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        cluster.run_sql(pg_cluster[0], f"CREATE DATABASE {name}")
+    for shard in range(len(SHARD_DATABASES)):
+        with psycopg.connect(shard_dsn(pg_cluster, shard), autocommit=True) as conn:
+            conn.execute("CREATE TABLE data (id bigint PRIMARY KEY)")
+    yield
+    for name in SHARD_DATABASES:
+        cluster.run_sql(pg_cluster[0], f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def lagging_shards(pg_cluster, shard_databases, pairs_table):
+    """Empty ``data`` tables on both shards, replayed everywhere, then the second replica lagging."""
+    for shard in range(len(SHARD_DATABASES)):
+        with psycopg.connect(shard_dsn(pg_cluster, shard), autocommit=True) as conn:
+            conn.execute("TRUNCATE data")
+    wait_replicas_caught_up(pg_cluster)
+    with apply_delay(pg_cluster[2]):
+        wait_until_delayed(pg_cluster, pairs_table)
+        yield
+
+
 def wait_until_delayed(nodes: list[cluster.Node], table: str, attempts: int = 50) -> None:
     """The reload reached the replica's startup process: a fresh commit is not visible there at once."""
     replica = f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{nodes[2].port}/{DATABASE}?sslmode=disable"
@@ -161,7 +195,7 @@ def two_connection_stale_reads(dsn: str, table: str, pairs: int = PAIRS, connect
         readers = [stack.enter_context(psycopg.connect(dsn, autocommit=True, options=SYNC_COMMIT))
                    for _ in range(connections)]
         for n in range(pairs):
-            writers[n % connections].execute(f"INSERT INTO {table} VALUES (%s)", (n,))
+            writers[n % connections].execute(f"INSERT INTO {table} (id) VALUES (%s)", (n,))  # (id): a sharding key
             row = readers[(n + 1) % connections].execute(f"SELECT count(*) FROM {table} WHERE id = %s", (n,))
             stale += row.fetchone()[0] == 0
     return stale
@@ -295,8 +329,13 @@ def test_timeout_without_primary_reads_fails_naming_the_lag(start_pypool, laggin
     pypool = start_pypool(overrides)
     with psycopg.connect(pypool.dsn(), autocommit=True, options=SYNC_COMMIT) as conn:
         conn.execute(f"INSERT INTO {lagging} VALUES (1)")
-        with pytest.raises(psycopg.errors.QueryCanceled, match="causal_reads_timeout = 50 ms"):
+        with pytest.raises(psycopg.errors.QueryCanceled) as refused:
             conn.execute(f"SELECT count(*) FROM {lagging} WHERE id = 1")
+        assert refused.value.sqlstate == "57014"
+        # The message names the replica and how far behind it is (the monitor asked it meanwhile).
+        assert re.search(rf"causal_reads_timeout = 50 ms \(127\.0\.0\.1:{pg_cluster[2].port} \S+ (?:bytes|kB|MB) "
+                         rf"behind at [0-9A-F]+/[0-9A-F]+\)", str(refused.value)), str(refused.value)
+        conn.execute(f"INSERT INTO {lagging} VALUES (2)")  # the session goes on
 
 
 # ------------------------------------------------- positions from the monitor
@@ -332,3 +371,124 @@ def test_monitor_reports_positions_and_a_delayed_replica_is_seen_behind(pg_clust
     assert positions.position(pools[0]) is None  # the primary is not a replica to wait for
     assert behind is not None and behind.timeline == committed.timeline and behind.lsn < committed.lsn
     assert all(positions.position(sp).timeline == committed.timeline for sp in pools[1:])
+
+
+# ------------------------------------------------------------- sharded pools
+# Each shard has its own primary, hence its own WAL: a client's write on one shard makes only
+# its later reads on that shard wait. Here both shards are databases of the local cluster, so
+# every shard has both replicas, one of them lagging.
+
+SHARD_PAIRS = 200
+
+
+def sharded_split(nodes: list[cluster.Node], mode: str, **extra: object) -> dict:
+    overrides = split(mode, **extra)
+    servers = [["127.0.0.1", nodes[0].port, "primary"], ["127.0.0.1", nodes[1].port, "replica"],
+               ["127.0.0.1", nodes[2].port, "replica"]]
+    overrides["pools"][DATABASE]["shards"] = {str(shard): {"database": name, "servers": servers}
+                                              for shard, name in enumerate(SHARD_DATABASES)}
+    return overrides
+
+
+def shard_rows(nodes: list[cluster.Node]) -> list[int]:
+    """How many rows each shard database holds (on the primary)."""
+    counts = []
+    for shard in range(len(SHARD_DATABASES)):
+        with psycopg.connect(shard_dsn(nodes, shard), autocommit=True) as conn:
+            counts.append(conn.execute("SELECT count(*) FROM data").fetchone()[0])
+    return counts
+
+
+def assert_stale_reads(mode: str, stale: int, pairs: int) -> None:
+    """``off`` reads stale rows (so the count can fail); the other modes never do."""
+    if mode == "off":
+        assert stale >= pairs // 4, f"only {stale} of {pairs} reads were stale with causal_reads = off"
+    else:
+        assert stale == 0, f"{stale} of {pairs} reads were stale with causal_reads = {mode}"
+
+
+def psql_lines(pypool, script: str) -> list[str]:
+    proc = subprocess.run(["psql", "-X", "-q", "-At", "-h", "127.0.0.1", "-p", str(pypool.port), "-U", USER,
+                           "-d", DATABASE], input=script, env={**pypool.env(), "PGOPTIONS": SYNC_COMMIT},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ERROR" not in proc.stderr, proc.stderr
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.parametrize("mode", ["off", "session"])
+def test_sharded_reads_by_key_see_the_writes_on_their_shard(start_pypool, pg_cluster, lagging_shards, mode):
+    """psql, the automatic sharding key: each pair's write and read run on the row's shard."""
+    pypool = start_pypool(sharded_split(pg_cluster, mode, automatic_sharding_key="data.id"))
+    lines = psql_lines(pypool, "".join(f"INSERT INTO data (id) VALUES ({n});\nSELECT {n}, count(*) FROM data "
+                                       f"WHERE id = {n};\n" for n in range(SHARD_PAIRS)))
+    stale = sum(1 for n in range(SHARD_PAIRS) if f"{n}|1" not in lines)
+    assert all(rows > SHARD_PAIRS // 4 for rows in shard_rows(pg_cluster))  # both shards took writes
+    assert_stale_reads(mode, stale, SHARD_PAIRS)
+
+
+@pytest.mark.parametrize("mode", ["off", "session"])
+def test_sharded_asyncpg_without_statement_cache_sees_its_writes(start_pypool, pg_cluster, lagging_shards, mode):
+    """asyncpg's unnamed statements (Parse/Describe/Flush, then Bind): pypool runs them aside on the
+    key's shard, the write's commit position and the read's wait included."""
+    pypool = start_pypool(sharded_split(pg_cluster, mode, automatic_sharding_key="data.id"))
+
+    async def pairs() -> int:
+        stale = 0
+        conn = await asyncpg.connect(pypool.dsn(), statement_cache_size=0, server_settings={"options": SYNC_COMMIT})
+        try:
+            for n in range(SHARD_PAIRS):
+                await conn.execute("INSERT INTO data (id) VALUES ($1)", n)
+                stale += await conn.fetchval("SELECT count(*) FROM data WHERE id = $1", n) == 0
+        finally:
+            await conn.close()
+        return stale
+
+    stale = asyncio.run(pairs())
+    assert_stale_reads(mode, stale, SHARD_PAIRS)
+
+
+@pytest.mark.parametrize("mode", ["off", "session"])
+def test_sharded_fanned_out_reads_see_the_writes_on_every_shard(start_pypool, pg_cluster, lagging_shards, mode):
+    """A keyless count runs on every shard (default_shard = "all"): each shard's part waits for that shard."""
+    pypool = start_pypool(sharded_split(pg_cluster, mode, automatic_sharding_key="data.id", default_shard="all"))
+    pairs = SHARD_PAIRS // 2
+    lines = psql_lines(pypool, "".join(f"INSERT INTO data (id) VALUES ({n});\nSELECT count(*) FROM data;\n"
+                                       for n in range(pairs)))
+    stale = sum(1 for n, line in enumerate(lines) if line != str(n + 1))
+    assert len(lines) == pairs
+    assert_stale_reads(mode, stale, pairs)
+
+
+def test_sharded_a_write_on_one_shard_makes_only_that_shards_reads_wait(start_pypool, pg_cluster, lagging_shards):
+    """Reads on shard 1 after writes on shard 0 have nothing to see: none is counted as a causal read."""
+    overrides = sharded_split(pg_cluster, "session")
+    overrides["general"] = {"enable_prometheus_exporter": True}
+    pypool = start_pypool(overrides)
+    with psycopg.connect(pypool.dsn(), autocommit=True, options=SYNC_COMMIT, application_name="writer") as conn:
+        simple = psycopg.ClientCursor(conn)
+        simple.execute("SET SHARD TO '0'")
+        for n in range(20):
+            conn.execute("INSERT INTO data VALUES (%s)", (n,))
+        simple.execute("SET SHARD TO '1'")
+        for n in range(20):
+            assert conn.execute("SELECT count(*) FROM data WHERE id = %s", (n,)).fetchone() == (0,)
+        on_shard_1 = causal_reads_by_outcome(pypool)
+        required = [r["causal_required"] for r in admin_rows(pypool, "SHOW CLIENTS")
+                    if r["application_name"] == "writer"]
+        simple.execute("SET SHARD TO '0'")
+        assert conn.execute("SELECT count(*) FROM data WHERE id = 19").fetchone() == (1,)
+        on_shard_0 = causal_reads_by_outcome(pypool)
+    assert sum(on_shard_1.values()) == 0, on_shard_1
+    assert sum(on_shard_0.values()) == 1 and on_shard_0["timed_out"] == 0, on_shard_0
+    assert len(required) == 1 and required[0].startswith("shard 0: ") and "shard 1" not in required[0], required
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sharded_global_reads_see_other_connections_writes_per_shard(start_pypool, pg_cluster, lagging_shards,
+                                                                      workers):
+    """``global``: one commit log per shard, shared by the worker processes."""
+    overrides = sharded_split(pg_cluster, "global", automatic_sharding_key="data.id")
+    overrides["general"] = {"workers": workers}
+    pypool = start_pypool(overrides)
+    assert two_connection_stale_reads(pypool.dsn(), "data", pairs=SHARD_PAIRS) == 0
+    assert all(rows > SHARD_PAIRS // 4 for rows in shard_rows(pg_cluster))

@@ -167,21 +167,45 @@ def test_primary_down_reads_keep_working_and_writes_fail_fast(private_cluster, p
         assert port == pg1.port
 
 
+def wait_for_writes_on(conn: psycopg.Connection, promoted: cluster.Node, pooler) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            port = conn.execute("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+                                "VALUES (1, 1, 1, 0, now()) RETURNING inet_server_port()").fetchone()[0]
+            if port == promoted.port:
+                return
+        except psycopg.OperationalError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"writes never reached the promoted {promoted.name}:\n{pooler.log()[-3000:]}")
+        time.sleep(0.3)
+
+
 def test_promoted_replica_receives_writes(private_cluster, pooler):
     pg2 = node(private_cluster, "pg2")
     cluster.stop_node("pg1", mode="fast")
     cluster.promote_node("pg2")
-    deadline = time.monotonic() + 20
     with connect(pooler) as conn:
-        while True:
-            try:
-                port = conn.execute("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
-                                    "VALUES (1, 1, 1, 0, now()) RETURNING inet_server_port()").fetchone()[0]
-                if port == pg2.port:
-                    break
-            except psycopg.OperationalError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"writes never reached the promoted pg2:\n{pooler.log()[-3000:]}")
-            time.sleep(0.3)
+        wait_for_writes_on(conn, pg2, pooler)
     assert "sending writes to" in pooler.log()
+
+
+def test_after_a_promotion_reads_after_writes_run_on_the_new_primary(private_cluster, pooler):
+    """Causal reads (on by default with the split) across a failover: pg3 still follows the stopped pg1
+    on the old timeline and can never replay a write made on the promoted pg2, so a read after a write
+    runs on pg2: never stale, never a 57014 after waiting for pg3."""
+    pg2 = node(private_cluster, "pg2")
+    cluster.stop_node("pg1", mode="fast")
+    cluster.promote_node("pg2")
+    stale, ports = 0, set()
+    with connect(pooler, options="-c synchronous_commit=on") as conn:
+        wait_for_writes_on(conn, pg2, pooler)
+        conn.execute("CREATE TABLE after_promotion (id int PRIMARY KEY)")
+        for n in range(50):
+            conn.execute("INSERT INTO after_promotion VALUES (%s)", (n,))
+            count, port = conn.execute("SELECT count(*), inet_server_port() FROM after_promotion WHERE id = %s",
+                                       (n,)).fetchone()
+            stale += count == 0
+            ports.add(port)
+    assert stale == 0 and ports == {pg2.port}, (stale, ports)

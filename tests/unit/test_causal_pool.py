@@ -48,7 +48,7 @@ def test_session_mode_the_writer_waits_its_own_write_others_do_not() -> None:
         ticket = pool.write_ended(writer)
         assert pool.must_wait(writer, replicas)  # pending: the reply went out before the position came back
         loop = asyncio.get_running_loop()
-        loop.call_soon(pool.commit_learnt, writer, ticket, cluster.write())
+        loop.call_soon(ticket.learnt, cluster.write())
         loop.call_later(0.01, cluster.replay.__setitem__, "r2", 0x1100)
         decision = await pool.choose(writer, lambda: replicas, pick=first)
         still_behind = pool.must_wait(writer, replicas)  # r1 has not replayed it: choose again next time
@@ -70,7 +70,7 @@ def test_global_mode_every_client_waits_for_every_write() -> None:
         writer, reader = pool.client(), pool.client()
         ticket = pool.write_ended(writer)
         assert pool.must_wait(reader, ["r1", "r2"])  # a lookup in flight anywhere
-        asyncio.get_running_loop().call_soon(pool.commit_learnt, writer, ticket, cluster.write())
+        asyncio.get_running_loop().call_soon(ticket.learnt, cluster.write())
         cluster.replay["r1"] = 0x1100
         return await pool.choose(reader, lambda: ["r1", "r2"], pick=lambda c: c[-1])
 
@@ -84,11 +84,11 @@ def test_a_failed_lookup_asks_the_primary_and_else_reads_go_there() -> None:
         client = pool.client()
         cluster.write()
         cluster.replay["r1"] = 0x1100
-        pool.commit_lookup_failed(client, pool.write_ended(client))
+        pool.write_ended(client).failed()
         learnt = await pool.choose(client, lambda: ["r1"], pick=first)
         required = client.required
         cluster.primary_down = True
-        pool.commit_lookup_failed(client, pool.write_ended(client))
+        pool.write_ended(client).failed()
         fallback = await pool.choose(client, lambda: ["r1"], pick=first)
         await pool.close()
         return learnt, required, fallback
@@ -114,7 +114,7 @@ def test_with_no_usable_replica_a_read_after_a_write_is_not_waved_through() -> N
         cluster = Cluster()
         pool = PoolCausal("session", 20, cluster.check, cluster.primary_position)
         writer = pool.client()
-        pool.commit_learnt(writer, pool.write_ended(writer), cluster.write())
+        pool.write_ended(writer).learnt(cluster.write())
         waits = pool.must_wait(writer, [])
         with_primary = await pool.choose(writer, lambda: [], pick=first, primary="p")
         return waits, with_primary, pool.stats.at_once

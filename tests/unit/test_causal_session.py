@@ -16,6 +16,7 @@ from pypool.causal.lsn import Position
 from pypool.causal.requirement import COMMIT_POSITION_QUERY, parse_commit_row
 from pypool.config import default_config_dict, dump_config, parse_config
 from pypool.protocol import messages as m
+from pypool.routing.sharding import pg_bigint_hash
 from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState
 from pypool.snapshot import take
@@ -207,3 +208,80 @@ def test_causal_state_session_mode_from_the_first_write_global_from_login_off_an
         client = logged_in_client(app)
         client._join_causal(app.groups[("postgres", "postgres", 0)])
         assert (client._causal_writes, client.causal is not None) == (tracked, at_login), pool
+
+
+def sharded_setup(**pool_keys: object):
+    """Two shards, each with the default primary and two replicas, splitting on; a client logged in."""
+    cfg = default_config_dict({})
+    pool = cfg["pools"]["postgres"]
+    pool.update(query_parser_enabled=True, query_parser_read_write_splitting=True, **pool_keys)
+    pool["shards"] = {str(s): {"database": f"shard{s}", "servers": pool["shards"]["0"]["servers"]}
+                      for s in range(2)}
+    app = Application(parse_config(dump_config(cfg)))
+    groups = app.shard_groups("postgres", "postgres")
+    primaries = [idle_server(g.primary) for g in groups]
+    replicas = [[idle_server(sp) for sp in g.replicas] for g in groups]
+    client = logged_in_client(app)
+    client.shard_groups = groups
+    client._join_causal(groups[0])  # as login does
+    return app, groups, primaries, replicas, client
+
+
+def test_sharded_a_write_is_credited_to_its_shard_even_when_the_client_moved_on_before_its_lookup():
+    """Each shard's primary has its own WAL: positions are kept by shard. The lookup runs after the
+    client got its reply, by which time its next request may already run on another shard."""
+    async def scenario() -> None:
+        app, groups, primaries, replicas, client = sharded_setup()
+        client.data_received(m.query("SET SHARD TO '0'"))
+        client.data_received(INSERT)
+        assert client.server is primaries[0] and primaries[0].track_commit
+        primaries[0].data_received(INSERTED)
+        client.data_received(m.query("SET SHARD TO '1'") + SELECT)  # before the lookup began
+        assert client.server in replicas[1], "shard 1 has no write of this client to wait for"
+        assert primaries[0].transport.take() == INSERT
+        await settle()
+        assert primaries[0].transport.take() == m.query(COMMIT_POSITION_QUERY)
+        primaries[0].data_received(commit_position_reply())
+        await settle()
+        assert client._causal_by_shard[0].required == COMMITTED and 1 not in client._causal_by_shard
+        assert primaries[0] in groups[0].primary.idle
+        assert [c.causal_required for c in take(app).clients] == [f"shard 0: {COMMITTED}"]
+        client.server.data_received(SELECTED)
+        client.data_received(m.query("SET SHARD TO '0'") + SELECT)
+        assert client.state is ClientState.WAITING_FOR_REPLICA, "shard 0's replicas are not known to have it"
+        assert groups[1].causal.stats.at_once == 0
+    asyncio.run(scenario())
+
+
+def test_sharded_a_read_on_every_shard_waits_only_on_the_shard_the_client_wrote_on():
+    async def scenario() -> None:
+        _, groups, primaries, replicas, client = sharded_setup(automatic_sharding_key="data.id",
+                                                               default_shard="all")
+        key = next(k for k in range(100) if pg_bigint_hash(k, 2) == 0)
+        client.data_received(m.query(f"INSERT INTO data (id) VALUES ({key})"))
+        assert client.server is primaries[0]
+        primaries[0].data_received(INSERTED)
+        await settle()
+        primaries[0].data_received(commit_position_reply())
+        await settle()
+        client.io.take()
+        client.data_received(m.query("SELECT id FROM data"))
+        await settle()
+        assert client.state is ClientState.FANNED_OUT
+        asked = [[r for r in shard if r.transport.data] for shard in replicas]
+        assert len(asked[1]) == 1 and asked[0] == [], "shard 1 has nothing to wait for; shard 0 waits"
+        row = m.row_description(["id"]) + m.data_row([key]) + m.command_complete("SELECT 1") + m.ready_for_query()
+        asked[1][0].data_received(m.row_description(["id"]) + m.command_complete("SELECT 0") + m.ready_for_query())
+        for replica in groups[0].replicas:
+            groups[0].causal.positions.observe(replica, COMMITTED, time.monotonic())
+        groups[0].causal.reads.notify()  # as a health result does
+        await settle()
+        asked = [r for r in replicas[0] if r.transport.data]
+        assert len(asked) == 1
+        asked[0].data_received(row)
+        await settle()
+        reply = client.io.take()
+        assert m.data_row([key]) in reply and reply.endswith(m.ready_for_query())
+        assert client.state is ClientState.IDLE
+        assert groups[0].causal.stats.after_wait == 1 and groups[1].causal.stats.after_wait == 0
+    asyncio.run(scenario())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pypool.causal.decide import Fail, Serve
+from pypool.causal.decide import Fail, Serve, UsePrimary
 from pypool.causal.lsn import Position
 from pypool.causal.requirement import CommitLog
 from pypool.causal.wait import CausalReads
@@ -115,3 +115,30 @@ def test_a_global_read_waits_for_a_commit_lookup_in_flight() -> None:
     passed, expired, after = asyncio.run(go())
     assert passed and not expired
     assert after == (Position(1, 9), ())
+
+
+def test_a_monitor_tick_makes_a_waiting_read_decide_again_with_the_servers_it_reports() -> None:
+    """After a promotion: r1 (the old primary, down) has no position, r2 is on the old timeline. Once the
+    monitor bans r1, the read goes to the new primary at once instead of waiting out its timeout."""
+    async def go():
+        async def down_or_old(name: str) -> Position:
+            if name == "r1":
+                raise OSError("connection refused")
+            return Position(1, 0x900)
+
+        reads = CausalReads(down_or_old, timeout_ms=60_000)
+        reads.positions.observe_primary(Position(2, 0x1000))
+        candidates = ["r1", "r2"]
+        read = asyncio.ensure_future(reads.choose(Position(2, 0x1100), lambda: candidates,
+                                                  deadline=reads.deadline(), pick=first))
+        await asyncio.sleep(0.05)
+        waiting = not read.done()
+        candidates.remove("r1")  # the monitor banned it ...
+        reads.notify()  # ... and reported the tick
+        decision = await asyncio.wait_for(read, 1)
+        await reads.close()
+        return waiting, decision
+
+    waiting, decision = asyncio.run(go())
+    assert waiting, "r1's position is unknown: the read cannot tell yet that no replica can serve it"
+    assert isinstance(decision, UsePrimary)
