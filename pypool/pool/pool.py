@@ -232,7 +232,14 @@ class ServerPool:
             return conn
         return None
 
-    async def acquire(self) -> ServerConnection:
+    async def acquire(self, in_transaction: bool = False) -> ServerConnection:
+        """A connection, waiting if need be (FIFO, up to checkout_timeout).
+
+        A pool closed by the shutdown drain refuses new transactions (57P01) but
+        still serves ``in_transaction`` clients, already inside a transaction
+        whose BEGIN pypool held: the drain lets transactions finish. Connections
+        it hands out then are closed at checkin, like every other in use.
+        """
         while self.paused and not self.closing:
             started = time.monotonic()
             self._resumed.clear()
@@ -246,7 +253,8 @@ class ServerPool:
         if self.closing:
             if self.retired:
                 raise PoolRetired(self.label)
-            raise ServerError(f"pool for {self.label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
+            if not in_transaction:
+                raise ServerError(f"pool for {self.label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
         if self.idle and not self.waiters and not self.paused:
             return await self._checked_idle()
         if self.size < self.settings.pool_size and not self.waiters:
@@ -463,9 +471,10 @@ class ServerPool:
             self._serve_waiters_after_loss()
 
     def _serve_waiters_after_loss(self) -> None:
-        """Open connections for waiters while there is room below pool_size."""
-        if self.closing:
-            return
+        """Open connections for waiters while there is room below pool_size.
+
+        While closing, the only waiters are clients finishing a transaction (``acquire``).
+        """
         pending = sum(1 for f in self.waiters if not f.done())
         while pending > len(self._connecting) and self.size < self.settings.pool_size:
             self.size += 1
@@ -492,6 +501,9 @@ class ServerPool:
                 self.active += 1
                 fut.set_result(conn)
                 return
+        if self.closing:
+            self._discard(conn)
+            return
         conn.state = IDLE
         self.idle.append(conn)
 
