@@ -480,7 +480,14 @@ class ServerPool:
             self.size += 1
             task = asyncio.get_running_loop().create_task(self._open_for_waiter())
             self._connecting.add(task)
-            task.add_done_callback(self._connecting.discard)
+            task.add_done_callback(self._connect_for_waiter_done)
+
+    def _connect_for_waiter_done(self, task: "asyncio.Task[None]") -> None:
+        self._connecting.discard(task)
+        # Cancelled by ``close`` (a reload or shutdown), perhaps before it ever ran: the place
+        # it took in ``size`` is free, or SHOW DATABASES would count a connection never made.
+        if task.cancelled() or task.exception() is not None:
+            self.size -= 1
 
     async def _open_for_waiter(self) -> None:
         try:
@@ -547,15 +554,17 @@ class ServerPool:
                 self.size -= 1
                 log.debug("min_pool_size connect to %s failed: %s", self.label, exc)
                 return
+            except BaseException:  # cancelled by ``close``: the place is free
+                self.size -= 1
+                raise
             conn.state = IDLE
             self.idle.appendleft(conn)
 
     async def close(self) -> None:
         self.closing = True
         self._resumed.set()  # paused checkouts see ``closing`` and give up
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-        for task in list(self._connecting):
+        stopping = [*self._connecting] + ([self._maintenance] if self._maintenance is not None else [])
+        for task in stopping:
             task.cancel()
         while self.idle:
             conn = self.idle.pop()
@@ -569,3 +578,5 @@ class ServerPool:
                 fut.set_exception(PoolRetired(self.label) if self.retired else
                                   ServerError(f"pool for {self.label} was closed",
                                               {"C": sqlstates.ADMIN_SHUTDOWN}))
+        # A connect cancelled half-way gives its place in ``size`` back as it unwinds.
+        await asyncio.gather(*stopping, return_exceptions=True)
