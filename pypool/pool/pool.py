@@ -233,13 +233,8 @@ class ServerPool:
         return None
 
     async def acquire(self, in_transaction: bool = False) -> ServerConnection:
-        """A connection, waiting if need be (FIFO, up to checkout_timeout).
-
-        A pool closed by the shutdown drain refuses new transactions (57P01) but
-        still serves ``in_transaction`` clients, already inside a transaction
-        whose BEGIN pypool held: the drain lets transactions finish. Connections
-        it hands out then are closed at checkin, like every other in use.
-        """
+        """A connection, waiting if need be. Closed by the shutdown drain, the pool still serves
+        ``in_transaction`` clients (their BEGIN held by pypool): the drain lets transactions finish."""
         while self.paused and not self.closing:
             started = time.monotonic()
             self._resumed.clear()
@@ -471,10 +466,7 @@ class ServerPool:
             self._serve_waiters_after_loss()
 
     def _serve_waiters_after_loss(self) -> None:
-        """Open connections for waiters while there is room below pool_size.
-
-        While closing, the only waiters are clients finishing a transaction (``acquire``).
-        """
+        """Open connections for waiters while there is room below pool_size (closing: ``in_transaction`` ones)."""
         pending = sum(1 for f in self.waiters if not f.done())
         while pending > len(self._connecting) and self.size < self.settings.pool_size:
             self.size += 1
@@ -484,8 +476,7 @@ class ServerPool:
 
     def _connect_for_waiter_done(self, task: "asyncio.Task[None]") -> None:
         self._connecting.discard(task)
-        # Cancelled by ``close`` (a reload or shutdown), perhaps before it ever ran: the place
-        # it took in ``size`` is free, or SHOW DATABASES would count a connection never made.
+        # Cancelled by ``close``, perhaps before it ran: free its place, or SHOW DATABASES counts it.
         if task.cancelled() or task.exception() is not None:
             self.size -= 1
 
@@ -550,13 +541,12 @@ class ServerPool:
             self.size += 1
             try:
                 conn = await self._open()
-            except ServerError as exc:
-                self.size -= 1
+            except BaseException as exc:
+                self.size -= 1  # failed, or cancelled by ``close``: the place is free
+                if not isinstance(exc, ServerError):
+                    raise
                 log.debug("min_pool_size connect to %s failed: %s", self.label, exc)
                 return
-            except BaseException:  # cancelled by ``close``: the place is free
-                self.size -= 1
-                raise
             conn.state = IDLE
             self.idle.appendleft(conn)
 
