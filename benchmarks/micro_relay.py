@@ -8,14 +8,19 @@ as a logged-in transaction-mode client (named-statement bookkeeping on):
   RowDescription + DataRow + CommandComplete + ReadyForQuery;
 * ``--extended``: pgbench ``-M extended``'s Parse/Bind/Describe/Execute/Sync
   of an unnamed statement, answered with ParseComplete + BindComplete +
-  RowDescription + DataRow + CommandComplete + ReadyForQuery.
+  RowDescription + DataRow + CommandComplete + ReadyForQuery;
+* ``--transaction``: each transaction is three requests, ``BEGIN``, the
+  SELECT (simple or ``--extended``) and ``END``, as pgbench's scripts send
+  them; the client keeps its server connection until ``END``. Without
+  ``--routing`` only: with the split, pypool answers ``BEGIN`` itself and
+  replays it in a coroutine this loop does not run.
 
 The connection goes back to the pool after each transaction. Prints the best
 of ``--runs`` short runs of CPU time (``time.process_time``) per transaction;
 with --profile, a cProfile summary instead. Used to measure hot-path changes
 before/after, also against an older checkout (its pypool on PYTHONPATH):
 
-    python -m benchmarks.micro_relay [--extended] [--routing] [--profile] [-n 20000] [--runs 15]
+    python -m benchmarks.micro_relay [--extended] [--transaction] [--routing] [--profile] [-n 20000] [--runs 15]
     PYTHONPATH=/old/checkout python benchmarks/micro_relay.py --extended
 """
 
@@ -46,6 +51,7 @@ except ImportError:  # a checkout from before pypool/session/ (to compare agains
     ClientState = None  # type: ignore[assignment, misc]
 
 SELECT = "SELECT abalance FROM pgbench_accounts WHERE aid = {};"
+Exchange = list[tuple[bytes, bytes]]  # (what the client sends, what the server answers), in order
 
 
 class FakeTransport(asyncio.Transport):
@@ -89,7 +95,8 @@ def extended_request(sql: str, *params: str) -> bytes:
     return parse + bind + describe + execute + sync
 
 
-def build(routing: bool, extended: bool) -> tuple[ClientConnection, list[ServerConnection], bytes, bytes]:
+def build(routing: bool, extended: bool, transaction: bool = False) -> tuple[ClientConnection, list[ServerConnection],
+                                                                            Exchange]:
     cfg = default_config_dict({})
     pool = cfg["pools"]["postgres"]
     pool["query_parser_enabled"] = routing
@@ -124,24 +131,36 @@ def build(routing: bool, extended: bool) -> tuple[ClientConnection, list[ServerC
         sp.idle.append(conn)
         sp.size += 1
         servers.append(conn)
+    status = b"T" if transaction else b"I"  # the ReadyForQuery after the SELECT
     rows = m.row_description(["abalance"]) + m.data_row([4242]) + m.command_complete("SELECT 1") \
-        + m.ready_for_query()
+        + m.ready_for_query(status)
     if extended:
         request = extended_request(SELECT.format("$1"), "12345")
         reply = m.message(m.PARSE_COMPLETE) + m.message(m.BIND_COMPLETE) + rows
     else:
         request = m.query(SELECT.format(12345))
         reply = rows
-    return client, servers, request, reply
+    if not transaction:
+        return client, servers, [(request, reply)]
+    return client, servers, [(m.query("BEGIN;"), m.command_complete("BEGIN") + m.ready_for_query(b"T")),
+                             (request, reply),
+                             (m.query("END;"), m.command_complete("COMMIT") + m.ready_for_query())]
 
 
-def run(n: int, runs: int, routing: bool, extended: bool, profile: bool) -> None:
-    client, servers, request, reply = build(routing, extended)
+def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transaction: bool = False) -> None:
+    client, servers, exchange = build(routing, extended, transaction)
     client_received = client.data_received
+    if len(exchange) == 1:  # the single-request path stays as measured before --transaction existed
+        (request, reply), = exchange
 
-    def one() -> None:
-        client_received(request)
-        client.server.data_received(reply)
+        def one() -> None:
+            client_received(request)
+            client.server.data_received(reply)
+    else:
+        def one() -> None:
+            for request, reply in exchange:
+                client_received(request)
+                client.server.data_received(reply)
 
     for _ in range(1000):
         one()
@@ -162,7 +181,8 @@ def run(n: int, runs: int, routing: bool, extended: bool, profile: bool) -> None
         for _ in loop:
             one()
         best = min(best, clock() - start)
-    mode = ("extended" if extended else "simple") + (", routing" if routing else ", primary-only")
+    mode = ("extended" if extended else "simple") + (", BEGIN/SELECT/END" if transaction else "") \
+        + (", routing" if routing else ", primary-only")
     print(f"{mode}: {best / n * 1e6:.3f} us CPU per transaction "
           f"(best of {runs} x {n}; Python side of pypool, no syscalls)")
 
@@ -173,11 +193,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="short runs; the best one is reported")
     parser.add_argument("--routing", action="store_true")
     parser.add_argument("--extended", action="store_true", help="pgbench -M extended's messages")
+    parser.add_argument("--transaction", action="store_true", help="BEGIN, the SELECT, END: three requests")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
+    if args.transaction and args.routing:
+        parser.error("--transaction measures without --routing: with the split, pypool holds BEGIN back and "
+                     "replays it in a coroutine")
 
     async def go() -> None:
-        run(args.n, args.runs, args.routing, args.extended, args.profile)
+        run(args.n, args.runs, args.routing, args.extended, args.profile, args.transaction)
 
     asyncio.run(go())
 

@@ -20,6 +20,8 @@ import pytest
 from hypothesis import settings as hypothesis_settings
 
 from pypool import cluster
+from pypool.causal.lsn import format_lsn
+from pypool.causal.requirement import COMMIT_POSITION_QUERY, parse_commit_row
 from pypool.config import default_config_dict, dump_config
 
 USER = os.environ.get("POSTGRESQL_USERNAME", "postgres")
@@ -127,8 +129,16 @@ def pgbench_tables(pg_cluster: list[cluster.Node]) -> None:
 
 
 def wait_replicas_caught_up(nodes: list[cluster.Node], timeout: float = 30) -> None:
+    """Wait until every replica has replayed every commit made on the primary so far.
+
+    An asynchronous commit (this cluster runs synchronous_commit = off) may still
+    sit in the primary's WAL buffers, past ``pg_current_wal_lsn()`` (what is
+    written) for up to 3 x wal_writer_delay: the insert position covers it. It
+    is the position pypool's causal reads wait for after such a commit.
+    """
     primary = nodes[0]
-    lsn = cluster.run_sql(primary, "SELECT pg_current_wal_lsn()").strip()
+    row = cluster.run_sql(primary, COMMIT_POSITION_QUERY).split("|")
+    lsn = format_lsn(parse_commit_row(row, asynchronous=True).lsn)
     deadline = time.monotonic() + timeout
     for replica in nodes[1:]:
         while True:

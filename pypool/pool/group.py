@@ -329,7 +329,8 @@ class PoolGroup:
         }
 
     def checkout_now(self, role: str, on_ready: Callable[[ServerConnection], None],
-                     on_error: Callable[[Exception], None]) -> ServerConnection | CallbackWaiter | CheckoutTask:
+                     on_error: Callable[[Exception], None],
+                     in_transaction: bool = False) -> ServerConnection | CallbackWaiter | CheckoutTask:
         """A connection for ``role`` at once, else a waiter (one of WAITERS) that calls back.
 
         The waiter calls ``on_ready(conn)`` later, never from inside this call, or
@@ -337,6 +338,7 @@ class PoolGroup:
         ServerError) or with CheckoutAgain when the caller should ask ``checkout``
         itself (a replica that could not be reached, now banned, or a pool a
         reload replaced). Raises ServerError when the pool has no primary.
+        ``in_transaction``: as for ``checkout``.
         """
         if role == PRIMARY:
             server_pool = self.primary
@@ -355,13 +357,13 @@ class PoolGroup:
                 return waiter
         # The awaitable path, on the balancer's pick: a health check due there is run there.
         return CheckoutTask(asyncio.get_running_loop().create_task(
-            self._checkout_then_call(role, server_pool, on_ready, on_error)))
+            self._checkout_then_call(role, server_pool, on_ready, on_error, in_transaction)))
 
     async def _checkout_then_call(self, role: str, preferred: ServerPool | None,
                                   on_ready: Callable[[ServerConnection], None],
-                                  on_error: Callable[[Exception], None]) -> None:
+                                  on_error: Callable[[Exception], None], in_transaction: bool) -> None:
         try:
-            conn = await self.checkout(role, preferred)
+            conn = await self.checkout(role, preferred, in_transaction)
         except PoolRetired as exc:
             on_error(CheckoutAgain(str(exc)))
         except (PoolTimeout, ServerError) as exc:
@@ -383,20 +385,23 @@ class PoolGroup:
         else:
             on_error(exc)
 
-    async def checkout(self, role: str, preferred: ServerPool | None = None) -> ServerConnection:
+    async def checkout(self, role: str, preferred: ServerPool | None = None,
+                       in_transaction: bool = False) -> ServerConnection:
         """A connection for ``role``, waiting if need be; replicas that cannot be reached are banned.
 
         ``preferred`` is the balancer's earlier pick, kept if still usable.
+        ``in_transaction``: the client is inside a transaction already (its BEGIN
+        was held by pypool), so a shutdown drain lets it have one (``ServerPool.acquire``).
         """
         if role == PRIMARY:
             primary = self._primary_pool()
             try:
                 try:
-                    conn = await primary.acquire()
+                    conn = await primary.acquire(in_transaction)
                 except HealthCheckFailed as exc:
                     # The stale connections are gone; a fresh one tells whether the server is.
                     log.warning("pool %s: %s; reconnecting to the primary", self.label, exc)
-                    conn = await primary.acquire()
+                    conn = await primary.acquire(in_transaction)
             except ServerError as exc:
                 raise self.primary_unavailable(primary, exc) from None
             self._learn_parameters(conn)
@@ -413,7 +418,7 @@ class PoolGroup:
             else:
                 server_pool = self.balancer.pick(candidates)
             try:
-                conn = await server_pool.acquire()
+                conn = await server_pool.acquire(in_transaction)
             except ServerError as exc:
                 # Only a failure to reach the server bans it; a full pool is not its fault.
                 tried.add(server_pool)

@@ -232,7 +232,9 @@ class ServerPool:
             return conn
         return None
 
-    async def acquire(self) -> ServerConnection:
+    async def acquire(self, in_transaction: bool = False) -> ServerConnection:
+        """A connection, waiting if need be. Closed by the shutdown drain, the pool still serves
+        ``in_transaction`` clients (their BEGIN held by pypool): the drain lets transactions finish."""
         while self.paused and not self.closing:
             started = time.monotonic()
             self._resumed.clear()
@@ -246,7 +248,8 @@ class ServerPool:
         if self.closing:
             if self.retired:
                 raise PoolRetired(self.label)
-            raise ServerError(f"pool for {self.label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
+            if not in_transaction:
+                raise ServerError(f"pool for {self.label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
         if self.idle and not self.waiters and not self.paused:
             return await self._checked_idle()
         if self.size < self.settings.pool_size and not self.waiters:
@@ -463,15 +466,19 @@ class ServerPool:
             self._serve_waiters_after_loss()
 
     def _serve_waiters_after_loss(self) -> None:
-        """Open connections for waiters while there is room below pool_size."""
-        if self.closing:
-            return
+        """Open connections for waiters while there is room below pool_size (closing: ``in_transaction`` ones)."""
         pending = sum(1 for f in self.waiters if not f.done())
         while pending > len(self._connecting) and self.size < self.settings.pool_size:
             self.size += 1
             task = asyncio.get_running_loop().create_task(self._open_for_waiter())
             self._connecting.add(task)
-            task.add_done_callback(self._connecting.discard)
+            task.add_done_callback(self._connect_for_waiter_done)
+
+    def _connect_for_waiter_done(self, task: "asyncio.Task[None]") -> None:
+        self._connecting.discard(task)
+        # Cancelled by ``close``, perhaps before it ran: free its place, or SHOW DATABASES counts it.
+        if task.cancelled() or task.exception() is not None:
+            self.size -= 1
 
     async def _open_for_waiter(self) -> None:
         try:
@@ -492,6 +499,9 @@ class ServerPool:
                 self.active += 1
                 fut.set_result(conn)
                 return
+        if self.closing:
+            self._discard(conn)
+            return
         conn.state = IDLE
         self.idle.append(conn)
 
@@ -531,8 +541,10 @@ class ServerPool:
             self.size += 1
             try:
                 conn = await self._open()
-            except ServerError as exc:
-                self.size -= 1
+            except BaseException as exc:
+                self.size -= 1  # failed, or cancelled by ``close``: the place is free
+                if not isinstance(exc, ServerError):
+                    raise
                 log.debug("min_pool_size connect to %s failed: %s", self.label, exc)
                 return
             conn.state = IDLE
@@ -541,9 +553,8 @@ class ServerPool:
     async def close(self) -> None:
         self.closing = True
         self._resumed.set()  # paused checkouts see ``closing`` and give up
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-        for task in list(self._connecting):
+        stopping = [*self._connecting] + ([self._maintenance] if self._maintenance is not None else [])
+        for task in stopping:
             task.cancel()
         while self.idle:
             conn = self.idle.pop()
@@ -557,3 +568,5 @@ class ServerPool:
                 fut.set_exception(PoolRetired(self.label) if self.retired else
                                   ServerError(f"pool for {self.label} was closed",
                                               {"C": sqlstates.ADMIN_SHUTDOWN}))
+        # A connect cancelled half-way gives its place in ``size`` back as it unwinds.
+        await asyncio.gather(*stopping, return_exceptions=True)

@@ -52,8 +52,10 @@ class SessionCheckout:
         if self.causal is not None and role != PRIMARY and self._must_wait_for_replica():
             self._wait_for_replica(role)
             return
-        got = self.group.checkout_now(role, self._queued_ready, self._queued_failed)  # type: ignore[union-attr]
-        if got.__class__ in WAITERS or self._held_begin is not None \
+        held_begin = self._held_begin is not None  # inside a transaction: the shutdown drain lets it finish
+        got = self.group.checkout_now(role, self._queued_ready, self._queued_failed,  # type: ignore[union-attr]
+                                      held_begin)
+        if got.__class__ in WAITERS or held_begin \
                 or got.applied_key != self._parameters_key:  # type: ignore[union-attr]
             self._not_ready_yet(role, got)
         else:
@@ -242,7 +244,7 @@ class SessionCheckout:
                 self._join_causal(group)
                 preferred = None
             try:
-                return await group.checkout(role, preferred)
+                return await group.checkout(role, preferred, self._held_begin is not None)
             except PoolRetired:
                 if group.successor is None:
                     raise ServerError(f'pool "{self.database}" for user "{self.user}" was removed from '

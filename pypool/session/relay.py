@@ -225,10 +225,11 @@ class SessionRelay:
     @property
     def in_transaction(self) -> bool:
         """Attached to a server connection that is inside a transaction or still owes replies,
-        or waiting for the servers of a request pypool runs itself (a read on every shard)."""
+        inside a transaction whose BEGIN pypool answered and holds (no server yet), or waiting
+        for the servers of a request pypool runs itself (a read on every shard)."""
         server = self.server
         if server is None:
-            return self.state is states.FANNED_OUT
+            return self._held_begin is not None or self.state is states.FANNED_OUT
         return server.requests.in_transaction
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import time
 import psycopg
 import pytest
 
-from pypool.config import dump_config
+from pypool.config import ServerAddress, dump_config
+from pypool.pool.pool import PoolRetired, PoolSettings, ServerPool
+from pypool.pool.server import Credentials
 from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._ops import admin, on_private_db, private_db, show, wait_for_log  # noqa: F401 - fixture
 from tests.integration._support import PRIMARY_ONLY, local_tcp_ports, merge, wait_for
@@ -24,15 +27,9 @@ BENCH_SECONDS = int(os.environ.get("PYPOOL_RELOAD_BENCH_SECONDS", "8"))
 CLIENTS = 8
 
 
-
-
-
-
 def rewrite(pypool, *overrides: dict) -> None:
     pypool.config = merge(pypool.config, *overrides)
     pypool.config_path.write_text(dump_config(pypool.config))
-
-
 
 
 def run_pgbench(pypool) -> subprocess.Popen:
@@ -82,6 +79,28 @@ def test_pool_size_change_during_pgbench(start_pypool, pg_cluster, private_db, t
     with admin(pypool) as conn:
         primary = show(conn, "DATABASES")[0]
         assert primary["pool_size"] == 3 and primary["current_connections"] <= 3
+
+
+@pytest.mark.parametrize("connecting_for", ["a waiting client", "min_pool_size"])
+async def test_a_pool_retired_while_it_connects_counts_no_connection(pg_cluster, connecting_for):
+    """A reload retires a pool in the middle of a connect: SHOW DATABASES current_connections (the
+    pool's size, summed with its successor's) must not keep counting the connect it cancelled."""
+    settings = PoolSettings(pool_size=3, min_pool_size=1 if connecting_for == "min_pool_size" else 0,
+                            connect_timeout=5, checkout_timeout=5, idle_timeout=0, server_lifetime=0)
+    pool = ServerPool(ServerAddress("127.0.0.1", pg_cluster[0].port, "primary"),
+                      Credentials(USER, PASSWORD, DATABASE), settings)
+    errors: list[Exception] = []
+    if connecting_for == "min_pool_size":
+        pool.start()
+    else:
+        assert pool.queue(lambda conn: None, errors.append) is not None  # no idle connection: one is opened
+    await asyncio.sleep(0)  # the connect is under way
+    assert pool.size == 1
+    pool.retired = True  # as ``Reloader._retire`` does
+    await pool.close()
+    assert pool.size == 0
+    if connecting_for == "a waiting client":
+        assert [type(e) for e in errors] == [PoolRetired]
 
 
 def test_unchanged_pool_keeps_its_connections(start_pypool, pg_cluster):

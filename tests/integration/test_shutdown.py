@@ -10,7 +10,7 @@ import psycopg
 import psycopg.errors
 import pytest
 
-from tests.conftest import DATABASE, PASSWORD, USER
+from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
 from tests.integration._ops import admin, login_error, show, wait_for_log
 from tests.integration._support import PRIMARY_ONLY, merge, wait_for
 
@@ -206,9 +206,6 @@ def test_second_signal_stops_at_once(start_pypool, pg_cluster, table):
     tx.conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a BEGIN that pypool answered itself (held until the first statement "
-                                       "picks primary or replica) is not counted as a transaction in flight: "
-                                       "the drain closes that client with 57P01 at its first statement")
 def test_a_transaction_whose_begin_pypool_held_may_finish_during_the_drain(start_pypool, table):
     # Read/write splitting on (the default config): BEGIN alone is answered by pypool itself.
     pypool = start_pypool({"general": {"shutdown_timeout": int(SHUTDOWN_TIMEOUT * 1000)}})
@@ -220,3 +217,35 @@ def test_a_transaction_whose_begin_pypool_held_may_finish_during_the_drain(start
     conn.execute("COMMIT")
     conn.close()
     assert pypool.proc.wait(30) == 0
+    assert "shutdown: no transaction in flight" in pypool.log(), pypool.log()[-3000:]
+
+
+def test_a_held_begin_waits_for_a_connection_the_drain_frees(start_pypool, pg_cluster, table):
+    """pool_size 1, held by a transaction in flight: the held-BEGIN client gets the connection after it."""
+    pypool = start_pypool(merge(user_overrides(pool_size=1),
+                                {"general": {"shutdown_timeout": int(SHUTDOWN_TIMEOUT * 1000)}}))
+    key = uuid.uuid4().int & 0x7FFFFFFF
+    with psycopg.connect(primary_dsn(pg_cluster), autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(%s)", [key])
+        tx = LongTransaction.running(pypool, pg_cluster, table, f"SELECT pg_advisory_xact_lock({key})")
+        held = psycopg.connect(pypool.dsn(), autocommit=True)
+        held.execute("BEGIN")  # answered by pypool: the only server connection is still tx's
+        pypool.proc.send_signal(signal.SIGINT)
+        wait_for_log(pypool, "shutting down")
+        assert "waiting up to 20.0 s for 2 transaction(s) in flight" in pypool.log(), pypool.log()[-3000:]
+        inserted = threading.Thread(target=held.execute, args=(f"INSERT INTO {table} VALUES (2)",), daemon=True)
+        inserted.start()
+        with admin(pypool) as console:  # the console stays open during the drain
+            wait_for(lambda: {p["database"]: p for p in show(console, "POOLS")}[DATABASE]["cl_waiting"] == 1,
+                     what="the INSERT to wait for the connection tx holds")
+        gate.execute("SELECT pg_advisory_unlock(%s)", [key])
+    tx.join(30)
+    inserted.join(30)
+    assert tx.error is None and tx.committed, tx.error
+    assert not inserted.is_alive()
+    held.execute("COMMIT")
+    assert rows_on_primary(pg_cluster, table) == 2
+    assert pypool.proc.wait(SHUTDOWN_TIMEOUT + 30) == 0  # only stops a hang
+    assert "shutdown: no transaction in flight" in pypool.log(), pypool.log()[-3000:]
+    held.close()
+    tx.conn.close()

@@ -7,7 +7,13 @@ import socket
 import pytest
 
 from pypool import keepalive
-from tests.unit.test_config import MINIMAL, parse
+from pypool.config import General, parse_config
+from tests.unit._minimal_config import MINIMAL
+
+
+def general(*lines: str) -> General:
+    """The minimal config's [general] table, with ``lines`` added to it."""
+    return parse_config(MINIMAL.format(general="\n".join(lines)), "pgcat.toml").general
 
 
 def _options(sock: socket.socket) -> tuple[int, ...]:
@@ -21,11 +27,11 @@ def _options(sock: socket.socket) -> tuple[int, ...]:
 @pytest.fixture(autouse=True)
 def _reset():
     yield
-    keepalive.configure(parse(MINIMAL.replace("[general]\n", "[general]\ntcp_keepalives_idle = 0\n")).general)
+    keepalive.configure(general("tcp_keepalives_idle = 0"))
 
 
 def test_pgcat_defaults_reach_a_listener_and_the_connections_it_accepts() -> None:
-    keepalive.configure(parse(MINIMAL).general)  # PgCat's defaults: 5 s, 5 s, 5 probes, 10 s
+    keepalive.configure(general())  # PgCat's defaults: 5 s, 5 s, 5 probes, 10 s
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -38,24 +44,23 @@ def test_pgcat_defaults_reach_a_listener_and_the_connections_it_accepts() -> Non
 
 
 def test_configured_values_and_off() -> None:
-    text = MINIMAL.replace("[general]\n", "[general]\ntcp_keepalives_idle = 60\ntcp_keepalives_count = 3\n"
-                                          "tcp_keepalives_interval = 7\ntcp_user_timeout = 0\n")
-    keepalive.configure(parse(text).general)
+    others = ("tcp_keepalives_count = 3", "tcp_keepalives_interval = 7", "tcp_user_timeout = 0")
+    keepalive.configure(general("tcp_keepalives_idle = 60", *others))
     with socket.socket() as sock:
         keepalive.apply(sock)
         assert _options(sock) == (1, 60, 7, 3, 0)
-    assert keepalive.socket_options(parse(text.replace("= 60", "= 0")).general) == ()
+    assert keepalive.socket_options(general("tcp_keepalives_idle = 0", *others)) == ()
 
 
 def test_unix_sockets_are_left_alone() -> None:
-    keepalive.configure(parse(MINIMAL).general)
+    keepalive.configure(general())
     left, right = socket.socketpair()
     with left, right:
         keepalive.apply(left)  # no TCP options on a Unix socket: no error
 
 
 def test_nodelay_for_server_sockets() -> None:
-    keepalive.configure(parse(MINIMAL).general)
+    keepalive.configure(general())
     with socket.socket() as sock:
         keepalive.apply(sock, nodelay=True)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -18,25 +18,9 @@ from pypool.pool.group import PoolGroup
 from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.routing.router import Router, RoutingState
+from tests.unit._minimal_config import minimal_config
 
-BASE = """
-[general]
-admin_username = "admin"
-admin_password = "admin-secret"
-ban_time = 60
-
-[pools.app]
-{pool}
-
-[pools.app.users.0]
-username = "alice"
-password = "alice-secret"
-pool_size = 5
-
-[pools.app.shards.0]
-database = "appdb"
-servers = [["db1", 5432, "primary"], ["db2", 5432, "replica"], ["db3", 5432, "replica"]]
-"""
+SERVERS = '[["db1", 5432, "primary"], ["db2", 5432, "replica"], ["db3", 5432, "replica"]]'
 
 
 def config(**pool: object):
@@ -47,7 +31,7 @@ def config(**pool: object):
         elif isinstance(value, str):
             value = f'"{value}"'
         lines.append(f"{key} = {value}")
-    return parse_config(BASE.format(pool="\n".join(lines)), "test.toml")
+    return parse_config(minimal_config("ban_time = 60", "\n".join(lines), SERVERS), "test.toml")
 
 
 def router(**pool: object) -> Router:
@@ -223,7 +207,7 @@ def test_show_server_role_without_the_parser_reports_default_role():
 def group(**pool: object) -> PoolGroup:
     cfg = config(**pool)
     p = cfg.pools["app"]
-    return PoolGroup(p, p.users["alice"], cfg.general)
+    return PoolGroup(p, p.users["u"], cfg.general)
 
 
 def test_banned_replica_gets_no_reads_until_ban_time_passes():

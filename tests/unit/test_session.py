@@ -144,7 +144,7 @@ def test_leaving_between_transactions_returns_the_server_clean():
 def test_an_error_pypool_answers_discards_the_rest_of_the_batch_until_its_sync(drip, monkeypatch):
     client, server, _ = logged_in()
 
-    def no_primary(role, on_ready, on_error):
+    def no_primary(role, on_ready, on_error, in_transaction=False):
         raise ServerError("no primary is known", {"C": sqlstates.CONNECTION_FAILURE})
 
     monkeypatch.setattr(client.group, "checkout_now", no_primary)
