@@ -126,7 +126,7 @@ def _random_nonce(nbytes: int) -> str:
 
 
 # RFC 5802: printable = %x21-2B / %x2D-7E  (visible ASCII except ',')
-_PRINTABLE_NONCE = re.compile("[\x21-\x2b\x2d-\x7e]+")
+_PRINTABLE_NONCE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 
 
 def _is_printable_nonce(text: str) -> bool:
