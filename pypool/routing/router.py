@@ -44,8 +44,8 @@ from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.cache import ClassificationCache
 from pypool.routing.classify import DEFAULT_READ_ONLY_FUNCTIONS, Classification, role_hint
-from pypool.routing.fanout import FanoutError, FanoutPlan, plan_fanout
-from pypool.routing.shard_key import ShardKeyError, ShardKeyFinder
+from pypool.routing.fanout import FanoutError, FanoutPlan
+from pypool.routing.shard_key import ShardKeyError
 from pypool.routing.sharding import ALL_SHARDS, parse_sharding_key
 
 if TYPE_CHECKING:
@@ -114,7 +114,12 @@ class Router:
         # Shard routing (comments, keys, default_shard "all") only where there is a choice.
         self.sharded = pool.sharding.shards > 1
         key = pool.sharding.automatic_sharding_key
-        self.key_finder = ShardKeyFinder(key, pool.sharding.shard_for_key) if key and self.sharded else None
+        self.key_finder = None
+        if key and self.sharded:
+            # The finder (like the parser and the fan-out planner) uses sqlglot: loaded only where needed.
+            from pypool.routing.shard_plan import ShardKeyFinder
+
+            self.key_finder = ShardKeyFinder(key, pool.sharding.shard_for_key)
 
     # --------------------------------------------------------- custom commands
 
@@ -293,6 +298,8 @@ class Router:
                 sqlstates.FEATURE_NOT_SUPPORTED,
                 f"a write must name its shard: this statement has no value of the sharding key {key}",
                 hint='with default_shard = "all" only reads run on every shard'))
+        from pypool.routing.fanout_plan import plan_fanout  # sqlglot: loaded by the first fan-out
+
         try:
             plan = plan_fanout(sql, key)
         except FanoutError as exc:

@@ -8,7 +8,10 @@ integration tests prove where statements really run.
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -303,3 +306,21 @@ def test_random_spreads_evenly():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="load_balancing_mode"):
         Balancer("fastest")
+
+
+def test_sqlglot_is_loaded_only_by_a_pool_that_parses():
+    """sqlglot costs about 30 MiB per process: a plain pooler (every worker of it) never imports it."""
+    probe = """
+import sys
+import pypool.app, pypool.cli
+from tests.unit.test_routing import SPLIT, route, router
+plain = router(default_role="primary")
+route(plain, "SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+print("sqlglot" in sys.modules)
+route(router(**SPLIT), "SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+print("sqlglot" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
