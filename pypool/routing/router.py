@@ -100,6 +100,8 @@ class Router:
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
         self.splitting = pool.query_parser_enabled and pool.query_parser_read_write_splitting
+        if pool.query_parser_enabled:
+            import pypool.routing.query_tree  # noqa: F401 - sqlglot at start-up, not on a client's first read
         self.cache = ClassificationCache(
             read_only_functions=DEFAULT_READ_ONLY_FUNCTIONS | frozenset(pool.read_only_functions),
             max_length=pool.query_parser_max_length,
