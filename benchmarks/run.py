@@ -44,11 +44,14 @@ from benchmarks.targets import (
 USER = os.environ.get("POSTGRESQL_USERNAME") or "postgres"
 PASSWORD = os.environ.get("POSTGRESQL_PASSWORD") or "mysecretpassword"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CONNECT_ALLOWANCE_S = 0.025  # extra pgbench -T seconds per client, for runs with >= 64 clients
+CONNECT_ALLOWANCE_S = 0.01  # extra pgbench -T seconds per client, for runs with >= 64 clients
 
 POOLERS = ("pypool", "pgbouncer", "pgcat")
-ALL_TARGETS = ("direct", "pypool", "pypool-w2", "pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat", "pgcat-rw")
+ALL_TARGETS = ("direct", "pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal", "pgbouncer", "pgcat",
+               "pgcat-rw")
 PLAIN = ("direct", "pypool", "pgbouncer", "pgcat")
+# pypool-auto (workers = "auto": one process per core) beside one process, where clients scale.
+SCALING = PLAIN + ("pypool-auto",)
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,17 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("select-c1", "Read-only (pgbench -S), 1 client", ("-S",), 1),
-    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16),
-    # pypool-w2 (workers = 2) runs here only: does a second process help at 64 clients?
-    Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=PLAIN + ("pypool-w2",)),
-    Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256),
+    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16, targets=SCALING),
+    Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=SCALING),
+    Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256, targets=SCALING),
+    Workload("select-c1000", "Read-only (pgbench -S), 1,000 clients", ("-S",), 1000, targets=SCALING),
     Workload("select-ext-c16", "Read-only, extended protocol (-S -M extended), 16 clients",
              ("-S", "-M", "extended"), 16),
     Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
     Workload("select-connect-c16", "New connection per transaction (-S -C), 16 clients", ("-S", "-C"), 16),
     # pypool-rw-causal: the same split with causal_reads = "session"; reads that follow no write cost the same.
     Workload("rw-split-c64", "Read-only, 64 clients, reads split over 2 replicas (pypool) vs primary (PgBouncer)",
-             ("-S",), 64, targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
+             ("-S",), 64, targets=("pypool-rw", "pypool-rw-auto", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
     # Each client mixes writes and reads: with causal reads a read after the client's own write waits
     # for a replica that replayed it. replica_share here is the share of the -S reads the replicas served.
     Workload("mixed-split-c16", "Mixed TPC-B-like 1 : read-only 9, 16 clients, split: causal reads off vs session",
@@ -477,7 +480,7 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     out: dict[str, Target] = {}
     if "direct" in needed:
         out["direct"] = direct_target(primary.port, opts.database)
-    pypools = {"pypool", "pypool-w2", "pypool-rw", "pypool-rw-causal"}
+    pypools = {"pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal"}
     broken = check_importable(pypool_path) if needed & pypools else None
     if broken:
         for name in needed & pypools:
@@ -485,18 +488,19 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     if "pypool" in needed and not broken:
         out["pypool"] = pypool_target("pypool", "pypool", database=opts.database, split=False, cfg_args=cfg_args,
                                       pypool_path=pypool_path)
-    if "pypool-w2" in needed and not broken:
-        out["pypool-w2"] = pypool_target("pypool-w2", "pypool (workers = 2)", database=opts.database, split=False,
-                                         cfg_args=cfg_args, pypool_path=pypool_path, workers=2)
-    for name, causal, label in (("pypool-rw", "off", "pypool (R/W split)"),
-                                ("pypool-rw-causal", "session", "pypool (R/W split, causal reads)")):
+    if "pypool-auto" in needed and not broken:
+        out["pypool-auto"] = pypool_target("pypool-auto", 'pypool (workers = "auto")', database=opts.database,
+                                           split=False, cfg_args=cfg_args, pypool_path=pypool_path, workers="auto")
+    for name, causal, workers, label in (("pypool-rw", "off", 1, "pypool (R/W split)"),
+                                         ("pypool-rw-auto", "off", "auto", 'pypool (R/W split, workers = "auto")'),
+                                         ("pypool-rw-causal", "session", 1, "pypool (R/W split, causal reads)")):
         if name not in needed or broken:
             continue
         if len(replicas) < 2:
             unavailable[name] = f"only {len(replicas)} streaming replica(s)"
         else:
             out[name] = pypool_target(name, label, database=opts.database, split=True, cfg_args=cfg_args,
-                                      pypool_path=pypool_path, causal_reads=causal)
+                                      pypool_path=pypool_path, causal_reads=causal, workers=workers)
     if "pgbouncer" in needed:
         try:
             install_pgbouncer(log)
