@@ -464,8 +464,8 @@ class ServerPool:
 
     def _serve_waiters_after_loss(self) -> None:
         """Open connections for waiters while there is room below pool_size."""
-        if self.closing:
-            return
+        if self.closing or self.size >= self.settings.pool_size:
+            return  # full: nothing to open, however many wait (checked first: queue() calls this per wait)
         pending = sum(1 for f in self.waiters if not f.done())
         while pending > len(self._connecting) and self.size < self.settings.pool_size:
             self.size += 1
