@@ -9,12 +9,15 @@ as a logged-in transaction-mode client (named-statement bookkeeping on):
   of an unnamed statement, answered with ParseComplete + BindComplete +
   RowDescription + DataRow + CommandComplete + ReadyForQuery.
 
-The connection goes back to the pool after each transaction. Prints the best
-of ``--runs`` short runs of CPU time (``time.process_time``) per transaction;
-with --profile, a cProfile summary instead. Used to measure hot-path changes
+The connection goes back to the pool after each transaction. The simple
+Query's ``aid`` takes ``--keys`` values in turn (default 100,000, like pgbench's
+random accounts: the router's memo of exact texts misses and the fingerprint
+cache answers; ``--keys 1`` repeats one text). Prints the best of ``--runs``
+short runs of CPU time (``time.process_time``) per transaction; with --profile,
+a cProfile summary and the Python calls per transaction instead. Used to measure hot-path changes
 before/after, also against an older checkout (its pypool on PYTHONPATH):
 
-    python -m benchmarks.micro_relay [--extended] [--routing] [--profile] [-n 20000] [--runs 15]
+    python -m benchmarks.micro_relay [--extended] [--routing] [--profile] [-n 20000] [--runs 15] [--keys N]
     PYTHONPATH=/old/checkout python benchmarks/micro_relay.py --extended
 """
 
@@ -119,12 +122,19 @@ def build(routing: bool, extended: bool) -> tuple[ClientConnection, list[ServerC
     return client, servers, request, reply
 
 
-def run(n: int, runs: int, routing: bool, extended: bool, profile: bool) -> None:
+def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, keys: int = 1) -> None:
     client, servers, request, reply = build(routing, extended)
     client_received = client.data_received
+    requests = [request] if extended or keys <= 1 else [m.query(SELECT.format(aid)) for aid in range(1, keys + 1)]
+    turn = iter(())
 
     def one() -> None:
-        client_received(request)
+        nonlocal turn
+        message = next(turn, None)
+        if message is None:
+            turn = iter(requests)
+            message = next(turn)
+        client_received(message)
         client.server.data_received(reply)
 
     for _ in range(1000):
@@ -136,7 +146,10 @@ def run(n: int, runs: int, routing: bool, extended: bool, profile: bool) -> None
         for _ in range(n):
             one()
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(25)
+        calls = sum(nc for _, nc, _, _, _ in stats.stats.values()) - 2 * n  # less one() and next()
+        print(f"{calls / n:.1f} Python calls per transaction (functions and builtins, cProfile)")
         return
     clock = time.process_time
     best = float("inf")
@@ -158,10 +171,11 @@ def main() -> None:
     parser.add_argument("--routing", action="store_true")
     parser.add_argument("--extended", action="store_true", help="pgbench -M extended's messages")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--keys", type=int, default=100_000, help="distinct aid values of the simple Query")
     args = parser.parse_args()
 
     async def go() -> None:
-        run(args.n, args.runs, args.routing, args.extended, args.profile)
+        run(args.n, args.runs, args.routing, args.extended, args.profile, args.keys)
 
     asyncio.run(go())
 
