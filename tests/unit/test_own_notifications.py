@@ -66,11 +66,11 @@ def test_own_notify_comes_before_the_ready_for_query_with_the_clients_pid():
         server.transport.take()
         # The server answers before the listener connection has the notification.
         server.data_received(m.command_complete("NOTIFY") + m.ready_for_query())
-        assert client.transport.take() == m.command_complete("NOTIFY"), "ReadyForQuery waits for the listener"
+        assert client.io.take() == m.command_complete("NOTIFY"), "ReadyForQuery waits for the listener"
         assert client.state is ClientState.WAITING_FOR_LISTENER
         hub.arrived.append(notification(BACKEND_PID, b"own", b"x"))
         await settle()
-        assert client.transport.take() == notification(CLIENT_PID, b"own", b"x") + m.ready_for_query()
+        assert client.io.take() == notification(CLIENT_PID, b"own", b"x") + m.ready_for_query()
         assert client.state is ClientState.IDLE and client.own_notify_pid == 0
         assert server in server.pool.idle, "the server connection went back to its pool"
 
@@ -82,14 +82,14 @@ def test_inside_a_transaction_only_its_end_waits():
         client, server, hub = setup()
         client.data_received(m.query("BEGIN; SELECT pg_notify('own', 'y')"))
         server.data_received(m.command_complete("SELECT 1") + m.ready_for_query(b"T"))
-        assert client.transport.take().endswith(m.ready_for_query(b"T"))
+        assert client.io.take().endswith(m.ready_for_query(b"T"))
         assert hub.barriers == 0
         client.data_received(m.query("COMMIT"))
         server.data_received(m.command_complete("COMMIT") + m.ready_for_query())
         hub.arrived.append(notification(BACKEND_PID, b"own", b"y"))
         await settle()
         assert hub.barriers == 1
-        assert client.transport.take() == (m.command_complete("COMMIT") + notification(CLIENT_PID, b"own", b"y")
+        assert client.io.take() == (m.command_complete("COMMIT") + notification(CLIENT_PID, b"own", b"y")
                                            + m.ready_for_query())
 
     asyncio.run(scenario())
@@ -99,8 +99,8 @@ def test_a_client_that_does_not_notify_is_answered_at_once():
     client, server, hub = setup()
     client.data_received(m.query("SELECT 1"))
     server.data_received(m.command_complete("SELECT 1") + m.ready_for_query())
-    assert client.transport.take() == m.command_complete("SELECT 1") + m.ready_for_query()
+    assert client.io.take() == m.command_complete("SELECT 1") + m.ready_for_query()
     assert client.state is ClientState.IDLE and hub.barriers == 0
     # Someone else's notification keeps its sender's PID.
     client.deliver_notification(notification(BACKEND_PID, b"own", b"z"))
-    assert client.transport.take() == notification(BACKEND_PID, b"own", b"z")
+    assert client.io.take() == notification(BACKEND_PID, b"own", b"z")
