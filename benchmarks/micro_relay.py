@@ -15,12 +15,15 @@ as a logged-in transaction-mode client (named-statement bookkeeping on):
   ``--routing`` only: with the split, pypool answers ``BEGIN`` itself and
   replays it in a coroutine this loop does not run.
 
-The connection goes back to the pool after each transaction. Prints the best
-of ``--runs`` short runs of CPU time (``time.process_time``) per transaction;
-with --profile, a cProfile summary instead. Used to measure hot-path changes
+The connection goes back to the pool after each transaction. The simple
+Query's ``aid`` takes ``--keys`` values in turn (default 100,000, like pgbench's
+random accounts: the router's memo of exact texts misses and the fingerprint
+cache answers; ``--keys 1`` repeats one text). Prints the best of ``--runs``
+short runs of CPU time (``time.process_time``) per transaction; with --profile,
+a cProfile summary and the Python calls per transaction instead. Used to measure hot-path changes
 before/after, also against an older checkout (its pypool on PYTHONPATH):
 
-    python -m benchmarks.micro_relay [--extended] [--transaction] [--routing] [--profile] [-n 20000] [--runs 15]
+    python -m benchmarks.micro_relay [--extended] [--transaction] [--routing] [--profile] [-n 20000] [--runs 15] [--keys N]
     PYTHONPATH=/old/checkout python benchmarks/micro_relay.py --extended
 """
 
@@ -147,20 +150,30 @@ def build(routing: bool, extended: bool, transaction: bool = False) -> tuple[Cli
                              (m.query("END;"), m.command_complete("COMMIT") + m.ready_for_query())]
 
 
-def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transaction: bool = False) -> None:
+def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transaction: bool = False,
+        keys: int = 1) -> None:
     client, servers, exchange = build(routing, extended, transaction)
     client_received = client.data_received
     if len(exchange) == 1:  # the single-request path stays as measured before --transaction existed
         (request, reply), = exchange
+        requests = [request] if extended or keys <= 1 else [m.query(SELECT.format(aid)) for aid in range(1, keys + 1)]
+        turn = iter(())
 
         def one() -> None:
-            client_received(request)
+            nonlocal turn
+            message = next(turn, None)
+            if message is None:
+                turn = iter(requests)
+                message = next(turn)
+            client_received(message)
             client.server.data_received(reply)
+        harness_calls = 2  # one() and next()
     else:
         def one() -> None:
             for request, reply in exchange:
                 client_received(request)
                 client.server.data_received(reply)
+        harness_calls = 1
 
     for _ in range(1000):
         one()
@@ -171,7 +184,10 @@ def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transac
         for _ in range(n):
             one()
         prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(25)
+        calls = sum(nc for _, nc, _, _, _ in stats.stats.values()) - harness_calls * n
+        print(f"{calls / n:.1f} Python calls per transaction (functions and builtins, cProfile)")
         return
     clock = time.process_time
     best = float("inf")
@@ -195,13 +211,14 @@ def main() -> None:
     parser.add_argument("--extended", action="store_true", help="pgbench -M extended's messages")
     parser.add_argument("--transaction", action="store_true", help="BEGIN, the SELECT, END: three requests")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--keys", type=int, default=100_000, help="distinct aid values of the simple Query")
     args = parser.parse_args()
     if args.transaction and args.routing:
         parser.error("--transaction measures without --routing: with the split, pypool holds BEGIN back and "
                      "replays it in a coroutine")
 
     async def go() -> None:
-        run(args.n, args.runs, args.routing, args.extended, args.profile, args.transaction)
+        run(args.n, args.runs, args.routing, args.extended, args.profile, args.transaction, args.keys)
 
     asyncio.run(go())
 

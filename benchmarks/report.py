@@ -12,8 +12,10 @@ from typing import Iterable, Sequence
 LABELS = {
     "direct": "PostgreSQL direct",
     "pypool": "pypool",
+    "pypool-auto": 'pypool workers="auto"',
     "pypool-w2": "pypool workers=2",
     "pypool-rw": "pypool R/W split",
+    "pypool-rw-auto": 'pypool R/W split, workers="auto"',
     "pypool-rw-causal": "pypool R/W split, causal reads",
     "pypool-base": "pypool baseline",
     "pgbouncer": "PgBouncer",
@@ -23,8 +25,10 @@ LABELS = {
 COLORS = {
     "direct": "#8c8c8c",
     "pypool": "#1f77b4",
+    "pypool-auto": "#08519c",
     "pypool-w2": "#08519c",
     "pypool-rw": "#6baed6",
+    "pypool-rw-auto": "#9ecae1",
     "pypool-rw-causal": "#3182bd",
     "pgbouncer": "#ff7f0e",
     "pgcat": "#2ca02c",
@@ -319,42 +323,64 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
     return "\n".join(out)
 
 
-GOALS_MB = 150  # 10,000 idle clients in at most this RSS
+GOALS_MIB = 100  # 10,000 idle clients in at most this RSS
+SCALING_WORKLOADS = ("select-c1", "select-c16", "select-c64", "select-c256", "select-c1000")
 
 
 def goals_section(s: Summary) -> list[str]:
-    """The targets of issue 5, each with this run's figure and whether it is met."""
+    """The targets of issue 16, each with this run's figure and whether it is met."""
     rows: list[tuple[str, str, bool | None]] = []
 
     def verdict(ok: bool | None) -> str:
         return "–" if ok is None else ("met" if ok else "**missed**")
 
-    for wl in ("select-c16", "select-c64"):
-        ratio, _ = s.ratio(wl, "pypool", "pgbouncer", "tps")
-        rows.append((f"{wl}: pypool TPS >= 0.9 x PgBouncer", _f(ratio, "{:.2f} x"),
-                     None if ratio is None else ratio >= 0.9))
+    def at_least(goal: str, value: float | None, bound: float, fmt: str = "{:.2f} x") -> None:
+        rows.append((goal, _f(value, fmt), None if value is None else value >= bound))
+
+    def at_most(goal: str, value: float | None, bound: float, fmt: str = "{:.2f} x") -> None:
+        rows.append((goal, _f(value, fmt), None if value is None else value <= bound))
+
+    own16 = s.med("select-c16", "pypool", "cpu_us_per_tx")
+    for wl in ("select-c16", "select-c64", "select-c256", "select-c1000", "select-ext-c16", "tpcb-c16"):
+        at_least(f"{wl}: pypool TPS >= 0.9 x PgBouncer", s.ratio(wl, "pypool", "pgbouncer", "tps")[0], 0.9)
+        at_most(f"{wl}: pypool CPU per transaction <= 1.5 x PgBouncer's",
+                s.ratio(wl, "pypool", "pgbouncer", "cpu_us_per_tx")[0], 1.5)
         cpu = s.med(wl, "pypool", "cpu_us_per_tx")
-        rows.append((f"{wl}: pypool CPU per transaction <= 30 µs", _f(cpu, "{:.1f} µs"),
-                     None if cpu is None else cpu <= 30))
-    direct, pypool, bouncer = (s.med("rtt", t, "lat_p50_us") for t in ("direct", "pypool", "pgbouncer"))
-    if None not in (direct, pypool, bouncer) and bouncer > direct:
-        added, added_bouncer = pypool - direct, bouncer - direct
-        rows.append(("SELECT 1 added p50 round trip <= 1.5 x PgBouncer's",
-                     f"{added:.1f} µs vs {added_bouncer:.1f} µs = {added / added_bouncer:.2f} x",
-                     added <= 1.5 * added_bouncer))
-    else:
-        rows.append(("SELECT 1 added p50 round trip <= 1.5 x PgBouncer's", "–", None))
+        if wl in ("select-c256", "select-c1000"):
+            at_most(f"{wl}: pypool CPU per transaction <= 1.15 x its own at 16 clients",
+                    None if cpu is None or not own16 else cpu / own16, 1.15)
+    for wl in ("select-c16", "select-c64", "select-c256", "select-c1000"):
+        at_least(f'{wl}: workers = "auto" TPS >= 1.0 x PgBouncer', s.ratio(wl, "pypool-auto", "pgbouncer", "tps")[0],
+                 1.0)
+    split, plain = s.med("rw-split-c64", "pypool-rw", "cpu_us_per_tx"), s.med("select-c64", "pypool", "cpu_us_per_tx")
+    at_most("rw-split-c64: split CPU per transaction <= plain path's (select-c64) + 5 µs",
+            None if split is None or plain is None else split - plain, 5.0, "{:+.1f} µs")
+    at_most("select-connect-c16: pypool CPU per login + transaction <= 2 x PgBouncer's",
+            s.ratio("select-connect-c16", "pypool", "pgbouncer", "cpu_us_per_tx")[0], 2.0)
     rss = s.med("memory", "pypool", "rss_kib")
     clients = next((int(float(r["connections"] or 0)) for r in s.ok.get(("memory", "pypool"), [])), 0)
-    rows.append((f"10,000 idle clients in <= {GOALS_MB} MB RSS",
-                 "–" if rss is None else f"{rss * 1024 / 1e6:.0f} MB with {clients:,} clients",
-                 None if rss is None else rss * 1024 / 1e6 <= GOALS_MB and clients >= 10_000))
-    ratio, _ = s.ratio("select-c64", "pypool-w2", "pypool", "tps")
-    rows.append(("select-c64: workers = 2 faster than workers = 1", _f(ratio, "{:.2f} x"),
-                 None if ratio is None else ratio > 1.0))
-    out = ["## Targets (issue 5)\n", "| target | this run | verdict |", "|---|---|---|"]
+    rows.append((f"10,000 idle clients in <= {GOALS_MIB} MiB RSS",
+                 "–" if rss is None else f"{rss / 1024:.0f} MiB with {clients:,} clients",
+                 None if rss is None else rss / 1024 <= GOALS_MIB and clients >= 10_000))
+    out = ["## Targets (issue 16)\n", "| target | this run | verdict |", "|---|---|---|"]
     out += [f"| {goal} | {value} | {verdict(ok)} |" for goal, value, ok in rows]
     out.append("")
+    return out
+
+
+def cpu_by_clients(s: Summary, targets: Sequence[str] = ("pypool", "pypool-auto", "pgbouncer", "pgcat")
+                   ) -> dict[str, list[tuple[int, float]]]:
+    """Per target, (clients, median CPU µs per transaction) over the read-only workloads, by clients."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for target in targets:
+        points = []
+        for wl in SCALING_WORKLOADS:
+            cpu = s.med(wl, target, "cpu_us_per_tx")
+            rows = s.ok.get((wl, target), [])
+            if cpu is not None and rows:
+                points.append((int(float(rows[0]["clients"])), cpu))
+        if points:
+            out[target] = sorted(points)
     return out
 
 
@@ -407,20 +433,23 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
     short = {
         "select-c1": "Read-only, 1 client\n(pgbench -S)", "select-c16": "Read-only, 16 clients\n(pgbench -S)",
         "select-c64": "Read-only, 64 clients\n(pgbench -S)", "select-c256": "Read-only, 256 clients\n(pgbench -S)",
+        "select-c1000": "Read-only, 1,000 clients\n(pgbench -S)",
         "select-ext-c16": "Read-only, extended protocol, 16 clients\n(pgbench -S -M extended)",
         "tpcb-c16": "Read-write (TPC-B-like), 16 clients\n(pgbench default script)",
         "select-connect-c16": "New connection per transaction, 16 clients\n(pgbench -S -C)",
         "rw-split-c64": "Read/write split, 64 clients: pypool reads\nfrom 2 replicas, PgBouncer from the primary",
     }
     tick = {"select-c1": "read\n1 cl", "select-c16": "read\n16 cl", "select-c64": "read\n64 cl",
-            "select-c256": "read\n256 cl", "select-ext-c16": "read ext\n16 cl", "tpcb-c16": "read-write\n16 cl",
+            "select-c256": "read\n256 cl", "select-c1000": "read\n1000 cl", "select-ext-c16": "read ext\n16 cl", "tpcb-c16": "read-write\n16 cl",
             "select-connect-c16": "connect\n16 cl", "rw-split-c64": "split\n64 cl"}
     pg_wls = [w.name for w in workloads if w.kind == "pgbench" and any(
         r["workload"] == w.name and r["status"] == "ok" for r in s.rows)]
     has_rtt = bool(s.targets_for("rtt")) and any(s.med("rtt", t, "lat_p50_us") for t in s.targets_for("rtt"))
     has_mem = any(s.med("memory", t, "rss_kib") for t in s.targets_for("memory"))
     cpu_wls = [wl for wl in pg_wls if s.med(wl, s.pypool_name(wl) or "pypool", "cpu_us_per_tx") is not None]
-    panels = len(pg_wls) + has_rtt + bool(cpu_wls) + has_mem + 1
+    scaling = {t: pts for t, pts in cpu_by_clients(s, ("pypool", "pypool-auto", "pypool-base", "pgbouncer", "pgcat")
+                                                    ).items() if len(pts) > 1}
+    panels = len(pg_wls) + has_rtt + bool(cpu_wls) + bool(scaling) + has_mem + 1
     cols = 4
     nrows = math.ceil(panels / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows + 0.8), squeeze=False)
@@ -515,6 +544,25 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
             ax.set_ylim(min(all_vals) / 2, max(all_vals) * 3)
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.set_axisbelow(True)
+        ax.legend(fontsize=7, loc="upper left")
+    if scaling:
+        ax = flat[used]
+        used += 1
+        for target, points in scaling.items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", color=COLORS.get(target, "#444"), label=LABELS.get(target, target))
+            ax.annotate(f"{ys[-1]:.0f}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(4, 0), fontsize=7,
+                        va="center")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ticks = sorted({x for pts in scaling.values() for x, _ in pts})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{x:,}" for x in ticks], fontsize=8)
+        ax.set_ylim(bottom=0)
+        ax.set_title("pooler CPU µs per read-only transaction\nby number of clients (flat is best)", fontsize=10)
+        ax.set_xlabel("clients (pgbench -S), log scale", fontsize=8)
+        ax.set_ylabel("µs CPU / transaction", fontsize=8)
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
     if has_mem:
         ax = flat[used]

@@ -44,11 +44,14 @@ from benchmarks.targets import (
 USER = os.environ.get("POSTGRESQL_USERNAME") or "postgres"
 PASSWORD = os.environ.get("POSTGRESQL_PASSWORD") or "mysecretpassword"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CONNECT_ALLOWANCE_S = 0.025  # extra pgbench -T seconds per client, for runs with >= 64 clients
+CONNECT_ALLOWANCE_S = 0.02  # extra pgbench -T seconds per client, for runs with >= 64 clients
 
 POOLERS = ("pypool", "pgbouncer", "pgcat")
-ALL_TARGETS = ("direct", "pypool", "pypool-w2", "pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat", "pgcat-rw")
+ALL_TARGETS = ("direct", "pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal", "pgbouncer", "pgcat",
+               "pgcat-rw")
 PLAIN = ("direct", "pypool", "pgbouncer", "pgcat")
+# pypool-auto (workers = "auto": one process per core) beside one process, where clients scale.
+SCALING = PLAIN + ("pypool-auto",)
 
 
 @dataclass(frozen=True)
@@ -64,17 +67,17 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("select-c1", "Read-only (pgbench -S), 1 client", ("-S",), 1),
-    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16),
-    # pypool-w2 (workers = 2) runs here only: does a second process help at 64 clients?
-    Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=PLAIN + ("pypool-w2",)),
-    Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256),
+    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16, targets=SCALING),
+    Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=SCALING),
+    Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256, targets=SCALING),
+    Workload("select-c1000", "Read-only (pgbench -S), 1,000 clients", ("-S",), 1000, targets=SCALING),
     Workload("select-ext-c16", "Read-only, extended protocol (-S -M extended), 16 clients",
              ("-S", "-M", "extended"), 16),
     Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
     Workload("select-connect-c16", "New connection per transaction (-S -C), 16 clients", ("-S", "-C"), 16),
     # pypool-rw-causal: the same split with causal_reads = "session"; reads that follow no write cost the same.
     Workload("rw-split-c64", "Read-only, 64 clients, reads split over 2 replicas (pypool) vs primary (PgBouncer)",
-             ("-S",), 64, targets=("pypool-rw", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
+             ("-S",), 64, targets=("pypool-rw", "pypool-rw-auto", "pypool-rw-causal", "pgbouncer", "pgcat-rw")),
     # Each client mixes writes and reads: with causal reads a read after the client's own write waits
     # for a replica that replayed it. replica_share here is the share of the -S reads the replicas served.
     Workload("mixed-split-c16", "Mixed TPC-B-like 1 : read-only 9, 16 clients, split: causal reads off vs session",
@@ -265,21 +268,39 @@ def parse_pgbench(out: str) -> dict:
     }
 
 
-def read_latency_logs(prefix: Path) -> list[int]:
-    """Per-transaction latencies (µs) from pgbench --log files ``prefix.<pid>[.<thread>]``."""
+def read_latency_logs(prefix: Path) -> tuple[list[int], list[float]]:
+    """Per-transaction latencies (µs) and end times (epoch seconds) from pgbench --log files
+    ``prefix.<pid>[.<thread>]`` (columns: client, transaction, latency, script, epoch s, µs)."""
     lat: list[int] = []
+    ends: list[float] = []
     for path in prefix.parent.glob(prefix.name + ".*"):
         with open(path, "rb") as fh:
             for line in fh:
-                parts = line.split(None, 3)
-                if len(parts) >= 3 and parts[2].isdigit():  # "failed"/"skipped" are not latencies
+                parts = line.split()
+                if len(parts) >= 6 and parts[2].isdigit():  # "failed"/"skipped" are not latencies
                     lat.append(int(parts[2]))
+                    ends.append(int(parts[4]) + int(parts[5]) / 1e6)
         path.unlink()
     lat.sort()
-    return lat
+    return lat, ends
+
+
+def established(port: int) -> int:
+    """TCP connections established to 127.0.0.1:``port`` (the pooler's side), from /proc/net/tcp."""
+    local = f"0100007F:{port:04X}"
+    count = 0
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        for line in fh:
+            fields = line.split(None, 4)
+            if fields[1] == local and fields[3] == "01":
+                count += 1
+    return count
 
 
 def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, row: Row) -> Row:
+    """One pgbench run. A pooler's CPU per transaction counts from the moment every client is
+    connected (its logins are not spread over the transactions; ``-C`` runs count everything)."""
     prefix = scratch / f"pgbench-{row.round}-{wl.name}-{target.name}"
     jobs = 1 if wl.clients < 2 else 2
     # pgbench's -T clock starts before its clients have logged in; with many clients
@@ -289,27 +310,38 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
             "-c", str(wl.clients), "-j", str(jobs), "-T", str(seconds), *wl.args,
             "--log", f"--log-prefix={prefix}", target.database]
     row.clients, row.duration_s = wl.clients, seconds
-    cpu0 = target.cpu() if target.is_pooler else None
+    steady = target.is_pooler and "-C" not in wl.args
+    cpu0 = target.cpu() if target.is_pooler and not steady else None
+    since = 0.0
+    env = {**pg_env(), **({"PGOPTIONS": wl.options} if wl.options else {})}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=str(scratch))
+    deadline = time.monotonic() + seconds + 90
+    while steady and cpu0 is None and proc.poll() is None and time.monotonic() < deadline:
+        if established(target.port) >= wl.clients:
+            cpu0, since = target.cpu(), time.time()
+        else:
+            time.sleep(0.02)
     try:
-        env = {**pg_env(), **({"PGOPTIONS": wl.options} if wl.options else {})}
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + 90,
-                              cwd=str(scratch))
-        out, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out, rc = f"pgbench timed out after {seconds + 90:.0f}s\n{exc.stdout or ''}{exc.stderr or ''}", -1
+        out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, rc = f"pgbench timed out after {seconds + 90:.0f}s\n{proc.communicate()[0]}", -1
     cpu1 = target.cpu() if target.is_pooler else None
     parsed = parse_pgbench(out)
-    lat = read_latency_logs(prefix)
+    lat, ends = read_latency_logs(prefix)
     row.transactions, row.failed, row.tps = parsed["transactions"], parsed["failed"], parsed["tps"]
     row.read_transactions = parsed["select_only"]
     if parsed["lat_avg_ms"] is not None:
         row.lat_avg_us = round(parsed["lat_avg_ms"] * 1000, 1)
     if lat:
         row.lat_p50_us, row.lat_p99_us = percentile(lat, 50), percentile(lat, 99)
+    counted = sum(1 for end in ends if end >= since) if steady else row.transactions
     if cpu0 is not None and cpu1 is not None:
         row.pooler_cpu_s = round(cpu1 - cpu0, 3)
-        if row.transactions:
-            row.cpu_us_per_tx = round((cpu1 - cpu0) / row.transactions * 1e6, 2)
+        if counted:
+            row.cpu_us_per_tx = round((cpu1 - cpu0) / counted * 1e6, 2)
     problems = []
     if rc != 0:
         problems.append(f"pgbench exit {rc}")
@@ -477,7 +509,7 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     out: dict[str, Target] = {}
     if "direct" in needed:
         out["direct"] = direct_target(primary.port, opts.database)
-    pypools = {"pypool", "pypool-w2", "pypool-rw", "pypool-rw-causal"}
+    pypools = {"pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal"}
     broken = check_importable(pypool_path) if needed & pypools else None
     if broken:
         for name in needed & pypools:
@@ -485,18 +517,19 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     if "pypool" in needed and not broken:
         out["pypool"] = pypool_target("pypool", "pypool", database=opts.database, split=False, cfg_args=cfg_args,
                                       pypool_path=pypool_path)
-    if "pypool-w2" in needed and not broken:
-        out["pypool-w2"] = pypool_target("pypool-w2", "pypool (workers = 2)", database=opts.database, split=False,
-                                         cfg_args=cfg_args, pypool_path=pypool_path, workers=2)
-    for name, causal, label in (("pypool-rw", "off", "pypool (R/W split)"),
-                                ("pypool-rw-causal", "session", "pypool (R/W split, causal reads)")):
+    if "pypool-auto" in needed and not broken:
+        out["pypool-auto"] = pypool_target("pypool-auto", 'pypool (workers = "auto")', database=opts.database,
+                                           split=False, cfg_args=cfg_args, pypool_path=pypool_path, workers="auto")
+    for name, causal, workers, label in (("pypool-rw", "off", 1, "pypool (R/W split)"),
+                                         ("pypool-rw-auto", "off", "auto", 'pypool (R/W split, workers = "auto")'),
+                                         ("pypool-rw-causal", "session", 1, "pypool (R/W split, causal reads)")):
         if name not in needed or broken:
             continue
         if len(replicas) < 2:
             unavailable[name] = f"only {len(replicas)} streaming replica(s)"
         else:
             out[name] = pypool_target(name, label, database=opts.database, split=True, cfg_args=cfg_args,
-                                      pypool_path=pypool_path, causal_reads=causal)
+                                      pypool_path=pypool_path, causal_reads=causal, workers=workers)
     if "pgbouncer" in needed:
         try:
             install_pgbouncer(log)

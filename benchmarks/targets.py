@@ -222,19 +222,19 @@ def direct_target(primary_port: int, database: str) -> Target:
 
 def pgcat_style_config(*, port: int, database: str, user: str, password: str, pool_size: int,
                        primary: tuple[str, int], replicas: list[tuple[str, int]], split: bool,
-                       workers: int = 1, causal_reads: str | None = None) -> dict:
+                       workers: int | str = 1, causal_reads: str | None = None) -> dict:
     """A PgCat-format config: one pool named like the database, transaction mode.
 
     split=False: the primary only, no query parser (a plain pooler, like PgBouncer).
     split=True: primary + replicas, the parser routes reads to the replicas and
     ``primary_reads_enabled = false`` keeps them off the primary.
-    workers > 1: pypool's worker processes (each with its share of pool_size).
+    workers other than 1: pypool's worker processes (each with its share of pool_size), or "auto"
     causal_reads: pypool's key, written when given ("off", "session", "global").
     """
     servers = [[primary[0], primary[1], "primary"]]
     if split:
         servers += [[h, p, "replica"] for h, p in replicas]
-    general = {"workers": workers} if workers > 1 else {}
+    general = {"workers": workers} if workers != 1 else {}
     causal = {"causal_reads": causal_reads} if causal_reads is not None else {}
     return {
         "general": {
@@ -267,7 +267,7 @@ def pgcat_style_config(*, port: int, database: str, user: str, password: str, po
 
 def pypool_target(name: str, label: str, *, database: str, split: bool, cfg_args: dict,
                   kind: str = "pypool", binary: str | None = None, pypool_path: Path | None = None,
-                  workers: int = 1, causal_reads: str | None = None) -> Target:
+                  workers: int | str = 1, causal_reads: str | None = None) -> Target:
     t = Target(name, kind, label, database=database)
     t.extra.update(split=split, cfg_args=cfg_args, binary=binary, pypool_path=pypool_path or REPO, workers=workers,
                    causal_reads=causal_reads)
@@ -295,6 +295,15 @@ def check_importable(path: Path) -> str | None:
     return lines[-1] if lines else f"exit {proc.returncode}"
 
 
+def expected_workers(workers: int | str, pool_size: int) -> int:
+    """The processes pypool starts for ``workers`` (``"auto"``: one per usable core, at most pool_size)."""
+    if workers == "auto":
+        from pypool.config import usable_cores
+
+        return min(usable_cores(), pool_size)
+    return int(workers)
+
+
 def _start_pypool_like(t: Target) -> None:
     if t.workdir is None:
         t.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{t.name}-"))
@@ -318,7 +327,7 @@ def _start_pypool_like(t: Target) -> None:
     t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(t.workdir), env=env,
                               stdin=subprocess.DEVNULL)
     wait_for_port(t.port, t.alive, t.log_tail)
-    workers = t.extra.get("workers", 1)
+    workers = expected_workers(t.extra.get("workers", 1), t.extra["cfg_args"]["pool_size"])
     if t.kind == "pypool" and workers > 1:
         # The port answers once the first worker listens; measure only when all of them do.
         ready = f"all {workers} workers ready"

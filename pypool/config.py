@@ -34,7 +34,7 @@ import os
 import re
 import tomllib
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import tomli_w
@@ -106,6 +106,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024  # bytes; larger messages are refuse
 # asked: PgCat's worker_threads (default 4) counts threads, not processes.
 DEFAULT_WORKERS = 1
 MAX_WORKERS = 64
+WORKERS_AUTO = "auto"  # one worker per usable core
 DEFAULT_CLIENT_LOGIN_TIMEOUT_MS = 60_000  # a client must finish logging in within this
 # Causal reads (pypool addition): "session" whenever read/write splitting is on, else "off".
 # A read waits at most this long for a replica to replay the write it must see. Healthy
@@ -259,6 +260,7 @@ class General:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     workers: int = DEFAULT_WORKERS  # pypool addition: processes (PgCat's worker_threads is read, not used)
+    workers_auto: bool = False  # `workers = "auto"`: `workers` is the count it resolved to
     connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_MS
     idle_timeout: int = DEFAULT_IDLE_TIMEOUT_MS
     server_lifetime: int = DEFAULT_SERVER_LIFETIME_MS
@@ -649,6 +651,8 @@ def _build(ctx: _Ctx, data: dict, strict: bool) -> Config:
     general_data = top.table("general")
     general_tbl = _Table(ctx, ("general",), general_data, Section.GENERAL)
     general = _parse_general(general_tbl)
+    if general.workers_auto:
+        general = _resolve_auto_workers(general, top.raw("pools"))
     legacy_ps_size = _legacy_prepared_statements_size(general_tbl)
     general_tbl.finish()
 
@@ -706,6 +710,7 @@ def _parse_general(t: _Table) -> General:
         host=t.string("host", DEFAULT_HOST),
         port=t.port("port", DEFAULT_PORT),
         workers=_parse_workers(t),
+        workers_auto=_is_auto(t.raw("workers")),
         connect_timeout=t.integer("connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS),
         idle_timeout=t.integer("idle_timeout", DEFAULT_IDLE_TIMEOUT_MS),
         server_lifetime=t.integer("server_lifetime", DEFAULT_SERVER_LIFETIME_MS),
@@ -764,10 +769,38 @@ def _parse_general(t: _Table) -> General:
     return general
 
 
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() == WORKERS_AUTO
+
+
 def _parse_workers(t: _Table) -> int:
-    """``workers`` (pypool) sets the process count; PgCat's ``worker_threads`` counts Tokio threads and is
-    reported as ignored (config_keys), so a PgCat file does not silently start four processes."""
+    """``workers`` (pypool) sets the process count, or ``"auto"`` one per usable core; PgCat's
+    ``worker_threads`` counts Tokio threads and is reported as ignored (config_keys), so a PgCat file
+    does not silently start four processes."""
+    value = t.raw("workers")
+    if _is_auto(value):
+        return min(usable_cores(), MAX_WORKERS)  # lowered to the smallest pool_size by _resolve_auto_workers
+    if isinstance(value, str):
+        raise t.error("workers", f'expected an integer 1..{MAX_WORKERS} or "{WORKERS_AUTO}", got {_describe(value)}')
     return t.integer("workers", DEFAULT_WORKERS, minimum=1, maximum=MAX_WORKERS)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _resolve_auto_workers(general: General, pools_data: Any) -> General:
+    """``workers = "auto"`` never asks for more workers than the smallest ``pool_size``: each worker needs
+    a share of at least one connection per pool, and the same file must load on a machine with more cores."""
+    sizes = [user.get("pool_size") for pool in (pools_data.values() if isinstance(pools_data, dict) else ())
+             if isinstance(pool, dict) and isinstance(pool.get("users"), dict)
+             for user in pool["users"].values() if isinstance(user, dict)]
+    sizes = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s >= 1]
+    return replace(general, workers=min([general.workers, *sizes]))
 
 
 def _parse_autoreload(t: _Table) -> int | None:

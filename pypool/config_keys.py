@@ -81,8 +81,8 @@ def _ignored(section: Section, name: str, reason: str, *accepts: type, quiet: bo
     return Key(section, name, IGNORED, reason=reason, accepts=accepts, quiet=quiet)
 
 
-# Fields that are not keys: the pool's name is its table name.
-STRUCTURAL_FIELDS = frozenset({"Pool.name"})
+# Fields that are not keys: the pool's name is its table name; workers_auto says `workers = "auto"` was written.
+STRUCTURAL_FIELDS = frozenset({"Pool.name", "General.workers_auto"})
 
 KEYS: tuple[Key, ...] = (
     # ---------------------------------------------------------------- top level

@@ -65,7 +65,9 @@ class LoginHandshake:
     async def _handshake(self) -> None:
         client = self.session
         try:
-            await asyncio.wait_for(self._login(), self.app.config.general.client_login_timeout / 1000)
+            # asyncio.timeout, not wait_for: no second task per login
+            async with asyncio.timeout(self.app.config.general.client_login_timeout / 1000):
+                await self._login()
             if client.admin is not None:
                 await client.admin.run()
         except LoginRefused as exc:

@@ -36,6 +36,8 @@ def describe(config: "Config") -> list[str]:
     general = config.general
     lines = [f"pypool {__version__} starting with config {config.path}", f"running on {runtime()}"]
     workers = f", {general.workers} worker processes" if general.workers > 1 else ""
+    if general.workers_auto:
+        workers = f", workers = \"auto\": {general.workers} worker process{'es' if general.workers > 1 else ''}"
     lines.append(f"listen {general.host}:{general.port}{workers}; admin console user {general.admin_username}")
     for pool in config.pools.values():
         lines.extend(_describe_pool(pool))

@@ -218,10 +218,13 @@ def config_table(config) -> Table:
     columns = [("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT)]
     rows = []
     for f in dataclasses.fields(General):
-        if "password" in f.name:
-            continue  # never shown
+        if "password" in f.name or f.name == "workers_auto":
+            continue  # never shown; workers_auto is shown in workers' value
         default = f.default if f.default is not dataclasses.MISSING else None
-        rows.append([config_keys.file_key(General, f.name), _config_value(getattr(config.general, f.name)),
+        value = _config_value(getattr(config.general, f.name))
+        if f.name == "workers" and config.general.workers_auto:
+            value = f"auto ({value})"
+        rows.append([config_keys.file_key(General, f.name), value,
                      "-" if default is None else _config_value(default),
                      "no" if config_keys.needs_restart(General, f.name) else "yes"])
     for name, pool in sorted(config.pools.items()):

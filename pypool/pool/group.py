@@ -135,8 +135,10 @@ class PoolGroup:
         self.reported_values: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
         self.monitors: list[ServerMonitor] = []
         self._monitor_of: dict[ServerPool, ServerMonitor] = {}
+        # Without replicas every read is on the primary: nothing to wait for, no commit position to ask.
+        causal_mode = pool.causal_reads if self.replicas else "off"
         self.causal: PoolCausal[ServerPool] = PoolCausal(
-            pool.causal_reads, pool.causal_reads_timeout, self._check_position, self._primary_position,
+            causal_mode, pool.causal_reads_timeout, self._check_position, self._primary_position,
             commits=commits, label=lambda sp: sp.label)
         # Set by a config reload that rebuilt this pool: clients move there at their next checkout.
         self.successor: PoolGroup | None = None

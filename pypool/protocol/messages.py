@@ -7,6 +7,7 @@ inspect (query text for routing, server errors) goes through here.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Sequence
 
@@ -91,6 +92,7 @@ def authentication_sasl_final(data: bytes) -> bytes:
     return message(AUTHENTICATION, _INT32.pack(AUTH_SASL_FINAL) + data)
 
 
+@functools.lru_cache(maxsize=1024)  # every login sends the same dozen settings
 def parameter_status(name: str, value: str) -> bytes:
     return message(PARAMETER_STATUS, cstr(name) + cstr(value))
 

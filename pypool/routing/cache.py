@@ -49,7 +49,7 @@ from pypool.routing.classify import (
     unterminated,
 )
 
-__all__ = ["fingerprint", "fingerprint_literals", "ClassificationCache", "TOO_LONG"]
+__all__ = ["fingerprint", "fingerprint_literals", "number_shape", "ClassificationCache", "TOO_LONG"]
 
 TOO_LONG = Classification(True, True, None, False, False, "too long")
 
@@ -206,6 +206,15 @@ def _numbers_only(sql: str) -> bool:
         and "--" not in sql
         and "/*" not in sql
     )
+
+
+def number_shape(sql: str) -> str | None:
+    """``fingerprint(sql)`` of a text whose only literals are numbers (no quotes, dollars, comments
+    or ``?`` of its own), else None. Texts of one shape differ only in numbers and layout: the
+    router decides them alike without looking at them again (no hint comment can hide in one)."""
+    if "?" in sql or not _numbers_only(sql):
+        return None
+    return " ".join(_NUM_FAST_RE.sub("?", sql).split())
 
 
 def fingerprint(sql: str) -> str:

@@ -42,10 +42,10 @@ from pypool import sqlstates
 from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
-from pypool.routing.cache import ClassificationCache
+from pypool.routing.cache import ClassificationCache, number_shape
 from pypool.routing.classify import DEFAULT_READ_ONLY_FUNCTIONS, Classification, role_hint
-from pypool.routing.fanout import FanoutError, FanoutPlan, plan_fanout
-from pypool.routing.shard_key import ShardKeyError, ShardKeyFinder
+from pypool.routing.fanout import FanoutError, FanoutPlan
+from pypool.routing.shard_key import ShardKeyError
 from pypool.routing.sharding import ALL_SHARDS, parse_sharding_key
 
 if TYPE_CHECKING:
@@ -100,6 +100,8 @@ class Router:
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
         self.splitting = pool.query_parser_enabled and pool.query_parser_read_write_splitting
+        if pool.query_parser_enabled:
+            import pypool.routing.query_tree  # noqa: F401 - sqlglot at start-up, not on a client's first read
         self.cache = ClassificationCache(
             read_only_functions=DEFAULT_READ_ONLY_FUNCTIONS | frozenset(pool.read_only_functions),
             max_length=pool.query_parser_max_length,
@@ -108,13 +110,22 @@ class Router:
         self.decisions: dict[str, int] = {PRIMARY: 0, REPLICA: 0, ANY: 0}
         # Hot path: decisions for clients in the default state, by exact message payload.
         self._memo: dict[bytes, Decision] = {}
+        self._shapes: dict[str, Decision] = {}  # ... and by number_shape of the text
+        # A text over query_parser_max_length is not classified (it goes to the primary), whatever its shape.
+        self._shape_max_length = pool.query_parser_max_length or float("inf")
         self._default_state = RoutingState()
         self._unparsed = Decision(self._default_role(), "default_role")
+        self._plain = self._plain_decision(pool)
         self.sharding = pool.sharding
         # Shard routing (comments, keys, default_shard "all") only where there is a choice.
         self.sharded = pool.sharding.shards > 1
         key = pool.sharding.automatic_sharding_key
-        self.key_finder = ShardKeyFinder(key, pool.sharding.shard_for_key) if key and self.sharded else None
+        self.key_finder = None
+        if key and self.sharded:
+            # The finder (like the parser and the fan-out planner) uses sqlglot: loaded only where needed.
+            from pypool.routing.shard_plan import ShardKeyFinder
+
+            self.key_finder = ShardKeyFinder(key, pool.sharding.shard_for_key)
 
     # --------------------------------------------------------- custom commands
 
@@ -195,28 +206,44 @@ class Router:
         """
         if self.sharded:
             return None  # the shard depends on the client's state and on values: full path
-        if not self.splitting and b"pypool" not in message:
-            decision = self._unparsed  # no parser: only a hint comment could change the role
+        if self._plain is not None and b"pypool" not in message:
+            decision = self._plain  # only the primary can answer: only a hint comment could change the role
             self.decisions[decision.role] += 1
             return decision
         decision = self._memo.get(message)
-        if decision is not None:
-            # A memo hit is a classification without sqlglot: it counts in the cache's hit ratio.
-            self.cache.hits += 1
-        else:
+        if decision is None:
             tag = message[0]
             if tag != m.QUERY and tag != m.PARSE:
                 return None
-            payload = message[5:]
-            if tag == m.QUERY and self.custom_command(RoutingState(), _text(payload)) is not None:
-                return None  # PgCat's custom commands change the client's state: full path
-            decision = self._decide(self._default_state, tag, _statement_text(tag, payload), False)
-            if decision.hold_begin or decision.ends_empty_transaction:
-                return None
-            if len(self._memo) >= MEMO_SIZE:
-                self._memo.clear()  # a workload of endless distinct texts: start over
-            self._memo[message] = decision
+            sql = _statement_text(tag, message[5:])
+            # pgbench's "... WHERE aid = 12345": a new text each time, one shape.
+            shape = number_shape(sql) if sql and len(sql) <= self._shape_max_length else None
+            decision = self._shapes.get(shape) if shape is not None else None
+            if decision is None:
+                decision = self._decide_default(message, tag, sql, shape)  # the cache counts this one
+                if decision is not None:
+                    self.decisions[decision.role] += 1
+                return decision
+        # A memo hit is a classification without sqlglot: it counts in the cache's hit ratio.
+        self.cache.hits += 1
         self.decisions[decision.role] += 1
+        return decision
+
+    def _decide_default(self, message: bytes, tag: int, sql: str | None, shape: str | None) -> Decision | None:
+        """route_default's decision for a text neither memo knows, remembered; None for the full path."""
+        if tag == m.QUERY and sql and self.custom_command(RoutingState(), sql) is not None:
+            return None  # PgCat's custom commands change the client's state: full path
+        decision = self._decide(self._default_state, tag, sql, False)
+        if decision.hold_begin or decision.ends_empty_transaction:
+            return None
+        if shape is not None:
+            if len(self._shapes) >= MEMO_SIZE:
+                self._shapes.clear()  # a workload of endless distinct shapes: start over
+            self._shapes[shape] = decision
+        if shape is None or "?" not in shape:  # texts with literals would only churn the exact memo
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            self._memo[message] = decision
         return decision
 
     def route(self, state: RoutingState, tag: int, payload: bytes, *, held_begin: bool = False,
@@ -293,6 +320,8 @@ class Router:
                 sqlstates.FEATURE_NOT_SUPPORTED,
                 f"a write must name its shard: this statement has no value of the sharding key {key}",
                 hint='with default_shard = "all" only reads run on every shard'))
+        from pypool.routing.fanout_plan import plan_fanout  # sqlglot: loaded by the first fan-out
+
         try:
             plan = plan_fanout(sql, key)
         except FanoutError as exc:
@@ -345,6 +374,17 @@ class Router:
         # COMMIT outside a transaction, SAVEPOINT, empty query...: any server answers alike.
         return Decision(PRIMARY, c.reason or "transaction control")
 
+    def _plain_decision(self, pool: "Pool") -> Decision | None:
+        """The decision for every message of a client in the default state, when the text cannot matter:
+        no parser, or a pool whose reads can only go to its primary (no replica; a read meant for a
+        replica still fails as before). None: the text decides."""
+        if pool.sharding.shards > 1:
+            return None
+        only_primary = not pool.replicas() and pool.default_role != "replica"
+        if only_primary and (not self.splitting or pool.primary_reads_enabled):
+            return Decision(PRIMARY, "no replica")  # "any" is the primary: skip the balancer
+        return None if self.splitting else self._unparsed
+
     def _default_role(self) -> str:
         role = self.pool.default_role
         return {"primary": PRIMARY, "replica": REPLICA}.get(role, ANY)
@@ -353,10 +393,6 @@ class Router:
 def _show(name: str, value: str) -> bytes:
     # PgCat's reply to its SHOW commands: one text column, tag "SELECT 1".
     return m.result_set([name], [[value]])
-
-
-def _text(payload: bytes) -> str:
-    return payload.rstrip(b"\x00").decode("utf-8", "replace")
 
 
 def _statement_text(tag: int, payload: bytes) -> str | None:

@@ -1,10 +1,10 @@
 """The benchmark harness (benchmarks/run.py) end to end.
 
 The default test runs a small slice in about a minute: pgbench -S at 64
-clients against PostgreSQL directly, pypool and pypool with ``workers = 2``,
+clients against PostgreSQL directly, pypool and pypool with ``workers = "auto"``,
 the raw-socket SELECT 1 round trip, and the RSS with a few hundred idle
 clients, pgbench scale 1 in its own database. It checks that the harness
-starts pypool (one process and a supervisor with two workers) from generated
+starts pypool (one process and a supervisor with a worker per core) from generated
 configs, drives real pgbench through them, reads the poolers' CPU from /proc
 and writes the CSV, the markdown report and the chart.
 
@@ -41,15 +41,15 @@ def run_benchmark(results: Path, *args: str, timeout: float) -> dict[tuple[str, 
 
 def test_benchmark_harness_smoke(tmp_path: Path, pg_cluster) -> None:
     results = tmp_path / "results"
-    rows = run_benchmark(results, "--targets", "direct,pypool,pypool-w2", "--workloads", "select-c64,rtt,memory",
+    rows = run_benchmark(results, "--targets", "direct,pypool,pypool-auto", "--workloads", "select-c64,rtt,memory",
                          "--duration", "2", "--rounds", "1", "--scale", "1", "--warmup", "0",
                          "--rtt-queries", "300", "--memory-clients", "200", timeout=240)
-    for target in ("direct", "pypool", "pypool-w2"):
+    for target in ("direct", "pypool", "pypool-auto"):
         row = rows[("select-c64", target)]
         assert row["status"] == "ok", (target, row["note"])
         assert float(row["tps"]) > 0 and int(row["transactions"]) > 0, row
         assert int(row["failed"] or 0) == 0, row
-    for target in ("pypool", "pypool-w2"):  # pooler CPU from /proc (all of pypool-w2's processes)
+    for target in ("pypool", "pypool-auto"):  # pooler CPU from /proc (all of pypool-auto's processes)
         assert float(rows[("select-c64", target)]["cpu_us_per_tx"]) > 0
     for target in ("direct", "pypool"):
         rtt = rows[("rtt", target)]
@@ -60,8 +60,8 @@ def test_benchmark_harness_smoke(tmp_path: Path, pg_cluster) -> None:
     assert int(memory["connections"]) == 200
     assert int(memory["rss_kib"]) > int(memory["rss_idle_kib"]) > 0
     report = (results / "latest.md").read_text()
-    assert "## Targets (issue 5)" in report
-    assert "workers = 2 faster than workers = 1" in report
+    assert "## Targets (issue 16)" in report
+    assert 'select-c64: workers = "auto" TPS' in report
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -80,6 +80,6 @@ def test_benchmark_quick_mode_runs_the_whole_matrix(tmp_path: Path, pg_cluster) 
                      "rtt", "memory"):
         for target in ("pypool", "pgbouncer"):
             assert rows[(workload, target)]["status"] == "ok", (workload, target, rows[(workload, target)]["note"])
-    assert rows[("select-c64", "pypool-w2")]["status"] == "ok"
+    assert rows[("select-c64", "pypool-auto")]["status"] == "ok"
     assert rows[("rw-split-c64", "pypool-rw")]["status"] == "ok"
     assert float(rows[("rw-split-c64", "pypool-rw")]["replica_share"]) > 0.5

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 
 from pypool.protocol import messages as m
-from pypool.routing.fanout import FanoutError, merge, plan_fanout
+from pypool.routing.fanout import FanoutError, merge
+from pypool.routing.fanout_plan import plan_fanout
 from pypool.routing.sharding import pg_bigint_hash
 from tests.conftest import DATABASE, PASSWORD, USER
 

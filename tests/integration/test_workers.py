@@ -104,6 +104,21 @@ def test_pgbench_through_two_workers_stays_within_pool_size(start_pypool, pg_clu
     assert out.returncode == 0 and out.stdout.strip() == "1", out.stderr
 
 
+def test_workers_auto_starts_one_worker_per_core(start_pypool, pg_cluster):
+    from pypool.config import usable_cores
+
+    cores = min(usable_cores(), 8)
+    if cores < 2:
+        pytest.skip("one usable core: workers = \"auto\" runs a single process")
+    pypool = start_pypool(merge(PRIMARY_ONLY, {"general": {"workers": "auto"},
+                                               "pools": {DATABASE: {"users": {"0": {"pool_size": cores}}}}}))
+    wait_for(lambda: f"all {cores} workers ready" in pypool.log(), what=f"{cores} workers ready")
+    supervisor = pypool.proc.pid
+    with open(f"/proc/{supervisor}/task/{supervisor}/children") as fh:
+        assert len(fh.read().split()) == cores
+    assert {row["key"]: row["value"] for row in admin(pypool, "SHOW CONFIG")}["workers"] == f"auto ({cores})"
+
+
 def test_show_and_metrics_report_the_whole_instance(start_pypool, pg_cluster):
     # min_pool_size 3 of pool_size 5: worker 0 keeps 2 and worker 1 keeps 1 connection to each server.
     pypool = start_pypool(merge(two_workers(pool_size=5, min_pool_size=3),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.report import Summary, label_layout, read_csv
+import pytest
+
+from benchmarks.report import Summary, chart, cpu_by_clients, label_layout, read_csv
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -31,3 +33,28 @@ def test_without_whiskers_labels_sit_on_the_bars():
     label_ys, ylim_top = label_layout([100.0, None, 50.0], None)
     assert label_ys[0] > 100 and label_ys[2] > 50 and label_ys[1] < 50
     assert ylim_top > max(label_ys)
+
+
+def _row(workload: str, target: str, clients: int, cpu: float, round_: int = 1) -> dict:
+    return {"workload": workload, "target": target, "status": "ok", "clients": str(clients), "round": str(round_),
+            "cpu_us_per_tx": str(cpu), "tps": "1000"}
+
+
+def test_cpu_by_clients_is_one_sorted_series_per_target_of_round_medians():
+    rows = [_row("select-c256", "pypool", 256, 50.0), _row("select-c16", "pypool", 16, 40.0),
+            _row("select-c16", "pypool", 16, 44.0, round_=2), _row("select-c16", "pypool", 16, 90.0, round_=3),
+            _row("select-c16", "pgbouncer", 16, 20.0), _row("tpcb-c16", "pypool", 16, 300.0),
+            {**_row("select-c64", "pypool", 64, 1.0), "status": "error"}]
+    series = cpu_by_clients(Summary(rows))
+    assert series == {"pypool": [(16, 44.0), (256, 50.0)], "pgbouncer": [(16, 20.0)]}
+
+
+def test_chart_draws_the_cpu_by_clients_panel(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.run import WORKLOADS
+
+    rows = [_row(f"select-c{n}", t, n, cpu) for n in (16, 64, 256, 1000)
+            for t, cpu in (("pypool", 40.0 + n / 100), ("pgbouncer", 22.0))]
+    out = tmp_path / "chart.png"
+    assert chart(rows, {"rounds": "1"}, WORKLOADS, out) is None
+    assert out.stat().st_size > 10_000

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pypool.routing import classify as classify_module
+from pypool.routing import query_tree
 from pypool.routing.cache import TOO_LONG, ClassificationCache, fingerprint
 from pypool.routing.classify import classify, read_only_functions, role_hint
 
@@ -325,13 +325,13 @@ def test_role_hint(sql, hint):
 def parses(monkeypatch):
     """Counts real sqlglot parses (the parser still runs)."""
     calls: list[str] = []
-    real = classify_module._DIALECT.parse
+    real = query_tree.DIALECT.parse
 
     def counting(text, *args, **kwargs):
         calls.append(text)
         return real(text, *args, **kwargs)
 
-    monkeypatch.setattr(classify_module._DIALECT, "parse", counting)
+    monkeypatch.setattr(query_tree.DIALECT, "parse", counting)
     return calls
 
 

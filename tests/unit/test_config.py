@@ -535,6 +535,18 @@ def test_bad_values_name_file_key_expectation_and_value(old: str, new: str, key:
     assert_error(MINIMAL.replace(old, new, 1), key, *fragments)
 
 
+def test_workers_auto_is_one_per_usable_core_and_never_above_the_smallest_pool_size() -> None:
+    from pypool.config import usable_cores
+
+    auto = MINIMAL.replace("[general]\n", '[general]\nworkers = "auto"\n')
+    g = parse(auto.replace("pool_size = 5", "pool_size = 64")).general
+    assert (g.workers, g.workers_auto) == (usable_cores(), True)
+    # Each worker needs a share of at least one connection: a pool of 1 means one worker, on any machine.
+    assert parse(auto.replace("pool_size = 5", "pool_size = 1")).general.workers == 1
+    assert parse(MINIMAL.replace("[general]\n", '[general]\nworkers = "AUTO"\n')).general.workers_auto
+    assert not parse(MINIMAL).general.workers_auto
+
+
 @pytest.mark.parametrize(
     "general_extra, key, fragments",
     [
@@ -547,6 +559,7 @@ def test_bad_values_name_file_key_expectation_and_value(old: str, new: str, key:
         ("ban_time = -5", "general.ban_time", ["non-negative", "got -5"]),
         ('worker_threads = "four"', "general.worker_threads", ["an integer", '"four"']),
         ("workers = 0", "general.workers", ["1..64", "got 0"]),
+        ('workers = "all"', "general.workers", ['1..64 or "auto"', '"all" (a string)']),
         ('client_auth_method = "trust"', "general.client_auth_method", ['"scram-sha-256", "md5"']),
         ('client_tls_mode = "prefer"', "general.client_tls_mode", ['"disable", "allow", "require"']),
         ('client_tls_mode = "require"', "general.client_tls_mode", ["tls_certificate"]),

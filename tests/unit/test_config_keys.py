@@ -207,11 +207,14 @@ def test_show_config_names_and_changeability_come_from_the_table() -> None:
     _, rows = config_table(parse(MINIMAL))
     changeable = {row[0]: row[3] for row in rows}
     for f in dataclasses.fields(General):
-        if "password" in f.name:
+        if "password" in f.name or f"General.{f.name}" in config_keys.STRUCTURAL_FIELDS:
             continue
         key = config_keys.file_key(General, f.name)
         assert changeable[key] == ("no" if config_keys.needs_restart(General, f.name) else "yes")
     assert changeable["port"] == "no" and changeable["healthcheck_delay"] == "yes"
+    auto = parse(MINIMAL.replace("[general]\n", '[general]\nworkers = "auto"\n'))
+    values = {row[0]: row[1] for row in config_table(auto)[1]}
+    assert values["workers"] == f"auto ({auto.general.workers})" and "workers_auto" not in values
 
 
 # ------------------------------------------------------------------ trust

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from pypool.protocol import messages as m
-from pypool.routing.fanout import FanoutError, merge, plan_fanout
+from pypool.routing.fanout import FanoutError, merge
+from pypool.routing.fanout_plan import plan_fanout
 
 INT8, TEXT = 20, 25
 

@@ -86,3 +86,17 @@ def test_benchmark_chart_is_embedded_with_absolute_tps():
     assert image and (ROOT / image.group(1)).is_file()
     header = next(line for line in results.splitlines() if line.startswith("| workload"))
     assert "pypool TPS" in header and "PgBouncer TPS" in header and "pypool / PgBouncer" in header
+
+
+def test_benchmark_commands_in_the_readme_parse():
+    """Every `python -m benchmarks.run ...` the README shows names targets and workloads the harness has."""
+    import shlex
+
+    from benchmarks.run import parse_args
+
+    commands = re.findall(r"^python -m benchmarks\.run((?:[^\n]*\\\n)*[^\n]*)", section("Benchmarks"), re.M)
+    assert len(commands) >= 3
+    for command in commands:
+        args = shlex.split(command.replace("\\\n", " "), comments=True)
+        opts = parse_args(args)  # exits with the harness's own message on an unknown target or workload
+        assert opts.rounds >= 1

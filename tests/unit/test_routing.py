@@ -8,7 +8,10 @@ integration tests prove where statements really run.
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +161,40 @@ def test_memoised_decisions_match_the_full_path_and_count_as_cache_hits():
     assert r.route_default(m.query("SET SERVER ROLE TO 'primary'")) is None
 
 
+def test_texts_that_differ_only_in_numbers_are_decided_once(monkeypatch):
+    r = router(**SPLIT, query_parser_max_length=60)
+    decided = []
+    real = r._decide
+    monkeypatch.setattr(r, "_decide", lambda *args: decided.append(args[2]) or real(*args))
+    texts = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};" for aid in range(1, 101)]
+    assert {r.route_default(m.query(t)).role for t in texts} == {REPLICA}
+    assert decided == texts[:1]  # pgbench -S: one decision for every account
+    assert r.cache.hits >= 99
+    # A hint comment, quotes or a text over query_parser_max_length are never taken for the shape.
+    assert r.route_default(m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 7 "
+                                   "/* pypool: role=primary */")).role == PRIMARY
+    assert r.route_default(m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 123456789012")).role == PRIMARY
+    assert r.route_default(m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 5;")).role == PRIMARY
+    assert r.route_default(m.query("SET SHARDING KEY TO 5")) is None  # custom commands: never remembered
+    assert r.route_default(m.query("SET SHARDING KEY TO 6")) is None
+
+
+def test_a_pool_without_replicas_takes_the_plain_path():
+    primary_only = BASE.replace(', ["db2", 5432, "replica"], ["db3", 5432, "replica"]', "")
+    def no_replica_router(**pool: object) -> Router:
+        lines = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in pool.items())
+        return Router(parse_config(primary_only.format(pool=lines), "test.toml").pools["app"])
+
+    r = no_replica_router(**SPLIT, primary_reads_enabled=True)
+    for sql in ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", "UPDATE t SET a = 1", "BEGIN"):
+        assert r.route_default(m.query(sql)).role == PRIMARY
+    assert r.cache.misses == 0 and len(r.cache) == 0  # nothing was classified
+    assert r.route_default(m.query("/* pypool: role=replica */ SELECT 1")) is not None  # hints still looked at
+    # Reads that must not go to the primary still fail as before (no server can serve them).
+    strict = no_replica_router(**SPLIT, primary_reads_enabled=False)
+    assert strict.route_default(m.query("SELECT 1")).role == REPLICA
+
+
 # ------------------------------------------------------- custom commands
 
 
@@ -287,3 +324,21 @@ def test_random_spreads_evenly():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="load_balancing_mode"):
         Balancer("fastest")
+
+
+def test_sqlglot_is_loaded_only_by_a_pool_that_parses():
+    """sqlglot costs about 30 MiB per process: a plain pooler (every worker of it) never imports it."""
+    probe = """
+import sys
+import pypool.app, pypool.cli
+from tests.unit.test_routing import SPLIT, route, router
+plain = router(default_role="primary")
+route(plain, "SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+print("sqlglot" in sys.modules)
+route(router(**SPLIT), "SELECT abalance FROM pgbench_accounts WHERE aid = 1")
+print("sqlglot" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]

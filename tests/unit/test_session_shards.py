@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pypool.protocol import messages as m
-from pypool.routing.fanout import plan_fanout
+from pypool.routing.fanout_plan import plan_fanout
 from pypool.session.prepared import server_name
 from pypool.session.shards import FanoutRefused, _messages, describe_request, shard_requests
 

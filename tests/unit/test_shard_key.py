@@ -12,7 +12,8 @@ import struct
 import pytest
 
 from pypool.protocol import messages as m
-from pypool.routing.shard_key import ShardKeyError, ShardKeyFinder, bind_parameters
+from pypool.routing.shard_key import ShardKeyError, bind_parameters
+from pypool.routing.shard_plan import ShardKeyFinder
 from pypool.routing.sharding import pg_bigint_hash
 
 
