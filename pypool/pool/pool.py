@@ -197,11 +197,9 @@ class ServerPool:
         self.last_error = ""
         self.banned_at = 0.0  # wall-clock time of the current ban (SHOW BANS)
         self.ban_duration = 0.0  # seconds
-        # Admin PAUSE: no checkout until RESUME (connections in use carry on).
-        self.paused = False
+        self.paused = False  # admin PAUSE: no checkout until RESUME (connections in use carry on)
         self._resumed = asyncio.Event()
-        # Every open connection of this pool, for SHOW SERVERS and the collector.
-        self.connections: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        self.connections: weakref.WeakSet[ServerConnection] = weakref.WeakSet()  # open ones: SHOW SERVERS
         self._maintenance: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[None]] = set()
 
@@ -272,13 +270,9 @@ class ServerPool:
         return await self._wait()
 
     async def _checked_idle(self) -> ServerConnection:
-        """Check out the newest idle connection after a ``;`` round trip.
-
-        Only reached when it sat idle longer than healthcheck_delay (PgCat's
-        rule). On failure it is closed with every other connection idle as long
-        (they are no fresher) and HealthCheckFailed is raised: the group bans a
-        replica and picks another server, or reconnects to the primary.
-        """
+        """The newest idle connection, idle past healthcheck_delay, after a ``;`` round trip (PgCat's rule).
+        On failure it and every connection idle as long (no fresher) close and HealthCheckFailed is raised:
+        the group bans a replica and picks another server, or reconnects to the primary."""
         conn = self.idle.pop()
         conn.state = TESTED
         self.active += 1
@@ -323,8 +317,7 @@ class ServerPool:
         try:
             conn = await asyncio.wait_for(fut, self.settings.checkout_timeout)
         except asyncio.CancelledError:
-            # The client went away while waiting; a connection handed over in
-            # the same instant must not be lost.
+            # The client went away while waiting; a connection handed over in that instant must not be lost.
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.release(fut.result())
             raise

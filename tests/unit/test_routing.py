@@ -26,7 +26,7 @@ from tests.unit._minimal_config import minimal_config
 SERVERS = '[["db1", 5432, "primary"], ["db2", 5432, "replica"], ["db3", 5432, "replica"]]'
 
 
-def config(**pool: object):
+def config(servers: str = SERVERS, **pool: object):
     lines = []
     for key, value in pool.items():
         if isinstance(value, bool):
@@ -34,7 +34,7 @@ def config(**pool: object):
         elif isinstance(value, str):
             value = f'"{value}"'
         lines.append(f"{key} = {value}")
-    return parse_config(minimal_config("ban_time = 60", "\n".join(lines), SERVERS), "test.toml")
+    return parse_config(minimal_config("ban_time = 60", "\n".join(lines), servers), "test.toml")
 
 
 def router(**pool: object) -> Router:
@@ -180,10 +180,8 @@ def test_texts_that_differ_only_in_numbers_are_decided_once(monkeypatch):
 
 
 def test_a_pool_without_replicas_takes_the_plain_path():
-    primary_only = BASE.replace(', ["db2", 5432, "replica"], ["db3", 5432, "replica"]', "")
     def no_replica_router(**pool: object) -> Router:
-        lines = "\n".join(f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v)}" for k, v in pool.items())
-        return Router(parse_config(primary_only.format(pool=lines), "test.toml").pools["app"])
+        return Router(config('[["db1", 5432, "primary"]]', **pool).pools["app"])
 
     r = no_replica_router(**SPLIT, primary_reads_enabled=True)
     for sql in ("SELECT abalance FROM pgbench_accounts WHERE aid = 1", "UPDATE t SET a = 1", "BEGIN"):
