@@ -82,9 +82,10 @@ class SessionEffects:
             if text_end < 0:
                 self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
                 return False
-            if self._hub is not None and _NOTIFY.search(payload, text_at, text_end):
-                self.own_notify_pid = server.backend_pid
-                self.hold_ready = True  # its ReadyForQuery waits for its notifications
+            if _NOTIFY.search(payload, text_at, text_end):
+                self._may_notify(server)
+                if tag == _P and text_at > 1:
+                    self.statements.notifying.add(payload[:text_at - 1])  # type: ignore[union-attr]
             sql = payload[text_at:text_end].decode("utf-8", "replace")
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
@@ -99,10 +100,13 @@ class SessionEffects:
                 raw = m.message(tag, payload)
             if tag == _P and text_at > 1 and effects.settings:
                 self.statements.changing_settings.add(payload[:text_at - 1])  # type: ignore[union-attr]
-        elif tag == _B and self.statements.changing_settings:  # type: ignore[union-attr]
+        elif tag == _B and (self.statements.changing_settings or self.statements.notifying):  # type: ignore[union-attr]
             portal_end = payload.find(b"\x00")
-            if payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)] in self.statements.changing_settings:  # type: ignore[union-attr]
+            name = payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)]
+            if name in self.statements.changing_settings:  # type: ignore[union-attr]
                 self._settings_dirty = True
+            if name in self.statements.notifying:  # type: ignore[union-attr]
+                self._may_notify(server)
         transport = server.transport
         requests = server.requests
         if tag == _Q:
@@ -128,6 +132,13 @@ class SessionEffects:
             statements.clear()
         transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
         return True
+
+    def _may_notify(self, server: ServerConnection) -> None:
+        """A statement that may NOTIFY runs on ``server``: its notifications carry this client's PID."""
+        listen.note_sender(server, self.process_id)
+        if self._hub is not None:
+            self.own_notify_pid = server.backend_pid
+            self.hold_ready = True  # its ReadyForQuery waits for its own notifications
 
     def _apply_session_effects(self, effects: session.Effects, server: ServerConnection) -> str | None:
         """Note what a statement does to the client's session; the text to send instead, if any."""
@@ -227,10 +238,6 @@ class SessionEffects:
         transport = self.transport
         if not self.state.relaying or transport is None or transport.is_closing():
             return
-        own = self.own_notify_pid
-        if own and int.from_bytes(message[5:9], "big") == own:
-            # Sent by this client's transaction: the PID is the one pypool gave the client.
-            message = message[:5] + self.process_id.to_bytes(4, "big") + message[9:]
         if self.server is None:
             transport.write(message)
         else:

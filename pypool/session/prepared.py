@@ -160,13 +160,14 @@ class ServerStatements:
 class ClientStatements:
     """One client's named statements: client name -> (server name, Parse body)."""
 
-    __slots__ = ("names", "changing_settings", "schema", "search_path")
+    __slots__ = ("names", "changing_settings", "notifying", "schema", "search_path")
 
     def __init__(self, schema: SchemaGeneration | None = None) -> None:
         self.names: dict[bytes, tuple[bytes, bytes]] = {}
         # Names of statements that change session settings (a prepared SET): each Bind of
         # one must mark the session for read-back, as its text is not sent again.
         self.changing_settings: set[bytes] = set()
+        self.notifying: set[bytes] = set()  # ... and those that may NOTIFY (pypool/listen.py, note_sender)
         self.schema = schema
         self.search_path = ""  # the client's, as pypool syncs it: names resolve through it
 
@@ -185,6 +186,7 @@ class ClientStatements:
     def clear(self) -> None:
         self.names.clear()
         self.changing_settings.clear()
+        self.notifying.clear()
 
 
 def names_statement(tag: int, data: bytes, start: int, end: int) -> bool:

@@ -42,7 +42,7 @@ from pypool.routing.classify import lex_statements
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(
     rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop|close)\b",
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|notify|declare|create|alter|drop|close)\b",
     re.S,
 )
 _ADVISORY_LOCK_FUNCTIONS = frozenset((
@@ -75,13 +75,15 @@ _SYNCHRONOUS_COMMIT_OFF = frozenset(("off", "false", "no", "0"))
 
 
 def might_matter(data: bytes, start: int, end: int) -> bool:
-    """Cheap pre-test on raw query text: False means ``analyze`` would find nothing."""
+    """Cheap pre-test on raw query text: False means ``analyze`` would find nothing (and the text
+    names no NOTIFY or pg_notify, which effects.py looks for)."""
     if _LEADING.match(data, start, end):
         return True
     semi = data.find(b";", start, end)
     if 0 <= semi < end - 3:  # more than one statement: look at each
         return True
-    return data.find(b"_config", start, end) >= 0 or data.find(b"advisory", start, end) >= 0
+    return data.find(b"_config", start, end) >= 0 or data.find(b"advisory", start, end) >= 0 \
+        or data.find(b"pg_notify", start, end) >= 0  # its notifications carry the client's PID (effects.py)
 
 
 @dataclass(frozen=True, slots=True)
