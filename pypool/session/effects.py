@@ -113,25 +113,49 @@ class SessionEffects:
             requests.sent(tag)
             transport.write(raw)  # type: ignore[union-attr]
             return True
+        rewriter = self._rewriter(server)
+        rewriter.message(tag, payload, raw)
+        if tag == _P and payload[:1] == b"\x00":  # the unnamed statement, as the server has it
+            self.statements.parsed_unnamed(raw, 0, server)  # type: ignore[union-attr]
+        self._send_rewritten(server, rewriter)
+        if effects.forget_all:
+            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
+            # keeps nothing, and each Bind of it prepares it again first.
+            server.statements.clear()  # type: ignore[union-attr]
+        return True
+
+    def _rewriter(self, server: ServerConnection) -> Rewriter:
+        """A Rewriter of this client's statements onto ``server``, placed after what was sent to it."""
         statements = server.statements
         if statements is None:
             group = self.group
             assert group is not None
             statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,
                                                               group.schema)
-        rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
-                            requests.parse_rank)
-        rewriter.message(tag, payload, raw)
+        requests = server.requests
+        return Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
+                        requests.parse_rank)
+
+    def _send_rewritten(self, server: ServerConnection, rewriter: Rewriter) -> None:
+        requests = server.requests
         requests.sent_rewritten(rewriter.rank)
         if requests.failed and requests.owed <= 0:
             # The server already reported an error for this batch and skips to its Sync.
-            statements.on_error(self.statements)
-        if effects.forget_all:
-            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
-            # keeps nothing, and each Bind of it prepares it again first.
-            statements.clear()
-        transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
-        return True
+            server.statements.on_error(self.statements)  # type: ignore[union-attr]
+        server.transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
+
+    def _parse_unnamed_again(self, server: ServerConnection) -> None:
+        """A Bind/Describe of the unnamed statement on a server connection that may not hold it.
+
+        PostgreSQL keeps the unnamed statement until the next Parse of one or a
+        simple Query; through pypool the client's next request may run on
+        another connection, or on this one after others (and pypool) used it.
+        So its last Parse is sent again first, the ParseComplete swallowed.
+        """
+        rewriter = self._rewriter(server)
+        rewriter.parse_unnamed()
+        self._send_rewritten(server, rewriter)
+        self.statements.unnamed_on = server  # type: ignore[union-attr]
 
     def _may_notify(self, server: ServerConnection) -> None:
         """A statement that may NOTIFY runs on ``server``: its notifications carry this client's PID."""

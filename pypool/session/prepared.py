@@ -160,7 +160,7 @@ class ServerStatements:
 class ClientStatements:
     """One client's named statements: client name -> (server name, Parse body)."""
 
-    __slots__ = ("names", "changing_settings", "notifying", "schema", "search_path")
+    __slots__ = ("names", "changing_settings", "notifying", "schema", "search_path", "unnamed", "unnamed_on")
 
     def __init__(self, schema: SchemaGeneration | None = None) -> None:
         self.names: dict[bytes, tuple[bytes, bytes]] = {}
@@ -170,6 +170,10 @@ class ClientStatements:
         self.notifying: set[bytes] = set()  # ... and those that may NOTIFY (pypool/listen.py, note_sender)
         self.schema = schema
         self.search_path = ""  # the client's, as pypool syncs it: names resolve through it
+        # The unnamed statement: its last Parse body, and the server connection that surely still holds
+        # it (the one it is attached to, until it lets go); a Bind elsewhere parses it again first.
+        self.unnamed: bytes | None = None
+        self.unnamed_on: object | None = None
 
     def context(self) -> bytes:
         """What a statement prepared now depends on besides its text: part of its server name."""
@@ -177,6 +181,11 @@ class ClientStatements:
             return b""
         generation = self.schema.value if self.schema is not None else 0
         return f"{generation}\x00{self.search_path}".encode()
+
+    def parsed_unnamed(self, data: bytes, pos: int, server: object) -> None:
+        """The unnamed Parse at ``data[pos:]`` went to ``server`` as sent."""
+        self.unnamed = data[pos + 6:pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")]
+        self.unnamed_on = server
 
     def forget_if(self, name: bytes, server: bytes) -> None:
         entry = self.names.get(name)
@@ -261,6 +270,11 @@ class Rewriter:
             self._act(AS_PARSE_COMPLETE, target, parsed=False, client_name=name)
             return
         self._prepare(target, body, PASS, name)
+
+    def parse_unnamed(self) -> None:
+        """Parse the client's unnamed statement again, before a Bind/Describe of it where the server lacks it."""
+        self._send_counted(m.message(m.PARSE, b"\x00" + self.client.unnamed))  # type: ignore[operator]
+        self._act(SWALLOW, b"", parsed=False)
 
     def _prepare(self, target: bytes, body: bytes, kind: int, client_name: bytes = b"") -> None:
         server = self.server
