@@ -76,14 +76,17 @@ _SYNCHRONOUS_COMMIT_OFF = frozenset(("off", "false", "no", "0"))
 
 def might_matter(data: bytes, start: int, end: int) -> bool:
     """Cheap pre-test on raw query text: False means ``analyze`` would find nothing (and the text
-    names no NOTIFY or pg_notify, which effects.py looks for)."""
+    names no NOTIFY or pg_notify, which effects.py looks for). Keywords are matched in upper, lower
+    and capitalised spelling."""
     if _LEADING.match(data, start, end):
         return True
     semi = data.find(b";", start, end)
     if 0 <= semi < end - 3:  # more than one statement: look at each
         return True
     return data.find(b"_config", start, end) >= 0 or data.find(b"advisory", start, end) >= 0 \
-        or data.find(b"pg_notify", start, end) >= 0  # its notifications carry the client's PID (effects.py)
+        or data.find(b"pg_notify", start, end) >= 0 \
+        or data.find(b"TEMP", start, end) >= 0 or data.find(b"temp", start, end) >= 0 \
+        or data.find(b"Temp", start, end) >= 0  # SELECT ... INTO TEMP
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,9 @@ def _statement(toks: list) -> Effects:
         return Effects(listen=((first, channel),))
     if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
         return _pins("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
+    if (first == "SELECT" or first == "WITH" or first == "(") and _into_temporary(toks):
+        return _pins("a temporary table made by SELECT ... INTO",
+                     "use CREATE TEMP TABLE ... ON COMMIT DROP AS ... inside a transaction, or pool_mode = \"session\"")
     temporary = first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4])
     if temporary:
         text = " ".join(words)
@@ -182,6 +188,17 @@ def _statement(toks: list) -> Effects:
     if "SET_CONFIG" in words:
         return Effects(settings=True)
     return NOTHING
+
+
+def _into_temporary(toks: list) -> bool:
+    """A SELECT's ``INTO [LOCAL | GLOBAL] TEMP | TEMPORARY [TABLE] name`` (not INSERT INTO / MERGE INTO)."""
+    for i, tok in enumerate(toks):
+        if tok[0] == "word" and tok[1] == "INTO" and i and toks[i - 1][1] not in ("INSERT", "MERGE"):
+            j = i + 1
+            if j < len(toks) and toks[j][0] == "word" and toks[j][1] in ("LOCAL", "GLOBAL"):
+                j += 1
+            return j < len(toks) and toks[j][0] == "word" and toks[j][1] in ("TEMP", "TEMPORARY")
+    return False
 
 
 def analyze(sql: str) -> Effects:
