@@ -116,7 +116,7 @@ class SessionEffects:
         rewriter = self._rewriter(server)
         rewriter.message(tag, payload, raw)
         if tag == _P and payload[:1] == b"\x00":  # the unnamed statement, as the server has it
-            self.statements.parsed_unnamed(raw, 0, server)  # type: ignore[union-attr]
+            self.statements.unnamed, self.statements.unnamed_on = payload[1:], server  # type: ignore[union-attr]
         self._send_rewritten(server, rewriter)
         if effects.forget_all:
             # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server

@@ -182,11 +182,6 @@ class ClientStatements:
         generation = self.schema.value if self.schema is not None else 0
         return f"{generation}\x00{self.search_path}".encode()
 
-    def parsed_unnamed(self, data: bytes, pos: int, server: object) -> None:
-        """The unnamed Parse at ``data[pos:]`` went to ``server`` as sent."""
-        self.unnamed = data[pos + 6:pos + 1 + int.from_bytes(data[pos + 1:pos + 5], "big")]
-        self.unnamed_on = server
-
     def forget_if(self, name: bytes, server: bytes) -> None:
         entry = self.names.get(name)
         if entry is not None and entry[0] == server:

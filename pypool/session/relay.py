@@ -69,9 +69,9 @@ class SessionRelay:
         careful = _CAREFUL_TAGS if statements is not None else NO_TAGS
         requests = server.requests
         # The client's unnamed statement may not be on this server connection: a Bind (or Describe) of it
-        # parses it again first. ``parsed``: where the last unnamed Parse relayed as is starts.
+        # parses it again first. ``parsed:parsed_end``: the body of the last unnamed Parse relayed as is.
         missing = statements is not None and statements.unnamed_on is not server and statements.unnamed is not None
-        parsed = -1
+        parsed = parsed_end = -1
         try:
             while True:
                 pos, end = walker.next(data, pos, n, ALL_TAGS, careful)
@@ -82,7 +82,7 @@ class SessionRelay:
                     if pos > start:
                         write(data[start:pos])
                     if parsed >= 0:
-                        statements.parsed_unnamed(data, parsed, server)  # type: ignore[union-attr]
+                        statements.unnamed, statements.unnamed_on = data[parsed:parsed_end], server  # type: ignore[union-attr]
                         parsed = -1
                     if not self._forward_with_care(server, data, pos, end):
                         return  # paused: the rest waits in _pending
@@ -97,7 +97,7 @@ class SessionRelay:
                     requests.sent(tag)
                     if careful[tag]:  # transaction mode: a Query, or a message naming no statement
                         if tag == _P:
-                            parsed = pos
+                            parsed, parsed_end = pos + 6, end  # its body: after the (empty) name
                             missing = False
                         elif missing and (tag == _B or tag == _D and data[pos + 5] == _STATEMENT):
                             if pos > start:
@@ -113,7 +113,7 @@ class SessionRelay:
             self._protocol_violation(str(exc))
             return
         if parsed >= 0:
-            statements.parsed_unnamed(data, parsed, server)  # type: ignore[union-attr]
+            statements.unnamed, statements.unnamed_on = data[parsed:parsed_end], server  # type: ignore[union-attr]
         if pos > start:
             write(data[start:pos] if start or pos < n else data)
 

@@ -45,6 +45,8 @@ _LEADING = re.compile(
     rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|notify|declare|create|alter|drop|close)\b",
     re.S,
 )
+# ... or name one of these anywhere (one search: cheaper than a find each). TEMP: SELECT ... INTO TEMP.
+_INSIDE = re.compile(rb"_config|advisory|pg_notify|TEMP|temp|Temp")
 _ADVISORY_LOCK_FUNCTIONS = frozenset((
     "PG_ADVISORY_LOCK", "PG_ADVISORY_LOCK_SHARED", "PG_TRY_ADVISORY_LOCK", "PG_TRY_ADVISORY_LOCK_SHARED",
 ))
@@ -83,10 +85,7 @@ def might_matter(data: bytes, start: int, end: int) -> bool:
     semi = data.find(b";", start, end)
     if 0 <= semi < end - 3:  # more than one statement: look at each
         return True
-    return data.find(b"_config", start, end) >= 0 or data.find(b"advisory", start, end) >= 0 \
-        or data.find(b"pg_notify", start, end) >= 0 \
-        or data.find(b"TEMP", start, end) >= 0 or data.find(b"temp", start, end) >= 0 \
-        or data.find(b"Temp", start, end) >= 0  # SELECT ... INTO TEMP
+    return _INSIDE.search(data, start, end) is not None
 
 
 @dataclass(frozen=True, slots=True)
