@@ -1,6 +1,7 @@
 """Python cost of one relayed transaction, without sockets.
 
-Drives a real ClientConnection and ServerConnection through fake transports,
+Drives a real client session (ClientSession, or before it ClientConnection)
+and ServerConnection through fake transports,
 as a logged-in transaction-mode client (named-statement bookkeeping on):
 
 * simple (default): pgbench's select-only Query; the server answers with
@@ -33,6 +34,10 @@ from pypool.pool.server import Credentials, ServerConnection
 from pypool.protocol import messages as m
 
 try:
+    from pypool.session.session import ClientSession
+except ImportError:  # a checkout from before the sans-IO session: the asyncio protocol is the session
+    ClientSession = None  # type: ignore[assignment, misc]
+try:
     from pypool.session.prepared import ClientStatements
     from pypool.session.states import ClientState
 except ImportError:  # a checkout from before pypool/session/ (to compare against)
@@ -63,6 +68,14 @@ class FakeTransport(asyncio.Transport):
     def close(self) -> None:
         self.closing = True
 
+    # SessionIO (a client session's outside world): the same class for client and servers, so that
+    # ``write``'s attribute caches see one type, as they did when the client's was a transport too.
+    def disconnect(self) -> None:
+        self.closing = True
+
+    def spawn(self, work):
+        return asyncio.get_running_loop().create_task(work)
+
 
 def extended_request(sql: str, *params: str) -> bytes:
     """What libpq sends for PQexecParams (pgbench -M extended): unnamed statement and portal."""
@@ -85,8 +98,11 @@ def build(routing: bool, extended: bool) -> tuple[ClientConnection, list[ServerC
     app = Application(config)
     # Keyed (pool, user, shard) since sharding, (pool, user) before: either checkout can be measured.
     group = next(g for key, g in app.groups.items() if key[:2] == ("postgres", "postgres"))
-    client = ClientConnection(app)
-    client.transport = FakeTransport()
+    if ClientSession is not None:
+        client = ClientSession(app, FakeTransport())  # what the adapter's data_received is bound to after login
+    else:
+        client = ClientConnection(app)
+        client.transport = FakeTransport()
     client.group = group
     client.database = "postgres"
     if ClientState is not None:

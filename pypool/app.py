@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 from pypool import admin, autoreload, idle, keepalive, metrics, probes, snapshot, tls
 from pypool.causal.pool_causal import CommitLogs
 from pypool.client import ClientConnection
+from pypool.session.session import ClientSession
 from pypool.config import ConfigError
 from pypool.listener import Listener
 from pypool.protocol import auth
@@ -164,10 +165,10 @@ class Application:
 
     # ------------------------------------------------------------------ clients
 
-    def client_connected(self, client: ClientConnection) -> None:
+    def client_connected(self, client: ClientSession) -> None:
         self.registry.connected(client)
 
-    def client_disconnected(self, client: ClientConnection) -> None:
+    def client_disconnected(self, client: ClientSession) -> None:
         self.registry.disconnected(client, log_it=self.config.general.log_client_disconnections)
 
     @staticmethod
@@ -179,11 +180,11 @@ class Application:
         """Hand a client that asked for an admin database to the console (it authenticates it)."""
         return await admin.login(client)
 
-    def check_accepting(self, client: ClientConnection) -> None:
+    def check_accepting(self, client: ClientSession) -> None:
         self.registry.check_accepting(self.config.general.max_client_conn,
                                       admin=self.is_admin_database(client.database))
 
-    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+    def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
         return self.registry.register_cancel_key(client)
 
     def cancel(self, process_id: int, secret_key: int) -> "asyncio.Task[None] | None":
@@ -210,7 +211,7 @@ class Application:
             verifier = self._verifiers[key] = auth.ScramVerifier.from_password(group.user.password)
         return verifier
 
-    def route(self, client: ClientConnection, tag: int, payload: bytes,
+    def route(self, client: ClientSession, tag: int, payload: bytes,
               params: Sequence[tuple[int, bytes | None]] | None = None) -> Decision:
         return self.routers[client.database].route(client.routing, tag, payload,
                                                     held_begin=client.held_begin is not None, params=params)

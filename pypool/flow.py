@@ -3,7 +3,8 @@
 When the peer a connection writes to reads slower than the other side sends,
 asyncio calls ``pause_writing`` on the writer's protocol; the relay then stops
 reading the sending side's transport until ``resume_writing``. Each connection
-owns one ReadingPause for its own transport; the other side of the relay calls it.
+owns one ReadingPause for its own transport; the other side of the relay calls it
+(a client's through its session's ``io.pause_reading``/``resume_reading``).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from pypool.pool.server import ServerConnection
 log = logging.getLogger("pypool.idle")
 
 
-class ClientConnection(Protocol):
-    """What the reaper needs of a client (pypool.client.ClientConnection)."""
+class ClientSession(Protocol):
+    """What the reaper needs of a client (pypool.session.session.ClientSession)."""
 
     peer: str
     user: str
@@ -36,14 +36,14 @@ class ClientConnection(Protocol):
 
 class Application(Protocol):
     config: Any
-    clients: Iterable[ClientConnection]
+    clients: Iterable[ClientSession]
 
 
 class IdleTransactionReaper:
     def __init__(self, app: "Application") -> None:
         self.app = app
         # client -> (server connection, its byte counters, monotonic time first seen like that)
-        self._seen: dict["ClientConnection", tuple[object, tuple[int, int], float]] = {}
+        self._seen: dict["ClientSession", tuple[object, tuple[int, int], float]] = {}
         self.terminated = 0
 
     async def run(self) -> None:
@@ -60,7 +60,7 @@ class IdleTransactionReaper:
             await asyncio.sleep(min(1.0, max(0.05, timeout_ms / 4000)) if timeout_ms else 1.0)
 
     def sweep(self, timeout: float, now: float) -> None:
-        seen: dict["ClientConnection", tuple[object, tuple[int, int], float]] = {}
+        seen: dict["ClientSession", tuple[object, tuple[int, int], float]] = {}
         for client in self.app.clients:
             server = client.server
             if server is None or not server.requests.idle_in_transaction:
@@ -75,7 +75,7 @@ class IdleTransactionReaper:
             seen[client] = (server, counters, since)
         self._seen = seen
 
-    def terminate(self, client: "ClientConnection", timeout: float) -> None:
+    def terminate(self, client: "ClientSession", timeout: float) -> None:
         self.terminated += 1
         log.info("client %s (%s@%s) idle in transaction for more than %.0f ms; closing it", client.peer,
                  client.user, client.database, timeout * 1000)

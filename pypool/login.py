@@ -1,8 +1,10 @@
 """A client's login, as a coroutine: startup packet, TLS, authentication, the admin hand-off.
 
-It runs once per connection, before the relay takes over (pypool/session/relay.py);
-``ClientConnection`` (pypool/client.py) mixes it in and feeds it bytes through
-``read_message``.
+It runs once per connection, before the session's relay takes over
+(pypool/session/session.py); ``ClientConnection`` (pypool/client.py), the
+asyncio adapter, mixes it in and feeds it bytes through ``read_message``. What
+the login learns of the client (user, database, its pool, settings, cancel key)
+goes to the client's ``ClientSession`` (``self.session``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.protocol.frames import CancelRequest, GSSEncRequest, ProtocolViolation, SSLRequest, StartupMessage
 from pypool.session import session_state as session
-from pypool.session.prepared import ClientStatements
 from pypool.session import states
+from pypool.session.session import ClientSession
 
 if TYPE_CHECKING:
     from pypool.pool.group import PoolGroup
@@ -42,6 +44,8 @@ _DECOY_PASSWORD = secrets.token_hex(16)
 class LoginHandshake:
     """The handshake half of ClientConnection: everything before the client is IDLE (or ADMIN)."""
 
+    session: ClientSession
+
     async def read_message(self) -> tuple[int, bytes]:
         while True:
             msg = self._buffer.next_message()
@@ -59,95 +63,85 @@ class LoginHandshake:
             self._waiter = None
 
     async def _handshake(self) -> None:
+        client = self.session
         try:
             await asyncio.wait_for(self._login(), self.app.config.general.client_login_timeout / 1000)
-            if self.admin is not None:
-                await self.admin.run()
+            if client.admin is not None:
+                await client.admin.run()
         except LoginRefused as exc:
-            log.info("client %s (user %r, database %r) refused: %s", self.peer, self.user, self.database, exc)
+            log.info("client %s (user %r, database %r) refused: %s", client.peer, client.user, client.database, exc)
             self.close_with_error(exc.sqlstate, str(exc), exc.severity)
         except ProtocolViolation as exc:
-            log.info("client %s: protocol violation during startup: %s", self.peer, exc)
+            log.info("client %s: protocol violation during startup: %s", client.peer, exc)
             self.close_with_error(exc.sqlstate, str(exc), exc.severity)
         except auth.AuthError as exc:
-            log.info("client %s (user %r): authentication failed: %s", self.peer, self.user, exc)
-            self.close_with_error(exc.sqlstate, f'password authentication failed for user "{self.user}"',
+            log.info("client %s (user %r): authentication failed: %s", client.peer, client.user, exc)
+            self.close_with_error(exc.sqlstate, f'password authentication failed for user "{client.user}"',
                                   exc.severity)
         except asyncio.TimeoutError:
-            log.info("client %s did not log in within client_login_timeout; dropped", self.peer)
+            log.info("client %s did not log in within client_login_timeout; dropped", client.peer)
             self.close_with_error(
                 sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
                 f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
         except ssl.SSLError as exc:
-            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            log.info("client %s: TLS handshake failed: %s", client.peer, exc)
             self.close()
         except (ConnectionResetError, asyncio.CancelledError):
             self.close()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
-            log.exception("client %s: unexpected error during login", self.peer)
+            log.exception("client %s: unexpected error during login", client.peer)
             self.close_with_error(sqlstates.INTERNAL_ERROR, "internal error in pypool during login")
 
     async def _login(self) -> None:
         startup = await self._read_startup()
         if startup is None:
             return
-        self.set_state(states.AUTHENTICATING)
+        client = self.session
+        client.set_state(states.AUTHENTICATING)
         params = startup.params
-        self.user = params["user"]
-        self.database = params.get("database") or self.user
-        self.app.check_accepting(self)
+        client.user = user = params["user"]
+        client.database = database = params.get("database") or user
+        self.app.check_accepting(client)
         general = self.app.config.general
         if self.app.client_tls.required and not self.tls:
             raise LoginRefused(sqlstates.INVALID_AUTHORIZATION_SPECIFICATION,
                                'pypool requires TLS (client_tls_mode = "require"): this connection is not '
                                "encrypted; connect with sslmode=require")
         self.auth_method = limits.access_method(general.hba, general.client_auth_method, self.peer_host,
-                                                self.database, self.user, self.tls)
-        if self.app.is_admin_database(self.database):
+                                                database, user, self.tls)
+        if self.app.is_admin_database(database):
             self.auth_method = limits.admin_method(general, self.auth_method)
-            self.admin = await self.app.admin_login(self)
-            self.set_state(states.ADMIN)
+            client.admin = await self.app.admin_login(self)
+            client.set_state(states.ADMIN)
             return
-        group = self.app.find_group(self.database, self.user)
+        group = self.app.find_group(database, user)
         if group is None:
             # Unknown user: run the same exchange with a decoy, so it looks like a wrong password.
-            if self.app.has_database(self.database):
+            if self.app.has_database(database):
                 await self.authenticate(None)
                 raise auth.AuthError("password authentication failed")
             raise LoginRefused(sqlstates.INVALID_CATALOG_NAME,
-                               f'no such database: "{self.database}" is not a pool in pypool\'s config')
+                               f'no such database: "{database}" is not a pool in pypool\'s config')
         self.auth_method = limits.user_method(general, self.auth_method, group.user)
         await self.authenticate(group)
-        self.app.user_clients.admit((self.database, self.user), group.user.max_client_connections)
-        self._counted_as = (self.database, self.user)
-        self.group = group
-        if self.app.routers[self.database].sharded:
-            self.shard_groups = self.app.shard_groups(self.database, self.user)
-        self.session_parameters = {name.lower(): value for name, value in params.items()
-                                   if name not in NOT_SETTINGS and not name.startswith("_pq_.")}
-        self._startup_settings = dict(self.session_parameters)
+        self.app.user_clients.admit((database, user), group.user.max_client_connections)
+        parameters = {name.lower(): value for name, value in params.items()
+                      if name not in NOT_SETTINGS and not name.startswith("_pq_.")}
+        startup_settings = dict(parameters)
         if params.get("options"):
-            self._startup_settings.update(session.startup_options(params["options"]))
-        self._router = self.app.routers[self.database]
-        self._session_mode = group.pool_mode == "session"
-        self._join_causal(group)
-        if not self._session_mode:
-            self.statements = ClientStatements(group.schema)
-        self._set_settings({})
+            startup_settings.update(session.startup_options(params["options"]))
+        client.join_pool(group, parameters, startup_settings)
         server_params = await self._reported_parameters(group)
-        self.process_id, self.secret_key = self.app.register_cancel_key(self)
+        client.process_id, client.secret_key = self.app.register_cancel_key(client)
         out = [m.authentication_ok()]
         out.extend(m.parameter_status(k, v) for k, v in server_params.items())
-        out.append(m.backend_key_data(self.process_id, self.secret_key))
+        out.append(m.backend_key_data(client.process_id, client.secret_key))
         out.append(m.ready_for_query())
-        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        self.write(b"".join(out))
         if self.app.config.general.log_client_connections:
-            log.info("client %s logged in as %s to %s", self.peer, self.user, self.database)
-        self.set_state(states.IDLE)
-        leftover = self._buffer.take_raw()
-        if leftover:
-            self._pending += leftover
-            self._dispatch_pending()
+            log.info("client %s logged in as %s to %s", client.peer, user, database)
+        self._relay_to_session()
+        client.logged_in(self._buffer.take_raw())
 
     async def _reported_parameters(self, group: "PoolGroup") -> dict[str, str]:
         """The ParameterStatus a client is told at login: the server's, with its own settings applied.
@@ -163,7 +157,7 @@ class LoginHandshake:
         server_params = await group.login_parameters()
         names = {name.lower(): name for name in server_params}
         names.update((name, name) for name in _ECHOED)
-        chosen = {names[k]: v for k, v in self._desired_settings.items() if k in names}
+        chosen = {names[k]: v for k, v in self.session.desired_settings.items() if k in names}
         asked = tuple(sorted((name, value) for name, value in chosen.items()
                              if name not in _ECHOED and server_params.get(name) != value))
         if asked:
@@ -179,7 +173,7 @@ class LoginHandshake:
         if server is None:
             return {}  # no server answers now: the client's spelling, as before it connects
         try:
-            await self._sync_parameters(server)
+            await self.session.sync_parameters(server)
         except ServerError as exc:
             group.checkin(server, clean=not server.closed and not server.reply_owed)
             fields = exc.fields
@@ -202,7 +196,7 @@ class LoginHandshake:
                 await self._start_tls()
                 continue
             if isinstance(packet, (SSLRequest, GSSEncRequest)):
-                self.transport.write(b"N")  # type: ignore[union-attr]
+                self.write(b"N")
                 continue
             if isinstance(packet, CancelRequest):
                 delivery = self.app.cancel(packet.process_id, packet.secret_key)
@@ -224,21 +218,20 @@ class LoginHandshake:
         transport.write(b"S")
         # start_tls takes the transport over before any further byte is read, so the
         # ClientHello cannot land in the startup buffer.
-        self.transport = await asyncio.get_running_loop().start_tls(
-            transport, self, self.app.client_tls.context, server_side=True)  # type: ignore[arg-type]
-        self.reading.transport = self.transport
+        self._use_transport(await asyncio.get_running_loop().start_tls(  # type: ignore[arg-type]
+            transport, self, self.app.client_tls.context, server_side=True))  # type: ignore[arg-type]
         self.tls = True
 
     async def authenticate(self, group: "PoolGroup | None") -> None:
         method = self.auth_method
-        username = self.user
+        username = self.session.user
         if method == "trust":
             if group is None:
                 raise auth.AuthError("no such user")
             return
         if method == "md5":
             salt = auth.random_salt()
-            self.transport.write(m.authentication_md5(salt))  # type: ignore[union-attr]
+            self.write(m.authentication_md5(salt))
             tag, payload = await self.read_message()
             if tag != m.PASSWORD:
                 raise ProtocolViolation(f"expected password response, got message type {chr(tag)!r}")
@@ -250,14 +243,14 @@ class LoginHandshake:
             return
         verifier = self.app.scram_verifier(group) if group is not None else None
         session = auth.ScramServerSession(verifier, username=username)
-        self.transport.write(m.authentication_sasl(session.MECHANISMS))  # type: ignore[union-attr]
+        self.write(m.authentication_sasl(session.MECHANISMS))
         tag, payload = await self.read_message()
         if tag != m.PASSWORD:
             raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(tag)!r}")
         mechanism, data = m.parse_sasl_initial_response(payload)
-        self.transport.write(m.authentication_sasl_continue(session.handle_client_first(mechanism, data)))  # type: ignore[union-attr]
+        self.write(m.authentication_sasl_continue(session.handle_client_first(mechanism, data)))
         tag, payload = await self.read_message()
         if tag != m.PASSWORD:
             raise ProtocolViolation(f"expected SASLResponse, got message type {chr(tag)!r}")
         final = session.handle_client_final(payload)
-        self.transport.write(m.authentication_sasl_final(final))  # type: ignore[union-attr]
+        self.write(m.authentication_sasl_final(final))

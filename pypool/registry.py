@@ -19,7 +19,7 @@ from pypool.limits import UserConnectionCounts
 from pypool.pool.server import send_cancel
 
 if TYPE_CHECKING:
-    from pypool.client import ClientConnection
+    from pypool.session.session import ClientSession
 
 log = logging.getLogger("pypool")
 
@@ -35,15 +35,15 @@ class CancelRouter(Protocol):
 class ClientRegistry:
     def __init__(self, worker: CancelRouter | None = None) -> None:
         self.worker = worker
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[ClientSession] = set()
         self.user_counts = UserConnectionCounts()
         self.accepting = True  # False once shutdown starts: new clients (admins aside) are turned away
-        self._cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self._cancel_keys: dict[tuple[int, int], ClientSession] = {}
 
-    def connected(self, client: ClientConnection) -> None:
+    def connected(self, client: ClientSession) -> None:
         self.clients.add(client)
 
-    def disconnected(self, client: ClientConnection, log_it: bool) -> None:
+    def disconnected(self, client: ClientSession, log_it: bool) -> None:
         self.clients.discard(client)
         self._cancel_keys.pop((client.process_id, client.secret_key), None)
         if log_it and client.user:
@@ -63,7 +63,7 @@ class ClientRegistry:
 
     # ------------------------------------------------------------------- cancel
 
-    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+    def register_cancel_key(self, client: ClientSession) -> tuple[int, int]:
         while True:
             key = new_cancel_key() if self.worker is None else self.worker.cancel_key()
             if key not in self._cancel_keys:

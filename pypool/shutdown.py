@@ -18,7 +18,7 @@ from pypool import shutdown_delay
 from pypool.pool.server import send_cancel
 
 if TYPE_CHECKING:
-    from pypool.client import ClientConnection
+    from pypool.session.session import ClientSession
     from pypool.config import Config
     from pypool.pool.group import PoolGroup
     from pypool.registry import ClientRegistry
@@ -95,7 +95,7 @@ class Shutdown:
         log.info("pypool stopped")
         self._stopped.set()
 
-    async def _drain(self, loop: asyncio.AbstractEventLoop) -> list[ClientConnection]:
+    async def _drain(self, loop: asyncio.AbstractEventLoop) -> list[ClientSession]:
         """Close clients as they leave their transactions, until none is left or the deadline; the rest."""
         while True:
             busy = []

@@ -2,7 +2,7 @@
 
 Nothing here runs on the relay path. Connections, pools and clients keep plain
 integer counters (``ServerConnection.query_count``, ``PoolStats``,
-``ClientConnection.xact_count`` ...); ``take(app)`` reads them once, on the
+``ClientSession.xact_count`` ...); ``take(app)`` reads them once, on the
 event loop, into a ``Snapshot`` made only of strings, numbers, lists and
 dicts. The admin console (``SHOW ...``) and the Prometheus exporter render
 from a snapshot and never touch live objects, so a process that runs several
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from pypool.pool.pool import ServerPool
     from pypool.routing.router import Router
 
-class ClientConnection(Protocol):
-    """What a snapshot reads of a client (pypool.client.ClientConnection)."""
+class ClientSession(Protocol):
+    """What a snapshot reads of a client (pypool.session.session.ClientSession)."""
 
     state: ClientState
     admin: Any  # the admin console (``busy``) when logged in to the admin database
@@ -294,7 +294,7 @@ class StatsSource(Protocol):
     config: Config
     groups: dict[tuple[str, str, int], PoolGroup]
     draining: list[PoolGroup]  # replaced by a reload, still closing
-    clients: Collection[ClientConnection]
+    clients: Collection[ClientSession]
     routers: dict[str, Router]
     reloads_ok: int
     reloads_failed: int
@@ -431,7 +431,7 @@ def _count_pool(a: AddressStats, sp: "ServerPool", seen_stats: set[int], now: fl
     a.current_connections += sp.size
 
 
-def _client_row(client: "ClientConnection", now: float, wall: float) -> ClientRow:
+def _client_row(client: "ClientSession", now: float, wall: float) -> ClientRow:
     if client.admin is not None:
         state = "active" if client.admin.busy else "idle"
     else:

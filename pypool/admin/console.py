@@ -22,18 +22,26 @@ log = logging.getLogger("pypool.admin")
 _EXTENDED = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.FLUSH))
 
 
-class ConsoleClient(Protocol):
-    """The client connection a console runs on (``pypool.client.ClientConnection``)."""
+class ConsoleSession(Protocol):
+    """Who the console's client is (``pypool.session.session.ClientSession``)."""
 
-    app: Pooler
     peer: str
     user: str
     database: str
-    transport: Any
     process_id: int
     secret_key: int
 
-    # Private names of the client, until the session API gives them public ones.
+
+class ConsoleClient(Protocol):
+    """The client connection a console runs on (``pypool.client.ClientConnection``, the asyncio adapter)."""
+
+    app: Pooler
+    session: ConsoleSession
+
+    def write(self, data: bytes) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
     async def authenticate(self, identity: Any) -> None: ...
 
     async def read_message(self) -> tuple[int, bytes]: ...
@@ -44,13 +52,13 @@ class ConsoleClient(Protocol):
 class AdminConsole:
     def __init__(self, client: ConsoleClient) -> None:
         self.client = client
-        self.commands = AdminCommands(client.app, client.peer)
+        self.commands = AdminCommands(client.app, client.session.peer)
         self.busy = False  # running a command (SHOW CLIENTS: "active")
 
     def write(self, data: bytes) -> None:
-        transport = self.client.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        client = self.client
+        if not client.is_closing():
+            client.write(data)
 
     async def run(self) -> None:
         client = self.client

@@ -19,7 +19,8 @@ async def login(client: ConsoleClient) -> AdminConsole:
     """Authenticate an admin-database login and greet it; raises auth.AuthError on a bad login."""
     general = client.app.config.general
     identity = None
-    if client.user == general.admin_username:
+    session = client.session
+    if session.user == general.admin_username:
         identity = SimpleNamespace(user=SimpleNamespace(username=general.admin_username,
                                                         password=general.admin_password))
     await client.authenticate(identity)
@@ -27,7 +28,7 @@ async def login(client: ConsoleClient) -> AdminConsole:
         raise auth.AuthError("not the admin user")
     console = AdminConsole(client)
     _greet(console)
-    log.info("admin console: %s logged in as %s to %s", client.peer, client.user, client.database)
+    log.info("admin console: %s logged in as %s to %s", session.peer, session.user, session.database)
     return console
 
 
@@ -45,9 +46,10 @@ def _greet(console: AdminConsole) -> None:
         "standard_conforming_strings": "on", "is_superuser": "off",
         "application_name": "",
     }
-    client.process_id, client.secret_key = client.app.register_cancel_key(client)
+    session = client.session
+    session.process_id, session.secret_key = client.app.register_cancel_key(session)
     out = [m.authentication_ok()]
     out.extend(m.parameter_status(k, v) for k, v in params.items())
-    out.append(m.backend_key_data(client.process_id, client.secret_key))
+    out.append(m.backend_key_data(session.process_id, session.secret_key))
     out.append(m.ready_for_query())
     console.write(b"".join(out))

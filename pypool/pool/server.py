@@ -69,11 +69,18 @@ class ServerError(PoolerError):
 Settle = Callable[["ServerConnection", Callable[[], None]], None]
 
 
-class RelayTarget(Protocol):
-    """What a ServerConnection needs from the client it relays to."""
+class ClientIO(Protocol):
+    """The client side of the relay (pypool.session.session.SessionIO): its writes, its flow control."""
 
-    transport: asyncio.Transport
-    reading: ReadingPause  # paused while this server's socket cannot take more
+    def write(self, data: bytes) -> None: ...
+    def pause_reading(self) -> None: ...  # this server's socket cannot take more
+    def resume_reading(self) -> None: ...
+
+
+class RelayTarget(Protocol):
+    """What a ServerConnection needs from the client it relays to (pypool.session.session.ClientSession)."""
+
+    io: ClientIO  # ``io.write`` is read once per relayed chunk: the adapter binds it to its transport's
     # The final ReadyForQuery ('I') of the transaction is not relayed but kept (``hold_ready_for_query``):
     # the client sends it after its follow-up (its own notifications delivered, the catalog check of
     # pypool/session/pinning.py, startup settings restored after a RESET).
@@ -183,12 +190,12 @@ class ServerConnection(asyncio.Protocol):
         # Our writes to the server are backing up: stop reading from the client.
         client = self.client
         if client is not None:
-            client.reading.pause()
+            client.io.pause_reading()
 
     def resume_writing(self) -> None:
         client = self.client
         if client is not None:
-            client.reading.resume()
+            client.io.resume_reading()
 
     # ---------------------------------------------------------------- relaying
 
@@ -257,7 +264,7 @@ class ServerConnection(asyncio.Protocol):
         else:
             pos = 0
         client = self.client
-        write = client.transport.write  # type: ignore[union-attr]
+        write = client.io.write  # type: ignore[union-attr]
         if pos >= n:
             if n:
                 write(data)
@@ -319,7 +326,7 @@ class ServerConnection(asyncio.Protocol):
         kind = statements.on_reply(self.requests.parse_answered)
         if kind != SWALLOW and kind != AS_PARSE_COMPLETE:
             return start
-        write = self.client.transport.write  # type: ignore[union-attr]
+        write = self.client.io.write  # type: ignore[union-attr]
         if pos > start:
             write(data[start:pos])
         if kind == AS_PARSE_COMPLETE:

@@ -12,7 +12,7 @@ waits in WAITING_FOR_REPLICA, in the checkout coroutine, for the group to say
 where it runs. A read with nothing to wait for costs one ``must_wait`` call.
 A transaction that may write on the primary is marked on its connection
 (``track_commit``) so that its end is noticed (``write_committed``).
-Mixed into ClientConnection.
+Mixed into ClientSession (pypool/session/session.py).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class SessionCheckout:
             self._wait_for_replica(role)
             return
         self.set_state(states.WAITING if server is None else states.SYNCING)
-        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, server))
+        self._checkout_task = self.io.spawn(self._checkout(role, server))
 
     # ------------------------------------------------------------ causal reads
 
@@ -90,7 +90,7 @@ class SessionCheckout:
     def _wait_for_replica(self, role: str) -> None:
         """The read in ``_pending`` waits for a replica to replay what it must see, in the checkout coroutine."""
         self.set_state(states.WAITING_FOR_REPLICA)
-        self._checkout_task = asyncio.get_running_loop().create_task(self._checkout(role, None))
+        self._checkout_task = self.io.spawn(self._checkout(role, None))
 
     async def _where_causal_read_runs(self, role: str) -> tuple[str, ServerPool | None] | Fail:
         """Wait until a replica has replayed what this read must see: (role, server pool) to check out."""
@@ -234,7 +234,7 @@ class SessionCheckout:
         server.attach(self)
         if self._causal_writes and role != REPLICA:
             self._track_writes(server, role)
-        if self.transport is not None and self.transport.is_closing():
+        if self.io.is_closing():
             return
         data = bytes(self._pending)
         self._pending.clear()

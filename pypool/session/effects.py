@@ -4,7 +4,7 @@ Named prepared statements are renamed per server connection
 (pypool/session/prepared.py), SET/RESET/DISCARD and LISTEN are noted
 (pypool/session/session_state.py), the client's settings are synced onto each
 server connection it gets and read back after a transaction that changed them.
-Mixed into ClientConnection beside the relay (pypool/session/relay.py).
+Mixed into ClientSession (pypool/session/session.py) beside the relay (relay.py).
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ if TYPE_CHECKING:
     from pypool.pool.group import PoolGroup
 
 log = logging.getLogger("pypool.client")
-
-# Commit-position lookups running after their client was let go (the loop keeps only weak references).
-_COMMIT_LOOKUPS: set[asyncio.Task[None]] = set()
 
 _Q = m.QUERY
 _P = m.PARSE
@@ -92,7 +89,7 @@ class SessionEffects:
                 self._pending += data[pos:]
                 resume = self.state  # ATTACHED, or PINNED
                 self.set_state(states.WAITING_FOR_LISTENER)
-                self._checkout_task = asyncio.get_running_loop().create_task(self._listen_then_resume(effects, resume))
+                self._checkout_task = self.io.spawn(self._listen_then_resume(effects, resume))
                 return False
             replacement = self._apply_session_effects(effects, server) if effects is not session.NOTHING else None
             if replacement is not None:
@@ -259,11 +256,11 @@ class SessionEffects:
 
     def deliver_notification(self, message: bytes) -> None:
         """A NotificationResponse from the pool's listener: write it between whole messages."""
-        transport = self.transport
-        if not self.state.relaying or transport is None or transport.is_closing():
+        io = self.io
+        if not self.state.relaying or io.is_closing():
             return
         if self.server is None:
-            transport.write(message)
+            io.write(message)
         else:
             self._notifications.append(message)
 
@@ -333,10 +330,8 @@ class SessionEffects:
             return settings
         before = dict(server.parameters)
         await server.query(session.sync_statement(lost, {}))  # type: ignore[arg-type]
-        transport = self.transport
-        if transport is not None:
-            transport.write(b"".join(m.parameter_status(k, v) for k, v in server.parameters.items()
-                                     if before.get(k) != v))
+        self.io.write(b"".join(m.parameter_status(k, v) for k, v in server.parameters.items()
+                               if before.get(k) != v))
         return {**settings, **lost}
 
     def _release_ready(self) -> None:
@@ -347,14 +342,12 @@ class SessionEffects:
         """
         self.hold_ready = False
         ready, self._held_ready = self._held_ready, None
-        if ready and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(ready)
+        if ready and not self.io.is_closing():
+            self.io.write(ready)
 
     def _learn_commit_position(self, server: ServerConnection, ticket: int, asynchronous: bool) -> None:
         """Learn a write's commit position on its released connection; the client goes on meanwhile."""
-        task = asyncio.get_running_loop().create_task(self._after_transaction(server, False, ticket, asynchronous))
-        _COMMIT_LOOKUPS.add(task)
-        task.add_done_callback(_COMMIT_LOOKUPS.discard)
+        self.io.spawn(self._after_transaction(server, False, ticket, asynchronous))
 
     async def _after_transaction(self, server: ServerConnection, read_back: bool, ticket: int | None,
                                  asynchronous: bool = False) -> None:

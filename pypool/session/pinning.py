@@ -14,7 +14,7 @@ CLOSE, DEALLOCATE, the advisory unlock functions) make pypool ask again
 after their transaction. The transaction's final ReadyForQuery waits for the
 answer (``hold_ready``; the relay keeps it, ``_release_ready`` sends it), so the client's next statement already meets its
 new state. Clients that never pin pay two attribute tests per transaction.
-Mixed into ClientConnection.
+Mixed into ClientSession (pypool/session/session.py).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class SessionPinning:
         if self._walker.held:
             self._pending[:0] = self._walker.take_held()
         self.set_state(states.CHECKING_PIN)
-        self._checkout_task = asyncio.get_running_loop().create_task(self._check_pinned_state(server, was_pinned))
+        self._checkout_task = self.io.spawn(self._check_pinned_state(server, was_pinned))
 
     async def _check_pinned_state(self, server: ServerConnection, was_pinned: bool) -> None:
         group = self.group
@@ -117,7 +117,7 @@ class SessionPinning:
         if self._settings_dirty:
             self._settings_dirty = False
             self.set_state(states.READING_BACK)
-            self._checkout_task = asyncio.get_running_loop().create_task(self._after_transaction(server, True, None))
+            self._checkout_task = self.io.spawn(self._after_transaction(server, True, None))
             return
         self.set_state(states.IDLE)
         group.checkin(server)

@@ -1,15 +1,15 @@
 """The relay: a logged-in client's bytes to its server connection, and what happens between requests.
 
 The hot path is a straight line: bytes in -> one frame walk (FrameWalker)
--> one routing lookup -> one checkout -> ``transport.write``; the server's
+-> one routing lookup -> one checkout -> the server's ``transport.write``; the server's
 reply -> one frame walk for ReadyForQuery -> ``server_request_done`` ->
 check-in. With no server attached the client's bytes wait in ``_pending``
-until the first message is whole and routed. Mixed into ClientConnection.
+until the first message is whole and routed. What goes to the client goes
+through ``self.io`` (SessionIO). Mixed into ClientSession (pypool/session/session.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -239,13 +239,13 @@ class SessionRelay:
         del self._pending[:1 + length]
         if decision.hold_begin:
             self._held_begin = decision.statement
-            self.transport.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))  # type: ignore[union-attr]
+            self.io.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
             return
         if decision.ends_empty_transaction:
             self._held_begin = None
-            self.transport.write(m.command_complete(decision.end_tag) + m.ready_for_query())  # type: ignore[union-attr]
+            self.io.write(m.command_complete(decision.end_tag) + m.ready_for_query())
             return
-        self.transport.write(decision.reply + self._ready_bytes())  # type: ignore[operator, union-attr]
+        self.io.write(decision.reply + self._ready_bytes())  # type: ignore[operator]
 
     @property
     def in_transaction(self) -> bool:
@@ -264,12 +264,12 @@ class SessionRelay:
         return m.ready_for_query(b"T" if self._held_begin is not None else b"I")
 
     def _write_ready(self) -> None:
-        self.transport.write(self._ready_bytes())  # type: ignore[union-attr]
+        self.io.write(self._ready_bytes())
 
     def server_request_done(self, server: ServerConnection) -> None:
         """The server answered everything asked; in transaction mode, give it back."""
         if self._notifications:
-            self.transport.write(b"".join(self._notifications))  # type: ignore[union-attr]
+            self.io.write(b"".join(self._notifications))
             self._notifications.clear()
         self._replay = None
         self.query_count += 1
@@ -299,7 +299,7 @@ class SessionRelay:
             self._settings_dirty = False
             self.set_state(states.WAITING_FOR_LISTENER if self.own_notify_pid else states.READING_BACK)
             server.detach()  # no longer relaying: pypool itself asks it (SHOW SERVERS: tested)
-            self._checkout_task = asyncio.get_running_loop().create_task(
+            self._checkout_task = self.io.spawn(
                 self._after_transaction(server, read_back, ticket, asynchronous))
             return
         self.set_state(states.IDLE)
@@ -353,10 +353,11 @@ class SessionRelay:
 
     def _refuse_request(self, error: bytes) -> None:
         """Answer the request at the head of ``_pending`` with the ErrorResponse ``error``."""
-        if self.transport is None or self.transport.is_closing():
+        io = self.io
+        if io.is_closing():
             return
         self.error_count += 1
-        self.transport.write(error)
+        io.write(error)
         buf = self._pending
         while True:
             try:
@@ -368,7 +369,7 @@ class SessionRelay:
             tag, end = first
             del buf[:end]
             if tag in (_Q, _F, _S):
-                self.transport.write(m.ready_for_query())
+                io.write(m.ready_for_query())
                 return
         # An extended-protocol batch whose Sync has not arrived yet.
         self._discarding = True

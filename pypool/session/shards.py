@@ -13,7 +13,7 @@ runs on a server of every shard at once and the replies are merged
 (FanoutCollector). A Parse/Describe batch ending in Flush (asyncpg prepares
 this way, the key's value comes in a later Bind) is described by one shard,
 so that the Bind starts a request of its own, routed by its values.
-Mixed into ClientConnection.
+Mixed into ClientSession (pypool/session/session.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Coroutine
 
 from pypool import sqlstates
-from pypool.flow import ReadingPause
 from pypool.pool.pool import PoolRetired, PoolTimeout
-from pypool.pool.server import ServerConnection, ServerError
+from pypool.pool.server import ClientIO, ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.routing.fanout import FanoutCollector, FanoutPlan
@@ -121,17 +120,23 @@ def _parse(plan: FanoutPlan, parameter_types: bytes) -> bytes:
 class _Aside:
     """Stands in for the client on a server running a request pypool answers itself: keeps the reply."""
 
-    __slots__ = ("transport", "reading", "reply", "done")
+    __slots__ = ("io", "client_io", "reply", "done")
     hold_ready = False  # RelayTarget: the whole reply, ReadyForQuery included, is kept
 
-    def __init__(self, reading: ReadingPause) -> None:
-        self.transport = self  # the server's relay writes its replies to ``write``
-        self.reading = reading  # the client's: a server that cannot take more pauses the client
+    def __init__(self, client_io: ClientIO) -> None:
+        self.io = self  # the server's relay writes its replies to ``write``
+        self.client_io = client_io  # a server that cannot take more pauses the client
         self.reply = bytearray()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def write(self, data: bytes) -> None:
         self.reply += data
+
+    def pause_reading(self) -> None:
+        self.client_io.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.client_io.resume_reading()
 
     def hold_ready_for_query(self, data: bytes, end: int) -> int:
         return 0  # never asked: ``hold_ready`` is False
@@ -229,7 +234,7 @@ class SessionShards:
         clean = False
         try:
             await self._sync_parameters(server)
-            aside = _Aside(self.reading)
+            aside = _Aside(self.io)
             server.attach(aside)  # type: ignore[arg-type]
             for tag, _, _ in _messages(request):
                 server.requests.sent(tag)
@@ -304,7 +309,7 @@ class SessionShards:
 
     def _run_in_state(self, work: "Coroutine[Any, Any, None]") -> None:
         self.set_state(states.FANNED_OUT)
-        self._checkout_task = asyncio.get_running_loop().create_task(self._answered_aside(work))
+        self._checkout_task = self.io.spawn(self._answered_aside(work))
 
     async def _answered_aside(self, work: "Coroutine[Any, Any, None]") -> None:
         try:
@@ -312,7 +317,7 @@ class SessionShards:
         except (PoolTimeout, PoolRetired, ServerError) as exc:
             log.warning("client %s: %s", self.peer, exc)
             self.error_count += 1
-            self.transport.write(m.error_response(getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE),  # type: ignore[union-attr]
+            self.io.write(m.error_response(getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE),
                                                   str(exc)) + m.ready_for_query())
         self._checkout_task = None
         if self.state is states.FANNED_OUT:
@@ -326,7 +331,7 @@ class SessionShards:
             reply = reply[len(_PARSE_COMPLETE):]
         if flushed and reply.endswith(_READY_IDLE):
             reply = reply[:-len(_READY_IDLE)]  # the client sent Flush: its batch goes on
-        self.transport.write(reply)  # type: ignore[union-attr]
+        self.io.write(reply)
 
     # ---------------------------------------------------------------- fan-out
 
@@ -360,4 +365,4 @@ class SessionShards:
             result = result[len(_PARSE_COMPLETE):]
         self.query_count += 1
         self.xact_count += 1
-        self.transport.write(result)  # type: ignore[union-attr]
+        self.io.write(result)

@@ -1,7 +1,7 @@
 """Causal reads in the session, without sockets: when a write's ticket is taken, where its position is
 learnt, and how a read that must see it waits (WAITING_FOR_REPLICA) or goes straight to a replica.
 
-Real ClientConnection/ServerConnection/PoolGroup objects with recording
+A real ClientSession (its IO recorded), real ServerConnection/PoolGroup objects with recording
 transports; replica positions are fed to the group's position table the way
 its health monitors feed it.
 """
@@ -19,7 +19,7 @@ from pypool.protocol import messages as m
 from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState
 from pypool.snapshot import take
-from tests.unit._fakes import Recorder, idle_server, logged_in_client
+from tests.unit._fakes import RecordingIO, idle_server, logged_in_client
 
 INSERT = m.query("INSERT INTO t VALUES (1)")
 INSERTED = m.command_complete("INSERT 0 1") + m.ready_for_query()
@@ -43,7 +43,7 @@ def commit_position_reply() -> bytes:
             + m.ready_for_query())
 
 
-class ClientTransport(Recorder):
+class ClientIO(RecordingIO):
     """Notes whether the client's write was pending each time bytes reach the client."""
 
     def __init__(self, client) -> None:
@@ -64,7 +64,7 @@ def setup(general: dict | None = None, **pool: object):
     client = logged_in_client(app)
     client._join_causal(group)  # as login does
     client.statements = ClientStatements()  # transaction mode: statements are looked at on the way
-    client.transport = ClientTransport(client)
+    client.io = ClientIO(client)
     return app, group, client, primary, replicas
 
 
@@ -97,8 +97,8 @@ def test_a_writes_ticket_is_taken_before_its_reply_and_its_position_learnt_on_th
         app, group, client, primary, _ = setup()
         await write(client, primary)
         # The ReadyForQuery that tells the client its write committed went out with the lookup pending.
-        assert client.transport.take() == INSERTED
-        assert client.transport.pending_when_written == [1]
+        assert client.io.take() == INSERTED
+        assert client.io.pending_when_written == [1]
         assert client.state is ClientState.IDLE, "the client is never held for the lookup"
         assert primary.transport.take() == INSERT + m.query(COMMIT_POSITION_QUERY)
         assert primary not in group.primary.idle, "the connection is back only once it answered"
@@ -158,7 +158,7 @@ def test_a_read_after_a_write_waits_for_a_replica_that_replayed_it():
         assert client.state is ClientState.ATTACHED and client.server is replicas[1]
         assert replicas[1].transport.take() == SELECT
         replicas[1].data_received(SELECTED)
-        assert client.transport.take().endswith(SELECTED)
+        assert client.io.take().endswith(SELECTED)
         assert group.causal.stats.after_wait == 1
         # Both replicas replayed it now: the next read takes the fast path again.
         group.causal.positions.observe(group.replicas[0], COMMITTED, time.monotonic())
@@ -173,11 +173,11 @@ def test_a_read_no_replica_catches_up_for_fails_with_57014_naming_the_lag_and_th
         await write(client, primary)
         primary.data_received(commit_position_reply())
         await settle()
-        client.transport.take()
+        client.io.take()
         client.data_received(SELECT)
         assert client.state is ClientState.WAITING_FOR_REPLICA
         await asyncio.sleep(0.1)
-        reply = client.transport.take()
+        reply = client.io.take()
         assert b"C57014\x00" in reply and b"causal_reads_timeout = 20 ms" in reply
         assert reply.endswith(m.ready_for_query())
         assert client.state is ClientState.IDLE and group.causal.stats.timed_out == 1

@@ -70,11 +70,11 @@ def test_own_notify_comes_before_the_ready_for_query_with_the_clients_pid():
         server.transport.take()
         # The server answers before the listener connection has the notification.
         server.data_received(m.command_complete("NOTIFY") + m.ready_for_query())
-        assert client.transport.take() == m.command_complete("NOTIFY"), "ReadyForQuery waits for the listener"
+        assert client.io.take() == m.command_complete("NOTIFY"), "ReadyForQuery waits for the listener"
         assert client.state is ClientState.WAITING_FOR_LISTENER
         listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"x")))
         await settle()
-        assert client.transport.take() == notification(CLIENT_PID, b"own", b"x") + m.ready_for_query()
+        assert client.io.take() == notification(CLIENT_PID, b"own", b"x") + m.ready_for_query()
         assert client.state is ClientState.IDLE and client.own_notify_pid == 0
         assert server in server.pool.idle, "the server connection went back to its pool"
 
@@ -86,7 +86,7 @@ def test_inside_a_transaction_only_its_end_waits():
         client, server, listener = setup()
         client.data_received(m.query("BEGIN; SELECT pg_notify('own', 'y')"))
         server.data_received(m.command_complete("SELECT 1") + m.ready_for_query(b"T"))
-        assert client.transport.take().endswith(m.ready_for_query(b"T"))
+        assert client.io.take().endswith(m.ready_for_query(b"T"))
         assert listener.round_trips == 0
         client.data_received(m.query("COMMIT"))
         server.data_received(m.command_complete("COMMIT") + m.ready_for_query())
@@ -94,7 +94,7 @@ def test_inside_a_transaction_only_its_end_waits():
         await settle()
         # One round trip before its ReadyForQuery, one before its server connection goes back.
         assert listener.round_trips == 2 and server in server.pool.idle
-        assert client.transport.take() == (m.command_complete("COMMIT") + notification(CLIENT_PID, b"own", b"y")
+        assert client.io.take() == (m.command_complete("COMMIT") + notification(CLIENT_PID, b"own", b"y")
                                            + m.ready_for_query())
 
     asyncio.run(scenario())
@@ -104,11 +104,11 @@ def test_a_client_that_does_not_notify_is_answered_at_once():
     client, server, listener = setup()
     client.data_received(m.query("SELECT 1"))
     server.data_received(m.command_complete("SELECT 1") + m.ready_for_query())
-    assert client.transport.take() == m.command_complete("SELECT 1") + m.ready_for_query()
+    assert client.io.take() == m.command_complete("SELECT 1") + m.ready_for_query()
     assert client.state is ClientState.IDLE and listener.round_trips == 0
     # Someone else's notification keeps its sender's PID.
     client.deliver_notification(notification(BACKEND_PID, b"own", b"z"))
-    assert client.transport.take() == notification(BACKEND_PID, b"own", b"z")
+    assert client.io.take() == notification(BACKEND_PID, b"own", b"z")
 
 
 def test_another_clients_notify_carries_the_pid_pypool_gave_it():
@@ -120,15 +120,15 @@ def test_another_clients_notify_carries_the_pid_pypool_gave_it():
         assert sender.server is server
         server.data_received(m.command_complete("NOTIFY") + m.ready_for_query())
         # The sender is answered at once; its server connection waits for the listener first.
-        assert sender.transport.take() == m.command_complete("NOTIFY") + m.ready_for_query()
+        assert sender.io.take() == m.command_complete("NOTIFY") + m.ready_for_query()
         assert sender.state is ClientState.IDLE and server not in server.pool.idle
         listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"from the sender")))
         await settle()
-        assert listening.transport.take() == notification(5151, b"own", b"from the sender")
+        assert listening.io.take() == notification(5151, b"own", b"from the sender")
         assert server in server.pool.idle and listener.round_trips == 1
         # Back in the pool, the backend is nobody's: a notification from it keeps the server's PID.
         listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"trigger")))
         await listen.hub_for(listening.group).barrier()
-        assert listening.transport.take() == notification(BACKEND_PID, b"own", b"trigger")
+        assert listening.io.take() == notification(BACKEND_PID, b"own", b"trigger")
 
     asyncio.run(scenario())

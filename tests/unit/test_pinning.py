@@ -1,6 +1,6 @@
 """Session pinning fed bytes without sockets: which statements pin, what the catalogs decide, the cap.
 
-Real ClientConnection/ServerConnection/PoolGroup objects with recording
+A real ClientSession (its IO recorded), real ServerConnection/PoolGroup objects with recording
 transports (tests/unit/_fakes.py); the server's replies, the catalog check's
 included, are fed as bytes, whole and one byte at a time.
 """
@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from pypool.app import Application
-from pypool.client import ClientConnection
+from pypool.session.session import ClientSession
 from pypool.pool.server import ServerConnection
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
@@ -22,7 +22,7 @@ from pypool.snapshot import take
 from tests.unit._fakes import feed, idle_server, logged_in, logged_in_client
 
 
-def setup(pool_size: int = 4, **pool: object) -> tuple[ClientConnection, ServerConnection, Application]:
+def setup(pool_size: int = 4, **pool: object) -> tuple[ClientSession, ServerConnection, Application]:
     return logged_in(pool_size=pool_size, **pool)
 
 
@@ -49,7 +49,7 @@ async def run_transaction(client, server, sql: str, reply: bytes, drip: bool, ch
         feed(server, check, drip)
         for _ in range(3):
             await asyncio.sleep(0)
-    return client.transport.take()
+    return client.io.take()
 
 
 @pytest.mark.parametrize("drip", [False, True])
@@ -143,7 +143,7 @@ def test_a_pinned_client_that_leaves_has_its_connection_reset_not_shared():
         client, server, _ = setup()
         await run_transaction(client, server, "PREPARE p AS SELECT 1", done("PREPARE"), False,
                               catalogs(prepared=1))
-        client.connection_lost(None)
+        client.close()
         await asyncio.sleep(0)
         assert server.transport.take() == m.query("DISCARD ALL")
         assert server not in server.pool.idle and client.group.pinned == 0
@@ -178,7 +178,7 @@ def test_a_reset_restores_the_startup_values_before_the_ready_for_query(drip):
         assert server.transport.take() == m.query("RESET ALL")
         # The pooled server's own default comes back first (PostgreSQL would keep the startup value).
         feed(server, m.parameter_status("application_name", "") + done("RESET"), drip)
-        assert client.transport.take() == m.parameter_status("application_name", "") + m.command_complete("RESET")
+        assert client.io.take() == m.parameter_status("application_name", "") + m.command_complete("RESET")
         assert client.state is ClientState.READING_BACK
         await asyncio.sleep(0)
         assert server.transport.take() == m.query(session.SETTINGS_QUERY)
@@ -189,7 +189,7 @@ def test_a_reset_restores_the_startup_values_before_the_ready_for_query(drip):
              + m.data_row(["startup-name"]) + done("SELECT 1"), drip)
         for _ in range(3):
             await asyncio.sleep(0)
-        assert client.transport.take() == m.parameter_status("application_name", "startup-name") \
+        assert client.io.take() == m.parameter_status("application_name", "startup-name") \
             + m.ready_for_query()
         assert client.state is ClientState.IDLE and server in server.pool.idle
         assert server.applied_key == client._parameters_key, "the connection carries the client's settings"
@@ -212,6 +212,6 @@ def test_a_request_sent_during_the_catalog_check_runs_on_the_pinned_connection_a
             await asyncio.sleep(0)
         assert client.state is states.PINNED
         assert server.transport.take() == m.query("FETCH c")
-        assert client.transport.take() == done("DECLARE CURSOR")
+        assert client.io.take() == done("DECLARE CURSOR")
 
     asyncio.run(scenario())

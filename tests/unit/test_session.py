@@ -1,8 +1,10 @@
 """The session machine fed bytes without sockets: states, the frame walker, request tracking, the relay.
 
-Real ClientConnection/ServerConnection/PoolGroup objects with recording
-transports; every stream is also fed one byte at a time, the worst split a
-TCP read can produce.
+A real ClientSession whose outside world is a RecordingIO (tests/unit/_fakes.py),
+real ServerConnection/PoolGroup objects with recording transports; every
+stream is also fed one byte at a time, the worst split a TCP read can
+produce. Tests not marked otherwise run no event loop: the session's relay,
+checkout and check-in need none.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pypool.app import Application
-from pypool.pool.server import ACTIVE, IDLE
+from pypool import sqlstates
+from pypool.pool.server import ACTIVE, IDLE, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ALL_TAGS, FrameWalker, ProtocolViolation, tag_table
 from pypool.session import session_state
@@ -49,7 +52,7 @@ def test_a_query_goes_out_and_its_reply_back_then_the_server_returns_to_the_pool
     assert server.state == ACTIVE and shown_state(app) == "active"
     assert server.transport.take() == SELECT
     feed(server, REPLY, drip)
-    assert client.transport.take() == REPLY
+    assert client.io.take() == REPLY
     assert client.state is ClientState.IDLE and client.server is None
     assert server.state == IDLE and server in server.pool.idle
     assert shown_state(app) == "idle"
@@ -69,7 +72,7 @@ def test_an_extended_batch_stays_attached_until_its_last_sync_is_answered(drip):
     assert client.server is server, "one Sync is still unanswered"
     second = m.message(m.BIND_COMPLETE) + m.command_complete("SELECT 1") + m.ready_for_query()
     feed(server, second, drip)
-    assert client.transport.take() == first + second
+    assert client.io.take() == first + second
     assert client.server is None and client.state is ClientState.IDLE
 
 
@@ -103,24 +106,65 @@ def test_terminate_closes_the_client_and_returns_a_clean_server():
     feed(client, SELECT, False)
     feed(server, REPLY, False)
     client.data_received(m.terminate())
-    assert client.state is ClientState.CLOSED and client.transport.closed
+    assert client.state is ClientState.CLOSED and client.io.closed
     assert server.state == IDLE and not server.closed
 
 
 def test_leaving_mid_transaction_closes_the_server_connection():
-    client, server, _ = logged_in()
+    client, server, app = logged_in()
     feed(client, m.query("BEGIN"), False)
     feed(server, m.command_complete("BEGIN") + m.ready_for_query(b"T"), False)
-    client.connection_lost(None)
-    assert client.state is ClientState.CLOSED
-    assert server.closed and server.pool is None
+    pool = server.pool
+    client.close()
+    assert client.state is ClientState.CLOSED and client.io.closed
+    assert server.closed and server.pool is None, "checked in dirty: its transaction cannot be trusted"
+    assert server not in pool.idle and client not in app.clients
+
+
+@pytest.mark.parametrize("drip", [False, True])
+def test_leaving_in_the_middle_of_a_batch_checks_the_server_in_dirty(drip):
+    client, server, _ = logged_in()
+    feed(client, PARSE + BIND + EXECUTE, drip)  # no Sync yet: the server owes the batch its replies
+    assert client.in_transaction
+    pool = server.pool
+    client.close()
+    assert server.closed and server not in pool.idle
+
+
+def test_leaving_between_transactions_returns_the_server_clean():
+    client, server, app = logged_in()
+    feed(client, SELECT, False)
+    feed(server, REPLY, False)
+    client.close()
+    assert client.io.closed and client not in app.clients
+    assert not server.closed and server in server.pool.idle
+
+
+@pytest.mark.parametrize("drip", [False, True])
+def test_an_error_pypool_answers_discards_the_rest_of_the_batch_until_its_sync(drip, monkeypatch):
+    client, server, _ = logged_in()
+
+    def no_primary(role, on_ready, on_error):
+        raise ServerError("no primary is known", {"C": sqlstates.CONNECTION_FAILURE})
+
+    monkeypatch.setattr(client.group, "checkout_now", no_primary)
+    feed(client, PARSE + BIND, drip)
+    error = client.io.take()
+    assert error == m.error_response(sqlstates.CONNECTION_FAILURE, "no primary is known")
+    assert client.error_count == 1 and client.state is ClientState.IDLE
+    feed(client, EXECUTE + SYNC, drip)  # the rest of the failed batch: dropped, its Sync answered
+    assert client.io.take() == m.ready_for_query()
+    assert server.transport.take() == b"" and client.state is ClientState.IDLE
+    monkeypatch.undo()
+    feed(client, SELECT, drip)  # the next request runs as usual
+    assert server.transport.take() == SELECT and client.server is server
 
 
 def test_an_impossible_length_is_a_protocol_violation_and_closes_the_client():
     client, server, _ = logged_in()
     client.data_received(b"Q\x00\x00\x00\x02")
     assert client.state is ClientState.CLOSED
-    assert b"08P01" in client.transport.take()
+    assert b"08P01" in client.io.take()
 
 
 def test_a_full_pool_queues_the_client_as_waiting_until_the_connection_comes_back():
@@ -299,3 +343,12 @@ def test_every_transaction_of_a_session_mode_client_is_timed(monkeypatch):
     assert client.server is server  # session mode: still attached
     assert (stats.queries_timed, stats.query_time) == (2, 3.0)
     assert (sum(stats.xact_hist), stats.xact_time) == (2, 3.0)
+
+
+def test_a_server_that_cannot_take_more_pauses_reading_its_client_until_it_drains():
+    client, server, _ = logged_in()
+    client.data_received(m.query("BEGIN"))
+    server.pause_writing()  # asyncio: the server's socket buffer is full
+    assert client.io.paused
+    server.resume_writing()
+    assert not client.io.paused

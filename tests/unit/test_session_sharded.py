@@ -49,7 +49,7 @@ def sent_to(servers) -> list[int]:
 def test_set_shard_and_keys_in_the_simple_protocol(session, drip: bool) -> None:
     client, servers = session
     feed(client, m.query("SET SHARD TO '1'"), drip)
-    assert m.command_complete("SET SHARD") in client.transport.take() and sent_to(servers) == []
+    assert m.command_complete("SET SHARD") in client.io.take() and sent_to(servers) == []
     feed(client, m.query("SELECT 1"), drip)
     assert sent_to(servers) == [1]
     servers[1].data_received(m.command_complete("SELECT 1") + m.ready_for_query())
@@ -80,7 +80,7 @@ def test_keys_on_several_shards_are_refused_and_the_client_goes_on(session) -> N
     keys = next((a, b) for a in range(1, 50) for b in range(a + 1, 50)
                 if pg_bigint_hash(a, SHARDS) != pg_bigint_hash(b, SHARDS))
     feed(client, m.query(f"SELECT * FROM data WHERE id IN ({keys[0]}, {keys[1]})"), False)
-    reply = client.transport.take()
+    reply = client.io.take()
     assert reply.startswith(b"E") and b"0A000" in reply and reply.endswith(m.ready_for_query())
     assert sent_to(servers) == [] and client.state is ClientState.IDLE
     feed(client, m.query("SELECT 1"), False)
