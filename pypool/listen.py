@@ -16,6 +16,16 @@ ReadyForQuery that ends its transaction, as PostgreSQL delivers it, with
 the process ID pypool gave that client (``ListenHub.barrier``).
 Notifications sent while the listener connection is being re-opened after
 a loss are missed (logged).
+
+A notification carries the sending backend's process ID; PostgreSQL gives
+the one the sender was told at login (BackendKeyData). A pooled backend
+serves many clients, so when a client's statement that may notify runs on
+it (``note_sender``), its notifications are attributed to that client
+until every listener connection has received what it committed: the
+server connection goes back to its pool only after one round trip on each
+of them (``ServerConnection.settle``). A notification from outside pypool,
+or from a function or trigger of a statement that does not name NOTIFY or
+pg_notify, keeps the server's process ID.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError, open_connection
@@ -160,7 +170,18 @@ class ListenHub:
             if self._alive():
                 await self._conn.query("")  # type: ignore[union-attr]
 
+    def hears(self, host: str, port: int) -> bool:
+        """Its listener connection receives what is committed on the server at ``host:port``."""
+        conn = self._conn
+        return conn is not None and not conn.closed and bool(self.channels) \
+            and conn.address.host == host and conn.address.port == port
+
     def deliver(self, channel: str, message: bytes) -> None:
+        conn = self._conn
+        if _senders and conn is not None:
+            sender = _senders.get((conn.address.host, conn.address.port, int.from_bytes(message[5:9], "big")))
+            if sender is not None:
+                message = message[:5] + sender.to_bytes(4, "big") + message[9:]
         for client in list(self.channels.get(channel, ())):
             self.delivered += 1
             client.deliver_notification(message)
@@ -172,6 +193,55 @@ class ListenHub:
 
 
 _hubs: "weakref.WeakKeyDictionary[PoolGroup, ListenHub]" = weakref.WeakKeyDictionary()
+
+
+# (host, port, backend PID) of a pooled server connection -> the process ID pypool gave the client
+# whose statements on it may have notified, until every listener has received what they committed.
+_senders: dict[tuple[str, int, int], int] = {}
+# How long a settling server connection waits for a listener before going back to its pool anyway.
+SETTLE_WAIT = 5.0
+
+
+def note_sender(server: ServerConnection, process_id: int) -> None:
+    """A client's statement that may NOTIFY runs on ``server``: its notifications carry ``process_id``.
+
+    Costs nothing while no listener hears that server. Otherwise the
+    connection's next check-in waits for every such listener (``_settle``).
+    """
+    host, port = server.address.host, server.address.port
+    if not any(hub.hears(host, port) for hub in list(_hubs.values())):
+        return
+    _senders[(host, port, server.backend_pid)] = process_id
+    server.settle = _settle
+
+
+def _settle(server: ServerConnection, checkin: Callable[[], None]) -> None:
+    server.detach()  # relays nothing meanwhile; nobody else's statements run on it
+    task = asyncio.get_running_loop().create_task(_settle_then(server, checkin))
+    _SETTLING.add(task)
+    task.add_done_callback(_SETTLING.discard)
+
+
+_SETTLING: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+
+def _report_barrier(server: ServerConnection, barrier: asyncio.Future[None]) -> None:
+    if not barrier.cancelled() and barrier.exception() is not None:
+        log.warning("a listener did not confirm the notifications of %s: %s", server.label, barrier.exception())
+
+
+async def _settle_then(server: ServerConnection, checkin: Callable[[], None]) -> None:
+    host, port = server.address.host, server.address.port
+    try:
+        # Never cancelled, not even past SETTLE_WAIT: a listener's conversation must not stop half-way.
+        barriers = [asyncio.ensure_future(hub.barrier()) for hub in list(_hubs.values()) if hub.hears(host, port)]
+        for barrier in barriers:
+            barrier.add_done_callback(lambda done: _report_barrier(server, done))
+        if barriers:
+            await asyncio.wait(barriers, timeout=SETTLE_WAIT)
+    finally:
+        _senders.pop((host, port, server.backend_pid), None)
+        checkin()
 
 
 def hub_for(group: "PoolGroup") -> ListenHub:

@@ -439,7 +439,13 @@ class PoolGroup:
         """Give a connection back: kept when ``clean``, closed when its state cannot be trusted.
 
         A connection whose pool was retired or closed (``pool`` is None) is closed either way.
+        One with something left to ``settle`` is checked in once that is done.
         """
+        settle = conn.settle
+        if settle is not None:
+            conn.settle = None
+            settle(conn, lambda: PoolGroup.checkin(conn, clean))
+            return
         pool = conn.pool
         if pool is None:
             conn.detach()

@@ -20,7 +20,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from pypool import keepalive, sqlstates
 from pypool.errors import PoolerError
@@ -62,6 +62,11 @@ class ServerError(PoolerError):
     def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
         self.fields = fields or {}
         super().__init__(self.fields.get("C", sqlstates.CONNECTION_FAILURE), message)
+
+
+# What must happen before a connection serves anyone else (every listener has received the notifications
+# of the client that used it: pypool/listen.py), called with the check-in to run once that is done.
+Settle = Callable[["ServerConnection", Callable[[], None]], None]
 
 
 class ClientIO(Protocol):
@@ -125,6 +130,7 @@ class ServerConnection(asyncio.Protocol):
         self.statements: ServerStatements | None = None
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
         self.track_commit = False  # causal reads: tell the client (write_committed) before it sees the commit
+        self.settle: "Settle | None" = None  # to run before it serves anyone else, then check it in (listen.py)
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False

@@ -80,9 +80,10 @@ class SessionEffects:
             if text_end < 0:
                 self._protocol_violation(f"unterminated query text in message type {chr(tag)!r}")
                 return False
-            if self._hub is not None and _NOTIFY.search(payload, text_at, text_end):
-                self.own_notify_pid = server.backend_pid
-                self.hold_ready = True  # its ReadyForQuery waits for its notifications
+            if _NOTIFY.search(payload, text_at, text_end):
+                self._may_notify(server)
+                if tag == _P and text_at > 1:
+                    self.statements.notifying.add(payload[:text_at - 1])  # type: ignore[union-attr]
             sql = payload[text_at:text_end].decode("utf-8", "replace")
             effects = session.analyze(sql) if session.might_matter(payload, text_at, text_end) else session.NOTHING
             if effects.listen and self._must_wait_for_listener(effects):
@@ -97,35 +98,69 @@ class SessionEffects:
                 raw = m.message(tag, payload)
             if tag == _P and text_at > 1 and effects.settings:
                 self.statements.changing_settings.add(payload[:text_at - 1])  # type: ignore[union-attr]
-        elif tag == _B and self.statements.changing_settings:  # type: ignore[union-attr]
+        elif tag == _B and (self.statements.changing_settings or self.statements.notifying):  # type: ignore[union-attr]
             portal_end = payload.find(b"\x00")
-            if payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)] in self.statements.changing_settings:  # type: ignore[union-attr]
+            name = payload[portal_end + 1:payload.find(b"\x00", portal_end + 1)]
+            if name in self.statements.changing_settings:  # type: ignore[union-attr]
                 self._settings_dirty = True
+            if name in self.statements.notifying:  # type: ignore[union-attr]
+                self._may_notify(server)
         transport = server.transport
         requests = server.requests
         if tag == _Q:
             requests.sent(tag)
             transport.write(raw)  # type: ignore[union-attr]
             return True
+        rewriter = self._rewriter(server)
+        rewriter.message(tag, payload, raw)
+        if tag == _P and payload[:1] == b"\x00":  # the unnamed statement, as the server has it
+            self.statements.unnamed, self.statements.unnamed_on = payload[1:], server  # type: ignore[union-attr]
+        self._send_rewritten(server, rewriter)
+        if effects.forget_all:
+            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
+            # keeps nothing, and each Bind of it prepares it again first.
+            server.statements.clear()  # type: ignore[union-attr]
+        return True
+
+    def _rewriter(self, server: ServerConnection) -> Rewriter:
+        """A Rewriter of this client's statements onto ``server``, placed after what was sent to it."""
         statements = server.statements
         if statements is None:
             group = self.group
             assert group is not None
             statements = server.statements = ServerStatements(group.config.prepared_statements_cache_size,
                                                               group.schema)
-        rewriter = Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
-                            requests.parse_rank)
-        rewriter.message(tag, payload, raw)
+        requests = server.requests
+        return Rewriter(self.statements, statements, statements.epoch + requests.owed,  # type: ignore[arg-type]
+                        requests.parse_rank)
+
+    def _send_rewritten(self, server: ServerConnection, rewriter: Rewriter) -> None:
+        requests = server.requests
         requests.sent_rewritten(rewriter.rank)
         if requests.failed and requests.owed <= 0:
             # The server already reported an error for this batch and skips to its Sync.
-            statements.on_error(self.statements)
-        if effects.forget_all:
-            # A prepared DEALLOCATE ALL / DISCARD ALL drops itself too when it runs: the server
-            # keeps nothing, and each Bind of it prepares it again first.
-            statements.clear()
-        transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
-        return True
+            server.statements.on_error(self.statements)  # type: ignore[union-attr]
+        server.transport.write(b"".join(rewriter.out))  # type: ignore[union-attr]
+
+    def _parse_unnamed_again(self, server: ServerConnection) -> None:
+        """A Bind/Describe of the unnamed statement on a server connection that may not hold it.
+
+        PostgreSQL keeps the unnamed statement until the next Parse of one or a
+        simple Query; through pypool the client's next request may run on
+        another connection, or on this one after others (and pypool) used it.
+        So its last Parse is sent again first, the ParseComplete swallowed.
+        """
+        rewriter = self._rewriter(server)
+        rewriter.parse_unnamed()
+        self._send_rewritten(server, rewriter)
+        self.statements.unnamed_on = server  # type: ignore[union-attr]
+
+    def _may_notify(self, server: ServerConnection) -> None:
+        """A statement that may NOTIFY runs on ``server``: its notifications carry this client's PID."""
+        listen.note_sender(server, self.process_id)
+        if self._hub is not None:
+            self.own_notify_pid = server.backend_pid
+            self.hold_ready = True  # its ReadyForQuery waits for its own notifications
 
     def _apply_session_effects(self, effects: session.Effects, server: ServerConnection) -> str | None:
         """Note what a statement does to the client's session; the text to send instead, if any."""
@@ -225,10 +260,6 @@ class SessionEffects:
         io = self.io
         if not self.state.relaying or io.is_closing():
             return
-        own = self.own_notify_pid
-        if own and int.from_bytes(message[5:9], "big") == own:
-            # Sent by this client's transaction: the PID is the one pypool gave the client.
-            message = message[:5] + self.process_id.to_bytes(4, "big") + message[9:]
         if self.server is None:
             io.write(message)
         else:

@@ -65,6 +65,7 @@ class SessionPinning:
         if server.reported_change:
             self._settings_dirty = True  # the read-back after unpinning must not miss it
         self.server = None
+        self.statements.unnamed_on = None  # type: ignore[union-attr]  # the catalog query drops it
         server.detach()
         if self._walker.held:
             self._pending[:0] = self._walker.take_held()

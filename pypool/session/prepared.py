@@ -160,15 +160,20 @@ class ServerStatements:
 class ClientStatements:
     """One client's named statements: client name -> (server name, Parse body)."""
 
-    __slots__ = ("names", "changing_settings", "schema", "search_path")
+    __slots__ = ("names", "changing_settings", "notifying", "schema", "search_path", "unnamed", "unnamed_on")
 
     def __init__(self, schema: SchemaGeneration | None = None) -> None:
         self.names: dict[bytes, tuple[bytes, bytes]] = {}
         # Names of statements that change session settings (a prepared SET): each Bind of
         # one must mark the session for read-back, as its text is not sent again.
         self.changing_settings: set[bytes] = set()
+        self.notifying: set[bytes] = set()  # ... and those that may NOTIFY (pypool/listen.py, note_sender)
         self.schema = schema
         self.search_path = ""  # the client's, as pypool syncs it: names resolve through it
+        # The unnamed statement: its last Parse body, and the server connection that surely still holds
+        # it (the one it is attached to, until it lets go); a Bind elsewhere parses it again first.
+        self.unnamed: bytes | None = None
+        self.unnamed_on: object | None = None
 
     def context(self) -> bytes:
         """What a statement prepared now depends on besides its text: part of its server name."""
@@ -185,6 +190,7 @@ class ClientStatements:
     def clear(self) -> None:
         self.names.clear()
         self.changing_settings.clear()
+        self.notifying.clear()
 
 
 def names_statement(tag: int, data: bytes, start: int, end: int) -> bool:
@@ -259,6 +265,11 @@ class Rewriter:
             self._act(AS_PARSE_COMPLETE, target, parsed=False, client_name=name)
             return
         self._prepare(target, body, PASS, name)
+
+    def parse_unnamed(self) -> None:
+        """Parse the client's unnamed statement again, before a Bind/Describe of it where the server lacks it."""
+        self._send_counted(m.message(m.PARSE, b"\x00" + self.client.unnamed))  # type: ignore[operator]
+        self._act(SWALLOW, b"", parsed=False)
 
     def _prepare(self, target: bytes, body: bytes, kind: int, client_name: bytes = b"") -> None:
         server = self.server

@@ -31,6 +31,10 @@ _Q = m.QUERY
 _S = m.SYNC
 _F = m.FUNCTION_CALL
 _X = m.TERMINATE
+_P = m.PARSE
+_B = m.BIND
+_D = m.DESCRIBE
+_STATEMENT = ord("S")  # Describe's target: a statement, not a portal
 _COPY_TAGS = frozenset((m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL))
 # Messages that may start a transaction. Anything else with no server attached is a
 # COPY tail to drop, a Terminate, or not a frontend message at all.
@@ -61,8 +65,13 @@ class SessionRelay:
             return
         start = 0  # first byte not yet written (moves past messages rewritten on the way)
         # Transaction mode: these may need rewriting, so the walker gathers them whole.
-        careful = _CAREFUL_TAGS if self.statements is not None else NO_TAGS
+        statements = self.statements
+        careful = _CAREFUL_TAGS if statements is not None else NO_TAGS
         requests = server.requests
+        # The client's unnamed statement may not be on this server connection: a Bind (or Describe) of it
+        # parses it again first. ``parsed:parsed_end``: the body of the last unnamed Parse relayed as is.
+        missing = statements is not None and statements.unnamed_on is not server and statements.unnamed is not None
+        parsed = parsed_end = -1
         try:
             while True:
                 pos, end = walker.next(data, pos, n, ALL_TAGS, careful)
@@ -72,8 +81,12 @@ class SessionRelay:
                 if careful[tag] and self._needs_care(tag, data, pos + 5, end):
                     if pos > start:
                         write(data[start:pos])
+                    if parsed >= 0:
+                        statements.unnamed, statements.unnamed_on = data[parsed:parsed_end], server  # type: ignore[union-attr]
+                        parsed = -1
                     if not self._forward_with_care(server, data, pos, end):
                         return  # paused: the rest waits in _pending
+                    missing = missing and statements.unnamed_on is not server  # type: ignore[union-attr]
                     start = end
                 elif tag == _X:
                     if pos > start:
@@ -82,6 +95,16 @@ class SessionRelay:
                     return
                 else:
                     requests.sent(tag)
+                    if careful[tag]:  # transaction mode: a Query, or a message naming no statement
+                        if tag == _P:
+                            parsed, parsed_end = pos + 6, end  # its body: after the (empty) name
+                            missing = False
+                        elif missing and (tag == _B or tag == _D and data[pos + 5] == _STATEMENT):
+                            if pos > start:
+                                write(data[start:pos])
+                                start = pos
+                            self._parse_unnamed_again(server)
+                            missing = False
                 if end == n:
                     pos = n
                     break
@@ -89,6 +112,8 @@ class SessionRelay:
         except ProtocolViolation as exc:
             self._protocol_violation(str(exc))
             return
+        if parsed >= 0:
+            statements.unnamed, statements.unnamed_on = data[parsed:parsed_end], server  # type: ignore[union-attr]
         if pos > start:
             write(data[start:pos] if start or pos < n else data)
 
@@ -261,6 +286,7 @@ class SessionRelay:
             self._pinned_request_done(server)
             return
         self.server = None
+        self.statements.unnamed_on = None  # type: ignore[union-attr]  # it may run others' statements now
         if self._walker.held:
             # A message that started arriving after the end of the request goes to the next one.
             self._pending[:0] = self._walker.take_held()

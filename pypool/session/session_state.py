@@ -42,9 +42,11 @@ from pypool.routing.classify import lex_statements
 # Statements that may matter start with one of these words (after comments) ...
 _LEADING = re.compile(
     rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|declare|create|alter|drop|close)\b",
+    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|notify|declare|create|alter|drop|close)\b",
     re.S,
 )
+# ... or name one of these anywhere (one search: cheaper than a find each). TEMP: SELECT ... INTO TEMP.
+_INSIDE = re.compile(rb"_config|advisory|pg_notify|TEMP|temp|Temp")
 _ADVISORY_LOCK_FUNCTIONS = frozenset((
     "PG_ADVISORY_LOCK", "PG_ADVISORY_LOCK_SHARED", "PG_TRY_ADVISORY_LOCK", "PG_TRY_ADVISORY_LOCK_SHARED",
 ))
@@ -75,13 +77,15 @@ _SYNCHRONOUS_COMMIT_OFF = frozenset(("off", "false", "no", "0"))
 
 
 def might_matter(data: bytes, start: int, end: int) -> bool:
-    """Cheap pre-test on raw query text: False means ``analyze`` would find nothing."""
+    """Cheap pre-test on raw query text: False means ``analyze`` would find nothing (and the text
+    names no NOTIFY or pg_notify, which effects.py looks for). Keywords are matched in upper, lower
+    and capitalised spelling."""
     if _LEADING.match(data, start, end):
         return True
     semi = data.find(b";", start, end)
     if 0 <= semi < end - 3:  # more than one statement: look at each
         return True
-    return data.find(b"_config", start, end) >= 0 or data.find(b"advisory", start, end) >= 0
+    return _INSIDE.search(data, start, end) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,9 @@ def _statement(toks: list) -> Effects:
         return Effects(listen=((first, channel),))
     if first == "DECLARE" and "HOLD" in words and "WITHOUT" not in words[:words.index("HOLD")]:
         return _pins("a cursor WITH HOLD", "declare the cursor WITHOUT HOLD and use it inside one transaction")
+    if (first == "SELECT" or first == "WITH" or first == "(") and _into_temporary(toks):
+        return _pins("a temporary table made by SELECT ... INTO",
+                     "use CREATE TEMP TABLE ... ON COMMIT DROP AS ... inside a transaction, or pool_mode = \"session\"")
     temporary = first == "CREATE" and ("TEMP" in words[1:4] or "TEMPORARY" in words[1:4])
     if temporary:
         text = " ".join(words)
@@ -180,6 +187,17 @@ def _statement(toks: list) -> Effects:
     if "SET_CONFIG" in words:
         return Effects(settings=True)
     return NOTHING
+
+
+def _into_temporary(toks: list) -> bool:
+    """A SELECT's ``INTO [LOCAL | GLOBAL] TEMP | TEMPORARY [TABLE] name`` (not INSERT INTO / MERGE INTO)."""
+    for i, tok in enumerate(toks):
+        if tok[0] == "word" and tok[1] == "INTO" and i and toks[i - 1][1] not in ("INSERT", "MERGE"):
+            j = i + 1
+            if j < len(toks) and toks[j][0] == "word" and toks[j][1] in ("LOCAL", "GLOBAL"):
+                j += 1
+            return j < len(toks) and toks[j][0] == "word" and toks[j][1] in ("TEMP", "TEMPORARY")
+    return False
 
 
 def analyze(sql: str) -> Effects:

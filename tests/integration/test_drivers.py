@@ -248,6 +248,45 @@ def test_error_inside_a_pipeline_leaves_statements_consistent(start_pypool):
             assert conn.execute("SELECT 10 / %s", (5,)).fetchone() == (2,)
 
 
+def test_unnamed_statement_bound_in_a_later_request(start_pypool):
+    """PostgreSQL keeps the unnamed statement until the next unnamed Parse or simple Query: a client
+    may Parse/Describe/Sync it and Bind it in a later request. Through pypool that request may run
+    after another client's unnamed statement on the same server connection (pool_size 1 here)."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
+    with psycopg.connect(pypool.dsn(), autocommit=True) as conn, \
+            psycopg.connect(pypool.dsn(), autocommit=True, prepare_threshold=None) as other:
+        pgconn = conn.pgconn
+        assert pgconn.prepare(b"", b"SELECT $1::int + 1").status == psycopg.pq.ExecStatus.COMMAND_OK
+        # The other client's unnamed statement (psycopg: Parse/Bind/Execute unnamed) replaces it on the server.
+        assert other.execute("SELECT %s::text || '!'", ("other",)).fetchone() == ("other!",)
+        assert pgconn.describe_prepared(b"").nparams == 1
+        assert other.execute("SELECT %s::text || '?'", ("again",)).fetchone() == ("again?",)
+        result = pgconn.exec_prepared(b"", [b"41"])
+        assert result.status == psycopg.pq.ExecStatus.TUPLES_OK, result.error_message
+        assert result.get_value(0, 0) == b"42"
+
+
+def test_asyncpg_uncached_statement_across_a_type_introspection(start_pypool):
+    """asyncpg's test_introspection_no_stmt_cache_03: an uncacheable statement is parsed unnamed, its
+    unknown type is introspected in between (with jit on, asyncpg's set_config('jit', ...) makes pypool
+    read the session's settings back on that server connection), then it is bound."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
+    mood = f"mood_{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        conn = await asyncpg.connect(pypool.dsn(), max_cacheable_statement_size=10000, server_settings={"jit": "on"})
+        try:
+            await conn.execute(f"CREATE TYPE {mood} AS ENUM ('sad', 'happy')")
+            long_text = "a" * 10000  # only this one is over max_cacheable_statement_size (unnamed), not the introspection
+            assert await conn.fetchval(f"SELECT $1::{mood}, '{long_text}'", "happy") == "happy"
+            assert await conn.fetchval("SELECT current_setting('jit')") == "on"
+        finally:
+            await conn.execute(f"DROP TYPE IF EXISTS {mood}")
+            await conn.close()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
 def test_large_bind_split_across_reads(start_pypool):
     pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1)))
     big = "x" * 3_000_000

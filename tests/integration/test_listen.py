@@ -109,3 +109,43 @@ def test_psycopg_notify_handler_fires_right_after_its_own_notify(one_connection,
     expected = own_notifications(direct)
     assert expected[0] == [("own", "simple", True)]
     assert own_notifications(one_connection.dsn()) == expected
+
+
+def test_a_notification_carries_the_pid_pypool_gave_its_sender(one_connection, pg_cluster):
+    """As directly: the PID is the sender's BackendKeyData one (asyncpg: ``get_server_pid()``), also when
+    the sender is another pypool client on the same pooled backend; from outside pypool, the server's."""
+    direct_dsn = one_connection.dsn().replace(f":{one_connection.port}/", f":{pg_cluster[0].port}/")
+
+    async def main() -> None:
+        listener = await asyncpg.connect(one_connection.dsn())
+        sender = await asyncpg.connect(one_connection.dsn())
+        direct = await asyncpg.connect(direct_dsn)
+        queue: asyncio.Queue = asyncio.Queue()
+        await listener.add_listener("ipc", lambda _c, pid, _channel, payload: queue.put_nowait((pid, payload)))
+        await listener.add_listener('12+"34', lambda _c, pid, _channel, payload: queue.put_nowait((pid, payload)))
+
+        async def next_one() -> tuple[int, str]:
+            return await asyncio.wait_for(queue.get(), 10)
+
+        await sender.execute("NOTIFY ipc, 'simple'")
+        assert await next_one() == (sender.get_server_pid(), "simple")
+        await sender.execute("""NOTIFY "12+""34", 'quoted'""")
+        assert await next_one() == (sender.get_server_pid(), "quoted")
+        for i in range(2):  # prepared once (Parse), then only bound from asyncpg's statement cache
+            await sender.execute("SELECT pg_notify($1, $2)", "ipc", f"bound {i}")
+            assert await next_one() == (sender.get_server_pid(), f"bound {i}")
+        async with sender.transaction():
+            await sender.execute("NOTIFY ipc, 'committed'")
+        assert await next_one() == (sender.get_server_pid(), "committed")
+        # The listener notifying itself keeps getting its own PID.
+        await listener.execute("NOTIFY ipc, 'own'")
+        assert await next_one() == (listener.get_server_pid(), "own")
+        # From outside pypool: the backend that sent it.
+        await direct.execute("NOTIFY ipc, 'outside'")
+        assert await next_one() == (direct.get_server_pid(), "outside")
+        # The pooled backend serves a client that does not notify: nothing is attributed to anyone.
+        assert await sender.fetchval("SELECT 1") == 1
+        for conn in (listener, sender, direct):
+            await conn.close()
+
+    asyncio.run(main())

@@ -80,6 +80,26 @@ def test_a_temporary_table_pins_its_client_until_it_is_dropped(pooler):
             conn.execute("SELECT * FROM scratch")
 
 
+@pytest.mark.parametrize("statement, reason", [
+    ("SELECT 1 AS id INTO TEMP made", "a temporary table made by SELECT ... INTO"),
+    ("select 1 as id into temporary table made", "a temporary table made by SELECT ... INTO"),
+    ("WITH one AS (SELECT 1 AS id) SELECT id INTO LOCAL TEMP made FROM one",
+     "a temporary table made by SELECT ... INTO"),
+    ("CREATE TEMP TABLE made AS SELECT 1 AS id", "a temporary object that outlives its transaction"),
+])
+def test_temporary_tables_made_from_a_query_pin_like_create_temp_table(pooler, statement, reason):
+    with connect(pooler) as conn:
+        conn.execute(statement)
+        pid = backend(conn)
+        assert pinned_counts(pooler) == (1, [reason])
+        assert pid not in busy_elsewhere(pooler), "a pinned connection is not shared"
+        for _ in range(3):
+            assert conn.execute("SELECT count(*) FROM made").fetchone() == (1,)
+            assert backend(conn) == pid
+        conn.execute("DROP TABLE made")
+        assert pinned_counts(pooler) == (0, [])
+
+
 def test_a_temporary_table_through_psql_lives_for_the_session(pooler):
     script = ("CREATE TEMP TABLE notes (n text);\n"
               "INSERT INTO notes VALUES ('one');\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+from pypool import listen
 from pypool.protocol import messages as m
 from pypool.session.prepared import ClientStatements
 from pypool.session.states import ClientState
@@ -14,24 +15,24 @@ CLIENT_PID = 4242
 BACKEND_PID = 777
 
 
-class FakeHub:
-    """The pool's listener: the barrier hands out what the listener connection has received."""
+class FakeListenerConnection:
+    """The pool's listener connection: a round trip (the barrier) hands out what it has received."""
 
-    def __init__(self) -> None:
-        self.arrived: list[bytes] = []
-        self.clients = []
-        self.barriers = 0
+    closed = False
 
-    def is_listening(self, client, channel: str) -> bool:
-        return True
+    def __init__(self, hub: listen.ListenHub, address) -> None:
+        self.hub = hub
+        self.address = address
+        self.arrived: list[tuple[str, bytes]] = []
+        self.round_trips = 0
 
-    async def barrier(self) -> None:
-        self.barriers += 1
+    async def query(self, sql: str) -> list:
+        self.round_trips += 1
         await asyncio.sleep(0)
-        for message in self.arrived:
-            for client in self.clients:
-                client.deliver_notification(message)
+        for channel, message in self.arrived:
+            self.hub.deliver(channel, message)
         self.arrived.clear()
+        return []
 
 
 def notification(pid: int, channel: bytes, payload: bytes) -> bytes:
@@ -45,22 +46,25 @@ async def settle() -> None:
 
 
 def setup():
-    app = primary_only_app()
-    server = idle_server(app.groups[("postgres", "postgres", 0)].primary)
+    app = primary_only_app(pool_size=2)
+    group = app.groups[("postgres", "postgres", 0)]
+    server = idle_server(group.primary)
     server.backend_pid = BACKEND_PID
     client = logged_in_client(app)
     client.statements = ClientStatements()
     client.process_id = CLIENT_PID
-    hub = FakeHub()
-    hub.clients.append(client)
+    # The pool's real hub, its listener connection faked; the client listens on "own".
+    hub = listen.hub_for(group)
+    listener = hub._conn = FakeListenerConnection(hub, group.primary.address)
+    hub.channels["own"] = {client}
     client._hub = hub
     client._needs_care = client._needs_care_listening
-    return client, server, hub
+    return client, server, listener
 
 
 def test_own_notify_comes_before_the_ready_for_query_with_the_clients_pid():
     async def scenario() -> None:
-        client, server, hub = setup()
+        client, server, listener = setup()
         client.data_received(m.query("NOTIFY own, 'x'"))
         assert client.server is server and client.own_notify_pid == BACKEND_PID
         server.transport.take()
@@ -68,7 +72,7 @@ def test_own_notify_comes_before_the_ready_for_query_with_the_clients_pid():
         server.data_received(m.command_complete("NOTIFY") + m.ready_for_query())
         assert client.io.take() == m.command_complete("NOTIFY"), "ReadyForQuery waits for the listener"
         assert client.state is ClientState.WAITING_FOR_LISTENER
-        hub.arrived.append(notification(BACKEND_PID, b"own", b"x"))
+        listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"x")))
         await settle()
         assert client.io.take() == notification(CLIENT_PID, b"own", b"x") + m.ready_for_query()
         assert client.state is ClientState.IDLE and client.own_notify_pid == 0
@@ -79,16 +83,17 @@ def test_own_notify_comes_before_the_ready_for_query_with_the_clients_pid():
 
 def test_inside_a_transaction_only_its_end_waits():
     async def scenario() -> None:
-        client, server, hub = setup()
+        client, server, listener = setup()
         client.data_received(m.query("BEGIN; SELECT pg_notify('own', 'y')"))
         server.data_received(m.command_complete("SELECT 1") + m.ready_for_query(b"T"))
         assert client.io.take().endswith(m.ready_for_query(b"T"))
-        assert hub.barriers == 0
+        assert listener.round_trips == 0
         client.data_received(m.query("COMMIT"))
         server.data_received(m.command_complete("COMMIT") + m.ready_for_query())
-        hub.arrived.append(notification(BACKEND_PID, b"own", b"y"))
+        listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"y")))
         await settle()
-        assert hub.barriers == 1
+        # One round trip before its ReadyForQuery, one before its server connection goes back.
+        assert listener.round_trips == 2 and server in server.pool.idle
         assert client.io.take() == (m.command_complete("COMMIT") + notification(CLIENT_PID, b"own", b"y")
                                            + m.ready_for_query())
 
@@ -96,11 +101,34 @@ def test_inside_a_transaction_only_its_end_waits():
 
 
 def test_a_client_that_does_not_notify_is_answered_at_once():
-    client, server, hub = setup()
+    client, server, listener = setup()
     client.data_received(m.query("SELECT 1"))
     server.data_received(m.command_complete("SELECT 1") + m.ready_for_query())
     assert client.io.take() == m.command_complete("SELECT 1") + m.ready_for_query()
-    assert client.state is ClientState.IDLE and hub.barriers == 0
+    assert client.state is ClientState.IDLE and listener.round_trips == 0
     # Someone else's notification keeps its sender's PID.
     client.deliver_notification(notification(BACKEND_PID, b"own", b"z"))
     assert client.io.take() == notification(BACKEND_PID, b"own", b"z")
+
+
+def test_another_clients_notify_carries_the_pid_pypool_gave_it():
+    async def scenario() -> None:
+        listening, server, listener = setup()
+        sender = logged_in_client(listening.app)
+        sender.process_id = 5151
+        sender.data_received(m.query("NOTIFY own, 'from the sender'"))
+        assert sender.server is server
+        server.data_received(m.command_complete("NOTIFY") + m.ready_for_query())
+        # The sender is answered at once; its server connection waits for the listener first.
+        assert sender.io.take() == m.command_complete("NOTIFY") + m.ready_for_query()
+        assert sender.state is ClientState.IDLE and server not in server.pool.idle
+        listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"from the sender")))
+        await settle()
+        assert listening.io.take() == notification(5151, b"own", b"from the sender")
+        assert server in server.pool.idle and listener.round_trips == 1
+        # Back in the pool, the backend is nobody's: a notification from it keeps the server's PID.
+        listener.arrived.append(("own", notification(BACKEND_PID, b"own", b"trigger")))
+        await listen.hub_for(listening.group).barrier()
+        assert listening.io.take() == notification(BACKEND_PID, b"own", b"trigger")
+
+    asyncio.run(scenario())

@@ -156,3 +156,27 @@ def test_ddl_and_stale_statement_errors_make_the_next_parse_reach_the_server():
     drip(client, parse(b"s2", b"SELECT * FROM t") + SYNC)
     sent = server.transport.take()
     assert parse(client.statements.names[b"s2"][0], b"SELECT * FROM t") in sent
+
+
+def describe_statement(name: bytes) -> bytes:
+    return m.message(m.DESCRIBE, b"S" + name + b"\0")
+
+
+def test_unnamed_statement_bound_in_a_later_request_is_parsed_again_where_it_runs():
+    (client, other), server = setup()
+    drip(client, parse(b"", b"SELECT 1") + describe_statement(b"") + SYNC)
+    drip(server, PARSE_COMPLETE + m.message(ord("t"), b"\0\0") + m.message(ord("n")) + m.ready_for_query())
+    client.io.take()
+    server.transport.take()
+    # In between, another client's unnamed statement replaces it on the one server connection.
+    drip(other, parse(b"", b"SELECT 2") + bind(b"") + EXECUTE + SYNC)
+    assert server.transport.take() == parse(b"", b"SELECT 2") + bind(b"") + EXECUTE + SYNC
+    drip(server, PARSE_COMPLETE + BIND_COMPLETE + DONE)
+    other.io.take()
+    drip(client, bind(b"") + EXECUTE + SYNC)
+    assert server.transport.take() == parse(b"", b"SELECT 1") + bind(b"") + EXECUTE + SYNC
+    drip(server, PARSE_COMPLETE + BIND_COMPLETE + DONE)
+    assert client.io.take() == BIND_COMPLETE + DONE, "the Parse pypool added is not the client's"
+    # Parsed and bound in one request (the usual case): sent as is.
+    drip(client, parse(b"", b"SELECT 3") + bind(b"") + EXECUTE + SYNC)
+    assert server.transport.take() == parse(b"", b"SELECT 3") + bind(b"") + EXECUTE + SYNC

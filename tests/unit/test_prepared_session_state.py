@@ -27,6 +27,8 @@ def test_everyday_statements_skip_the_analysis(sql):
     "SET search_path = a", "  /* c */ reset all", "-- note\nSET x = 1", "BEGIN; SET LOCAL x = 1; COMMIT",
     "SELECT set_config('a', 'b', false)", "SELECT pg_advisory_lock(1)", "LISTEN x", "deallocate all",
     "ALTER TABLE t ADD COLUMN c int", "DROP TABLE t", "close all",
+    "SELECT 1 INTO TEMP t", "select 1 into temp t", "Select 1 Into Temp t",
+    "NOTIFY jobs, 'x'", "SELECT pg_notify('jobs', 'x')",
 ])
 def test_session_statements_are_flagged(sql):
     assert matters(sql)
@@ -69,6 +71,10 @@ def test_session_statements_are_flagged(sql):
     ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", s.NOTHING),
     ("SELECT pg_advisory_xact_lock(1)", s.NOTHING),
     ("SELECT 'SET x = 1; PREPARE p AS SELECT 1'", s.NOTHING),
+    ("SELECT 1 INTO permanent", s.NOTHING),
+    ("INSERT INTO temp VALUES (1)", s.NOTHING),
+    ("WITH w AS (SELECT 1) INSERT INTO temp SELECT * FROM w", s.NOTHING),
+    ('SELECT 1 INTO "temp"', s.NOTHING),
 ])
 def test_analyze(sql, expected):
     assert s.analyze(sql) == expected
@@ -82,6 +88,12 @@ def test_analyze(sql, expected):
     ("CREATE GLOBAL TEMP TABLE t (id int) ON COMMIT DELETE ROWS", "temporary object"),
     ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "WITH HOLD"),
     ("BEGIN; CREATE TEMP TABLE t (id int); COMMIT", "temporary object"),
+    ("CREATE TEMP TABLE t AS SELECT 1", "temporary object"),
+    ("SELECT 1 AS id INTO TEMP t", "SELECT ... INTO"),
+    ("select * into temporary table t from x", "SELECT ... INTO"),
+    ("Select 1 Into Local Temp t", "SELECT ... INTO"),
+    ("WITH w AS (SELECT 1) SELECT * INTO GLOBAL TEMPORARY t FROM w", "SELECT ... INTO"),
+    ("(SELECT 1 INTO TEMP t)", "SELECT ... INTO"),
 ])
 def test_state_that_outlives_the_transaction_pins_or_is_refused_saying_what_and_how(sql, what):
     effects = s.analyze(sql)
