@@ -431,6 +431,8 @@ class PoolGroup:
             return conn
 
     def primary_unavailable(self, primary: ServerPool, exc: ServerError) -> ServerError:
+        if exc.sqlstate == sqlstates.ADMIN_SHUTDOWN:
+            return exc  # pypool is draining, the primary is fine: say only that
         return ServerError(f"primary server {primary.label} of pool {self.label} is unavailable: {exc}",
                            {**exc.fields, "C": exc.sqlstate})
 

@@ -567,7 +567,7 @@ class ServerPool:
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_exception(PoolRetired(self.label) if self.retired else
-                                  ServerError(f"pool for {self.label} was closed",
+                                  ServerError(f"pool for {self.label} is shutting down",
                                               {"C": sqlstates.ADMIN_SHUTDOWN}))
         # A connect cancelled half-way gives its place in ``size`` back as it unwinds.
         await asyncio.gather(*stopping, return_exceptions=True)
