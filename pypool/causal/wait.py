@@ -137,8 +137,7 @@ class CausalReads(Generic[K]):
                 if server not in self._pollers:
                     self._pollers[server] = loop.create_task(self._poll(server))
             try:
-                async with asyncio.timeout(max(0.0, deadline - now)):  # wait_for could drop a cancel (3.11)
-                    await future
+                await asyncio.wait_for(future, max(0.0, deadline - now))
             except asyncio.TimeoutError:
                 pass
 

@@ -202,6 +202,7 @@ class ServerPool:
         self.connections: weakref.WeakSet[ServerConnection] = weakref.WeakSet()  # open ones: SHOW SERVERS
         self._maintenance: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[None]] = set()
+        self._stopping: list[asyncio.Task[None]] = []  # cancelled by ``close``
 
     @property
     def label(self) -> str:
@@ -233,8 +234,7 @@ class ServerPool:
         return None
 
     async def acquire(self, in_transaction: bool = False) -> ServerConnection:
-        """A connection, waiting if need be. Closed by the shutdown drain, the pool still serves
-        ``in_transaction`` clients (their BEGIN held by pypool): the drain lets transactions finish."""
+        """A connection, waiting if need be; when closing only for ``in_transaction`` clients (BEGIN held)."""
         while self.paused and not self.closing:
             started = time.monotonic()
             self._resumed.clear()
@@ -294,8 +294,7 @@ class ServerPool:
         return conn
 
     def _close_stale_idle(self) -> None:
-        cutoff = time.monotonic() - self.settings.healthcheck_delay
-        for conn in [c for c in self.idle if c.last_used < cutoff]:
+        for conn in [c for c in self.idle if c.last_used < time.monotonic() - self.settings.healthcheck_delay]:
             self.idle.remove(conn)
             self._discard(conn)
 
@@ -477,9 +476,8 @@ class ServerPool:
 
     def _connect_for_waiter_done(self, task: "asyncio.Task[None]") -> None:
         self._connecting.discard(task)
-        # Cancelled by ``close``, perhaps before it ran: free its place, or SHOW DATABASES counts it.
         if task.cancelled() or task.exception() is not None:
-            self.size -= 1
+            self.size -= 1  # cancelled by ``close``, perhaps before it ran: or SHOW DATABASES counts it
 
     async def _open_for_waiter(self) -> None:
         try:
@@ -569,5 +567,8 @@ class ServerPool:
                 fut.set_exception(PoolRetired(self.label) if self.retired else
                                   ServerError(f"pool for {self.label} is shutting down",
                                               {"C": sqlstates.ADMIN_SHUTDOWN}))
-        # A connect cancelled half-way gives its place in ``size`` back as it unwinds.
-        await asyncio.gather(*stopping, return_exceptions=True)
+        self._stopping = stopping  # each gives its place in ``size`` back as it unwinds (wait_closed)
+
+    async def wait_closed(self) -> None:
+        """Until the connects ``close`` cancelled have unwound (the shutdown drain does not wait for them)."""
+        await asyncio.gather(*self._stopping, return_exceptions=True)

@@ -545,10 +545,7 @@ async def open_connection(address: "ServerAddress", credentials: Credentials,
         return conn
 
     try:
-        # Not wait_for: on Python 3.11 it drops a cancel that comes with the connection (a pool or
-        # monitor being stopped would go on running).
-        async with asyncio.timeout(timeout):
-            return await _connect()
+        return await asyncio.wait_for(_connect(), timeout)
     except asyncio.TimeoutError:
         raise ServerError(f"could not connect to server {label}: timed out after {timeout * 1000:.0f} ms",
                           {"C": sqlstates.CONNECTION_FAILURE}) from None

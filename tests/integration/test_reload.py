@@ -98,6 +98,7 @@ async def test_a_pool_retired_while_it_connects_counts_no_connection(pg_cluster,
     assert pool.size == 1
     pool.retired = True  # as ``Reloader._retire`` does
     await pool.close()
+    await pool.wait_closed()
     assert pool.size == 0
     if connecting_for == "a waiting client":
         assert [type(e) for e in errors] == [PoolRetired]
