@@ -144,7 +144,9 @@ class ServerMonitor:
                     self._conn = await open_connection(sp.address, sp.credentials,
                                                        {"application_name": MONITOR_APPLICATION_NAME},
                                                        sp.settings.connect_timeout, tls=sp.settings.tls)
-                return await asyncio.wait_for(self._conn.query(sql), self.timeout)
+                # Not wait_for: on Python 3.11 it drops a cancel that comes with the reply, and stop() hangs.
+                async with asyncio.timeout(self.timeout):
+                    return await self._conn.query(sql)
             except BaseException:  # also cancelled half-way: the connection may still owe a reply
                 self._drop()
                 raise
