@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit._minimal_config import minimal_config
 from pypool.config import (
     Config,
     ConfigError,
@@ -806,41 +807,29 @@ def test_dump_parse_round_trip_property(username: str, password: str, database: 
 
 # ------------------------------------------------------------- causal reads (pypool keys)
 
-_CAUSAL_BASE = """
-[general]
-admin_username = "a"
-admin_password = "b"
+_CAUSAL_SERVERS = '[["db1", 5432, "primary"], ["db2", 5432, "replica"]]'
 
-[pools.app]
-{pool}
 
-[pools.app.users.0]
-username = "alice"
-password = "secret"
-pool_size = 5
-
-[pools.app.shards.0]
-database = "appdb"
-servers = [["db1", 5432, "primary"], ["db2", 5432, "replica"]]
-"""
+def _causal_config(pool: str) -> str:
+    return minimal_config(pool=pool, servers=_CAUSAL_SERVERS)
 
 
 def test_causal_reads_defaults_to_session_only_with_read_write_splitting() -> None:
-    split = parse_config(_CAUSAL_BASE.format(pool="query_parser_enabled = true\n"
+    split = parse_config(_causal_config("query_parser_enabled = true\n"
                                                   "query_parser_read_write_splitting = true"))
     assert split.pools["app"].causal_reads == "session"
     assert split.pools["app"].causal_reads_timeout == 1000
-    plain = parse_config(_CAUSAL_BASE.format(pool=""))
+    plain = parse_config(_causal_config(""))
     assert plain.pools["app"].causal_reads == "off"
     assert not any("causal" in w for w in split.warnings + plain.warnings)
 
 
 def test_causal_reads_keys_are_read_and_checked() -> None:
-    cfg = parse_config(_CAUSAL_BASE.format(pool='causal_reads = "Global"\ncausal_reads_timeout = 250'))
+    cfg = parse_config(_causal_config('causal_reads = "Global"\ncausal_reads_timeout = 250'))
     assert (cfg.pools["app"].causal_reads, cfg.pools["app"].causal_reads_timeout) == ("global", 250)
     with pytest.raises(ConfigError, match=r'pools\.app\.causal_reads: expected one of "off", "session", '
                                           r'"global", got "always"'):
-        parse_config(_CAUSAL_BASE.format(pool='causal_reads = "always"'), "f.toml")
+        parse_config(_causal_config('causal_reads = "always"'), "f.toml")
     with pytest.raises(ConfigError, match=r"f\.toml: pools\.app\.causal_reads_timeout: expected a positive "
                                           r"integer, got 0"):
-        parse_config(_CAUSAL_BASE.format(pool="causal_reads_timeout = 0"), "f.toml")
+        parse_config(_causal_config("causal_reads_timeout = 0"), "f.toml")
