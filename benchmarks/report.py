@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 
 LABELS = {
     "direct": "PostgreSQL direct",
+    "floor": "uvloop relay (floor)",
     "pypool": "pypool",
     "pypool-auto": 'pypool workers="auto"',
     "pypool-w2": "pypool workers=2",
@@ -24,6 +25,7 @@ LABELS = {
 }
 COLORS = {
     "direct": "#8c8c8c",
+    "floor": "#bdbdbd",
     "pypool": "#1f77b4",
     "pypool-auto": "#08519c",
     "pypool-w2": "#08519c",
@@ -34,6 +36,9 @@ COLORS = {
     "pgcat": "#2ca02c",
     "pgcat-rw": "#98df8a",
 }
+
+
+_COMPARED = ("pypool", "pgcat", "floor")  # targets whose rows carry ratios to PgBouncer
 
 
 def _num(x) -> float | None:
@@ -254,8 +259,8 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
                      _f(_div(s.med(wl, t, "lat_avg_us"), 1000), "{:.3f}"),
                      _f(_div(s.med(wl, t, "lat_p99_us"), 1000), "{:.3f}"),
                      _f(s.med(wl, t, "cpu_us_per_tx"), "{:.1f}"),
-                     _ratio_cell(s, wl, t, "pgbouncer", "tps") if t.startswith("pypool") or t.startswith("pgcat") else "",
-                     _ratio_cell(s, wl, t, "pgbouncer", "cpu_us_per_tx") if t.startswith("pypool") or t.startswith("pgcat") else "",
+                     _ratio_cell(s, wl, t, "pgbouncer", "tps") if t.startswith(_COMPARED) else "",
+                     _ratio_cell(s, wl, t, "pgbouncer", "cpu_us_per_tx") if t.startswith(_COMPARED) else "",
                      _dedupe(notes)]
             out.append("| " + " | ".join(cells) + " |")
     out.append("")
@@ -357,6 +362,10 @@ def goals_section(s: Summary) -> list[str]:
             None if split is None or plain is None else split - plain, 5.0, "{:+.1f} µs")
     at_most("select-connect-c16: pypool CPU per login + transaction <= 2 x PgBouncer's",
             s.ratio("select-connect-c16", "pypool", "pgbouncer", "cpu_us_per_tx")[0], 2.0)
+    # Context, not targets: at one fixed rate CPU per transaction compares costs alone.
+    for t in ("floor", "pypool"):
+        rows.append((f"select-rate-c16 (context): {LABELS[t]} CPU per transaction / PgBouncer's at the same rate",
+                     _f(s.ratio("select-rate-c16", t, "pgbouncer", "cpu_us_per_tx")[0], "{:.2f} x"), None))
     rss = s.med("memory", "pypool", "rss_kib")
     clients = next((int(float(r["connections"] or 0)) for r in s.ok.get(("memory", "pypool"), [])), 0)
     rows.append((f"10,000 idle clients in <= {GOALS_MIB} MiB RSS",

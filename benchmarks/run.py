@@ -37,6 +37,7 @@ from benchmarks.targets import (
     pgbouncer_target,
     check_importable,
     pgcat_binary,
+    floor_target,
     pypool_target,
     snapshot_pypool,
 )
@@ -47,8 +48,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONNECT_ALLOWANCE_S = 0.02  # extra pgbench -T seconds per client, for runs with >= 64 clients
 
 POOLERS = ("pypool", "pgbouncer", "pgcat")
-ALL_TARGETS = ("direct", "pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal", "pgbouncer", "pgcat",
-               "pgcat-rw")
+ALL_TARGETS = ("direct", "floor", "pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal", "pgbouncer",
+               "pgcat", "pgcat-rw")
 PLAIN = ("direct", "pypool", "pgbouncer", "pgcat")
 # pypool-auto (workers = "auto": one process per core) beside one process, where clients scale.
 SCALING = PLAIN + ("pypool-auto",)
@@ -71,6 +72,11 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=SCALING),
     Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256, targets=SCALING),
     Workload("select-c1000", "Read-only (pgbench -S), 1,000 clients", ("-S",), 1000, targets=SCALING),
+    # A fixed rate every target sustains: each then does the same work per second, so CPU per
+    # transaction compares costs alone (a faster pooler finds more events per wake-up, which
+    # lowers its CPU per transaction at full speed). "floor" is the cheapest uvloop relay there is.
+    Workload("select-rate-c16", "Read-only (pgbench -S), 16 clients, fixed rate of 8,000 TPS",
+             ("-S", "-R", "8000"), 16, targets=("floor", "pypool", "pgbouncer")),
     Workload("select-ext-c16", "Read-only, extended protocol (-S -M extended), 16 clients",
              ("-S", "-M", "extended"), 16),
     Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
@@ -509,6 +515,8 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
     out: dict[str, Target] = {}
     if "direct" in needed:
         out["direct"] = direct_target(primary.port, opts.database)
+    if "floor" in needed:
+        out["floor"] = floor_target(("127.0.0.1", primary.port), opts.database)
     pypools = {"pypool", "pypool-auto", "pypool-rw", "pypool-rw-auto", "pypool-rw-causal"}
     broken = check_importable(pypool_path) if needed & pypools else None
     if broken:

@@ -175,7 +175,8 @@ class Target:
     def start(self) -> None:
         if self.kind == "direct":
             return
-        starter = {"pypool": _start_pypool_like, "pgcat": _start_pypool_like, "pgbouncer": _start_pgbouncer}
+        starter = {"pypool": _start_pypool_like, "pgcat": _start_pypool_like, "pgbouncer": _start_pgbouncer,
+                   "floor": _start_floor}
         starter[self.kind](self)
 
     def ensure_running(self) -> bool:
@@ -336,6 +337,27 @@ def _start_pypool_like(t: Target) -> None:
             if not t.alive() or time.monotonic() > deadline:
                 raise TargetError(f"not all {workers} workers became ready: {t.log_tail()}")
             time.sleep(0.1)
+
+
+# -- the floor: benchmarks/floor_relay.py, the cheapest uvloop relay (no pooling, no framing)
+
+
+def floor_target(primary: tuple[str, int], database: str) -> Target:
+    t = Target("floor", "floor", "uvloop byte relay (floor)", database=database)
+    t.extra["primary"] = primary
+    return t
+
+
+def _start_floor(t: Target) -> None:
+    if t.workdir is None:
+        t.workdir = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    t.port = free_port()
+    log = open(t.workdir / "pooler.log", "ab")
+    t.extra["logfile"] = log
+    argv = [sys.executable, "-m", "benchmarks.floor_relay", "--listen-port", str(t.port),
+            "--server-port", str(t.extra["primary"][1])]
+    t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), stdin=subprocess.DEVNULL)
+    wait_for_port(t.port, t.alive, t.log_tail)
 
 
 # -- PgBouncer

@@ -3,7 +3,8 @@
 The default test runs a small slice in about a minute: pgbench -S at 64
 clients against PostgreSQL directly, pypool and pypool with ``workers = "auto"``,
 the raw-socket SELECT 1 round trip, and the RSS with a few hundred idle
-clients, pgbench scale 1 in its own database. It checks that the harness
+clients, pgbench scale 1 in its own database, and a fixed rate through the uvloop
+floor relay and pypool. It checks that the harness
 starts pypool (one process and a supervisor with a worker per core) from generated
 configs, drives real pgbench through them, reads the poolers' CPU from /proc
 and writes the CSV, the markdown report and the chart.
@@ -41,7 +42,8 @@ def run_benchmark(results: Path, *args: str, timeout: float) -> dict[tuple[str, 
 
 def test_benchmark_harness_smoke(tmp_path: Path, pg_cluster) -> None:
     results = tmp_path / "results"
-    rows = run_benchmark(results, "--targets", "direct,pypool,pypool-auto", "--workloads", "select-c64,rtt,memory",
+    rows = run_benchmark(results, "--targets", "direct,floor,pypool,pypool-auto",
+                         "--workloads", "select-c64,select-rate-c16,rtt,memory",
                          "--duration", "2", "--rounds", "1", "--scale", "1", "--warmup", "0",
                          "--rtt-queries", "300", "--memory-clients", "200", timeout=240)
     for target in ("direct", "pypool", "pypool-auto"):
@@ -51,6 +53,10 @@ def test_benchmark_harness_smoke(tmp_path: Path, pg_cluster) -> None:
         assert int(row["failed"] or 0) == 0, row
     for target in ("pypool", "pypool-auto"):  # pooler CPU from /proc (all of pypool-auto's processes)
         assert float(rows[("select-c64", target)]["cpu_us_per_tx"]) > 0
+    for target in ("floor", "pypool"):  # the same fixed rate through the cheapest relay and through pypool
+        row = rows[("select-rate-c16", target)]
+        assert row["status"] == "ok", (target, row["note"])
+        assert int(row["failed"] or 0) == 0 and float(row["cpu_us_per_tx"]) > 0, row
     for target in ("direct", "pypool"):
         rtt = rows[("rtt", target)]
         assert rtt["status"] == "ok", rtt["note"]
