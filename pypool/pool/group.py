@@ -292,8 +292,7 @@ class PoolGroup:
         replicas = [r for r in self.replicas
                     if r not in exclude and not self.is_banned(r) and not self._lagging(r)]
         primary = self.primary
-        primary_ok = primary is not None and primary not in exclude
-        if role == ANY and primary_ok:
+        if role == ANY and primary is not None and primary not in exclude:
             return replicas + [primary]
         if replicas:
             return replicas
