@@ -34,7 +34,6 @@ from pypool.tls import connect_tls
 
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
-    from pypool.pool.pool import PoolStats, ServerPool
 
 _monotonic = time.monotonic  # read on every request: one global lookup, not two
 
@@ -135,10 +134,10 @@ class ServerConnection(asyncio.Protocol):
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
-        self.pool: ServerPool | None = None  # set by the owning ServerPool
-        self.on_lost: Callable[[ServerConnection], None] | None = None  # set by the owning pool
+        self.pool = None  # set by the owning ServerPool
+        self.on_lost = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints read by SHOW and metrics, added to the pool's PoolStats once at the end (_fold).
-        self.stats: PoolStats | None = None
+        self.stats = None
         self.query_count = 0  # requests answered (ReadyForQuery)
         self.xact_count = 0  # transactions ended (ReadyForQuery 'I')
         self.bytes_received = 0

@@ -49,7 +49,7 @@ def needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
             return True
         # Only the query text: the parameter types after it may contain any byte (';' too).
         text_end = data.find(b"\x00", start + 1, end)
-        return text_end < 0 or session.might_matter(data, start + 1, text_end)
+        return text_end < 0 or session.text_might_matter(data, start + 1, text_end)
     if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
         return data[start + 1] != 0
     return names_statement(tag, data, start, end)

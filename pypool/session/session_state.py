@@ -88,6 +88,23 @@ def might_matter(data: bytes, start: int, end: int) -> bool:
     return _INSIDE.search(data, start, end) is not None
 
 
+# ``might_matter`` by text: drivers send the same texts again and again (every Parse of a statement
+# whose values travel in Bind). Emptied when full: texts that differ only in literals never repeat.
+_KNOWN_TEXTS: dict[bytes, bool] = {}
+_KNOWN_TEXTS_KEPT = 4096
+
+
+def text_might_matter(data: bytes, start: int, end: int) -> bool:
+    """``might_matter`` of ``data[start:end]``, remembered by text."""
+    text = data[start:end]
+    known = _KNOWN_TEXTS.get(text)
+    if known is None:
+        if len(_KNOWN_TEXTS) >= _KNOWN_TEXTS_KEPT:
+            _KNOWN_TEXTS.clear()
+        known = _KNOWN_TEXTS[text] = might_matter(data, start, end)
+    return known
+
+
 @dataclass(frozen=True, slots=True)
 class Effects:
     settings: bool = False  # may change session-level settings

@@ -34,6 +34,20 @@ def test_session_statements_are_flagged(sql):
     assert matters(sql)
 
 
+def test_the_remembered_answer_is_the_answer_and_the_memory_stays_bounded():
+    texts = ["SELECT abalance FROM pgbench_accounts WHERE aid = $1", "SET search_path = a",
+             "SELECT pg_advisory_lock($1)", "select 1 into temp t", "UPDATE t SET v = $1"]
+    for _ in range(2):  # the second round answers from memory
+        for sql in texts:
+            data = b"P\0\0\0\0\0" + sql.encode() + b"\0\0\0"
+            assert s.text_might_matter(data, 6, len(data) - 3) == matters(sql), sql
+    for aid in range(3 * s._KNOWN_TEXTS_KEPT):  # literals: every text new
+        data = f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}".encode()
+        assert not s.text_might_matter(data, 0, len(data))
+        assert len(s._KNOWN_TEXTS) <= s._KNOWN_TEXTS_KEPT
+    assert s.text_might_matter(b"SET x = 1", 0, 9)
+
+
 @pytest.mark.parametrize("sql, expected", [
     ("SET statement_timeout = '1s'", s.Effects(settings=True)),
     ("SET SESSION search_path TO a, b", s.Effects(settings=True)),
