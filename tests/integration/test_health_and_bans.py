@@ -118,6 +118,55 @@ async def test_stale_connection_that_fails_its_check_is_closed(pg_cluster):
         await pool.close()
 
 
+async def _cancel_took_effect(pool: ServerPool, acquiring: "asyncio.Task") -> bool:
+    """Cancel ``acquiring`` now; True if the cancel was taken (the task then ends cancelled)."""
+    if not acquiring.cancel():
+        return False  # done already: it has its connection, no cancel was asked
+    with pytest.raises(asyncio.CancelledError):  # not the connection: that would leave it checked out
+        await asyncio.wait_for(acquiring, 60)  # 60 s only stops a hang
+    return True
+
+
+async def test_a_checkout_cancelled_as_a_connection_is_handed_to_it_gives_the_connection_back(pg_cluster):
+    """A client leaving (its checkout cancelled) in the instant a release hands it a connection.
+
+    On Python 3.11 ``asyncio.wait_for`` returned the connection to the cancelled checkout and
+    dropped the cancel: the connection stayed checked out for a client that was gone.
+    """
+    pool = _pool(pg_cluster[0].port, delay=float("inf"))
+    try:
+        first = await pool.acquire()  # pool_size 1: the next checkout waits
+        acquiring = asyncio.ensure_future(pool.acquire())
+        while not pool.waiters:
+            await asyncio.sleep(0)
+        pool.release(first)  # handed to the waiting checkout ...
+        assert await _cancel_took_effect(pool, acquiring)  # ... whose client leaves at once
+        assert pool.active == 0 and list(pool.idle) == [first]
+    finally:
+        await pool.close()
+
+
+async def test_a_checkout_cancelled_as_its_health_check_is_answered_gives_the_connection_back(pg_cluster):
+    """The same, cancelled in the instant the ``;`` check of a stale idle connection is answered."""
+    pool = _pool(pg_cluster[0].port, delay=0.05)
+    try:
+        conn = await pool.acquire()
+        pool.release(conn)
+        await asyncio.sleep(0.1)  # idle past healthcheck_delay: the next checkout checks it
+        acquiring = asyncio.ensure_future(pool.acquire())
+        while not conn.reply_owed:  # the check is sent
+            await asyncio.sleep(0)
+        while conn.reply_owed:  # until the reply is read, then cancel at once
+            await asyncio.sleep(0)
+        if await _cancel_took_effect(pool, acquiring):
+            assert pool.active == 0
+        else:
+            assert acquiring.result() is conn and pool.active == 1
+            pool.release(conn)
+    finally:
+        await pool.close()
+
+
 # ------------------------------------------------------ through a pypool process
 
 
