@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from pypool.config import ServerAddress
+from pypool.pool.health import ServerMonitor
 from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
 from pypool.pool.server import Credentials
 from tests.conftest import DATABASE, PASSWORD, USER, free_port
@@ -165,6 +166,20 @@ async def test_a_checkout_cancelled_as_its_health_check_is_answered_gives_the_co
             pool.release(conn)
     finally:
         await pool.close()
+
+
+async def test_a_cancelled_monitor_stop_is_cancelled(pg_cluster):
+    """The caller of ServerMonitor.stop() cancelled while it waits for the monitor to end: cancelled
+    too (a shutdown or reload cut short), not returning as if nothing had been asked of it."""
+    monitor = ServerMonitor(_pool(pg_cluster[0].port, delay=float("inf")), 5.0, lambda _pool, _result: None)
+    monitor.start()
+    await asyncio.sleep(0)  # the monitor runs
+    stopping = asyncio.ensure_future(monitor.stop())
+    await asyncio.sleep(0)  # stop() cancelled the monitor and waits for it to end ...
+    stopping.cancel()  # ... when its own caller is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopping, 60)  # 60 s only stops a hang
+    await monitor.stop()
 
 
 # ------------------------------------------------------ through a pypool process
