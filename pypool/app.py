@@ -64,6 +64,7 @@ class Application:
         self.idle_reaper = idle.IdleTransactionReaper(self)
         self._reloader = Reloader(self)
         self._shutdown = Shutdown(self)
+        self.started = asyncio.Event()  # set when ``start`` is done (a shutdown asked earlier waits for it)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -87,6 +88,7 @@ class Application:
                 log.info("Prometheus metrics on http://%s:%s/metrics", general.host, general.prometheus_exporter_port)
         self._background = [loop.create_task(self._housekeep()), loop.create_task(self.idle_reaper.run())]
         self._background.extend(autoreload.watch(self))  # PgCat's `autoreload`, when configured
+        self.started.set()
 
     async def _housekeep(self) -> None:
         """Once a second: forget drained pools; every stats period: roll the SHOW STATS averages."""
@@ -132,8 +134,9 @@ class Application:
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
 
     def _reload_on_signal(self) -> None:
-        if not self.accepting:
-            log.warning("SIGHUP during the shutdown drain: config not reloaded")
+        if not self.accepting or not self.started.is_set():
+            log.warning("SIGHUP during %s: config not reloaded",
+                        "the shutdown drain" if self.started.is_set() else "start-up (it was just read)")
             return
         try:
             self.reload(reason="SIGHUP")

@@ -51,8 +51,8 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
 
     async def main() -> None:
         app = Application(config, worker)
+        app.install_signal_handlers()  # before the port accepts clients: from then on a signal drains
         await app.start()
-        app.install_signal_handlers()
         if worker is not None:
             await worker.start(app)  # after the listener: a worker that answers is ready
         await app.wait_stopped()

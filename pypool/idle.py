@@ -5,9 +5,11 @@ pooling would otherwise share. A sweep, not a timer per message, keeps the
 relay's hot path free of clock reads: a client counts as idle in a
 transaction when its server's last ReadyForQuery said 'T' or 'E', nothing is
 outstanding, and the byte counters of its server connection have not moved
-since the previous sweep. Past the timeout the client gets a FATAL 25P03 and
-is closed; its server connection, still in the transaction, is closed too,
-so PostgreSQL rolls the transaction back.
+since the previous sweep; or when pypool answered its BEGIN itself and holds it
+(no server yet, read/write splitting) and it has asked nothing since, in the
+same transaction (its transaction count has not moved). Past the timeout the
+client gets a FATAL 25P03 and is closed; its server connection, still in the
+transaction, is closed too, so PostgreSQL rolls the transaction back.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Iterable, Protocol
 
 from pypool import sqlstates
 from pypool.pool.server import ServerConnection
+from pypool.session import states
 
 log = logging.getLogger("pypool.idle")
 
@@ -30,6 +33,11 @@ class ClientSession(Protocol):
     user: str
     database: str
     server: ServerConnection | None
+    state: states.ClientState
+    xact_count: int
+
+    @property
+    def held_begin(self) -> str | None: ...
 
     def close_with_error(self, sqlstate: str, text: str, severity: str = "FATAL") -> None: ...
 
@@ -42,8 +50,8 @@ class Application(Protocol):
 class IdleTransactionReaper:
     def __init__(self, app: "Application") -> None:
         self.app = app
-        # client -> (server connection, its byte counters, monotonic time first seen like that)
-        self._seen: dict["ClientSession", tuple[object, tuple[int, int], float]] = {}
+        # client -> (what moves while it works, monotonic time first seen like that)
+        self._seen: dict["ClientSession", tuple[tuple[object, int, int], float]] = {}
         self.terminated = 0
 
     async def run(self) -> None:
@@ -60,19 +68,17 @@ class IdleTransactionReaper:
             await asyncio.sleep(min(1.0, max(0.05, timeout_ms / 4000)) if timeout_ms else 1.0)
 
     def sweep(self, timeout: float, now: float) -> None:
-        seen: dict["ClientSession", tuple[object, tuple[int, int], float]] = {}
+        seen: dict["ClientSession", tuple[tuple[object, int, int], float]] = {}
         for client in self.app.clients:
-            server = client.server
-            if server is None or not server.requests.idle_in_transaction:
+            activity = _idle_in_transaction(client)
+            if activity is None:
                 continue
-            counters = (server.bytes_sent, server.bytes_received)
             previous = self._seen.get(client)
-            since = previous[2] if previous is not None and previous[0] is server and previous[1] == counters \
-                else now
+            since = previous[1] if previous is not None and previous[0] == activity else now
             if now - since >= timeout:
                 self.terminate(client, timeout)
                 continue
-            seen[client] = (server, counters, since)
+            seen[client] = (activity, since)
         self._seen = seen
 
     def terminate(self, client: "ClientSession", timeout: float) -> None:
@@ -83,3 +89,16 @@ class IdleTransactionReaper:
             sqlstates.IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
             "terminating connection due to idle-in-transaction timeout: idle in a transaction for more than "
             f"idle_client_in_transaction_timeout ({timeout * 1000:.0f} ms); the transaction was rolled back")
+
+
+def _idle_in_transaction(client: "ClientSession") -> tuple[object, int, int] | None:
+    """What moves while ``client`` works, if it sits inside a transaction asking nothing now; else None."""
+    server = client.server
+    if server is None:
+        # Its BEGIN answered by pypool and held, and no request since (one would wait for a server).
+        if client.held_begin is None or client.state is not states.IDLE:
+            return None
+        return None, client.xact_count, 0  # an empty transaction ended and a new BEGIN held: it moves
+    if not server.requests.idle_in_transaction:
+        return None
+    return server, server.bytes_sent, server.bytes_received

@@ -89,7 +89,8 @@ async def ask_control_socket(path: str, request: dict, timeout: float = CONTROL_
             raise ConnectionError(f"{path} closed without an answer")
         return json.loads(line)
 
-    return await asyncio.wait_for(exchange(), timeout)
+    async with asyncio.timeout(timeout):  # not wait_for: a cancelled caller must not get the answer
+        return await exchange()
 
 
 class WorkerPooler(Pooler, snapshot.StatsSource, Protocol):
@@ -182,7 +183,8 @@ class Worker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), CONTROL_TIMEOUT)
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                line = await reader.readline()
             try:
                 reply = await self._answer(json.loads(line))
             except Exception as exc:  # noqa: BLE001 - a bad request must not end the control socket

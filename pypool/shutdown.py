@@ -32,6 +32,7 @@ class Stoppable(Protocol):
     groups: dict[tuple[str, str, int], PoolGroup]
     draining: list[PoolGroup]
     registry: ClientRegistry
+    started: asyncio.Event  # set once the listener, pools and background tasks are up
 
     def stop_serving(self) -> None:
         """Close the listener, the metrics endpoint and the background tasks."""
@@ -64,6 +65,7 @@ class Shutdown:
 
     async def run(self, reason: str) -> None:
         pooler = self.pooler
+        await pooler.started.wait()  # asked during start-up: drain what start-up opens, once it has
         registry = pooler.registry
         if not registry.accepting:
             return

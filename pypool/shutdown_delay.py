@@ -25,6 +25,7 @@ async def serve_on(delay_ms: int, reason: str, hurry: asyncio.Event) -> None:
     log.info("%s: /readyz fails from now on; serving %.1f s more (shutdown_delay) before the drain",
              reason, delay_ms / 1000)
     try:
-        await asyncio.wait_for(hurry.wait(), delay_ms / 1000)
+        async with asyncio.timeout(delay_ms / 1000):
+            await hurry.wait()
     except asyncio.TimeoutError:
         pass

@@ -80,8 +80,8 @@ class AdminConsole:
                     self.write(m.error_response(
                         sqlstates.FEATURE_NOT_SUPPORTED,
                         "the pypool admin console supports only the simple query protocol",
-                        hint="send admin commands as simple queries (psql does; in psycopg use "
-                             "execute() without parameters)"))
+                        hint="send admin commands as simple queries (psql does; in psycopg connect with "
+                             "prepare_threshold=None and use execute() without parameters)"))
             else:
                 raise ProtocolViolation(f"unexpected message type {chr(tag)!r} on the admin console")
 

@@ -137,7 +137,8 @@ class CausalReads(Generic[K]):
                 if server not in self._pollers:
                     self._pollers[server] = loop.create_task(self._poll(server))
             try:
-                await asyncio.wait_for(future, max(0.0, deadline - now))
+                async with asyncio.timeout(max(0.0, deadline - now)):  # wait_for could drop a cancel (3.11)
+                    await future
             except asyncio.TimeoutError:
                 pass
 

@@ -32,7 +32,8 @@ from pypool.causal.pool_causal import PoolCausal
 from pypool.causal.requirement import CommitLog
 from pypool.pool.balancer import Balancer
 from pypool.pool.health import HealthResult, ServerMonitor
-from pypool.pool.pool import CallbackWaiter, HealthCheckFailed, PoolRetired, PoolSettings, PoolTimeout, ServerPool
+from pypool.pool.pool import (CallbackWaiter, HealthCheckFailed, PoolClosing, PoolRetired, PoolSettings, PoolTimeout,
+                              ServerPool)
 from pypool.pool.server import Credentials, ServerConnection, ServerError
 from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.session.schema import generation_for
@@ -374,7 +375,7 @@ class PoolGroup:
 
     def _queued_wait_failed(self, role: str, server_pool: ServerPool, exc: Exception,
                             on_error: Callable[[Exception], None]) -> None:
-        if isinstance(exc, ServerError):
+        if isinstance(exc, ServerError) and not isinstance(exc, PoolClosing):  # the drain's: no server helps
             if role == PRIMARY:
                 on_error(self.primary_unavailable(server_pool, exc))
                 return
@@ -420,6 +421,8 @@ class PoolGroup:
                 server_pool = self.balancer.pick(candidates)
             try:
                 conn = await server_pool.acquire(in_transaction)
+            except PoolClosing:
+                raise  # the shutdown drain: no other server helps, and none is to blame
             except ServerError as exc:
                 # Only a failure to reach the server bans it; a full pool is not its fault.
                 tried.add(server_pool)

@@ -86,10 +86,9 @@ class ServerMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Not ``await self._task`` in a try: its CancelledError and one for the caller of stop()
+            # look alike, and swallowing the caller's would leave it running on.
+            await asyncio.wait([self._task])
             self._task = None
         if self._conn is not None:
             self._conn.close()

@@ -121,6 +121,13 @@ class PoolRetired(Exception):
     """
 
 
+class PoolClosing(ServerError):
+    """The shutdown drain closed this pool: it starts no transaction (57P01), only serves held BEGINs."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(f"pool for {label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
+
+
 class HealthCheckFailed(ServerError):
     """An idle connection failed its pre-checkout health check; it was closed."""
 
@@ -170,6 +177,20 @@ class PoolStats:
     def observe_wait(self, seconds: float) -> None:
         self.wait_hist_sum += seconds
         self.wait_hist[bisect_left(WAIT_BUCKETS, seconds)] += 1
+
+
+def startup_parameters(settings: PoolSettings) -> dict[str, str]:
+    """What a pool's server connections are started with."""
+    params = {"application_name": settings.application_name}
+    if settings.statement_timeout:
+        # PostgreSQL itself cancels the statement (57014) and keeps the session;
+        # a reset (DISCARD ALL) returns to this value, not to 0.
+        params["statement_timeout"] = str(settings.statement_timeout)
+    return params
+
+
+def _handed_over(fut: "asyncio.Future[ServerConnection]") -> bool:
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 class ServerPool:
@@ -249,7 +270,7 @@ class ServerPool:
             if self.retired:
                 raise PoolRetired(self.label)
             if not in_transaction:
-                raise ServerError(f"pool for {self.label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
+                raise PoolClosing(self.label)
         if self.idle and not self.waiters and not self.paused:
             return await self._checked_idle()
         if self.size < self.settings.pool_size and not self.waiters:
@@ -279,7 +300,8 @@ class ServerPool:
         self.stats.checkouts += 1
         self.stats.healthchecks += 1
         try:
-            await asyncio.wait_for(conn.query(";"), self.settings.healthcheck_timeout)
+            async with asyncio.timeout(self.settings.healthcheck_timeout):  # wait_for could drop a cancel
+                await conn.query(";")
         except (asyncio.TimeoutError, ServerError, OSError) as exc:
             reason = (f"timed out after {self.settings.healthcheck_timeout * 1000:.0f} ms"
                       if isinstance(exc, asyncio.TimeoutError) else str(exc))
@@ -314,15 +336,18 @@ class ServerPool:
         # Room may exist (a connect failed earlier): open one for this waiter.
         self._serve_waiters_after_loss()
         try:
-            conn = await asyncio.wait_for(fut, self.settings.checkout_timeout)
+            async with asyncio.timeout(self.settings.checkout_timeout):  # wait_for could drop a cancel (3.11)
+                conn = await fut
         except asyncio.CancelledError:
             # The client went away while waiting; a connection handed over in that instant must not be lost.
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
+            if _handed_over(fut):
                 self.release(fut.result())
             raise
         except asyncio.TimeoutError:
-            self.stats.checkout_timeouts += 1
-            raise self.timeout_error() from None
+            if not _handed_over(fut):
+                self.stats.checkout_timeouts += 1
+                raise self.timeout_error() from None
+            conn = fut.result()  # handed over as the timer fired
         finally:
             self.stats.checkout_wait_time += time.monotonic() - started
             if not fut.done() or fut.cancelled():
@@ -382,19 +407,11 @@ class ServerPool:
         if remaining:
             self._expiry_timer = asyncio.get_running_loop().call_at(min(remaining), self._expire_waiters)
 
-    def _startup_parameters(self) -> dict[str, str]:
-        params = {"application_name": self.settings.application_name}
-        if self.settings.statement_timeout:
-            # PostgreSQL itself cancels the statement (57014) and keeps the session;
-            # a reset (DISCARD ALL) returns to this value, not to 0.
-            params["statement_timeout"] = str(self.settings.statement_timeout)
-        return params
-
     async def _open(self) -> ServerConnection:
         self.stats.connects += 1
         try:
             conn = await open_connection(
-                self.address, self.credentials, self._startup_parameters(),
+                self.address, self.credentials, startup_parameters(self.settings),
                 self.settings.connect_timeout, tls=self.settings.tls,
             )
         except ServerError:
@@ -564,9 +581,7 @@ class ServerPool:
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
-                fut.set_exception(PoolRetired(self.label) if self.retired else
-                                  ServerError(f"pool for {self.label} is shutting down",
-                                              {"C": sqlstates.ADMIN_SHUTDOWN}))
+                fut.set_exception(PoolRetired(self.label) if self.retired else PoolClosing(self.label))
         self._stopping = stopping  # each gives its place in ``size`` back as it unwinds (wait_closed)
 
     async def wait_closed(self) -> None:

@@ -545,7 +545,10 @@ async def open_connection(address: "ServerAddress", credentials: Credentials,
         return conn
 
     try:
-        return await asyncio.wait_for(_connect(), timeout)
+        # Not wait_for: on Python 3.11 it drops a cancel that comes with the connection (a pool or
+        # monitor being stopped would go on with it).
+        async with asyncio.timeout(timeout):
+            return await _connect()
     except asyncio.TimeoutError:
         raise ServerError(f"could not connect to server {label}: timed out after {timeout * 1000:.0f} ms",
                           {"C": sqlstates.CONNECTION_FAILURE}) from None
@@ -570,14 +573,16 @@ async def send_cancel(address: "ServerAddress", process_id: int, secret_key: int
     waits: by then the postmaster has signalled the backend.
     """
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout)
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(address.host, address.port)
     except (OSError, asyncio.TimeoutError) as exc:
         log.warning("cancel: cannot reach %s:%s: %s", address.host, address.port, exc)
         return
     writer.write(m.cancel_request(process_id, secret_key))
     try:
-        await writer.drain()
-        await asyncio.wait_for(reader.read(), timeout)
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+            await reader.read()
     except (OSError, asyncio.TimeoutError) as exc:
         log.warning("cancel: %s:%s did not confirm the cancel request: %s", address.host, address.port, exc)
     finally:

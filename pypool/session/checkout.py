@@ -25,7 +25,7 @@ from pypool.causal.decide import Fail, UsePrimary
 from pypool.causal.requirement import GLOBAL, OFF, ClientCausal
 from pypool.errors import PoolerError
 from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup
-from pypool.pool.pool import PoolRetired, ServerPool
+from pypool.pool.pool import PoolClosing, PoolRetired, ServerPool
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
 from pypool.roles import ANY, PRIMARY, REPLICA
@@ -172,9 +172,26 @@ class SessionCheckout:
             self._start_checkout(self._queued_role, None)
             return
         log.warning("client %s: %s", self.peer, exc)
+        if isinstance(exc, PoolClosing):
+            self._refused_by_drain(self._queued_role)
+            return
         self.set_state(states.IDLE)
         self._fail_request(sqlstate_of(exc), str(exc))
         self._dispatch_pending()
+
+    def _refused_by_drain(self, role: str) -> None:
+        """The shutdown drain closed the pool this client asked (57P01).
+
+        Inside a transaction whose BEGIN pypool holds it asks again: a closing
+        pool still serves those. Between transactions it is closed with the
+        drain's FATAL 57P01, as every other such client is, rather than sent an
+        ERROR that the drain's FATAL would follow moments later (asyncpg takes
+        that second, unasked error for a broken protocol and its next statement fails).
+        """
+        if self._held_begin is not None:
+            self._start_checkout(role, None)
+        else:
+            self.terminate_for_shutdown()
 
     def _end_wait(self) -> None:
         """A wait for a server connection ended: keep the longest (SHOW CLIENTS maxwait)."""
@@ -211,6 +228,9 @@ class SessionCheckout:
             if server is not None:
                 group.checkin(server, clean=not server.closed and server.requests.status == _IDLE)
             log.warning("client %s: %s", self.peer, exc)
+            if isinstance(exc, PoolClosing):
+                self._refused_by_drain(role)
+                return
             self.set_state(states.IDLE)
             self._fail_request(sqlstate_of(exc), str(exc))
             self._dispatch_pending()

@@ -281,7 +281,8 @@ class SessionEffects:
         barrier = asyncio.ensure_future(self._hub.barrier())  # not cancelled half-way: the listener is shared
         barrier.add_done_callback(lambda done: done.cancelled() or done.exception())  # reported below, if awaited
         try:
-            await asyncio.wait_for(asyncio.shield(barrier), OWN_NOTIFY_WAIT)
+            async with asyncio.timeout(OWN_NOTIFY_WAIT):  # not wait_for: it could drop the client's cancel
+                await asyncio.shield(barrier)
         except (ServerError, asyncio.TimeoutError) as exc:
             log.warning("client %s: the listener did not confirm its notifications: %s", self.peer, exc or "timeout")
         self.own_notify_pid = 0  # the caller sends the held ReadyForQuery (``_release_ready``)
@@ -417,7 +418,8 @@ class SessionEffects:
         timeout = group.settings.healthcheck_timeout
         try:
             # A connection that hangs now (its server stopped) must not stay out of the pool for good.
-            rows = await asyncio.wait_for(server.query(COMMIT_POSITION_QUERY), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it could drop the client's cancel
+                rows = await server.query(COMMIT_POSITION_QUERY)
         except (ServerError, asyncio.TimeoutError) as exc:
             why = str(exc) or f"no answer within healthcheck_timeout ({timeout * 1000:.0f} ms)"
             log.warning("client %s: cannot learn the commit position from %s: %s", self.peer, server.label, why)

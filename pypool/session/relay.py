@@ -243,6 +243,7 @@ class SessionRelay:
             return
         if decision.ends_empty_transaction:
             self._held_begin = None
+            self.xact_count += 1  # a transaction too (and the idle reaper sees the next held BEGIN as new)
             self.io.write(m.command_complete(decision.end_tag) + m.ready_for_query())
             return
         self.io.write(decision.reply + self._ready_bytes())  # type: ignore[operator]

@@ -36,8 +36,10 @@ ADMIN_USER, ADMIN_PASSWORD = "admin_user", "admin_pass"  # what local_config set
 
 
 def admin(pypool, database: str = "pgcat", user: str = ADMIN_USER, password: str = ADMIN_PASSWORD):
+    """A psycopg session on the admin console. ``prepare_threshold=None``: psycopg prepares (extended
+    protocol, which the console refuses) any statement it has run 5 times, parameters or not."""
     return psycopg.connect(host="127.0.0.1", port=pypool.port, user=user, password=password, dbname=database,
-                           sslmode="disable", autocommit=True, connect_timeout=10)
+                           sslmode="disable", autocommit=True, connect_timeout=10, prepare_threshold=None)
 
 
 def rows(conn, sql: str) -> list[dict]:

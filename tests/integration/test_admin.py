@@ -180,6 +180,22 @@ def test_psql_show_help_and_unknown_commands(pypool):
         assert conn.execute("SET application_name = 'x'").statusmessage == "SET"
 
 
+def test_psycopg_polls_the_console_past_its_prepare_threshold_with_prepare_threshold_none(pypool):
+    """psycopg prepares a statement it has run prepare_threshold (5) times, parameters or not: the
+    extended protocol, refused with 0A000 and a hint that says what to set. A script polling
+    SHOW POOLS connects with prepare_threshold=None (as admin() does) and polls on."""
+    admin_user = dict(user=ADMIN_USER, password=ADMIN_PASSWORD, database="pgcat")
+    with psycopg.connect(pypool.dsn(**admin_user), autocommit=True) as default:
+        for _ in range(default.prepare_threshold):
+            show(default, "POOLS")
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+            show(default, "POOLS")
+        assert "prepare_threshold=None" in refused.value.diag.message_hint
+    with admin(pypool) as polling:
+        for _ in range(20):
+            assert any(p["database"] == DATABASE for p in show(polling, "POOLS"))
+
+
 def test_pause_holds_new_transactions_until_resume(pypool):
     with admin(pypool) as conn, client(pypool) as app:
         assert app.execute("SELECT 1").fetchone() == (1,)

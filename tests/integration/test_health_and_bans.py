@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from pypool.config import ServerAddress
+from pypool.pool.health import ServerMonitor
 from pypool.pool.pool import HealthCheckFailed, PoolSettings, ServerPool
 from pypool.pool.server import Credentials
 from tests.conftest import DATABASE, PASSWORD, USER, free_port
@@ -116,6 +117,69 @@ async def test_stale_connection_that_fails_its_check_is_closed(pg_cluster):
             pool.release(fresh)
     finally:
         await pool.close()
+
+
+async def _cancel_took_effect(pool: ServerPool, acquiring: "asyncio.Task") -> bool:
+    """Cancel ``acquiring`` now; True if the cancel was taken (the task then ends cancelled)."""
+    if not acquiring.cancel():
+        return False  # done already: it has its connection, no cancel was asked
+    with pytest.raises(asyncio.CancelledError):  # not the connection: that would leave it checked out
+        await asyncio.wait_for(acquiring, 60)  # 60 s only stops a hang
+    return True
+
+
+async def test_a_checkout_cancelled_as_a_connection_is_handed_to_it_gives_the_connection_back(pg_cluster):
+    """A client leaving (its checkout cancelled) in the instant a release hands it a connection.
+
+    On Python 3.11 ``asyncio.wait_for`` returned the connection to the cancelled checkout and
+    dropped the cancel: the connection stayed checked out for a client that was gone.
+    """
+    pool = _pool(pg_cluster[0].port, delay=float("inf"))
+    try:
+        first = await pool.acquire()  # pool_size 1: the next checkout waits
+        acquiring = asyncio.ensure_future(pool.acquire())
+        while not pool.waiters:
+            await asyncio.sleep(0)
+        pool.release(first)  # handed to the waiting checkout ...
+        assert await _cancel_took_effect(pool, acquiring)  # ... whose client leaves at once
+        assert pool.active == 0 and list(pool.idle) == [first]
+    finally:
+        await pool.close()
+
+
+async def test_a_checkout_cancelled_as_its_health_check_is_answered_gives_the_connection_back(pg_cluster):
+    """The same, cancelled in the instant the ``;`` check of a stale idle connection is answered."""
+    pool = _pool(pg_cluster[0].port, delay=0.05)
+    try:
+        conn = await pool.acquire()
+        pool.release(conn)
+        await asyncio.sleep(0.1)  # idle past healthcheck_delay: the next checkout checks it
+        acquiring = asyncio.ensure_future(pool.acquire())
+        while not conn.reply_owed:  # the check is sent
+            await asyncio.sleep(0)
+        while conn.reply_owed:  # until the reply is read, then cancel at once
+            await asyncio.sleep(0)
+        if await _cancel_took_effect(pool, acquiring):
+            assert pool.active == 0
+        else:
+            assert acquiring.result() is conn and pool.active == 1
+            pool.release(conn)
+    finally:
+        await pool.close()
+
+
+async def test_a_cancelled_monitor_stop_is_cancelled(pg_cluster):
+    """The caller of ServerMonitor.stop() cancelled while it waits for the monitor to end: cancelled
+    too (a shutdown or reload cut short), not returning as if nothing had been asked of it."""
+    monitor = ServerMonitor(_pool(pg_cluster[0].port, delay=float("inf")), 5.0, lambda _pool, _result: None)
+    monitor.start()
+    await asyncio.sleep(0)  # the monitor runs
+    stopping = asyncio.ensure_future(monitor.stop())
+    await asyncio.sleep(0)  # stop() cancelled the monitor and waits for it to end ...
+    stopping.cancel()  # ... when its own caller is cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopping, 60)  # 60 s only stops a hang
+    await monitor.stop()
 
 
 # ------------------------------------------------------ through a pypool process

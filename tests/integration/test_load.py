@@ -190,6 +190,29 @@ def test_idle_client_in_transaction_timeout(start_pypool, pg_cluster):
     assert "idle in transaction for more than 1000 ms" in proc.log()
 
 
+def test_idle_client_in_transaction_timeout_ends_a_begin_pypool_holds(start_pypool):
+    """Read/write splitting on: pypool answers a bare BEGIN itself and holds it (no server yet).
+    Idle there past the timeout, the client is ended as PostgreSQL would end it: 25P03, same words."""
+    proc = start_pypool({"general": {"idle_client_in_transaction_timeout": 1000}})
+    idler = psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None)
+    idler.execute("BEGIN")
+    working = psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None)
+    working.execute("BEGIN")
+    deadline = time.monotonic() + 30  # only stops a hang
+    while "idle in transaction for more than 1000 ms" not in proc.log():  # the working one is never idle 1 s
+        assert time.monotonic() < deadline, "pypool did not end the client idle in the BEGIN it holds"
+        assert working.execute("SELECT 1").fetchone() == (1,)
+        time.sleep(0.2)
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as excinfo:
+        idler.execute("SELECT 1")
+    assert "idle_client_in_transaction_timeout (1000 ms)" in str(excinfo.value)
+    assert "terminating connection due to idle-in-transaction timeout" in str(excinfo.value)
+    idler.close()
+    working.execute("COMMIT")
+    assert working.execute("SELECT 2").fetchone() == (2,)
+    working.close()
+
+
 def test_user_statement_timeout_cancels_long_statements(start_pypool):
     proc = start_pypool(merge(PRIMARY_ONLY, user_overrides(statement_timeout=500)))
     with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as conn:

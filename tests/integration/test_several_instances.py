@@ -264,8 +264,10 @@ class AppPool:
         return thread
 
 
-# pgbench 15 words an abort two ways: with the server's message, or when the connection was found closed.
-ABORT = re.compile(r"client (\d+) (?:script 0 )?aborted in command (\d+)(?: query \d+: |\D*; )(.*)")
+# pgbench 15 words an abort two ways: with the server's message ("client 3 script 0 aborted in command 4
+# query 0: FATAL: ..."), or when it found the connection closed ("client 7 aborted in command 4 (SQL) of
+# script 0; perhaps the backend died while processing").
+ABORT = re.compile(r"client (\d+) (?:script 0 )?aborted in command (\d+)(?: query \d+: | \(SQL\) of script \d+; )(.*)")
 TPCB_BEGIN = 4  # the command number of BEGIN in pgbench's tpcb-like script (after four \set)
 
 
@@ -306,7 +308,7 @@ def test_drain_closes_only_that_instances_persistent_clients_between_transaction
     assert len(aborts) == on_drained, out
     for _, command, message in aborts:
         assert int(command) == TPCB_BEGIN, out
-        # 57P01: FATAL when closed while idle (or the socket found closed), ERROR when its BEGIN asked a closing pool.
+        # FATAL 57P01 (or the socket found closed), whether closed while idle or when its BEGIN asked a closing pool.
         assert "shutting down" in message or "backend died" in message, out
     assert "number of failed transactions: 0" in out, out
     processed = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import threading
 import uuid
@@ -10,7 +11,7 @@ import psycopg
 import psycopg.errors
 import pytest
 
-from tests.conftest import DATABASE, PASSWORD, USER, user_overrides
+from tests.conftest import DATABASE, PASSWORD, USER, local_config, user_overrides
 from tests.integration._ops import admin, login_error, show, wait_for_log
 from tests.integration._support import PRIMARY_ONLY, merge, wait_for
 
@@ -220,8 +221,13 @@ def test_a_transaction_whose_begin_pypool_held_may_finish_during_the_drain(start
     assert "shutdown: no transaction in flight" in pypool.log(), pypool.log()[-3000:]
 
 
-def test_a_held_begin_waits_for_a_connection_the_drain_frees(start_pypool, pg_cluster, table):
-    """pool_size 1, held by a transaction in flight: the held-BEGIN client gets the connection after it."""
+@pytest.mark.parametrize("asks", ["during the drain", "before the drain"])
+def test_a_held_begin_waits_for_a_connection_the_drain_frees(start_pypool, pg_cluster, table, asks):
+    """pool_size 1, held by a transaction in flight: the held-BEGIN client gets the connection after it.
+
+    Asking before the drain, it waits in the pool when the drain closes it: the closing pool drops
+    that wait, and the client, inside its transaction, asks again rather than get an error.
+    """
     pypool = start_pypool(merge(user_overrides(pool_size=1),
                                 {"general": {"shutdown_timeout": int(SHUTDOWN_TIMEOUT * 1000)}}))
     key = uuid.uuid4().int & 0x7FFFFFFF
@@ -230,22 +236,85 @@ def test_a_held_begin_waits_for_a_connection_the_drain_frees(start_pypool, pg_cl
         tx = LongTransaction.running(pypool, pg_cluster, table, f"SELECT pg_advisory_xact_lock({key})")
         held = psycopg.connect(pypool.dsn(), autocommit=True)
         held.execute("BEGIN")  # answered by pypool: the only server connection is still tx's
+        if asks == "before the drain":
+            inserted = Statement.started(held, f"INSERT INTO {table} VALUES (2)")
+            wait_until_waiting(pypool)
         pypool.proc.send_signal(signal.SIGINT)
         wait_for_log(pypool, "shutting down")
         assert "waiting up to 20.0 s for 2 transaction(s) in flight" in pypool.log(), pypool.log()[-3000:]
-        inserted = threading.Thread(target=held.execute, args=(f"INSERT INTO {table} VALUES (2)",), daemon=True)
-        inserted.start()
-        with admin(pypool) as console:  # the console stays open during the drain
-            wait_for(lambda: {p["database"]: p for p in show(console, "POOLS")}[DATABASE]["cl_waiting"] == 1,
-                     what="the INSERT to wait for the connection tx holds")
+        if asks == "during the drain":
+            inserted = Statement.started(held, f"INSERT INTO {table} VALUES (2)")
+            wait_until_waiting(pypool)  # the console stays open during the drain
         gate.execute("SELECT pg_advisory_unlock(%s)", [key])
     tx.join(30)
     inserted.join(30)
     assert tx.error is None and tx.committed, tx.error
-    assert not inserted.is_alive()
+    assert not inserted.is_alive() and inserted.error is None, inserted.error
     held.execute("COMMIT")
     assert rows_on_primary(pg_cluster, table) == 2
     assert pypool.proc.wait(SHUTDOWN_TIMEOUT + 30) == 0  # only stops a hang
     assert "shutdown: no transaction in flight" in pypool.log(), pypool.log()[-3000:]
     held.close()
+    tx.conn.close()
+
+
+class Statement(threading.Thread):
+    """One statement on ``conn``, in a thread: it may wait for a server connection meanwhile."""
+
+    def __init__(self, conn: psycopg.Connection, sql: str) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.sql = conn, sql
+        self.error: psycopg.Error | None = None
+
+    @classmethod
+    def started(cls, conn: psycopg.Connection, sql: str) -> "Statement":
+        statement = cls(conn, sql)
+        statement.start()
+        return statement
+
+    def run(self) -> None:
+        try:
+            self.conn.execute(self.sql)
+        except psycopg.Error as exc:
+            self.error = exc
+
+
+def wait_until_waiting(pypool) -> None:
+    """Until one client of the default pool waits for a server connection (SHOW POOLS)."""
+    with admin(pypool) as console:
+        wait_for(lambda: {p["database"]: p for p in show(console, "POOLS")}[DATABASE]["cl_waiting"] == 1,
+                 what="a client to wait for the connection the transaction in flight holds")
+
+
+def test_a_client_waiting_between_transactions_when_the_drain_starts_gets_one_fatal(start_pypool, pg_cluster,
+                                                                                    table):
+    """It is closed as the idle ones are: FATAL 57P01 "pypool is shutting down", no ERROR before it.
+
+    Refused with an ERROR (and closed by the drain's FATAL moments later), an asyncpg pool's
+    connection took the second, unasked error for a broken protocol and its next statement failed
+    (test_several_instances' drain test, 1 run in 3). Closing a second pool lets the event loop run
+    between the refusal and the drain's first round: what made that ERROR reach the client.
+    """
+    other = copy.deepcopy(local_config(pg_cluster, 6432)["pools"][DATABASE])  # the port is not used
+    pypool = start_pypool(merge(PRIMARY_ONLY, user_overrides(pool_size=1), {
+        "general": {"shutdown_timeout": int(SHUTDOWN_TIMEOUT * 1000)}, "pools": {"pypool_other": other}}))
+    key = uuid.uuid4().int & 0x7FFFFFFF
+    with psycopg.connect(primary_dsn(pg_cluster), autocommit=True) as gate:
+        gate.execute("SELECT pg_advisory_lock(%s)", [key])
+        tx = LongTransaction.running(pypool, pg_cluster, table, f"SELECT pg_advisory_xact_lock({key})")
+        waiting = psycopg.connect(pypool.dsn(), autocommit=True)
+        inserted = Statement.started(waiting, f"INSERT INTO {table} VALUES (2)")
+        wait_until_waiting(pypool)
+        pypool.proc.send_signal(signal.SIGTERM)
+        inserted.join(30)
+        assert not inserted.is_alive()
+        gate.execute("SELECT pg_advisory_unlock(%s)", [key])
+    error = inserted.error
+    assert isinstance(error, psycopg.errors.AdminShutdown), error
+    assert (error.diag.severity_nonlocalized, error.diag.message_primary) == ("FATAL", "pypool is shutting down")
+    tx.join(30)
+    assert tx.error is None and tx.committed, tx.error
+    assert rows_on_primary(pg_cluster, table) == 1  # the waiting INSERT never ran
+    assert pypool.proc.wait(SHUTDOWN_TIMEOUT + 30) == 0  # only stops a hang
+    waiting.close()
     tx.conn.close()
