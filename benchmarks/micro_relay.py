@@ -15,6 +15,12 @@ as a logged-in transaction-mode client (named-statement bookkeeping on):
   ``--routing`` only: with the split, pypool answers ``BEGIN`` itself and
   replays it in a coroutine this loop does not run.
 
+* ``--queued``: two clients share one server connection and each sends its
+  next request while the other's runs, so every transaction waits in the
+  pool's queue and gets its connection from the other's check-in (the path of
+  pgbench with more clients than pool_size); the loop's ``call_soon`` runs in
+  line. Simple protocol only.
+
 The connection goes back to the pool after each transaction. The simple
 Query's ``aid`` takes ``--keys`` values in turn (default 100,000, like pgbench's
 random accounts: the router's memo of exact texts misses and the fingerprint
@@ -23,7 +29,8 @@ short runs of CPU time (``time.process_time``) per transaction; with --profile,
 a cProfile summary and the Python calls per transaction instead. Used to measure hot-path changes
 before/after, also against an older checkout (its pypool on PYTHONPATH):
 
-    python -m benchmarks.micro_relay [--extended] [--transaction] [--routing] [--profile] [-n 20000] [--runs 15] [--keys N]
+    python -m benchmarks.micro_relay [--extended] [--transaction] [--queued] [--routing] [--profile] [-n 20000]
+        [--runs 15] [--keys N]
     PYTHONPATH=/old/checkout python benchmarks/micro_relay.py --extended
 """
 
@@ -98,10 +105,31 @@ def extended_request(sql: str, *params: str) -> bytes:
     return parse + bind + describe + execute + sync
 
 
-def build(routing: bool, extended: bool, transaction: bool = False) -> tuple[ClientConnection, list[ServerConnection],
-                                                                            Exchange]:
+class InlineLoop:
+    """The pool's event loop for ``--queued``: callbacks wait in ``ready`` until the harness runs them."""
+
+    def __init__(self) -> None:
+        self.ready: list = []
+
+    def call_soon(self, callback, *args) -> None:
+        self.ready.append((callback, args))
+
+    def call_at(self, when, callback, *args) -> asyncio.TimerHandle:
+        return asyncio.TimerHandle(when, callback, args, asyncio.get_running_loop())
+
+    def run_ready(self) -> None:
+        ready, self.ready = self.ready, []
+        for callback, args in ready:
+            callback(*args)
+
+
+def build(routing: bool, extended: bool, transaction: bool = False,
+          primary_only: bool = False) -> tuple[ClientConnection, list[ServerConnection], Exchange]:
     cfg = default_config_dict({})
     pool = cfg["pools"]["postgres"]
+    if primary_only:  # one server: its one connection is the only one there is
+        pool["shards"]["0"]["servers"] = pool["shards"]["0"]["servers"][:1]
+        pool["users"]["0"]["pool_size"] = 1  # and the pool is full, as under contention
     pool["query_parser_enabled"] = routing
     pool["query_parser_read_write_splitting"] = routing
     config = parse_config(dump_config(cfg))
@@ -150,11 +178,38 @@ def build(routing: bool, extended: bool, transaction: bool = False) -> tuple[Cli
                              (m.query("END;"), m.command_complete("COMMIT") + m.ready_for_query())]
 
 
+def second_client(first: ClientSession) -> ClientSession:
+    """Another client of ``first``'s pool, logged in like it."""
+    client = ClientSession(first.app, FakeTransport())
+    client.group, client.database, client.state = first.group, first.database, first.state
+    client._router, client._parameters_key, client.statements = first._router, (), ClientStatements()
+    client._join_causal(first.group)
+    return client
+
+
 def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transaction: bool = False,
-        keys: int = 1) -> None:
-    client, servers, exchange = build(routing, extended, transaction)
+        keys: int = 1, queued: bool = False) -> None:
+    client, servers, exchange = build(routing, extended, transaction, primary_only=queued)
     client_received = client.data_received
-    if len(exchange) == 1:  # the single-request path stays as measured before --transaction existed
+    if queued:
+        (request, reply), = exchange
+        inline_loop = InlineLoop()
+        for conn in servers:
+            conn.pool._loop = inline_loop  # one connection (build): the second client always queues
+        clients = [client, second_client(client)]
+        client.data_received(request)  # holds the connection from now on
+        holder = 0
+
+        def one() -> None:
+            nonlocal holder
+            waiting = clients[1 - holder]
+            waiting.data_received(request)  # queues: the connection is busy
+            clients[holder].server.data_received(reply)  # its check-in hands the connection over
+            inline_loop.run_ready()
+            holder = 1 - holder
+        harness_calls = 2  # one() and run_ready()
+        client = clients[0]
+    elif len(exchange) == 1:  # the single-request path stays as measured before --transaction existed
         (request, reply), = exchange
         requests = [request] if extended or keys <= 1 else [m.query(SELECT.format(aid)) for aid in range(1, keys + 1)]
         turn = iter(())
@@ -177,7 +232,8 @@ def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transac
 
     for _ in range(1000):
         one()
-    assert client.server is None and client.xact_count >= 1000, "the request did not complete"
+    assert (client.server is None or queued) and client.xact_count >= 500, "the request did not complete"
+    assert not queued or servers[0].pool.stats.checkout_waits >= 1000, "a transaction did not wait for the pool"
     if profile:
         prof = cProfile.Profile()
         prof.enable()
@@ -198,6 +254,7 @@ def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transac
             one()
         best = min(best, clock() - start)
     mode = ("extended" if extended else "simple") + (", BEGIN/SELECT/END" if transaction else "") \
+        + (", queued" if queued else "") \
         + (", routing" if routing else ", primary-only")
     print(f"{mode}: {best / n * 1e6:.3f} us CPU per transaction "
           f"(best of {runs} x {n}; Python side of pypool, no syscalls)")
@@ -210,15 +267,18 @@ def main() -> None:
     parser.add_argument("--routing", action="store_true")
     parser.add_argument("--extended", action="store_true", help="pgbench -M extended's messages")
     parser.add_argument("--transaction", action="store_true", help="BEGIN, the SELECT, END: three requests")
+    parser.add_argument("--queued", action="store_true", help="every transaction waits for the other's connection")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--keys", type=int, default=100_000, help="distinct aid values of the simple Query")
     args = parser.parse_args()
     if args.transaction and args.routing:
         parser.error("--transaction measures without --routing: with the split, pypool holds BEGIN back and "
                      "replays it in a coroutine")
+    if args.queued and (args.transaction or args.extended):
+        parser.error("--queued measures the simple protocol's single request")
 
     async def go() -> None:
-        run(args.n, args.runs, args.routing, args.extended, args.profile, args.transaction, args.keys)
+        run(args.n, args.runs, args.routing, args.extended, args.profile, args.transaction, args.keys, args.queued)
 
     asyncio.run(go())
 

@@ -153,12 +153,19 @@ class SessionCheckout:
                          if str(required))
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
-        """The pool handed over a connection this client queued for in ``_begin_request``."""
-        self._end_queued_wait()
+        """The pool handed over a connection this client queued for in ``_begin_request``.
+
+        Under contention every transaction passes here: ``_end_queued_wait`` and
+        ``_needs_sync`` are written out."""
+        self._queued = None
+        waited = time.monotonic() - self.wait_started
+        if waited > self.max_wait:
+            self.max_wait = waited
+        self.wait_started = 0.0
         if self.state is not states.WAITING:
             self.group.checkin(server)  # type: ignore[union-attr]
             return
-        if self._needs_sync(server) or self._held_begin is not None:
+        if server.applied_key != self._parameters_key or self._held_begin is not None:
             self._start_checkout(self._queued_role, server)
             return
         self._attach(server, self._queued_role)
@@ -280,7 +287,9 @@ class SessionCheckout:
             return
         data = bytes(self._pending)
         self._pending.clear()
-        self._walker.reset()
+        walker = self._walker
+        if walker.held or walker.skip:
+            walker.reset()
         # A read whose server dies before answering can be replayed elsewhere.
         self._replay = (data, role, self._held_begin) if role != PRIMARY else None
         self._held_begin = None

@@ -295,9 +295,6 @@ class SessionEffects:
             if self._pending:
                 self._dispatch_pending()
 
-    def _needs_sync(self, server: ServerConnection) -> bool:
-        return server.applied_key != self._parameters_key
-
     def _set_settings(self, session_settings: dict[str, str]) -> None:
         """The client's settings: its startup parameters, overridden by what its SETs left."""
         self._desired_settings = {**self._startup_settings, **session_settings}

@@ -22,3 +22,12 @@ def test_each_mode_completes_its_transactions(capsys, routing, extended, transac
     out = capsys.readouterr().out
     assert "us CPU per transaction" in out, out
     assert ("BEGIN/SELECT/END" in out) == transaction, out
+
+
+def test_the_queued_mode_waits_for_the_pool_every_time(capsys):
+    async def go() -> None:
+        # run() checks that each of the 1,000 warm-up transactions waited in the pool's queue.
+        micro_relay.run(200, 1, False, False, profile=False, queued=True)
+
+    asyncio.run(go())
+    assert "simple, queued" in capsys.readouterr().out
