@@ -31,6 +31,8 @@ log = logging.getLogger("pypool.client")
 _Q = m.QUERY
 _P = m.PARSE
 _B = m.BIND
+_D = m.DESCRIBE
+_STATEMENT = ord("S")  # Describe's target: a statement, not a portal
 # NOTIFY or pg_notify() in a listening client's statement (a false positive costs one listener round trip).
 _NOTIFY = re.compile(rb"(?i)notify")
 # How long the end of a client's own NOTIFY waits for the listener before answering anyway.
@@ -52,6 +54,8 @@ def needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
         return text_end < 0 or session.text_might_matter(data, start + 1, text_end)
     if tag == _B and start + 1 < end and data[start] == 0:  # the usual unnamed portal: named statement?
         return data[start + 1] != 0
+    if tag == _D:  # 'S' or 'P', then the name: a named statement needs care (names_statement, written out)
+        return start + 1 >= end or (data[start] == _STATEMENT and data[start + 1] != 0)
     return names_statement(tag, data, start, end)
 
 

@@ -7,6 +7,7 @@ both directions.
 
 from __future__ import annotations
 
+import pytest
 
 from pypool.session import prepared
 from pypool.session.session import ClientSession
@@ -126,6 +127,19 @@ def test_an_unnamed_parse_of_a_plain_select_stays_on_the_fast_path():
     setting = b"\x00SET search_path TO app\x00\x00\x00"
     parse_set = b"P" + (4 + len(setting)).to_bytes(4, "big") + setting
     assert ClientSession._needs_care(ord("P"), parse_set, 5, len(parse_set)) is True
+
+
+@pytest.mark.parametrize("target, careful", [
+    (b"P\x00", False), (b"S\x00", False),  # the unnamed portal and statement pass untouched
+    (b"Pcursor\x00", False),  # a named portal: only statement names are rewritten
+    (b"Sstmt1\x00", True), (b"S", True),  # a named statement; a body too short to tell
+])
+def test_a_describe_needs_care_only_for_a_named_statement(target, careful):
+    from pypool.session.session import ClientSession
+
+    describe = b"D" + (4 + len(target)).to_bytes(4, "big") + target
+    assert ClientSession._needs_care(ord("D"), describe, 5, len(describe)) is careful
+    assert prepared.names_statement(ord("D"), describe, 5, len(describe)) is careful
 
 
 def test_ddl_and_stale_statement_errors_make_the_next_parse_reach_the_server():
