@@ -33,6 +33,7 @@ relay; only texts it flags are lexed (``analyze``, cached).
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -40,11 +41,14 @@ from pypool import sqlstates
 from pypool.routing.classify import lex_statements
 
 # Statements that may matter start with one of these words (after comments) ...
-_LEADING = re.compile(
-    rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*"
-    rb"(?i:set|reset|discard|prepare|execute|deallocate|listen|unlisten|notify|declare|create|alter|drop|close)\b",
-    re.S,
-)
+_LEADING_WORDS = ("set", "reset", "discard", "prepare", "execute", "deallocate", "listen", "unlisten", "notify",
+                  "declare", "create", "alter", "drop", "close")
+_LEADING = re.compile(rb"\s*(?:/\*.*?\*/\s*|--[^\n]*\n\s*)*(?i:" + "|".join(_LEADING_WORDS).encode() + rb")\b", re.S)
+# ... so a text can only match _LEADING if it starts with a space or a comment, or with the first three
+# letters of one of the words in any case (one slice and one set lookup rule out SELECT, INSERT, ...).
+_LEADING_HEADS = frozenset("".join(c.upper() if upper else c for c, upper in zip(word[:3], case)).encode()
+                           for word in _LEADING_WORDS for case in itertools.product((False, True), repeat=3))
+_SPACE_OR_COMMENT = frozenset(b" \t\n\r\f\v/-")
 # ... or name one of these anywhere (one search: cheaper than a find each). TEMP: SELECT ... INTO TEMP.
 _INSIDE = re.compile(rb"_config|advisory|pg_notify|TEMP|temp|Temp")
 _ADVISORY_LOCK_FUNCTIONS = frozenset((
@@ -80,7 +84,8 @@ def might_matter(data: bytes, start: int, end: int) -> bool:
     """Cheap pre-test on raw query text: False means ``analyze`` would find nothing (and the text
     names no NOTIFY or pg_notify, which effects.py looks for). Keywords are matched in upper, lower
     and capitalised spelling."""
-    if _LEADING.match(data, start, end):
+    if start < end and (data[start] in _SPACE_OR_COMMENT or data[start:start + 3] in _LEADING_HEADS) \
+            and _LEADING.match(data, start, end):
         return True
     semi = data.find(b";", start, end)
     if 0 <= semi < end - 3:  # more than one statement: look at each

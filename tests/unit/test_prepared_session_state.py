@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pypool.session import session_state as s
 
@@ -32,6 +34,21 @@ def test_everyday_statements_skip_the_analysis(sql):
 ])
 def test_session_statements_are_flagged(sql):
     assert matters(sql)
+
+
+def _matters_by_regex_alone(data: bytes) -> bool:
+    """might_matter without its quick rule-out of texts that cannot start with a session word."""
+    semi = data.find(b";")
+    return bool(s._LEADING.match(data)) or 0 <= semi < len(data) - 3 or s._INSIDE.search(data) is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["SET", "set", "sEt", "Select", "reset", "RESET", "dis", "Discard", "close", "CLO",
+                                 " ", "\n", "\t", "/* c */", "-- c\n", "x", "1", "(", "DROP", "drop", "Cre", "ate",
+                                 "NOTIFY", "unlisten", "se", "s"]), max_size=6))
+def test_the_quick_rule_out_never_changes_the_answer(parts):
+    data = "".join(parts).encode()
+    assert s.might_matter(data, 0, len(data)) == _matters_by_regex_alone(data), data
 
 
 def test_the_remembered_answer_is_the_answer_and_the_memory_stays_bounded():
