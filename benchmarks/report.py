@@ -32,6 +32,7 @@ COLORS = {
     "pypool-rw": "#6baed6",
     "pypool-rw-auto": "#9ecae1",
     "pypool-rw-causal": "#3182bd",
+    "pypool-base": "#c6dbef",
     "pgbouncer": "#ff7f0e",
     "pgcat": "#2ca02c",
     "pgcat-rw": "#98df8a",
@@ -447,10 +448,11 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
         "tpcb-c16": "Read-write (TPC-B-like), 16 clients\n(pgbench default script)",
         "select-connect-c16": "New connection per transaction, 16 clients\n(pgbench -S -C)",
         "rw-split-c64": "Read/write split, 64 clients: pypool reads\nfrom 2 replicas, PgBouncer from the primary",
+        "select-rate-c16": "Read-only, 16 clients, a fixed 8,000 TPS\n(pgbench -S -R 8000: CPU at equal work)",
     }
     tick = {"select-c1": "read\n1 cl", "select-c16": "read\n16 cl", "select-c64": "read\n64 cl",
             "select-c256": "read\n256 cl", "select-c1000": "read\n1000 cl", "select-ext-c16": "read ext\n16 cl", "tpcb-c16": "read-write\n16 cl",
-            "select-connect-c16": "connect\n16 cl", "rw-split-c64": "split\n64 cl"}
+            "select-connect-c16": "connect\n16 cl", "rw-split-c64": "split\n64 cl", "select-rate-c16": "8k TPS\n16 cl"}
     pg_wls = [w.name for w in workloads if w.kind == "pgbench" and any(
         r["workload"] == w.name and r["status"] == "ok" for r in s.rows)]
     has_rtt = bool(s.targets_for("rtt")) and any(s.med("rtt", t, "lat_p50_us") for t in s.targets_for("rtt"))
