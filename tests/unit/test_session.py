@@ -176,10 +176,14 @@ def test_a_full_pool_queues_the_client_as_waiting_until_the_connection_comes_bac
         assert second.state is ClientState.WAITING and second.server is None
         states = {row.state for row in take(app).clients}
         assert states == {"active", "waiting"}
+        await asyncio.sleep(0.02)
         server.data_received(REPLY)
         await asyncio.sleep(0)  # the pool calls the waiter back from the event loop
         assert second.state is ClientState.ATTACHED and second.server is server
         assert server.transport.take() == SELECT + SELECT
+        # SHOW CLIENTS' maxwait: the longest wait, and no wait going on any more
+        assert second.max_wait >= 0.02 and second.wait_started == 0.0
+        assert first.max_wait == 0.0
 
     asyncio.run(scenario())
 
