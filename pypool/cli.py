@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from pypool import __version__
+from pypool import __version__, late_signals
 from pypool.logs import format_name, level_name, setup_logging
 
 DEFAULT_CONFIG = "pgcat.toml"  # PgCat's default path
@@ -37,7 +37,10 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
     if worker_slot is None and config.general.workers > 1:
         from pypool.workers import Supervisor
 
-        return Supervisor(config_path, config, worker_args or []).run()
+        try:
+            return Supervisor(config_path, config, worker_args or []).run()
+        finally:
+            late_signals.ignore()  # every worker has stopped: a late signal must not kill the supervisor
     worker = None
     if worker_slot is not None:
         from pypool.instance import Worker
@@ -56,6 +59,7 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
         if worker is not None:
             await worker.start(app)  # after the listener: a worker that answers is ready
         await app.wait_stopped()
+        late_signals.ignore()  # "pypool stopped": from here to the exit a signal must not kill the process
         if worker is not None:
             worker.close()
 
@@ -67,6 +71,8 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
     except ConfigError as exc:  # e.g. a TLS certificate that cannot be loaded
         logging.getLogger("pypool").error("%s", exc)
         return 2
+    finally:
+        late_signals.ignore()  # again: asyncio's loop.close() puts back the default action of its signals
     return 0
 
 
