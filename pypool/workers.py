@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Iterable
 from prometheus_client import CollectorRegistry, PlatformCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pypool import probes, snapshot
+from pypool import probes, process_signals, snapshot
 from pypool.autoreload import SupervisorAutoreload
 from pypool.causal import shared as causal_shared
 from pypool.httpd import HttpEndpoint
@@ -95,6 +95,7 @@ class Supervisor:
         causal_shared.create_table(causal_shared.table_path(self.rundir), self.count)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self._signals.extend(process_signals.take_pending())  # sent while pypool imported and read its config
         try:
             for worker in self.workers:
                 self._spawn(worker)
@@ -195,8 +196,7 @@ class Supervisor:
                 elif now >= worker.restart_at:
                     self._spawn(worker)
             if self.stopping and not any(w.alive() for w in self.workers):
-                log.info("pypool: all workers stopped")
-                return 0
+                return self._stopped_status()
             time.sleep(POLL_INTERVAL)
 
     def _reload_workers(self, reason: str) -> None:
@@ -211,6 +211,16 @@ class Supervisor:
                   code, worker.restart_delay)
         worker.restart_at = now + worker.restart_delay
         worker.restart_delay = min(worker.restart_delay * 2, RESTART_DELAY_MAX)
+
+    def _stopped_status(self) -> int:
+        """The supervisor's exit status once every worker is gone: 0 if each drained and exited 0, else 1."""
+        # A worker waiting to be restarted died before the stop; its death was logged then.
+        unclean = [w for w in self.workers if w.proc is not None and w.restart_at is None and w.proc.returncode != 0]
+        for worker in unclean:
+            log.error("worker %d (pid %s) ended with status %s during the shutdown", worker.index, worker.pid,
+                      worker.proc.returncode)  # type: ignore[union-attr]
+        log.info("pypool: all workers stopped")
+        return 1 if unclean else 0
 
     def _stop_all(self, signum: int) -> None:
         for worker in self.workers:
