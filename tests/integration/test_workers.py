@@ -213,6 +213,22 @@ def test_sigint_stops_every_worker_and_a_dead_worker_is_replaced(start_pypool):
         assert not os.path.exists(f"/proc/{pid}")
 
 
+def test_a_worker_killed_during_the_drain_makes_the_supervisor_exit_1_and_say_so(start_pypool):
+    """A stop that was not clean for every worker is not status 0: the supervisor logs which worker ended
+    how and exits 1 (not killed by a signal), while the other worker still drains."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=2), {"general": {"shutdown_delay": 60000}}))
+    first, second = worker_pids(pypool)
+    pypool.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: len(re.findall(r"\[worker \d\] pypool: SIGTERM: /readyz fails", pypool.log())) == 2,
+             what="both workers in shutdown_delay")
+    os.kill(second, signal.SIGKILL)
+    os.kill(first, signal.SIGTERM)  # a second signal: this one stops at once, cleanly
+    assert pypool.proc.wait(30) == 1, pypool.log()[-3000:]
+    log = pypool.log()
+    assert re.search(rf"worker \d \(pid {second}\) ended with status -9 during the shutdown", log), log[-3000:]
+    assert f"pid {first}) ended with status" not in log
+
+
 def test_admin_pause_resume_and_shutdown_act_on_every_worker(start_pypool):
     pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=4)))
     worker_pids(pypool)
