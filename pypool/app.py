@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Sequence
 
-from pypool import admin, autoreload, idle, keepalive, metrics, probes, snapshot, tls
+from pypool import admin, autoreload, idle, keepalive, metrics, probes, process_signals, snapshot, tls
 from pypool.causal.pool_causal import CommitLogs
 from pypool.client import ClientConnection
 from pypool.session.session import ClientSession
@@ -132,6 +132,11 @@ class Application:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda s=sig: self.request_shutdown(s.name))
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        for sig in process_signals.take_pending():  # sent while pypool imported and read its config
+            if sig == signal.SIGHUP:
+                self._reload_on_signal()  # logs that it is not a reload during start-up
+            else:
+                self.request_shutdown(sig.name)
 
     def _reload_on_signal(self) -> None:
         if not self.accepting or not self.started.is_set():

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from pypool import __version__
+from pypool import __version__, process_signals
 from pypool.logs import format_name, level_name, setup_logging
 
 DEFAULT_CONFIG = "pgcat.toml"  # PgCat's default path
@@ -37,7 +37,10 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
     if worker_slot is None and config.general.workers > 1:
         from pypool.workers import Supervisor
 
-        return Supervisor(config_path, config, worker_args or []).run()
+        try:
+            return Supervisor(config_path, config, worker_args or []).run()
+        finally:
+            process_signals.ignore()  # every worker has stopped: a late signal must not kill the supervisor
     worker = None
     if worker_slot is not None:
         from pypool.instance import Worker
@@ -56,6 +59,7 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
         if worker is not None:
             await worker.start(app)  # after the listener: a worker that answers is ready
         await app.wait_stopped()
+        process_signals.ignore()  # "pypool stopped": from here to the exit a signal must not kill the process
         if worker is not None:
             worker.close()
 
@@ -67,6 +71,8 @@ def run_pooler(config_path: str, worker_slot: tuple[int, int, str] | None = None
     except ConfigError as exc:  # e.g. a TLS certificate that cannot be loaded
         logging.getLogger("pypool").error("%s", exc)
         return 2
+    finally:
+        process_signals.ignore()  # again: asyncio's loop.close() puts back the default action of its signals
     return 0
 
 
@@ -240,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     help_parser = build_parser()
     if argv and argv[0] in _COMMANDS:
+        process_signals.restore()  # `python -m pypool` deferred them for the pooler
         args = help_parser.parse_args(argv)
         return args.run(args)
+    process_signals.defer()  # the `pypool` script: from here on, as `python -m pypool` does from its first line
     parser = _pooler_parser(help_parser)
     args = parser.parse_args(argv)
     if args.help:

@@ -207,6 +207,10 @@ class Worker:
         if op == "cancel":
             self.app.cancel(int(request["process_id"]), int(request["secret_key"]))
             return {}
+        if op == "drain":  # the supervisor's first stop: a no-op for a worker already draining on its own signal
+            if not self.app.leaving:
+                self.app.request_shutdown(str(request.get("reason", "supervisor")))
+            return {}
         if op == "admin":
             return await self._run_admin_locally(str(request["statement"]))
         if op == "snapshot":

@@ -9,8 +9,9 @@ process does no pooling itself. It
   worker is a fresh interpreter, not a fork of a process with threads) and
   waits until each answers on its control socket;
 * restarts a worker that dies, with a growing delay if it keeps dying;
-* forwards SIGHUP (reload), SIGINT and SIGTERM (graceful drain; a second one
-  stops at once) to every worker and exits when they have all stopped;
+* passes SIGHUP (reload), SIGINT and SIGTERM (graceful drain, asked on each
+  worker's control socket; a second one stops at once, as SIGTERM) on to every
+  worker and exits when they have all stopped (status 1 if one did not exit 0);
 * creates the table through which workers share commit positions (global
   causal reads, ``pypool.causal.shared``) in its private run directory;
 * serves ``/metrics`` for the whole instance: it merges every worker's
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Iterable
 from prometheus_client import CollectorRegistry, PlatformCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from pypool import probes, snapshot
+from pypool import probes, process_signals, snapshot
 from pypool.autoreload import SupervisorAutoreload
 from pypool.causal import shared as causal_shared
 from pypool.httpd import HttpEndpoint
@@ -95,6 +96,7 @@ class Supervisor:
         causal_shared.create_table(causal_shared.table_path(self.rundir), self.count)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        self._signals.extend(process_signals.take_pending())  # sent while pypool imported and read its config
         try:
             for worker in self.workers:
                 self._spawn(worker)
@@ -176,10 +178,10 @@ class Supervisor:
                 name = signal.Signals(signum).name
                 if interrupts == 1:
                     log.info("%s: draining every worker", name)
+                    self._drain_all(name)
                 else:
                     log.warning("%s again: every worker closes its connections now", name)
-                # SIGTERM drains a worker as SIGINT does, and ends one still starting up without a traceback.
-                self._stop_all(signal.SIGTERM)
+                    self._stop_all(signal.SIGTERM)  # to a draining worker, a second signal
             now = self._last_round = time.monotonic()
             if not self.stopping:
                 self._autoreload.poll(now)
@@ -195,8 +197,7 @@ class Supervisor:
                 elif now >= worker.restart_at:
                     self._spawn(worker)
             if self.stopping and not any(w.alive() for w in self.workers):
-                log.info("pypool: all workers stopped")
-                return 0
+                return self._stopped_status()
             time.sleep(POLL_INTERVAL)
 
     def _reload_workers(self, reason: str) -> None:
@@ -211,6 +212,41 @@ class Supervisor:
                   code, worker.restart_delay)
         worker.restart_at = now + worker.restart_delay
         worker.restart_delay = min(worker.restart_delay * 2, RESTART_DELAY_MAX)
+
+    def _stopped_status(self) -> int:
+        """The supervisor's exit status once every worker is gone: 0 if each drained and exited 0, else 1."""
+        # A worker waiting to be restarted died before the stop; its death was logged then.
+        unclean = [w for w in self.workers if w.proc is not None and w.restart_at is None and w.proc.returncode != 0]
+        for worker in unclean:
+            log.error("worker %d (pid %s) ended with status %s during the shutdown", worker.index, worker.pid,
+                      worker.proc.returncode)  # type: ignore[union-attr]
+        log.info("pypool: all workers stopped")
+        return 1 if unclean else 0
+
+    def _drain_all(self, reason: str) -> None:
+        """Ask every worker to drain on its control socket, not with a signal.
+
+        systemd's default KillMode=control-group sends SIGTERM to every process of the unit, the
+        workers too: a SIGTERM from here would then be each worker's second signal, which closes
+        its connections at once instead of draining them. A worker that does not answer (still
+        starting up) gets SIGTERM, which ends it without a traceback.
+        """
+        alive = [w for w in self.workers if w.alive()]
+
+        async def ask(worker: WorkerProcess) -> bool:
+            try:
+                await ask_control_socket(control_socket_path(self.rundir, worker.index),
+                                         {"op": "drain", "reason": reason}, timeout=2.0)
+            except (OSError, asyncio.TimeoutError, ValueError):
+                return False
+            return True
+
+        async def ask_all() -> list[bool]:
+            return await asyncio.gather(*(ask(w) for w in alive))
+
+        for worker, asked in zip(alive, asyncio.run(ask_all())):
+            if not asked and worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
 
     def _stop_all(self, signum: int) -> None:
         for worker in self.workers:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -16,7 +17,8 @@ import pytest
 
 from pypool import __version__
 from pypool.config import dump_config
-from tests.conftest import DATABASE, PASSWORD, USER, free_port, local_config, wait_for_port
+from tests.conftest import (DATABASE, PASSWORD, USER, free_port, local_config, start_pypool_process,
+                            wait_for_port)
 from tests.integration._support import wait_for
 
 pytestmark = pytest.mark.integration
@@ -157,6 +159,59 @@ def test_a_signal_the_moment_the_port_opens_drains_and_exits_cleanly(tmp_path, p
                 proc.kill()
         out = log_path.read_text()
         assert "Traceback" not in out and "pypool stopped" in out, out
+
+
+@pytest.mark.parametrize("workers, late", [(1, signal.SIGTERM), (1, signal.SIGINT), (1, signal.SIGHUP),
+                                            (2, signal.SIGTERM)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGTERM-2-workers"])
+def test_signals_during_and_after_the_drain_end_in_exit_status_0(tmp_path, pg_cluster, workers, late):
+    """A SIGTERM, then ``late`` every millisecond until the process is gone: it drains and exits 0.
+
+    From "pypool stopped" to the exit (the event loop's teardown, then the interpreter's, 30 to
+    200 ms) the default action of these signals used to be back: a second SIGTERM there killed a
+    cleanly drained pypool (status -15, a crash to systemd or Kubernetes; SIGINT -2, SIGHUP -1),
+    and the supervisor of ``workers = 2`` once all its workers had stopped.
+    Sent during the drain, a second SIGTERM or SIGINT closes every connection at once, a SIGHUP
+    is not a reload; neither changes the exit status.
+    """
+    port = free_port()
+    pypool = start_pypool_process(local_config(pg_cluster, port, {"general": {"workers": workers}}), tmp_path, port)
+    try:
+        pypool.proc.send_signal(signal.SIGTERM)
+        while pypool.proc.poll() is None:  # send_signal skips a process that has exited
+            pypool.proc.send_signal(late)
+            time.sleep(0.001)
+        assert pypool.proc.returncode == 0, pypool.log()[-2000:]
+        assert "pypool stopped" in pypool.log() and "ended with status" not in pypool.log()
+    finally:
+        pypool.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
+def test_a_signal_while_pypool_imports_drains_once_started_and_exits_0(tmp_path, pg_cluster, sig):
+    """Sent while pypool still imports its modules (``-X importtime`` has just shown sqlglot's first one):
+    recorded, and a drain once start-up is done, as for a signal a moment later. It used to kill
+    the process (SIGTERM -15) or end it with a KeyboardInterrupt traceback (SIGINT)."""
+    port = free_port()
+    config_path = tmp_path / "pgcat.toml"
+    config_path.write_text(dump_config(local_config(pg_cluster, port)))
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pypool", str(config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "sqlglot" in line:  # imported by pypool.app, before the event loop and its handlers
+                break
+        assert any("sqlglot" in line for line in seen), "".join(seen[-20:])
+        proc.send_signal(sig)
+        out = proc.stderr.read()
+        assert proc.wait(30) == 0, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "listening on" in out and f"shutting down ({sig.name})" in out and "pypool stopped" in out, out[-3000:]
+    assert "Traceback" not in out
 
 
 def _accepts(port: int) -> bool:

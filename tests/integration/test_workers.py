@@ -213,6 +213,44 @@ def test_sigint_stops_every_worker_and_a_dead_worker_is_replaced(start_pypool):
         assert not os.path.exists(f"/proc/{pid}")
 
 
+def test_sigterm_to_every_process_as_systemd_sends_it_still_drains(start_pypool):
+    """systemd's default KillMode=control-group sends SIGTERM to the supervisor and to each worker.
+
+    The supervisor used to pass its SIGTERM on as a signal, each worker's second one, which closes
+    every connection at once: the transaction in flight was cut (57P01) and rolled back although
+    shutdown_timeout had time left. Now it asks each worker to drain on its control socket.
+    """
+    pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=2)))
+    holder = psycopg.connect(pypool.dsn())
+    holder.execute("SELECT 1")  # a transaction in flight
+    for pid in [pypool.proc.pid, *worker_pids(pypool)]:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: "draining every worker" in pypool.log(), what="the supervisor passing the stop on")
+    wait_for(lambda: len(re.findall(r"\[worker \d\] pypool: shutting down", pypool.log())) == 2,
+             what="both workers draining")
+    assert holder.execute("SELECT 2").fetchone() == (2,)
+    holder.commit()
+    holder.close()
+    assert pypool.proc.wait(30) == 0, pypool.log()[-3000:]
+    assert "closing every connection now" not in pypool.log()
+
+
+def test_a_worker_killed_during_the_drain_makes_the_supervisor_exit_1_and_say_so(start_pypool):
+    """A stop that was not clean for every worker is not status 0: the supervisor logs which worker ended
+    how and exits 1 (not killed by a signal), while the other worker still drains."""
+    pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=2), {"general": {"shutdown_delay": 60000}}))
+    first, second = worker_pids(pypool)
+    pypool.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: len(re.findall(r"\[worker \d\] pypool: SIGTERM: /readyz fails", pypool.log())) == 2,
+             what="both workers in shutdown_delay")
+    os.kill(second, signal.SIGKILL)
+    os.kill(first, signal.SIGTERM)  # a second signal: this one stops at once, cleanly
+    assert pypool.proc.wait(30) == 1, pypool.log()[-3000:]
+    log = pypool.log()
+    assert re.search(rf"worker \d \(pid {second}\) ended with status -9 during the shutdown", log), log[-3000:]
+    assert f"pid {first}) ended with status" not in log
+
+
 def test_admin_pause_resume_and_shutdown_act_on_every_worker(start_pypool):
     pypool = start_pypool(merge(PRIMARY_ONLY, two_workers(pool_size=4)))
     worker_pids(pypool)
