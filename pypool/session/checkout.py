@@ -153,15 +153,9 @@ class SessionCheckout:
                          if str(required))
 
     def _on_queued_ready(self, server: ServerConnection) -> None:
-        """The pool handed over a connection this client queued for in ``_begin_request``.
-
-        Under contention every transaction passes here: ``_end_queued_wait`` and
-        ``_needs_sync`` are written out."""
+        """The pool handed over a connection this client queued for in ``_begin_request``."""
         self._queued = None
-        waited = time.monotonic() - self.wait_started
-        if waited > self.max_wait:
-            self.max_wait = waited
-        self.wait_started = 0.0
+        self._end_wait()
         if self.state is not states.WAITING:
             self.group.checkin(server)  # type: ignore[union-attr]
             return
@@ -172,7 +166,8 @@ class SessionCheckout:
 
     def _on_queued_failed(self, exc: Exception) -> None:
         """The queued wait ended without a connection: report why, or let the coroutine try."""
-        self._end_queued_wait()
+        self._queued = None
+        self._end_wait()
         if self.state is not states.WAITING:
             return
         if isinstance(exc, CheckoutAgain):
@@ -206,10 +201,6 @@ class SessionCheckout:
         if waited > self.max_wait:
             self.max_wait = waited
         self.wait_started = 0.0
-
-    def _end_queued_wait(self) -> None:
-        self._queued = None
-        self._end_wait()
 
     async def _checkout(self, role: str, server: ServerConnection | None) -> None:
         """Wait for a connection (unless given one), make it carry this client's settings, then attach."""
