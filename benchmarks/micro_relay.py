@@ -123,19 +123,8 @@ class InlineLoop:
             callback(*args)
 
 
-def build(routing: bool, extended: bool, transaction: bool = False,
-          primary_only: bool = False) -> tuple[ClientConnection, list[ServerConnection], Exchange]:
-    cfg = default_config_dict({})
-    pool = cfg["pools"]["postgres"]
-    if primary_only:  # one server: its one connection is the only one there is
-        pool["shards"]["0"]["servers"] = pool["shards"]["0"]["servers"][:1]
-        pool["users"]["0"]["pool_size"] = 1  # and the pool is full, as under contention
-    pool["query_parser_enabled"] = routing
-    pool["query_parser_read_write_splitting"] = routing
-    config = parse_config(dump_config(cfg))
-    app = Application(config)
-    # Keyed (pool, user, shard) since sharding, (pool, user) before: either checkout can be measured.
-    group = next(g for key, g in app.groups.items() if key[:2] == ("postgres", "postgres"))
+def logged_in_client(app: Application, group) -> ClientConnection:
+    """A client of ``group``'s pool ("postgres"), set up as its login leaves it in transaction mode."""
     if ClientSession is not None:
         client = ClientSession(app, FakeTransport())  # what the adapter's data_received is bound to after login
     else:
@@ -151,6 +140,23 @@ def build(routing: bool, extended: bool, transaction: bool = False,
     client._parameters_key = ()
     client.statements = ClientStatements()  # transaction mode, as login sets it
     client._join_causal(group)  # as login does: causal_reads is "session" with --routing
+    return client
+
+
+def build(routing: bool, extended: bool, transaction: bool = False,
+          primary_only: bool = False) -> tuple[ClientConnection, list[ServerConnection], Exchange]:
+    cfg = default_config_dict({})
+    pool = cfg["pools"]["postgres"]
+    if primary_only:  # one server: its one connection is the only one there is
+        pool["shards"]["0"]["servers"] = pool["shards"]["0"]["servers"][:1]
+        pool["users"]["0"]["pool_size"] = 1  # and the pool is full, as under contention
+    pool["query_parser_enabled"] = routing
+    pool["query_parser_read_write_splitting"] = routing
+    config = parse_config(dump_config(cfg))
+    app = Application(config)
+    # Keyed (pool, user, shard) since sharding, (pool, user) before: either checkout can be measured.
+    group = next(g for key, g in app.groups.items() if key[:2] == ("postgres", "postgres"))
+    client = logged_in_client(app, group)
     # One idle server connection in each server pool.
     servers = []
     for sp in group.all_pools:
@@ -178,15 +184,6 @@ def build(routing: bool, extended: bool, transaction: bool = False,
                              (m.query("END;"), m.command_complete("COMMIT") + m.ready_for_query())]
 
 
-def second_client(first: ClientSession) -> ClientSession:
-    """Another client of ``first``'s pool, logged in like it."""
-    client = ClientSession(first.app, FakeTransport())
-    client.group, client.database, client.state = first.group, first.database, first.state
-    client._router, client._parameters_key, client.statements = first._router, (), ClientStatements()
-    client._join_causal(first.group)
-    return client
-
-
 def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transaction: bool = False,
         keys: int = 1, queued: bool = False) -> None:
     client, servers, exchange = build(routing, extended, transaction, primary_only=queued)
@@ -196,7 +193,7 @@ def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transac
         inline_loop = InlineLoop()
         for conn in servers:
             conn.pool._loop = inline_loop  # one connection (build): the second client always queues
-        clients = [client, second_client(client)]
+        clients = [client, logged_in_client(client.app, client.group)]
         client.data_received(request)  # holds the connection from now on
         holder = 0
 

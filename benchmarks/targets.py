@@ -305,6 +305,16 @@ def expected_workers(workers: int | str, pool_size: int) -> int:
     return int(workers)
 
 
+def _launch(t: Target, argv: list[str], cwd: Path, log_name: str = "pooler.log",
+            env: dict[str, str] | None = None) -> None:
+    """Start ``t``'s process with its output in ``log_name`` (in its workdir); return once its port answers."""
+    log = open(t.workdir / log_name, "ab")  # type: ignore[operator]
+    t.extra["logfile"] = log
+    t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(cwd), env=env,
+                              stdin=subprocess.DEVNULL)
+    wait_for_port(t.port, t.alive, t.log_tail)
+
+
 def _start_pypool_like(t: Target) -> None:
     if t.workdir is None:
         t.workdir = Path(tempfile.mkdtemp(prefix=f"bench-{t.name}-"))
@@ -314,8 +324,6 @@ def _start_pypool_like(t: Target) -> None:
                              **t.extra["cfg_args"])
     cfg_path = t.workdir / "pooler.toml"
     cfg_path.write_text(dump_config(cfg))
-    log = open(t.workdir / "pooler.log", "ab")
-    t.extra["logfile"] = log
     if t.kind == "pypool":
         # `python -m pypool CONFIG` from the snapshot taken at the start of the run
         # (see run.snapshot_pypool), so that edits made meanwhile do not leak in.
@@ -325,9 +333,7 @@ def _start_pypool_like(t: Target) -> None:
     else:
         argv = [t.extra["binary"], str(cfg_path)]
         env = dict(os.environ, RUST_LOG="warn")
-    t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(t.workdir), env=env,
-                              stdin=subprocess.DEVNULL)
-    wait_for_port(t.port, t.alive, t.log_tail)
+    _launch(t, argv, t.workdir, env=env)
     workers = expected_workers(t.extra.get("workers", 1), t.extra["cfg_args"]["pool_size"])
     if t.kind == "pypool" and workers > 1:
         # The port answers once the first worker listens; measure only when all of them do.
@@ -352,12 +358,8 @@ def _start_floor(t: Target) -> None:
     if t.workdir is None:
         t.workdir = Path(tempfile.mkdtemp(prefix="bench-floor-"))
     t.port = free_port()
-    log = open(t.workdir / "pooler.log", "ab")
-    t.extra["logfile"] = log
-    argv = [sys.executable, "-m", "benchmarks.floor_relay", "--listen-port", str(t.port),
-            "--server-port", str(t.extra["primary"][1])]
-    t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO), stdin=subprocess.DEVNULL)
-    wait_for_port(t.port, t.alive, t.log_tail)
+    _launch(t, [sys.executable, "-m", "benchmarks.floor_relay", "--listen-port", str(t.port),
+                "--server-port", str(t.extra["primary"][1])], REPO)
 
 
 # -- PgBouncer
@@ -455,8 +457,6 @@ def _start_pgbouncer(t: Target) -> None:
         if pw is not None:
             os.chown(p, pw.pw_uid, pw.pw_gid)
         os.chmod(p, 0o700 if p.is_dir() else 0o600)
-    log = open(t.workdir / "stdout.log", "ab")
-    t.extra["logfile"] = log
     # runuser's PAM session resets the soft fd limit to 1024: raise it again for
     # the 10,000-idle-client measurement, then exec so pgbouncer is runuser's child.
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -464,9 +464,7 @@ def _start_pgbouncer(t: Target) -> None:
     argv = ["sh", "-c", inner, binary, str(t.workdir / "pgbouncer.ini")]
     if pw is not None:
         argv = ["runuser", "-u", OS_USER, "--", *argv]
-    t.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(t.workdir),
-                              stdin=subprocess.DEVNULL)
-    wait_for_port(t.port, t.alive, t.log_tail)
+    _launch(t, argv, t.workdir, log_name="stdout.log")
     deadline = time.monotonic() + 5
     while t.root_pid() is None and time.monotonic() < deadline:
         time.sleep(0.05)
