@@ -15,6 +15,11 @@ as a logged-in transaction-mode client (named-statement bookkeeping on):
   ``--routing`` only: with the split, pypool answers ``BEGIN`` itself and
   replays it in a coroutine this loop does not run.
 
+* ``--connect``: ``pgbench -C``'s unit of work: a client connects, logs in
+  with SCRAM-SHA-256 (the startup packet, the SASL exchange, the greeting), runs
+  the simple SELECT, sends Terminate and its connection is lost. Runs on uvloop
+  (what ``python -m pypool`` runs on); the harness plays libpq's side of SCRAM.
+
 * ``--queued``: two clients share one server connection and each sends its
   next request while the other's runs, so every transaction waits in the
   pool's queue and gets its connection from the other's check-in (the path of
@@ -29,7 +34,7 @@ short runs of CPU time (``time.process_time``) per transaction; with --profile,
 a cProfile summary and the Python calls per transaction instead. Used to measure hot-path changes
 before/after, also against an older checkout (its pypool on PYTHONPATH):
 
-    python -m benchmarks.micro_relay [--extended] [--transaction] [--queued] [--routing] [--profile] [-n 20000]
+    python -m benchmarks.micro_relay [--extended] [--transaction] [--queued] [--connect] [--routing] [--profile] [-n 20000]
         [--runs 15] [--keys N]
     PYTHONPATH=/old/checkout python benchmarks/micro_relay.py --extended
 """
@@ -184,6 +189,106 @@ def build(routing: bool, extended: bool, transaction: bool = False,
                              (m.query("END;"), m.command_complete("COMMIT") + m.ready_for_query())]
 
 
+# What PostgreSQL 15 reports at login, less the per-session ones (what a pool learns from its first connection).
+SERVER_PARAMETERS = {"client_encoding": "UTF8", "DateStyle": "ISO, MDY", "default_transaction_read_only": "off",
+                     "in_hot_standby": "off", "integer_datetimes": "on", "IntervalStyle": "postgres",
+                     "server_encoding": "UTF8", "server_version": "15.10 (Debian 15.10-0+deb12u1)",
+                     "standard_conforming_strings": "on", "TimeZone": "Etc/UTC"}
+
+
+class ConnectTransport(FakeTransport):
+    """A client's socket for ``--connect``: keeps what pypool sends, so the harness can answer it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received = bytearray()
+
+    def write(self, data) -> None:
+        self.received += data
+
+    def set_protocol(self, protocol) -> None:
+        self.protocol = protocol
+
+    def get_extra_info(self, name, default=None):
+        return ("127.0.0.1", 50000) if name == "peername" else default
+
+
+def _last_auth_payload(received: bytearray) -> bytes:
+    """The payload (after the auth code) of the last Authentication message pypool sent."""
+    pos, last = 0, b""
+    while pos < len(received):
+        length = int.from_bytes(received[pos + 1:pos + 5], "big")
+        if received[pos] == m.AUTHENTICATION:
+            last = bytes(received[pos + 9:pos + 1 + length])
+        pos += 1 + length
+    return last
+
+
+async def _settle(done) -> None:
+    """Let the login coroutine run until ``done()``: one loop turn at a time."""
+    for _ in range(50):
+        if done():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the login did not get there")
+
+
+async def run_connect(n: int, runs: int, profile: bool) -> None:
+    from pypool.protocol import auth
+    client, servers, [(request, reply)] = build(routing=False, extended=False)
+    app, group = client.app, client.group
+    group.server_parameters = dict(SERVER_PARAMETERS)
+    for conn in servers:  # as the first pgbench client's transaction left them: its settings applied
+        conn.applied_parameters["application_name"] = "pgbench"
+        conn.applied_key = (("application_name", "pgbench"),)
+    password = group.user.password
+    startup = m.startup_message({"user": "postgres", "database": "postgres", "application_name": "pgbench"})
+    ready = m.ready_for_query()
+
+    async def one() -> None:
+        conn = ClientConnection(app)
+        transport = ConnectTransport()
+        received = transport.received
+        conn.connection_made(transport)
+        conn.data_received(startup)
+        await _settle(lambda: received)
+        scram = auth.ScramClientSession("postgres", password)
+        sent = len(received)
+        conn.data_received(m.sasl_initial_response(auth.SCRAM_SHA_256, scram.client_first()))
+        await _settle(lambda: len(received) > sent)
+        final = scram.handle_server_first(_last_auth_payload(received))
+        conn.data_received(m.sasl_response(final))
+        await _settle(lambda: received.endswith(ready))
+        conn.data_received(request)
+        conn.session.server.data_received(reply)
+        conn.data_received(m.terminate())
+        conn.connection_lost(None)
+        await asyncio.sleep(0)  # the login task's end
+
+    for _ in range(200):
+        await one()
+    assert not app.clients and group.all_pools[0].idle, "a client or a server connection was left behind"
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            await one()
+        prof.disable()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("tottime").print_stats(30)
+        calls = sum(nc for _, nc, _, _, _ in stats.stats.values())
+        print(f"{calls / n:.1f} Python calls per login + transaction (harness included: cProfile)")
+        return
+    clock = time.process_time
+    best = float("inf")
+    for _ in range(runs):
+        start = clock()
+        for _ in range(n):
+            await one()
+        best = min(best, clock() - start)
+    print(f"connect: {best / n * 1e6:.3f} us CPU per login + transaction (best of {runs} x {n}; harness included)")
+
+
 def run(n: int, runs: int, routing: bool, extended: bool, profile: bool, transaction: bool = False,
         keys: int = 1, queued: bool = False) -> None:
     client, servers, exchange = build(routing, extended, transaction, primary_only=queued)
@@ -265,6 +370,7 @@ def main() -> None:
     parser.add_argument("--extended", action="store_true", help="pgbench -M extended's messages")
     parser.add_argument("--transaction", action="store_true", help="BEGIN, the SELECT, END: three requests")
     parser.add_argument("--queued", action="store_true", help="every transaction waits for the other's connection")
+    parser.add_argument("--connect", action="store_true", help="pgbench -C: a SCRAM login per transaction")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--keys", type=int, default=100_000, help="distinct aid values of the simple Query")
     args = parser.parse_args()
@@ -273,6 +379,11 @@ def main() -> None:
                      "replays it in a coroutine")
     if args.queued and (args.transaction or args.extended):
         parser.error("--queued measures the simple protocol's single request")
+
+    if args.connect:
+        import uvloop
+        uvloop.run(run_connect(args.n, args.runs, args.profile))
+        return
 
     async def go() -> None:
         run(args.n, args.runs, args.routing, args.extended, args.profile, args.transaction, args.keys, args.queued)
