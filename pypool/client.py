@@ -1,6 +1,7 @@
 """One client connection: the asyncio adapter around a client's session.
 
-``ClientConnection`` owns the transport (TLS included, TCP_NODELAY) and flow
+``ClientConnection`` owns the transport (TLS included; both event loops set
+TCP_NODELAY on every TCP transport they make, accepted ones too) and flow
 control (pypool/flow.py), and runs the login coroutine (pypool/login.py),
 the admin hand-off included. The client itself, as the pooler knows it, is a
 ``ClientSession`` (pypool/session/session.py), sans-IO: this adapter is its
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 from pypool.flow import ReadingPause
@@ -80,6 +80,9 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
         self._buffer = MessageBuffer(app.config.general.max_message_size)
         self._waiter: asyncio.Future[None] | None = None
         self._handshake_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: each lookup is a getpid()
+        self._login_timer: asyncio.TimerHandle | None = None  # client_login_timeout
+        self.login_timed_out = False
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.session!r}>"
@@ -98,11 +101,10 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
         if peer:
             self.session.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
             self.peer_host = str(peer[0]) if isinstance(peer, tuple) else ""
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app.client_connected(self.session)
-        self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
+        self._loop = loop = asyncio.get_running_loop()
+        self._handshake_task = loop.create_task(self._handshake())
+        self._login_timer = loop.call_later(self.app.config.general.client_login_timeout / 1000, self._login_too_slow)
 
     def data_received(self, data: bytes) -> None:
         """Before and outside the relay: the login's and the admin console's bytes.
@@ -152,6 +154,7 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
         return transport is None or transport.is_closing()
 
     def disconnect(self) -> None:
+        self._stop_login_timer()
         task = self._handshake_task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()
@@ -159,7 +162,7 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
             self.transport.close()
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> "asyncio.Task[None]":
-        task = asyncio.get_running_loop().create_task(work)
+        task = (self._loop or asyncio.get_running_loop()).create_task(work)
         _RUNNING.add(task)
         task.add_done_callback(_RUNNING.discard)
         return task

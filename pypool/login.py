@@ -56,7 +56,7 @@ class LoginHandshake:
     async def _wait_for_data(self) -> None:
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("client disconnected")
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
@@ -65,9 +65,10 @@ class LoginHandshake:
     async def _handshake(self) -> None:
         client = self.session
         try:
-            # asyncio.timeout, not wait_for: no second task per login
-            async with asyncio.timeout(self.app.config.general.client_login_timeout / 1000):
+            try:
                 await self._login()
+            finally:
+                self._stop_login_timer()
             if client.admin is not None:
                 await client.admin.run()
         except LoginRefused as exc:
@@ -80,19 +81,40 @@ class LoginHandshake:
             log.info("client %s (user %r): authentication failed: %s", client.peer, client.user, exc)
             self.close_with_error(exc.sqlstate, f'password authentication failed for user "{client.user}"',
                                   exc.severity)
-        except asyncio.TimeoutError:
+        except ssl.SSLError as exc:
+            log.info("client %s: TLS handshake failed: %s", client.peer, exc)
+            self.close()
+        except asyncio.CancelledError:
+            if not self.login_timed_out:
+                self.close()
+                return
             log.info("client %s did not log in within client_login_timeout; dropped", client.peer)
             self.close_with_error(
                 sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
                 f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
-        except ssl.SSLError as exc:
-            log.info("client %s: TLS handshake failed: %s", client.peer, exc)
-            self.close()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             self.close()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
             log.exception("client %s: unexpected error during login", client.peer)
             self.close_with_error(sqlstates.INTERNAL_ERROR, "internal error in pypool during login")
+
+    def _login_too_slow(self) -> None:
+        """client_login_timeout is up and the login is not done: cancel it (``_handshake`` answers).
+
+        A timer per connection, not ``asyncio.timeout``: no context manager
+        and no loop look-ups per login.
+        """
+        self._login_timer = None
+        task = self._handshake_task
+        if task is not None and not task.done():
+            self.login_timed_out = True
+            task.cancel()
+
+    def _stop_login_timer(self) -> None:
+        timer = self._login_timer
+        if timer is not None:
+            self._login_timer = None
+            timer.cancel()
 
     async def _login(self) -> None:
         startup = await self._read_startup()
@@ -220,7 +242,7 @@ class LoginHandshake:
         transport.write(b"S")
         # start_tls takes the transport over before any further byte is read, so the
         # ClientHello cannot land in the startup buffer.
-        self._use_transport(await asyncio.get_running_loop().start_tls(  # type: ignore[arg-type]
+        self._use_transport(await self._loop.start_tls(  # type: ignore[arg-type]
             transport, self, self.app.client_tls.context, server_side=True))  # type: ignore[arg-type]
         self.tls = True
 
