@@ -83,6 +83,7 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
         self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: each lookup is a getpid()
         self._login_timer: asyncio.TimerHandle | None = None  # client_login_timeout
         self.login_timed_out = False
+        self.auth_reply_held = b""  # the SASL exchange's last message, sent with the greeting
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.session!r}>"
@@ -176,6 +177,11 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
     # ------------------------------------------------- the client, for the login
 
     def close_with_error(self, sqlstate: str, text: str, severity: str = "FATAL") -> None:
+        held = self.auth_reply_held
+        if held:  # authenticated, then refused (max_client_connections, a setting): as PostgreSQL orders them
+            self.auth_reply_held = b""
+            if not self.is_closing():
+                self.write(held)
         self.session.close_with_error(sqlstate, text, severity)
 
     def close(self) -> None:

@@ -39,6 +39,8 @@ _ECHOED = ("application_name",)
 _REPORTED_VALUES_KEPT = 256  # distinct startup value sets remembered per pool
 
 _DECOY_PASSWORD = secrets.token_hex(16)
+_AUTHENTICATION_OK = m.authentication_ok()
+_READY_FOR_QUERY = m.ready_for_query()
 
 
 class LoginHandshake:
@@ -155,19 +157,49 @@ class LoginHandshake:
         if params.get("options"):
             startup_settings.update(session.startup_options(params["options"]))
         client.join_pool(group, parameters, startup_settings)
-        server_params = await self._reported_parameters(group)
+        statuses = await self._parameter_statuses(group)
         client.process_id, client.secret_key = self.app.register_cancel_key(client)
-        out = [m.authentication_ok()]
-        out.extend(m.parameter_status(k, v) for k, v in server_params.items())
-        out.append(m.backend_key_data(client.process_id, client.secret_key))
-        out.append(m.ready_for_query())
-        self.write(b"".join(out))
+        self.greet(b"".join((_AUTHENTICATION_OK, statuses, m.backend_key_data(client.process_id, client.secret_key),
+                             _READY_FOR_QUERY)))
         if self.app.config.general.log_client_connections:
             log.info("client %s logged in as %s to %s", client.peer, user, database)
         self._relay_to_session()
         client.logged_in(self._buffer.take_raw())
 
-    async def _reported_parameters(self, group: "PoolGroup") -> dict[str, str]:
+    def greet(self, greeting: bytes) -> None:
+        """Send the greeting (AuthenticationOk to ReadyForQuery) after the exchange's held last message.
+
+        One write for SASLFinal and the greeting, as PostgreSQL sends them:
+        one send() less per login.
+        """
+        held, self.auth_reply_held = self.auth_reply_held, b""
+        if not self.is_closing():
+            self.write(held + greeting)
+
+    async def _parameter_statuses(self, group: "PoolGroup") -> bytes:
+        """The ParameterStatus messages of the greeting, encoded: kept per pool and set of client settings.
+
+        They depend only on the pool's server parameters (``group.server_parameters``,
+        learnt once) and the client's settings, so the messages are built
+        once per distinct set of settings; a change of the server parameters
+        (a new object) empties the store.
+        """
+        key = tuple(self.session.desired_settings.items())
+        if group.greetings_from is group.server_parameters:
+            statuses = group.greetings.get(key)
+            if statuses is not None:
+                return statuses
+        server_params, learnt = await self._reported_parameters(group)
+        statuses = b"".join([m.parameter_status(k, v) for k, v in server_params.items()])
+        known = group.server_parameters
+        if learnt and known is not None:  # not fallback values nor the client's own spelling: remember them
+            if group.greetings_from is not known or len(group.greetings) >= _REPORTED_VALUES_KEPT:
+                group.greetings = {}
+                group.greetings_from = known
+            group.greetings[key] = statuses
+        return statuses
+
+    async def _reported_parameters(self, group: "PoolGroup") -> tuple[dict[str, str], bool]:
         """The ParameterStatus a client is told at login: the server's, with its own settings applied.
 
         PostgreSQL reports a setting as it stores it (``client_encoding=utf8``
@@ -176,7 +208,9 @@ class LoginHandshake:
         are applied on a server connection, which then reports them -- once per
         distinct set of values (``group.reported_values``); the connection
         keeps them for the client's first transaction. A value the server
-        refuses refuses the login, as PostgreSQL does.
+        refuses refuses the login, as PostgreSQL does. The flag says whether
+        the values are the server's spelling (False: no server answered, the
+        client's spelling stands in).
         """
         server_params = await group.login_parameters()
         names = {name.lower(): name for name in server_params}
@@ -184,13 +218,15 @@ class LoginHandshake:
         chosen = {names[k]: v for k, v in self.session.desired_settings.items() if k in names}
         asked = tuple(sorted((name, value) for name, value in chosen.items()
                              if name not in _ECHOED and server_params.get(name) != value))
+        learnt = True
         if asked:
             reported = group.reported_values.get(asked)
             if reported is None:
                 reported = await self._ask_reported_values(group, asked)
+                learnt = asked in group.reported_values
             chosen.update(reported)
         server_params.update(chosen)
-        return server_params
+        return server_params, learnt
 
     async def _ask_reported_values(self, group: "PoolGroup", asked: tuple[tuple[str, str], ...]) -> dict[str, str]:
         server = await group.any_connection()
@@ -276,5 +312,5 @@ class LoginHandshake:
         tag, payload = await self.read_message()
         if tag != m.PASSWORD:
             raise ProtocolViolation(f"expected SASLResponse, got message type {chr(tag)!r}")
-        final = session.handle_client_final(payload)
-        self.write(m.authentication_sasl_final(final))
+        # Held for the greeting (``greet``), or sent before a refusal (``close_with_error``).
+        self.auth_reply_held = m.authentication_sasl_final(session.handle_client_final(payload))

@@ -52,4 +52,4 @@ def _greet(console: AdminConsole) -> None:
     out.extend(m.parameter_status(k, v) for k, v in params.items())
     out.append(m.backend_key_data(session.process_id, session.secret_key))
     out.append(m.ready_for_query())
-    console.write(b"".join(out))
+    client.greet(b"".join(out))

@@ -134,6 +134,10 @@ class PoolGroup:
         # Reported parameters as PostgreSQL spells them once set from a client's startup values
         # (client_encoding=utf8 -> UTF8), keyed by those values: asked once per distinct set.
         self.reported_values: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+        # The greeting's ParameterStatus messages, encoded, by client settings (pypool/login.py), and
+        # the server_parameters they were built from.
+        self.greetings: dict[tuple[tuple[str, str], ...], bytes] = {}
+        self.greetings_from: dict[str, str] | None = None
         self.monitors: list[ServerMonitor] = []
         self._monitor_of: dict[ServerPool, ServerMonitor] = {}
         # Without replicas every read is on the primary: nothing to wait for, no commit position to ask.
