@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 from pypool.flow import ReadingPause
@@ -189,4 +189,6 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
 
 
 def new_cancel_key() -> tuple[int, int]:
-    return secrets.randbits(31), secrets.randbits(32)
+    """A random BackendKeyData pair (31-bit process id, 32-bit secret), from one getrandom call."""
+    bits = int.from_bytes(os.urandom(8), "big")
+    return bits >> 33, bits & 0xFFFFFFFF

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 
 import pytest
 from hypothesis import given, settings
@@ -445,3 +446,11 @@ def test_fuzz_server_messages_to_client_only_auth_error(data):
         client.verify_server_final(data)
     except AuthError:
         pass
+
+
+@pytest.mark.parametrize("key_len", [0, 1, 32, 64, 65, 200])
+def test_fixed_key_mac_is_hmac_sha256(key_len):
+    key = bytes(i % 251 for i in range(key_len))
+    mac = auth.FixedKeyMac(key)
+    for message in (b"", b"n=,r=abc", bytes(range(256)) * 3):
+        assert mac.digest(message) == hmac.digest(key, message, "sha256")
