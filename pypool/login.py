@@ -41,6 +41,7 @@ _REPORTED_VALUES_KEPT = 256  # distinct startup value sets remembered per pool
 _DECOY_PASSWORD = secrets.token_hex(16)
 _AUTHENTICATION_OK = m.authentication_ok()
 _READY_FOR_QUERY = m.ready_for_query()
+_AUTHENTICATION_SASL = m.authentication_sasl(auth.ScramServerSession.MECHANISMS)
 
 
 class LoginHandshake:
@@ -303,7 +304,7 @@ class LoginHandshake:
             return
         verifier = self.app.scram_verifier(group) if group is not None else None
         session = auth.ScramServerSession(verifier, username=username)
-        self.write(m.authentication_sasl(session.MECHANISMS))
+        self.write(_AUTHENTICATION_SASL)
         tag, payload = await self.read_message()
         if tag != m.PASSWORD:
             raise ProtocolViolation(f"expected SASLInitialResponse, got message type {chr(tag)!r}")
