@@ -250,6 +250,7 @@ async def run_connect(n: int, runs: int, profile: bool) -> None:
         transport = ConnectTransport()
         received = transport.received
         conn.connection_made(transport)
+        await asyncio.sleep(0)  # the startup packet is read in a later loop turn than the accept
         conn.data_received(startup)
         await _settle(lambda: received)
         scram = auth.ScramClientSession("postgres", password)
