@@ -104,7 +104,7 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
             self.peer_host = str(peer[0]) if isinstance(peer, tuple) else ""
         self.app.client_connected(self.session)
         self._loop = loop = asyncio.get_running_loop()
-        self._handshake_task = loop.create_task(self._handshake())
+        # The login coroutine starts with the client's first bytes (data_received): no wait before them.
         self._login_timer = loop.call_later(self.app.config.general.client_login_timeout / 1000, self._login_too_slow)
 
     def data_received(self, data: bytes) -> None:
@@ -122,6 +122,8 @@ class ClientConnection(LoginHandshake, asyncio.Protocol):
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+            elif self._handshake_task is None:
+                self._handshake_task = self._loop.create_task(self._handshake())  # type: ignore[union-attr]
 
     def _relay_to_session(self) -> None:
         """Logged in to a pool: the event loop hands the client's bytes to the session directly."""

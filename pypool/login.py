@@ -88,13 +88,10 @@ class LoginHandshake:
             log.info("client %s: TLS handshake failed: %s", client.peer, exc)
             self.close()
         except asyncio.CancelledError:
-            if not self.login_timed_out:
+            if self.login_timed_out:
+                self._refuse_slow_login()
+            else:
                 self.close()
-                return
-            log.info("client %s did not log in within client_login_timeout; dropped", client.peer)
-            self.close_with_error(
-                sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
-                f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
         except ConnectionResetError:
             self.close()
         except Exception:  # noqa: BLE001 - never let one client take the listener down
@@ -109,9 +106,17 @@ class LoginHandshake:
         """
         self._login_timer = None
         task = self._handshake_task
-        if task is not None and not task.done():
+        if task is None:  # not a byte from the client yet
+            self._refuse_slow_login()
+        elif not task.done():
             self.login_timed_out = True
             task.cancel()
+
+    def _refuse_slow_login(self) -> None:
+        log.info("client %s did not log in within client_login_timeout; dropped", self.session.peer)
+        self.close_with_error(
+            sqlstates.QUERY_CANCELED, "canceling authentication due to timeout: the client did not log "
+            f"in within client_login_timeout ({self.app.config.general.client_login_timeout} ms)")
 
     def _stop_login_timer(self) -> None:
         timer = self._login_timer
