@@ -8,7 +8,6 @@ to the disconnect, like PostgreSQL's per-role connection limit.
 
 from __future__ import annotations
 
-import collections
 from typing import TYPE_CHECKING
 
 from pypool import hba, sqlstates
@@ -22,22 +21,24 @@ class UserConnectionCounts:
     """Logged-in clients per (database, user)."""
 
     def __init__(self) -> None:
-        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # A plain dict, not a Counter: Counter's __missing__ and __delitem__ are Python calls, one per login each.
+        self._counts: dict[tuple[str, str], int] = {}
 
     def admit(self, key: tuple[str, str], limit: int) -> None:
         """Count one more client of ``key``, or raise LoginRefused when ``limit`` (0 = none) is reached."""
-        if limit and self._counts[key] >= limit:
+        count = self._counts.get(key, 0)
+        if limit and count >= limit:
             raise LoginRefused(sqlstates.TOO_MANY_CONNECTIONS,
                                f'too many connections for user "{key[1]}" to pool "{key[0]}": '
                                f"max_client_connections is {limit}")
-        self._counts[key] += 1
+        self._counts[key] = count + 1
 
     def release(self, key: tuple[str, str]) -> None:
-        left = self._counts[key] - 1
+        left = self._counts.get(key, 0) - 1
         if left > 0:
             self._counts[key] = left
         else:
-            del self._counts[key]
+            self._counts.pop(key, None)
 
     def __getitem__(self, key: tuple[str, str]) -> int:
         return self._counts.get(key, 0)
