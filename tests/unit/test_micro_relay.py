@@ -31,3 +31,11 @@ def test_the_queued_mode_waits_for_the_pool_every_time(capsys):
 
     asyncio.run(go())
     assert "simple, queued" in capsys.readouterr().out
+
+
+def test_the_connect_mode_logs_in_runs_and_leaves(capsys):
+    import uvloop
+
+    # run_connect() checks that its 200 warm-up logins each left no client behind and the server idle.
+    uvloop.run(micro_relay.run_connect(50, 1, profile=False))
+    assert "us CPU per login + transaction" in capsys.readouterr().out
