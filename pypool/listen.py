@@ -36,7 +36,8 @@ import weakref
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from pypool import sqlstates
-from pypool.pool.server import ServerConnection, ServerError, open_connection
+from pypool.pool.connect import open_connection
+from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
 from pypool.session.session_state import quote_ident

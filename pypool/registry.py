@@ -16,7 +16,7 @@ from pypool import sqlstates
 from pypool.client import new_cancel_key
 from pypool.errors import LoginRefused
 from pypool.limits import UserConnectionCounts
-from pypool.pool.server import send_cancel
+from pypool.pool.connect import send_cancel
 
 if TYPE_CHECKING:
     from pypool.session.session import ClientSession

@@ -15,7 +15,7 @@ import logging
 from typing import TYPE_CHECKING, Protocol
 
 from pypool import shutdown_delay
-from pypool.pool.server import send_cancel
+from pypool.pool.connect import send_cancel
 
 if TYPE_CHECKING:
     from pypool.session.session import ClientSession

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from pypool import __version__, sqlstates
 from pypool.about import runtime
-from pypool.pool.server import Credentials, ServerError, open_connection
+from pypool.pool.connect import open_connection
+from pypool.pool.server import Credentials, ServerError
 from pypool.tls import server_context
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pypool.causal.lsn import Position, parse_position
-from pypool.pool.server import ServerConnection, ServerError, open_connection
+from pypool.pool.connect import open_connection
+from pypool.pool.server import ServerConnection, ServerError
 
 if TYPE_CHECKING:
     from pypool.causal.positions import ReplicaPositions

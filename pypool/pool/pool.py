@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Callable
 
 from pypool import sqlstates
 from pypool.errors import FixedCodeError
-from pypool.pool.server import IDLE, TESTED, Credentials, ServerConnection, ServerError, open_connection
+from pypool.pool.connect import open_connection
+from pypool.pool.server import IDLE, TESTED, Credentials, ServerConnection, ServerError
 
 if TYPE_CHECKING:
     from pypool.config import ServerAddress

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from pypool import keepalive, sqlstates
-from pypool.errors import PoolerError
+from pypool import keepalive
+from pypool.pool.conversation import Conversation, ServerError  # ServerError: most modules import it from here
 from pypool.session.prepared import AS_PARSE_COMPLETE, PARSE_COMPLETE, SWALLOW, ServerStatements
 from pypool.session.tracker import RequestTracker
-from pypool.protocol import auth
 from pypool.protocol import messages as m
 from pypool.flow import ReadingPause
 from pypool.protocol.frames import FrameWalker, MessageBuffer, ProtocolViolation, tag_table
-from pypool.tls import connect_tls
 
 if TYPE_CHECKING:
     from pypool.config import ServerAddress
@@ -54,14 +51,6 @@ SERVER_STATES = (ACTIVE, IDLE, "used", TESTED, LOGIN)
 _REPLY_STOPS = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE, m.PARSE_COMPLETE,
                           m.CLOSE_COMPLETE))
 _REPLY_WHOLE = tag_table((m.READY_FOR_QUERY, m.PARAMETER_STATUS, m.ERROR_RESPONSE))
-
-
-class ServerError(PoolerError):
-    """The server refused us or sent an ErrorResponse; ``fields`` are its error fields."""
-
-    def __init__(self, message: str, fields: dict[str, str] | None = None) -> None:
-        self.fields = fields or {}
-        super().__init__(self.fields.get("C", sqlstates.CONNECTION_FAILURE), message)
 
 
 # What must happen before a connection serves anyone else (every listener has received the notifications
@@ -100,7 +89,7 @@ class Credentials:
     database: str
 
 
-class ServerConnection(asyncio.Protocol):
+class ServerConnection(Conversation, asyncio.Protocol):
     def __init__(self, address: "ServerAddress", credentials: Credentials) -> None:
         self.address = address
         self.credentials = credentials
@@ -134,10 +123,10 @@ class ServerConnection(asyncio.Protocol):
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
-        self.pool = None  # set by the owning ServerPool
-        self.on_lost = None  # callback(ServerConnection) set by the owning pool
+        self.pool: Any = None  # ServerPool, set by the owning ServerPool
+        self.on_lost: Any = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints read by SHOW and metrics, added to the pool's PoolStats once at the end (_fold).
-        self.stats = None
+        self.stats: Any = None  # PoolStats
         self.query_count = 0  # requests answered (ReadyForQuery)
         self.xact_count = 0  # transactions ended (ReadyForQuery 'I')
         self.bytes_received = 0
@@ -394,100 +383,11 @@ class ServerConnection(asyncio.Protocol):
             log.warning("idle server %s sent garbage (%s); closing it", self.label, exc)
             self.close()
 
-    # ------------------------------------------------------------ conversation
-
-    async def _read_message(self) -> tuple[int, bytes]:
-        while True:
-            msg = self._buffer.next_message()
-            if msg is not None:
-                return msg
-            if self.closed:
-                raise ServerError(f"server {self.label} closed the connection unexpectedly")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
     def _write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
             raise ServerError(f"server {self.label} connection is closed")
         self.bytes_sent += len(data)
         self.transport.write(data)
-
-    async def login(self, startup_params: dict[str, str]) -> None:
-        """Send the startup packet and authenticate with whatever the server asks for."""
-        creds = self.credentials
-        params = {"user": creds.user, "database": creds.database}
-        params.update(startup_params)
-        self._write(m.startup_message(params))
-        scram: auth.ScramClientSession | None = None
-        scram_verified = False
-        while True:
-            tag, payload = await self._read_message()
-            if tag == m.AUTHENTICATION:
-                code, data = m.parse_auth_request(payload)
-                if code == m.AUTH_OK:
-                    # A server that skips SASLFinal never proved it knows the password.
-                    if scram is not None and not scram_verified:
-                        raise ServerError(f"server {self.label} ended SCRAM without proving its identity",
-                                          {"C": sqlstates.INVALID_AUTHORIZATION_SPECIFICATION})
-                    continue
-                if code == m.AUTH_CLEARTEXT:
-                    self._write(m.password_message(creds.password.encode()))
-                elif code == m.AUTH_MD5:
-                    self._write(m.password_message(auth.md5_hash(creds.user, creds.password, data[:4])))
-                elif code == m.AUTH_SASL:
-                    mechanisms = m.parse_sasl_mechanisms(data)
-                    if "SCRAM-SHA-256" not in mechanisms:
-                        raise ServerError(f"server {self.label} offers no supported SASL mechanism: {mechanisms}")
-                    scram = auth.ScramClientSession(creds.user, creds.password)
-                    self._write(m.sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
-                elif code == m.AUTH_SASL_CONTINUE and scram is not None:
-                    self._write(m.sasl_response(scram.handle_server_first(data)))
-                elif code == m.AUTH_SASL_FINAL and scram is not None:
-                    scram.verify_server_final(data)
-                    scram_verified = True
-                else:
-                    raise ServerError(f"server {self.label} asked for unsupported authentication method {code}")
-            elif tag == m.PARAMETER_STATUS:
-                self._note_parameter(payload)
-            elif tag == m.BACKEND_KEY_DATA:
-                self.backend_pid = int.from_bytes(payload[0:4], "big")
-                self.backend_secret = int.from_bytes(payload[4:8], "big")
-            elif tag == m.ERROR_RESPONSE:
-                fields = m.parse_error_fields(payload)
-                raise ServerError(f"server {self.label}: {fields.get('M', 'login failed')}", fields)
-            elif tag == m.READY_FOR_QUERY:
-                self.requests.status = payload[0]
-                return
-            # NOTICE and anything else during login is ignored.
-
-    async def query(self, sql: str) -> list[list[str | None]]:
-        """Run a simple query in conversation mode and return its rows as text.
-
-        Raises ServerError with the server's fields if any statement fails.
-        """
-        self._write(m.query(sql))
-        self.reply_owed = True
-        rows: list[list[str | None]] = []
-        error: dict[str, str] | None = None
-        while True:
-            tag, payload = await self._read_message()
-            if tag == m.DATA_ROW:
-                rows.append(_decode_data_row(payload))
-            elif tag == m.ERROR_RESPONSE:
-                error = m.parse_error_fields(payload)
-            elif tag == m.PARAMETER_STATUS:
-                self._note_parameter(payload)
-            elif tag == m.READY_FOR_QUERY:
-                self.requests.status = payload[0]
-                self.reply_owed = False
-                if error is not None:
-                    raise ServerError(f"server {self.label}: {error.get('M')}", error)
-                return rows
-            elif tag in (m.COPY_IN_RESPONSE,):
-                self._write(m.message(m.COPY_FAIL, b"pypool does not feed COPY here\x00"))
 
     def close(self) -> None:
         if self.closed:
@@ -500,90 +400,3 @@ class ServerConnection(asyncio.Protocol):
             except Exception:  # noqa: BLE001 - closing anyway
                 pass
             self.transport.close()
-
-
-def _decode_data_row(payload: bytes) -> list[str | None]:
-    count = int.from_bytes(payload[0:2], "big")
-    pos = 2
-    values: list[str | None] = []
-    for _ in range(count):
-        size = int.from_bytes(payload[pos:pos + 4], "big", signed=True)
-        pos += 4
-        if size < 0:
-            values.append(None)
-        else:
-            values.append(payload[pos:pos + size].decode("utf-8", "replace"))
-            pos += size
-    return values
-
-
-async def open_connection(address: "ServerAddress", credentials: Credentials,
-                          startup_params: dict[str, str], timeout: float,
-                          tls: ssl.SSLContext | None = None,
-                          factory: type[ServerConnection] = ServerConnection) -> ServerConnection:
-    """Connect (over TLS when ``tls`` is given) and log in within ``timeout`` seconds, or raise ServerError."""
-    loop = asyncio.get_running_loop()
-    label = f"{address.host}:{address.port}"
-
-    async def _connect() -> ServerConnection:
-        if tls is None:
-            _, conn = await loop.create_connection(lambda: factory(address, credentials),
-                                                   address.host, address.port)
-        else:
-            sock = await connect_tls(address.host, address.port, tls)
-            try:
-                _, conn = await loop.create_connection(lambda: factory(address, credentials), sock=sock,
-                                                       ssl=tls, server_hostname=address.host)
-            except BaseException:
-                sock.close()
-                raise
-        try:
-            await conn.login(startup_params)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    try:
-        # Not wait_for: on Python 3.11 it drops a cancel that comes with the connection (a pool or
-        # monitor being stopped would go on with it).
-        async with asyncio.timeout(timeout):
-            return await _connect()
-    except asyncio.TimeoutError:
-        raise ServerError(f"could not connect to server {label}: timed out after {timeout * 1000:.0f} ms",
-                          {"C": sqlstates.CONNECTION_FAILURE}) from None
-    except ssl.SSLCertVerificationError as exc:
-        raise ServerError(f"could not connect to server {label}: TLS handshake failed: certificate verify failed "
-                          f"({exc.verify_message})", {"C": sqlstates.CONNECTION_FAILURE}) from None
-    except ssl.SSLError as exc:
-        raise ServerError(f"could not connect to server {label}: TLS handshake failed: {exc.reason or exc}",
-                          {"C": sqlstates.CONNECTION_FAILURE}) from None
-    except OSError as exc:
-        raise ServerError(f"could not connect to server {label}: {exc.strerror or exc}",
-                          {"C": sqlstates.CONNECTION_FAILURE}) from None
-    except auth.AuthError as exc:
-        raise ServerError(f"authentication to server {label} failed: {exc}",
-                          {"C": sqlstates.INVALID_PASSWORD}) from None
-
-
-async def send_cancel(address: "ServerAddress", process_id: int, secret_key: int, timeout: float = 5.0) -> None:
-    """Deliver a CancelRequest for a backend on ``address`` (best effort).
-
-    Returns once the server has closed the connection, as libpq's PQcancel
-    waits: by then the postmaster has signalled the backend.
-    """
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(address.host, address.port)
-    except (OSError, asyncio.TimeoutError) as exc:
-        log.warning("cancel: cannot reach %s:%s: %s", address.host, address.port, exc)
-        return
-    writer.write(m.cancel_request(process_id, secret_key))
-    try:
-        async with asyncio.timeout(timeout):
-            await writer.drain()
-            await reader.read()
-    except (OSError, asyncio.TimeoutError) as exc:
-        log.warning("cancel: %s:%s did not confirm the cancel request: %s", address.host, address.port, exc)
-    finally:
-        writer.close()

@@ -234,28 +234,19 @@ class FrameWalker:
 
 
 
-def scan_messages(buf: bytes | bytearray | memoryview, start: int = 0,
-                  max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> int:
-    """Return the offset just past the last complete tagged message in ``buf``.
+def first_message(buf: bytes | bytearray, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[int, int] | None:
+    """``(tag, end)`` of the message at the front of ``buf`` once it is whole, else None.
 
     Raises ProtocolViolation on an impossible length.
     """
-    walker = FrameWalker(max_size)
-    pos = start
-    n = len(buf)
-    while True:
-        at, end = walker.next(buf, pos, n, ALL_TAGS)  # type: ignore[arg-type]
-        if end < 0 or end > n:
-            return at
-        pos = end
-
-
-def first_message(buf: bytes | bytearray, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[int, int] | None:
-    """``(tag, end)`` of the message at the front of ``buf`` once it is whole, else None."""
-    at, end = FrameWalker(max_size).next(buf, 0, len(buf), ALL_TAGS)  # type: ignore[arg-type]
-    if end < 0 or end > len(buf):
+    if len(buf) < HEADER_SIZE:
         return None
-    return buf[0], end
+    tag = buf[0]
+    length = int.from_bytes(buf[1:HEADER_SIZE], "big")
+    if length < 4 or length > max_size:
+        raise ProtocolViolation(f"invalid message length {length} for message type {chr(tag)!r}")
+    end = 1 + length
+    return (tag, end) if end <= len(buf) else None
 
 
 @dataclass(slots=True)

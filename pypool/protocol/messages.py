@@ -10,45 +10,46 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Final
 
 from pypool import sqlstates
 from pypool.errors import PoolerError
 from pypool.protocol.frames import CANCEL_REQUEST_CODE, PROTOCOL_VERSION_3, SSL_REQUEST_CODE, ProtocolViolation
 
 # Frontend tags
-QUERY = ord("Q")
-PARSE = ord("P")
-BIND = ord("B")
-DESCRIBE = ord("D")
-EXECUTE = ord("E")
-CLOSE = ord("C")
-SYNC = ord("S")
-FLUSH = ord("H")
-TERMINATE = ord("X")
-COPY_DATA = ord("d")
-COPY_DONE = ord("c")
-COPY_FAIL = ord("f")
-FUNCTION_CALL = ord("F")
-PASSWORD = ord("p")  # PasswordMessage, SASLInitialResponse and SASLResponse share it
+QUERY: Final[int] = ord("Q")
+PARSE: Final[int] = ord("P")
+BIND: Final[int] = ord("B")
+DESCRIBE: Final[int] = ord("D")
+EXECUTE: Final[int] = ord("E")
+CLOSE: Final[int] = ord("C")
+SYNC: Final[int] = ord("S")
+FLUSH: Final[int] = ord("H")
+TERMINATE: Final[int] = ord("X")
+COPY_DATA: Final[int] = ord("d")
+COPY_DONE: Final[int] = ord("c")
+COPY_FAIL: Final[int] = ord("f")
+FUNCTION_CALL: Final[int] = ord("F")
+PASSWORD: Final[int] = ord("p")  # PasswordMessage, SASLInitialResponse and SASLResponse share it
 
 # Backend tags
-AUTHENTICATION = ord("R")
-PARAMETER_STATUS = ord("S")
-BACKEND_KEY_DATA = ord("K")
-READY_FOR_QUERY = ord("Z")
-ERROR_RESPONSE = ord("E")
-NOTICE_RESPONSE = ord("N")
-NOTIFICATION_RESPONSE = ord("A")
-COMMAND_COMPLETE = ord("C")
-ROW_DESCRIPTION = ord("T")
-DATA_ROW = ord("D")
-EMPTY_QUERY_RESPONSE = ord("I")
-PARSE_COMPLETE = ord("1")
-BIND_COMPLETE = ord("2")
-CLOSE_COMPLETE = ord("3")
-COPY_IN_RESPONSE = ord("G")
-COPY_OUT_RESPONSE = ord("H")
-COPY_BOTH_RESPONSE = ord("W")
+AUTHENTICATION: Final[int] = ord("R")
+PARAMETER_STATUS: Final[int] = ord("S")
+BACKEND_KEY_DATA: Final[int] = ord("K")
+READY_FOR_QUERY: Final[int] = ord("Z")
+ERROR_RESPONSE: Final[int] = ord("E")
+NOTICE_RESPONSE: Final[int] = ord("N")
+NOTIFICATION_RESPONSE: Final[int] = ord("A")
+COMMAND_COMPLETE: Final[int] = ord("C")
+ROW_DESCRIPTION: Final[int] = ord("T")
+DATA_ROW: Final[int] = ord("D")
+EMPTY_QUERY_RESPONSE: Final[int] = ord("I")
+PARSE_COMPLETE: Final[int] = ord("1")
+BIND_COMPLETE: Final[int] = ord("2")
+CLOSE_COMPLETE: Final[int] = ord("3")
+COPY_IN_RESPONSE: Final[int] = ord("G")
+COPY_OUT_RESPONSE: Final[int] = ord("H")
+COPY_BOTH_RESPONSE: Final[int] = ord("W")
 
 # Authentication request codes
 AUTH_OK = 0

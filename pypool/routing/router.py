@@ -207,9 +207,9 @@ class Router:
         if self.sharded:
             return None  # the shard depends on the client's state and on values: full path
         if self._plain is not None and b"pypool" not in message:
-            decision = self._plain  # only the primary can answer: only a hint comment could change the role
-            self.decisions[decision.role] += 1
-            return decision
+            plain = self._plain  # only the primary can answer: only a hint comment could change the role
+            self.decisions[plain.role] += 1
+            return plain
         decision = self._memo.get(message)
         if decision is None:
             tag = message[0]

@@ -28,8 +28,8 @@ from pypool.protocol.frames import (
     ProtocolViolation,
     SSLRequest,
     StartupMessage,
+    first_message,
     parse_startup_packet,
-    scan_messages,
 )
 
 # ------------------------------------------------------------------ strategies
@@ -162,7 +162,7 @@ def test_message_buffer_payload_is_bytes_not_a_view():
     assert payload == b"SELECT 1\x00"
 
 
-# --------------------------------------------------------------- scan_messages
+# --------------------------------------------------------------- first_message
 
 def _boundaries(msgs: list[bytes]) -> list[int]:
     out = [0]
@@ -172,37 +172,23 @@ def _boundaries(msgs: list[bytes]) -> list[int]:
 
 
 @given(msgs=streams, data=st.data())
-def test_scan_messages_stops_after_the_last_complete_message(msgs, data):
+def test_first_message_is_found_once_its_last_byte_arrived(msgs, data):
     stream = b"".join(msgs)
-    boundaries = _boundaries(msgs)
     cut = data.draw(st.integers(min_value=0, max_value=len(stream)))
     prefix = stream[:cut]
-    expected = max(b for b in boundaries if b <= cut)
-    assert scan_messages(prefix) == expected
-    assert scan_messages(bytearray(prefix)) == expected
-    assert scan_messages(memoryview(prefix)) == expected
+    expected = (msgs[0][0], len(msgs[0])) if msgs and cut >= len(msgs[0]) else None
+    assert first_message(prefix) == expected
+    assert first_message(bytearray(prefix)) == expected  # the session's pending buffer is a bytearray
 
 
-@given(msgs=st.lists(any_message, min_size=1, max_size=10), data=st.data())
-def test_scan_messages_from_a_boundary(msgs, data):
-    stream = b"".join(msgs)
-    boundaries = _boundaries(msgs)
-    start = data.draw(st.sampled_from(boundaries))
-    assert scan_messages(stream, start) == len(stream)
-    assert scan_messages(stream + b"Q\x00\x00", start) == len(stream)
-
-
-def test_scan_messages_rejects_impossible_lengths():
+def test_first_message_rejects_impossible_lengths():
     for length in (0, 1, 2, 3):
         with pytest.raises(ProtocolViolation, match=r"invalid message length \d+ for message type 'Q'"):
-            scan_messages(b"Q" + struct.pack("!I", length))
+            first_message(b"Q" + struct.pack("!I", length))
     # A length past the limit is refused before the body arrives.
     with pytest.raises(ProtocolViolation, match="invalid message length 101"):
-        scan_messages(b"D" + struct.pack("!I", 101), max_size=100)
-    assert scan_messages(b"D" + struct.pack("!I", 100), max_size=100) == 0
-    # A bad header after a good message is still reported.
-    with pytest.raises(ProtocolViolation):
-        scan_messages(m.query("x") + b"Q\x00\x00\x00\x02")
+        first_message(bytearray(b"D" + struct.pack("!I", 101)), max_size=100)
+    assert first_message(b"D" + struct.pack("!I", 100), max_size=100) is None
 
 
 def test_message_buffer_rejects_impossible_lengths():
@@ -224,21 +210,21 @@ def test_message_buffer_rejects_impossible_lengths():
 def test_tagged_framing_on_random_bytes_raises_only_protocol_violation(raw, max_size):
     buf = MessageBuffer(max_size=max_size)
     buf.feed(raw)
-    consumed = 0
+    first_length = None
     try:
-        while (msg := buf.next_message()) is not None:
-            tag, payload = msg
-            consumed += 5 + len(payload)
+        if (msg := buf.next_message()) is not None:
+            first_length = 5 + len(msg[1])
+        while buf.next_message() is not None:
+            pass
     except ProtocolViolation as exc:
         assert str(exc)
     try:
-        end = scan_messages(raw, max_size=max_size)
+        first = first_message(raw, max_size=max_size)
     except ProtocolViolation as exc:
-        assert str(exc)
+        assert str(exc) and first_length is None
     else:
-        # Both walkers agree when the whole input frames cleanly.
-        assert end == consumed
-        assert len(buf) == len(raw) - consumed
+        # Both agree on the first message when it frames cleanly.
+        assert first == (None if first_length is None else (raw[0], first_length))
 
 
 # ------------------------------------------------------------- startup packets
