@@ -28,6 +28,8 @@ class ServerError(PoolerError):
 class Conversation:
     """ServerConnection's coroutines (its base class): the state they use is the connection's."""
 
+    __slots__ = ()  # ServerConnection's slots hold the state
+
     _buffer: MessageBuffer
     _waiter: asyncio.Future[None] | None
     closed: bool

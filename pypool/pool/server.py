@@ -90,6 +90,15 @@ class Credentials:
 
 
 class ServerConnection(Conversation, asyncio.Protocol):
+    # Slots, not an instance dict: past 30 attributes a dict stops sharing its keys with the other
+    # instances' and the relay's attribute reads lose the interpreter's fast path for them.
+    __slots__ = ("address", "credentials", "transport", "_buffer", "_waiter", "closed", "state", "parameters",
+                 "applied_parameters", "applied_key", "backend_pid", "backend_secret", "created_at", "last_used",
+                 "expires_at", "reading", "client", "requests", "replied", "_walker", "statements",
+                 "reported_change", "track_commit", "settle", "reply_owed", "pool", "on_lost", "stats",
+                 "query_count", "xact_count", "bytes_received", "bytes_sent", "xact_start", "query_start", "_folded",
+                 "__weakref__")  # __weakref__: ServerPool.connections is a WeakSet
+
     def __init__(self, address: "ServerAddress", credentials: Credentials) -> None:
         self.address = address
         self.credentials = credentials
