@@ -363,7 +363,12 @@ def goals_section(s: Summary) -> list[str]:
             None if split is None or plain is None else split - plain, 5.0, "{:+.1f} µs")
     at_most("select-connect-c16: pypool CPU per login + transaction <= 2 x PgBouncer's",
             s.ratio("select-connect-c16", "pypool", "pgbouncer", "cpu_us_per_tx")[0], 2.0)
-    # Context, not targets: at one fixed rate CPU per transaction compares costs alone.
+    # Context, not targets: what the floor relay (no framing, no pooling) reaches is the room a pooler
+    # has under the targets above; at one fixed rate CPU per transaction compares costs alone.
+    for wl in ("select-c16", "select-ext-c16"):
+        for measure, what in (("tps", "TPS"), ("cpu_us_per_tx", "CPU per transaction")):
+            rows.append((f"{wl} (context): {LABELS['floor']} {what} / PgBouncer's",
+                         _f(s.ratio(wl, "floor", "pgbouncer", measure)[0], "{:.2f} x"), None))
     for t in ("floor", "pypool"):
         rows.append((f"select-rate-c16 (context): {LABELS[t]} CPU per transaction / PgBouncer's at the same rate",
                      _f(s.ratio("select-rate-c16", t, "pgbouncer", "cpu_us_per_tx")[0], "{:.2f} x"), None))

@@ -68,17 +68,20 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("select-c1", "Read-only (pgbench -S), 1 client", ("-S",), 1),
-    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16, targets=SCALING),
+    # "floor" (benchmarks/floor_relay.py) is the cheapest uvloop relay there is: at 16 clients it
+    # shows what any asyncio pooler pays before it frames, pools or routes anything. (At more
+    # clients it would open a server connection per client: other work for PostgreSQL.)
+    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16, targets=SCALING + ("floor",)),
     Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=SCALING),
     Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256, targets=SCALING),
     Workload("select-c1000", "Read-only (pgbench -S), 1,000 clients", ("-S",), 1000, targets=SCALING),
     # A fixed rate every target sustains: each then does the same work per second, so CPU per
     # transaction compares costs alone (a faster pooler finds more events per wake-up, which
-    # lowers its CPU per transaction at full speed). "floor" is the cheapest uvloop relay there is.
+    # lowers its CPU per transaction at full speed).
     Workload("select-rate-c16", "Read-only (pgbench -S), 16 clients, fixed rate of 8,000 TPS",
              ("-S", "-R", "8000"), 16, targets=("floor", "pypool", "pgbouncer")),
     Workload("select-ext-c16", "Read-only, extended protocol (-S -M extended), 16 clients",
-             ("-S", "-M", "extended"), 16),
+             ("-S", "-M", "extended"), 16, targets=PLAIN + ("floor",)),
     Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
     Workload("select-connect-c16", "New connection per transaction (-S -C), 16 clients", ("-S", "-C"), 16),
     # pypool-rw-causal: the same split with causal_reads = "session"; reads that follow no write cost the same.
