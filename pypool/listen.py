@@ -72,6 +72,14 @@ class ListenerConnection(ServerConnection):
                 return tag, payload
             self._notification(payload)
 
+    async def query(self, sql: str) -> list[list[str | None]]:
+        try:
+            return await super().query(sql)
+        finally:
+            # A notification read together with the ReadyForQuery is still buffered, and no later
+            # read would hand it out (the connection is idle: data_received only drains new bytes).
+            self._drain_idle_messages()
+
     def _drain_idle_messages(self) -> None:
         try:
             while (msg := self._buffer.next_message()) is not None:
