@@ -67,6 +67,8 @@ def fmt_row(row) -> str:
         parts.append(f"p99 {row.lat_p99_us / 1000:.3f} ms")
     if row.cpu_us_per_tx is not None:
         parts.append(f"cpu {row.cpu_us_per_tx:.1f} us/tx")
+    if row.sys_us_per_tx is not None:
+        parts.append(f"(sys {row.sys_us_per_tx:.1f})")
     if row.replica_share is not None:
         parts.append(f"on replicas {row.replica_share:.0%}")
     return "  ".join(parts)
@@ -128,10 +130,10 @@ class Summary:
         return sorted(seen, key=lambda t: order.index(t) if t in order else 99)
 
     def med(self, workload: str, target: str, col: str) -> float | None:
-        return _median([_num(r[col]) for r in self.ok.get((workload, target), [])])
+        return _median([_num(r.get(col)) for r in self.ok.get((workload, target), [])])
 
     def range(self, workload: str, target: str, col: str) -> tuple[float, float] | None:
-        vals = [v for v in (_num(r[col]) for r in self.ok.get((workload, target), [])) if v is not None]
+        vals = [v for v in (_num(r.get(col)) for r in self.ok.get((workload, target), [])) if v is not None]
         return (min(vals), max(vals)) if vals else None
 
     def n(self, workload: str, target: str) -> int:
@@ -142,7 +144,7 @@ class Summary:
         by_round: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         for t in (num, den):
             for r in self.ok.get((workload, t), []):
-                v = _num(r[col])
+                v = _num(r.get(col))
                 if v is not None:
                     by_round[r["round"]][t] = v
         ratios = [d[num] / d[den] for d in by_round.values() if num in d and d.get(den)]
@@ -241,8 +243,8 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
                "per-transaction `--log` (every transaction), then the median over rounds. "
                "Pooler CPU: utime+stime of the pooler's processes "
                "from `/proc/<pid>/stat` before and after the run, divided by the transactions pgbench "
-               "completed.\n")
-    head = ["workload", "target", "TPS (min–max)", "lat avg ms", "lat p99 ms", "pooler CPU µs/tx",
+               "completed; of it, stime (the kernel: system calls, the TCP stack) is the next column.\n")
+    head = ["workload", "target", "TPS (min–max)", "lat avg ms", "lat p99 ms", "pooler CPU µs/tx", "of it system",
             "TPS vs PgBouncer", "CPU vs PgBouncer", "note"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
@@ -260,6 +262,7 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
                      _f(_div(s.med(wl, t, "lat_avg_us"), 1000), "{:.3f}"),
                      _f(_div(s.med(wl, t, "lat_p99_us"), 1000), "{:.3f}"),
                      _f(s.med(wl, t, "cpu_us_per_tx"), "{:.1f}"),
+                     _f(s.med(wl, t, "sys_us_per_tx"), "{:.1f}"),
                      _ratio_cell(s, wl, t, "pgbouncer", "tps") if t.startswith(_COMPARED) else "",
                      _ratio_cell(s, wl, t, "pgbouncer", "cpu_us_per_tx") if t.startswith(_COMPARED) else "",
                      _dedupe(notes)]

@@ -123,6 +123,7 @@ class Row:
     lat_p99_us: float | None = None
     pooler_cpu_s: float | None = None
     cpu_us_per_tx: float | None = None
+    sys_us_per_tx: float | None = None  # of cpu_us_per_tx, the kernel's share (system calls, the TCP stack)
     rss_kib: int | None = None
     rss_idle_kib: int | None = None
     connections: int | None = None
@@ -348,9 +349,10 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
         row.lat_p50_us, row.lat_p99_us = percentile(lat, 50), percentile(lat, 99)
     counted = sum(1 for end in ends if end >= since) if steady else row.transactions
     if cpu0 is not None and cpu1 is not None:
-        row.pooler_cpu_s = round(cpu1 - cpu0, 3)
+        row.pooler_cpu_s = round(cpu1.total - cpu0.total, 3)
         if counted:
-            row.cpu_us_per_tx = round((cpu1 - cpu0) / counted * 1e6, 2)
+            row.cpu_us_per_tx = round((cpu1.total - cpu0.total) / counted * 1e6, 2)
+            row.sys_us_per_tx = round((cpu1.system - cpu0.system) / counted * 1e6, 2)
     problems = []
     if rc != 0:
         problems.append(f"pgbench exit {rc}")
@@ -390,8 +392,8 @@ def run_rtt(target: Target, queries: int, row: Row) -> Row:
     row.lat_p50_us = round(percentile(samples, 50) / 1000, 1)
     row.lat_p99_us = round(percentile(samples, 99) / 1000, 1)
     if cpu0 is not None and cpu1 is not None:
-        row.pooler_cpu_s = round(cpu1 - cpu0, 3)
-        row.cpu_us_per_tx = round((cpu1 - cpu0) / (len(samples) + 200) * 1e6, 2)
+        row.pooler_cpu_s = round(cpu1.total - cpu0.total, 3)
+        row.cpu_us_per_tx = round((cpu1.total - cpu0.total) / (len(samples) + 200) * 1e6, 2)
     return row
 
 
