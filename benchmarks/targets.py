@@ -286,6 +286,18 @@ def snapshot_pypool(src: Path, dest: Path) -> tuple[Path, str]:
     return dest, h.hexdigest()[:12]
 
 
+def compiled_snapshot(src: Path, dest: Path) -> Path:
+    """``src``'s pypool with its hot path compiled (setup.py, ``PYPOOL_COMPILE=1``) in ``dest``; raises TargetError."""
+    snapshot_pypool(src, dest)
+    for name in ("setup.py", "pyproject.toml", "README.md"):  # setuptools reads the metadata beside setup.py
+        shutil.copy2(src / name, dest / name)
+    build = subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"], cwd=dest,
+                           env=dict(os.environ, PYPOOL_COMPILE="1"), capture_output=True, text=True, timeout=900)
+    if build.returncode != 0:
+        raise TargetError(f"compiled build failed (pip install mypy?): {(build.stdout + build.stderr)[-400:]}")
+    return dest
+
+
 def check_importable(path: Path) -> str | None:
     """None if ``python -c 'import pypool.app'`` works from ``path``, else the error's last line."""
     proc = subprocess.run([sys.executable, "-c", "import pypool.app, pypool.cli"], cwd="/",

@@ -136,6 +136,9 @@ class ServerConnection(Conversation, asyncio.Protocol):
         self.on_lost: Any = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints read by SHOW and metrics, added to the pool's PoolStats once at the end (_fold).
         self.stats: Any = None  # PoolStats
+        # The owning pool's set of open connections (SHOW SERVERS), left in _fold. A set, not a WeakSet: the
+        # compiled build (setup.py) cannot be weakly referenced safely (mypyc drops its weakref slot as an object).
+        self.listed_in: set[ServerConnection] | None = None
         self.query_count = 0  # requests answered (ReadyForQuery)
         self.xact_count = 0  # transactions ended (ReadyForQuery 'I')
         self.bytes_received = 0
@@ -356,6 +359,9 @@ class ServerConnection(Conversation, asyncio.Protocol):
         if self._folded:
             return
         self._folded = True
+        if self.listed_in is not None:
+            self.listed_in.discard(self)
+            self.listed_in = None
         stats = self.stats
         if stats is not None:
             stats.query_count += self.query_count
