@@ -97,7 +97,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
                  "expires_at", "reading", "client", "requests", "replied", "_walker", "statements",
                  "reported_change", "track_commit", "settle", "reply_owed", "pool", "on_lost", "stats",
                  "query_count", "xact_count", "bytes_received", "bytes_sent", "xact_start", "query_start", "_folded",
-                 "__weakref__")  # __weakref__: ServerPool.connections is a WeakSet
+                 "listed_in")
 
     def __init__(self, address: "ServerAddress", credentials: Credentials) -> None:
         self.address = address
