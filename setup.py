@@ -24,6 +24,16 @@ COMPILED_MODULES = [
     "pypool/session/session_state.py",
     "pypool/session/prepared.py",
     "pypool/routing/router.py",
+    # The session, one class built as a chain (pypool/session/base.py), and the pool group it checks out from.
+    "pypool/session/base.py",
+    "pypool/session/effects.py",
+    "pypool/session/pinning.py",
+    "pypool/session/checkout.py",
+    "pypool/session/shards.py",
+    "pypool/session/relay.py",
+    "pypool/session/session.py",
+    "pypool/pool/group.py",
+    "pypool/pool/balancer.py",
 ]
 
 

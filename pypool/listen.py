@@ -193,7 +193,8 @@ class ListenHub:
         self.channels.clear()
 
 
-_hubs: "weakref.WeakKeyDictionary[PoolGroup, ListenHub]" = weakref.WeakKeyDictionary()
+# Every pool's hub, each held by its PoolGroup (``listen_hub``): a hub goes with its pool.
+_hubs: "weakref.WeakSet[ListenHub]" = weakref.WeakSet()
 
 
 # (host, port, backend PID) of a pooled server connection -> the process ID pypool gave the client
@@ -210,7 +211,7 @@ def note_sender(server: ServerConnection, process_id: int) -> None:
     connection's next check-in waits for every such listener (``_settle``).
     """
     host, port = server.address.host, server.address.port
-    if not any(hub.hears(host, port) for hub in list(_hubs.values())):
+    if not any(hub.hears(host, port) for hub in list(_hubs)):
         return
     _senders[(host, port, server.backend_pid)] = process_id
     server.settle = _settle
@@ -235,7 +236,7 @@ async def _settle_then(server: ServerConnection, checkin: Callable[[], None]) ->
     host, port = server.address.host, server.address.port
     try:
         # Never cancelled, not even past SETTLE_WAIT: a listener's conversation must not stop half-way.
-        barriers = [asyncio.ensure_future(hub.barrier()) for hub in list(_hubs.values()) if hub.hears(host, port)]
+        barriers = [asyncio.ensure_future(hub.barrier()) for hub in list(_hubs) if hub.hears(host, port)]
         for barrier in barriers:
             barrier.add_done_callback(lambda done: _report_barrier(server, done))
         if barriers:
@@ -246,7 +247,8 @@ async def _settle_then(server: ServerConnection, checkin: Callable[[], None]) ->
 
 
 def hub_for(group: "PoolGroup") -> ListenHub:
-    hub = _hubs.get(group)
+    hub = group.listen_hub
     if hub is None:
-        hub = _hubs[group] = ListenHub(group)
+        hub = group.listen_hub = ListenHub(group)
+        _hubs.add(hub)
     return hub

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pypool import sqlstates
 from pypool.causal.lsn import Position
@@ -90,8 +90,7 @@ def _override(user_value: int | None, pool_value: int) -> int:
 class PoolGroup:
     def __init__(self, pool: "Pool", user: "User", general: "General", shard: int = 0,
                  commits: CommitLog | None = None) -> None:
-        """``commits``: the commit log of this pool's shard when its causal_reads is "global"
-        (``CommitLogs.for_shard``)."""
+        """``commits``: the commit log of this pool's shard when its causal_reads is "global" (CommitLogs.for_shard)."""
         self.config = pool
         self.user = user
         self.general = general
@@ -155,6 +154,7 @@ class PoolGroup:
         cap = pool.max_pinned_connections
         self.max_pinned = max(1, size // 2) if cap is None else min(cap, size)
         self._split_brain_logged = False
+        self.listen_hub: Any = None  # listen.hub_for's ListenHub, held here: compiled groups take no weakref
         self._candidates: dict[str, list[ServerPool]] = {}
         self.refresh_candidates()
 

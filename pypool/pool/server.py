@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Generic, Protocol, TypeVar
 
 from pypool import keepalive
 from pypool.pool.conversation import Conversation, ServerError  # ServerError: most modules import it from here
@@ -66,20 +66,36 @@ class ClientIO(Protocol):
     def resume_reading(self) -> None: ...
 
 
-class RelayTarget(Protocol):
-    """What a ServerConnection needs from the client it relays to (pypool.session.session.ClientSession)."""
+IO = TypeVar("IO", bound=ClientIO)
 
-    io: ClientIO  # ``io.write`` is read once per relayed chunk: the adapter binds it to its transport's
+
+class RelayTarget(Generic[IO]):
+    """What a ServerConnection relays to: a client's session (pypool.session.session.ClientSession), or a
+    stand-in that keeps the reply (pypool/session/shards.py).
+
+    A base class rather than a Protocol: in the compiled build (setup.py) the relay's calls into the
+    session are then direct calls and its attribute reads plain field reads, not Python lookups.
+    """
+
+    __slots__ = ("io", "hold_ready")
+
+    io: IO  # ``io.write`` is read once per relayed chunk: the adapter binds it to its transport's
     # The final ReadyForQuery ('I') of the transaction is not relayed but kept (``hold_ready_for_query``):
     # the client sends it after its follow-up (its own notifications delivered, the catalog check of
     # pypool/session/pinning.py, startup settings restored after a RESET).
     hold_ready: bool
 
-    def hold_ready_for_query(self, data: bytes, end: int) -> int: ...
+    def hold_ready_for_query(self, data: bytes, end: int) -> int:
+        raise NotImplementedError
 
-    def server_request_done(self, server: "ServerConnection") -> None: ...
-    def write_committed(self, server: "ServerConnection") -> None: ...
-    def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
+    def server_request_done(self, server: "ServerConnection") -> None:
+        raise NotImplementedError
+
+    def write_committed(self, server: "ServerConnection") -> None:
+        raise NotImplementedError
+
+    def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +136,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
         self.expires_at = float("inf")  # server_lifetime, set by the owning pool
         self.reading = ReadingPause()  # paused while the client reads slower than this server sends
         # Relay-mode state
-        self.client: RelayTarget | None = None
+        self.client: RelayTarget[ClientIO] | None = None
         self.requests = RequestTracker()  # what the attached client asked and is owed; the status byte
         self.replied = False  # any byte relayed to the client since attach
         self._walker = FrameWalker(1 << 31)  # the server's replies, while relaying
@@ -200,7 +216,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
 
     # ---------------------------------------------------------------- relaying
 
-    def attach(self, client: RelayTarget) -> None:
+    def attach(self, client: RelayTarget[Any]) -> None:
         self.client = client
         self.state = ACTIVE
         # The client's first request starts with the attach: one clock read times both.

@@ -12,7 +12,7 @@ waits in WAITING_FOR_REPLICA, in the checkout coroutine, for the group to say
 where it runs. A read with nothing to wait for costs one ``must_wait`` call.
 A transaction that may write on the primary is marked on its connection
 (``track_commit``) so that its end is noticed (``write_committed``).
-Mixed into ClientSession (pypool/session/session.py).
+Part of ClientSession's chain (pypool/session/base.py), after SessionPinning.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
 from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.session import states
+from pypool.session.pinning import SessionPinning
 
 log = logging.getLogger("pypool.client")
 
@@ -41,7 +42,9 @@ def sqlstate_of(exc: Exception) -> str:
     return getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE)
 
 
-class SessionCheckout:
+class SessionCheckout(SessionPinning):
+    __slots__ = ()
+
     def _begin_request(self, role: str) -> None:
         """Check out a connection for ``role`` for the request in ``_pending``: attach it, or wait.
 
@@ -218,7 +221,7 @@ class SessionCheckout:
                     self.set_state(states.WAITING)
                 server = await self._checkout_current(role, preferred)
                 self.set_state(states.SYNCING)
-            await self._sync_parameters(server)
+            await self.sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
         except PoolerError as exc:  # PoolTimeout, ServerError, a causal read that timed out
