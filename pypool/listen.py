@@ -52,50 +52,13 @@ class Listener(Protocol):
     def deliver_notification(self, message: bytes) -> None: ...
 
 
-class ListenerConnection(ServerConnection):
-    """A server connection that never relays: it only listens and hands notifications to its hub."""
-
-    hub: "ListenHub | None" = None
-
-    def _notification(self, payload: bytes) -> None:
-        try:
-            channel, _ = m.read_cstring(payload, 4)
-        except ProtocolViolation:
-            return
-        if self.hub is not None:
-            self.hub.deliver(channel, m.message(m.NOTIFICATION_RESPONSE, payload))
-
-    async def _read_message(self) -> tuple[int, bytes]:
-        while True:
-            tag, payload = await super()._read_message()
-            if tag != m.NOTIFICATION_RESPONSE:
-                return tag, payload
-            self._notification(payload)
-
-    def _drain_idle_messages(self) -> None:
-        try:
-            while (msg := self._buffer.next_message()) is not None:
-                tag, payload = msg
-                if tag == m.NOTIFICATION_RESPONSE:
-                    self._notification(payload)
-                elif tag == m.ERROR_RESPONSE:
-                    fields = m.parse_error_fields(payload)
-                    log.warning("listener connection %s reported %s: %s", self.label, fields.get("C"),
-                                fields.get("M"))
-                    self.close()
-                    return
-        except ProtocolViolation as exc:
-            log.warning("listener connection %s sent garbage (%s); closing it", self.label, exc)
-            self.close()
-
-
 class ListenHub:
     """The channels a pool's clients listen on, and the one connection that listens for them."""
 
     def __init__(self, group: "PoolGroup") -> None:
         self.group = group
         self.channels: dict[str, set[Listener]] = {}
-        self._conn: ListenerConnection | None = None
+        self._conn: ServerConnection | None = None  # the listener connection: never relays, only listens
         self._lock = asyncio.Lock()
         self.delivered = 0
 
@@ -140,7 +103,7 @@ class ListenHub:
             except ServerError as exc:
                 log.warning("listener: UNLISTEN failed: %s", exc)
 
-    async def _connection(self) -> ListenerConnection:
+    async def _connection(self) -> ServerConnection:
         if self._alive():
             return self._conn  # type: ignore[return-value]
         primary = self.group.primary
@@ -152,9 +115,8 @@ class ListenHub:
                         "sent meanwhile were missed", primary.label, len(self.channels))
         conn = await open_connection(primary.address, primary.credentials,
                                      {"application_name": "pypool listener"},
-                                     primary.settings.connect_timeout, factory=ListenerConnection)
-        assert isinstance(conn, ListenerConnection)
-        conn.hub = self
+                                     primary.settings.connect_timeout)
+        conn.on_notification = self._notification
         if self.channels:
             await conn.query("; ".join(f"LISTEN {quote_ident(n)}" for n in self.channels))
         self._conn = conn
@@ -176,6 +138,14 @@ class ListenHub:
         conn = self._conn
         return conn is not None and not conn.closed and bool(self.channels) \
             and conn.address.host == host and conn.address.port == port
+
+    def _notification(self, payload: bytes) -> None:
+        """A NotificationResponse's payload, from the listener connection."""
+        try:
+            channel, _ = m.read_cstring(payload, 4)
+        except ProtocolViolation:
+            return
+        self.deliver(channel, m.message(m.NOTIFICATION_RESPONSE, payload))
 
     def deliver(self, channel: str, message: bytes) -> None:
         conn = self._conn

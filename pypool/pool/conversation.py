@@ -8,7 +8,7 @@ message passes through, is pypool/pool/server.py and has no coroutine.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 from pypool import sqlstates
 from pypool.errors import PoolerError
@@ -38,6 +38,7 @@ class Conversation:
     requests: Any  # session.tracker.RequestTracker
     backend_pid: int
     backend_secret: int
+    on_notification: Callable[[bytes], None] | None
 
     @property
     def label(self) -> str:
@@ -53,6 +54,9 @@ class Conversation:
         while True:
             msg = self._buffer.next_message()
             if msg is not None:
+                if msg[0] == m.NOTIFICATION_RESPONSE and self.on_notification is not None:
+                    self.on_notification(msg[1])  # a listener connection's, between its replies
+                    continue
                 return msg
             if self.closed:
                 raise ServerError(f"server {self.label} closed the connection unexpectedly")

@@ -113,7 +113,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
                  "expires_at", "reading", "client", "requests", "replied", "_walker", "statements",
                  "reported_change", "track_commit", "settle", "reply_owed", "pool", "on_lost", "stats",
                  "query_count", "xact_count", "bytes_received", "bytes_sent", "xact_start", "query_start", "_folded",
-                 "listed_in")
+                 "listed_in", "on_notification")
 
     def __init__(self, address: "ServerAddress", credentials: Credentials) -> None:
         self.address = address
@@ -145,6 +145,9 @@ class ServerConnection(Conversation, asyncio.Protocol):
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
         self.track_commit = False  # causal reads: tell the client (write_committed) before it sees the commit
         self.settle: "Settle | None" = None  # to run before it serves anyone else, then check it in (listen.py)
+        # A LISTEN hub's connection (pypool/listen.py) hands its NotificationResponse payloads here. A hook,
+        # not a subclass: in the compiled build (setup.py) a Python subclass of this class cannot be made.
+        self.on_notification: Callable[[bytes], None] | None = None
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -405,6 +408,8 @@ class ServerConnection(Conversation, asyncio.Protocol):
                 tag, payload = msg
                 if tag == _S:
                     self._note_parameter(payload)
+                elif tag == m.NOTIFICATION_RESPONSE and self.on_notification is not None:
+                    self.on_notification(payload)
                 elif tag == m.ERROR_RESPONSE:
                     fields = m.parse_error_fields(payload)
                     log.warning("idle server %s reported %s: %s", self.label, fields.get("C"), fields.get("M"))
