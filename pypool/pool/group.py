@@ -83,6 +83,16 @@ WAITERS = (CallbackWaiter, CheckoutTask)  # what ``checkout_now`` returns when t
 CheckoutWaiter = CallbackWaiter | CheckoutTask
 
 
+def latest_group(group: "PoolGroup") -> "PoolGroup":
+    """The group that config reloads rebuilt ``group`` into (``successor``, followed); ``group`` if none."""
+    # One read of ``successor`` per step: the compiled build (setup.py) would take a narrowed second
+    # read (``while g.successor is not None: g = g.successor``) for a PoolGroup even after ``g`` changed.
+    successor = group.successor
+    while successor is not None:
+        group, successor = successor, successor.successor
+    return group
+
+
 def _override(user_value: int | None, pool_value: int) -> int:
     return pool_value if user_value is None else user_value
 

@@ -24,7 +24,7 @@ import time
 from pypool.causal.decide import Fail, UsePrimary
 from pypool.causal.requirement import GLOBAL, OFF, ClientCausal
 from pypool.errors import PoolerError
-from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup
+from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup, latest_group
 from pypool.pool.pool import PoolClosing, PoolRetired, ServerPool
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
@@ -255,13 +255,12 @@ class SessionCheckout(SessionPinning):
         assert group is not None
         while True:
             if group.successor is not None:
-                while group.successor is not None:
-                    group = group.successor
-                self.group = group
-                self._router = self.app.routers.get(self.database, self._router)
+                self.group = group = latest_group(group)
+                router = self._router = self.app.routers.get(self.database, self._router)
                 self._session_mode = group.pool_mode == "session"
                 # A reload may have changed the pool's shards.
-                self.shard_groups = self.app.shard_groups(self.database, self.user) if self._router.sharded else ()
+                sharded = router is not None and router.sharded
+                self.shard_groups = self.app.shard_groups(self.database, self.user) if sharded else ()
                 self._join_causal(group)
                 preferred = None
             try:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Coroutine
 
 from pypool import sqlstates
 from pypool.causal.decide import Fail
+from pypool.pool.group import latest_group
 from pypool.pool.pool import PoolRetired, PoolTimeout
 from pypool.pool.server import ClientIO, RelayTarget, ServerConnection, ServerError
 from pypool.protocol import messages as m
@@ -214,8 +215,7 @@ class SessionShards(SessionCheckout):
     def _shard_group(self, shard: int) -> "PoolGroup":
         group = self.shard_groups[shard]
         if group.successor is not None:  # a config reload rebuilt the pool
-            while group.successor is not None:
-                group = group.successor
+            group = latest_group(group)
             self.shard_groups = self.shard_groups[:shard] + (group,) + self.shard_groups[shard + 1:]
         return group
 
