@@ -276,10 +276,12 @@ def pypool_target(name: str, label: str, *, database: str, split: bool, cfg_args
 
 
 def snapshot_pypool(src: Path, dest: Path) -> tuple[Path, str]:
-    """Copy ``src/pypool`` to ``dest/pypool``; return (dest, short content hash of the .py files)."""
+    """Copy ``src/pypool`` to ``dest/pypool``, pure Python; return (dest, short content hash of the .py files)."""
     import hashlib
 
-    shutil.copytree(src / "pypool", dest / "pypool", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # Not ``*.so``: a tree built with its hot path compiled (setup.py) keeps mypyc's shared library at its
+    # root, outside this copy; the compiled target builds its own.
+    shutil.copytree(src / "pypool", dest / "pypool", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     h = hashlib.sha256()
     for path in sorted((dest / "pypool").rglob("*.py")):
         h.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
