@@ -13,7 +13,10 @@ from setuptools import setup
 # run time: a bytearray where bytes is declared is a TypeError) and its classes' instances must not be
 # weakly referenced (mypyc releases a compiled class's weakref slot as if it held an object: the
 # interpreter crashes later). Exceptions live elsewhere: a compiled subclass of an exception loses the
-# class-level attributes it sets (PoolerError's ``sqlstate``).
+# class-level attributes it sets (PoolerError's ``sqlstate``). A Python subclass of a compiled class
+# cannot be instantiated (TypeError), and a compiled method cannot be patched: hooks, not overrides.
+# A narrowed ``x.attr`` (after ``is not None``) is read again as the narrowed type even after ``x``
+# changed in a loop (pypool/pool/group.py's latest_group).
 COMPILED_MODULES = [
     "pypool/protocol/frames.py",
     "pypool/session/tracker.py",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The compiled hot path (setup.py's COMPILED_MODULES built with mypyc, PYPOOL_COMPILE=1) under the
-# tests that exercise it: the unit suite and the integration files that relay through real drivers.
+# tests that exercise it: the unit suite and the integration files that relay through real drivers,
+# LISTEN, sharding and reloads.
 # The build goes into a copy of the tree, so this checkout stays pure Python.
 # Arguments go to pytest instead of the default selection (e.g. tests/unit/test_frames.py).
 set -euo pipefail
@@ -23,6 +24,7 @@ PYPOOL_COMPILE=1 "$PYTHON" setup.py --quiet build_ext --inplace >build.log 2>&1 
 if [ $# -eq 0 ]; then
     set -- tests/unit tests/integration/test_drivers.py tests/integration/test_session_state.py \
         tests/integration/test_pinning.py tests/integration/test_schema_changes.py \
-        tests/integration/test_causal_reads.py tests/integration/test_benchmark_smoke.py
+        tests/integration/test_causal_reads.py tests/integration/test_benchmark_smoke.py \
+        tests/integration/test_listen.py tests/integration/test_sharding.py tests/integration/test_reload.py
 fi
 exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
