@@ -69,6 +69,8 @@ def fmt_row(row) -> str:
         parts.append(f"p99 {row.lat_p99_us / 1000:.3f} ms")
     if row.cpu_us_per_tx is not None:
         parts.append(f"cpu {row.cpu_us_per_tx:.1f} us/tx")
+    if row.sys_us_per_tx is not None:
+        parts.append(f"(sys {row.sys_us_per_tx:.1f})")
     if row.replica_share is not None:
         parts.append(f"on replicas {row.replica_share:.0%}")
     return "  ".join(parts)
@@ -130,10 +132,10 @@ class Summary:
         return sorted(seen, key=lambda t: order.index(t) if t in order else 99)
 
     def med(self, workload: str, target: str, col: str) -> float | None:
-        return _median([_num(r[col]) for r in self.ok.get((workload, target), [])])
+        return _median([_num(r.get(col)) for r in self.ok.get((workload, target), [])])
 
     def range(self, workload: str, target: str, col: str) -> tuple[float, float] | None:
-        vals = [v for v in (_num(r[col]) for r in self.ok.get((workload, target), [])) if v is not None]
+        vals = [v for v in (_num(r.get(col)) for r in self.ok.get((workload, target), [])) if v is not None]
         return (min(vals), max(vals)) if vals else None
 
     def n(self, workload: str, target: str) -> int:
@@ -144,7 +146,7 @@ class Summary:
         by_round: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
         for t in (num, den):
             for r in self.ok.get((workload, t), []):
-                v = _num(r[col])
+                v = _num(r.get(col))
                 if v is not None:
                     by_round[r["round"]][t] = v
         ratios = [d[num] / d[den] for d in by_round.values() if num in d and d.get(den)]
@@ -243,8 +245,8 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
                "per-transaction `--log` (every transaction), then the median over rounds. "
                "Pooler CPU: utime+stime of the pooler's processes "
                "from `/proc/<pid>/stat` before and after the run, divided by the transactions pgbench "
-               "completed.\n")
-    head = ["workload", "target", "TPS (min–max)", "lat avg ms", "lat p99 ms", "pooler CPU µs/tx",
+               "completed; of it, stime (the kernel: system calls, the TCP stack) is the next column.\n")
+    head = ["workload", "target", "TPS (min–max)", "lat avg ms", "lat p99 ms", "pooler CPU µs/tx", "of it system",
             "TPS vs PgBouncer", "CPU vs PgBouncer", "note"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
@@ -262,6 +264,7 @@ def markdown(rows: Sequence, meta: dict, workloads: Sequence, csv_name: str) -> 
                      _f(_div(s.med(wl, t, "lat_avg_us"), 1000), "{:.3f}"),
                      _f(_div(s.med(wl, t, "lat_p99_us"), 1000), "{:.3f}"),
                      _f(s.med(wl, t, "cpu_us_per_tx"), "{:.1f}"),
+                     _f(s.med(wl, t, "sys_us_per_tx"), "{:.1f}"),
                      _ratio_cell(s, wl, t, "pgbouncer", "tps") if t.startswith(_COMPARED) else "",
                      _ratio_cell(s, wl, t, "pgbouncer", "cpu_us_per_tx") if t.startswith(_COMPARED) else "",
                      _dedupe(notes)]
@@ -365,7 +368,12 @@ def goals_section(s: Summary) -> list[str]:
             None if split is None or plain is None else split - plain, 5.0, "{:+.1f} µs")
     at_most("select-connect-c16: pypool CPU per login + transaction <= 2 x PgBouncer's",
             s.ratio("select-connect-c16", "pypool", "pgbouncer", "cpu_us_per_tx")[0], 2.0)
-    # Context, not targets: at one fixed rate CPU per transaction compares costs alone.
+    # Context, not targets: what the floor relay (no framing, no pooling) reaches is the room a pooler
+    # has under the targets above; at one fixed rate CPU per transaction compares costs alone.
+    for wl in ("select-c16", "select-ext-c16"):
+        for measure, what in (("tps", "TPS"), ("cpu_us_per_tx", "CPU per transaction")):
+            rows.append((f"{wl} (context): {LABELS['floor']} {what} / PgBouncer's",
+                         _f(s.ratio(wl, "floor", "pgbouncer", measure)[0], "{:.2f} x"), None))
     for t in ("floor", "pypool"):
         rows.append((f"select-rate-c16 (context): {LABELS[t]} CPU per transaction / PgBouncer's at the same rate",
                      _f(s.ratio("select-rate-c16", t, "pgbouncer", "cpu_us_per_tx")[0], "{:.2f} x"), None))

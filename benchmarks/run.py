@@ -69,17 +69,20 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("select-c1", "Read-only (pgbench -S), 1 client", ("-S",), 1),
-    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16, targets=SCALING),
+    # "floor" (benchmarks/floor_relay.py) is the cheapest uvloop relay there is: at 16 clients it
+    # shows what any asyncio pooler pays before it frames, pools or routes anything. (At more
+    # clients it would open a server connection per client: other work for PostgreSQL.)
+    Workload("select-c16", "Read-only (pgbench -S), 16 clients", ("-S",), 16, targets=SCALING + ("floor",)),
     Workload("select-c64", "Read-only (pgbench -S), 64 clients", ("-S",), 64, targets=SCALING),
     Workload("select-c256", "Read-only (pgbench -S), 256 clients", ("-S",), 256, targets=SCALING),
     Workload("select-c1000", "Read-only (pgbench -S), 1,000 clients", ("-S",), 1000, targets=SCALING),
     # A fixed rate every target sustains: each then does the same work per second, so CPU per
     # transaction compares costs alone (a faster pooler finds more events per wake-up, which
-    # lowers its CPU per transaction at full speed). "floor" is the cheapest uvloop relay there is.
+    # lowers its CPU per transaction at full speed).
     Workload("select-rate-c16", "Read-only (pgbench -S), 16 clients, fixed rate of 8,000 TPS",
              ("-S", "-R", "8000"), 16, targets=("floor", "pypool", "pgbouncer")),
     Workload("select-ext-c16", "Read-only, extended protocol (-S -M extended), 16 clients",
-             ("-S", "-M", "extended"), 16),
+             ("-S", "-M", "extended"), 16, targets=PLAIN + ("floor",)),
     Workload("tpcb-c16", "Read-write TPC-B-like (pgbench default), 16 clients", (), 16),
     Workload("select-connect-c16", "New connection per transaction (-S -C), 16 clients", ("-S", "-C"), 16),
     # pypool-rw-causal: the same split with causal_reads = "session"; reads that follow no write cost the same.
@@ -121,6 +124,7 @@ class Row:
     lat_p99_us: float | None = None
     pooler_cpu_s: float | None = None
     cpu_us_per_tx: float | None = None
+    sys_us_per_tx: float | None = None  # of cpu_us_per_tx, the kernel's share (system calls, the TCP stack)
     rss_kib: int | None = None
     rss_idle_kib: int | None = None
     connections: int | None = None
@@ -346,9 +350,10 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
         row.lat_p50_us, row.lat_p99_us = percentile(lat, 50), percentile(lat, 99)
     counted = sum(1 for end in ends if end >= since) if steady else row.transactions
     if cpu0 is not None and cpu1 is not None:
-        row.pooler_cpu_s = round(cpu1 - cpu0, 3)
+        row.pooler_cpu_s = round(cpu1.total - cpu0.total, 3)
         if counted:
-            row.cpu_us_per_tx = round((cpu1 - cpu0) / counted * 1e6, 2)
+            row.cpu_us_per_tx = round((cpu1.total - cpu0.total) / counted * 1e6, 2)
+            row.sys_us_per_tx = round((cpu1.system - cpu0.system) / counted * 1e6, 2)
     problems = []
     if rc != 0:
         problems.append(f"pgbench exit {rc}")
@@ -388,8 +393,8 @@ def run_rtt(target: Target, queries: int, row: Row) -> Row:
     row.lat_p50_us = round(percentile(samples, 50) / 1000, 1)
     row.lat_p99_us = round(percentile(samples, 99) / 1000, 1)
     if cpu0 is not None and cpu1 is not None:
-        row.pooler_cpu_s = round(cpu1 - cpu0, 3)
-        row.cpu_us_per_tx = round((cpu1 - cpu0) / (len(samples) + 200) * 1e6, 2)
+        row.pooler_cpu_s = round(cpu1.total - cpu0.total, 3)
+        row.cpu_us_per_tx = round((cpu1.total - cpu0.total) / (len(samples) + 200) * 1e6, 2)
     return row
 
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pypool.config import dump_config
 
@@ -90,9 +91,20 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """utime + stime of ``root`` and its descendants (threads are included in each process's figure)."""
-    ticks = 0
+class CpuTime(NamedTuple):
+    """CPU seconds a process tree has used: in its own code (user) and in the kernel (system)."""
+
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+
+def cpu_time(root: int) -> CpuTime:
+    """utime and stime of ``root`` and its descendants (threads are included in each process's figure)."""
+    user = system = 0
     for pid in process_tree(root):
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -100,8 +112,9 @@ def cpu_seconds(root: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(b")") + 2:].split()
-        ticks += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5): utime, stime
-    return ticks / CLK_TCK
+        user += int(fields[11])  # fields 14 and 15 of proc(5): utime, stime
+        system += int(fields[12])
+    return CpuTime(user / CLK_TCK, system / CLK_TCK)
 
 
 def rss_kib(root: int) -> int:
@@ -162,9 +175,9 @@ class Target:
             return ""
         return _tail(self.workdir / ("pgbouncer.log" if self.kind == "pgbouncer" else "pooler.log"))
 
-    def cpu(self) -> float | None:
+    def cpu(self) -> CpuTime | None:
         pid = self.root_pid()
-        return cpu_seconds(pid) if pid else None
+        return cpu_time(pid) if pid else None
 
     def rss(self) -> int | None:
         pid = self.root_pid()

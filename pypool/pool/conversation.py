@@ -50,6 +50,9 @@ class Conversation:
     def _note_parameter(self, payload: bytes) -> None:
         raise NotImplementedError
 
+    def _drain_idle_messages(self) -> None:
+        raise NotImplementedError
+
     async def _read_message(self) -> tuple[int, bytes]:
         while True:
             msg = self._buffer.next_message()
@@ -134,6 +137,10 @@ class Conversation:
             elif tag == m.READY_FOR_QUERY:
                 self.requests.status = payload[0]
                 self.reply_owed = False
+                if self.on_notification is not None:
+                    # A listener's notification read together with the ReadyForQuery is still buffered,
+                    # and no later read would hand it out (idle: data_received drains only new bytes).
+                    self._drain_idle_messages()
                 if error is not None:
                     raise ServerError(f"server {self.label}: {error.get('M')}", error)
                 return rows

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import Summary, chart, cpu_by_clients, label_layout, read_csv
+from benchmarks.report import Summary, chart, cpu_by_clients, goals_section, label_layout, read_csv
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -58,3 +58,12 @@ def test_chart_draws_the_cpu_by_clients_panel(tmp_path):
     out = tmp_path / "chart.png"
     assert chart(rows, {"rounds": "1"}, WORKLOADS, out) is None
     assert out.stat().st_size > 10_000
+
+
+def test_targets_list_the_floor_relay_at_full_speed_as_context():
+    rows = [{**_row("select-c16", "floor", 16, 15.0), "tps": "900"}, _row("select-c16", "pgbouncer", 16, 12.0),
+            _row("select-c16", "pypool", 16, 30.0)]
+    lines = "\n".join(goals_section(Summary(rows)))
+    assert "| select-c16 (context): uvloop relay (floor) TPS / PgBouncer's | 0.90 x | – |" in lines
+    assert "| select-c16 (context): uvloop relay (floor) CPU per transaction / PgBouncer's | 1.25 x | – |" in lines
+    assert "| select-ext-c16 (context): uvloop relay (floor) TPS / PgBouncer's | – | – |" in lines
