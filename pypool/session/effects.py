@@ -4,7 +4,7 @@ Named prepared statements are renamed per server connection
 (pypool/session/prepared.py), SET/RESET/DISCARD and LISTEN are noted
 (pypool/session/session_state.py), the client's settings are synced onto each
 server connection it gets and read back after a transaction that changed them.
-Part of ClientSession's chain (pypool/session/base.py), next to SessionBase.
+The first of ClientSession's chain (pypool/session/base.py), on SessionBase.
 """
 
 from __future__ import annotations
