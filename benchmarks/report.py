@@ -19,6 +19,7 @@ LABELS = {
     "pypool-rw-auto": 'pypool R/W split, workers="auto"',
     "pypool-rw-causal": "pypool R/W split, causal reads",
     "pypool-base": "pypool baseline",
+    "pypool-compiled": "pypool, compiled hot path",
     "pgbouncer": "PgBouncer",
     "pgcat": "PgCat",
     "pgcat-rw": "PgCat R/W split",
@@ -33,6 +34,7 @@ COLORS = {
     "pypool-rw-auto": "#9ecae1",
     "pypool-rw-causal": "#3182bd",
     "pypool-base": "#c6dbef",
+    "pypool-compiled": "#17becf",
     "pgbouncer": "#ff7f0e",
     "pgcat": "#2ca02c",
     "pgcat-rw": "#98df8a",
@@ -466,8 +468,8 @@ def chart(rows: Sequence, meta: dict, workloads: Sequence, path: Path) -> str | 
     has_rtt = bool(s.targets_for("rtt")) and any(s.med("rtt", t, "lat_p50_us") for t in s.targets_for("rtt"))
     has_mem = any(s.med("memory", t, "rss_kib") for t in s.targets_for("memory"))
     cpu_wls = [wl for wl in pg_wls if s.med(wl, s.pypool_name(wl) or "pypool", "cpu_us_per_tx") is not None]
-    scaling = {t: pts for t, pts in cpu_by_clients(s, ("pypool", "pypool-auto", "pypool-base", "pgbouncer", "pgcat")
-                                                    ).items() if len(pts) > 1}
+    shown = ("pypool", "pypool-auto", "pypool-base", "pypool-compiled", "pgbouncer", "pgcat")
+    scaling = {t: pts for t, pts in cpu_by_clients(s, shown).items() if len(pts) > 1}
     panels = len(pg_wls) + has_rtt + bool(cpu_wls) + bool(scaling) + has_mem + 1
     cols = 4
     nrows = math.ceil(panels / cols)

@@ -36,6 +36,7 @@ from benchmarks.targets import (
     install_pgbouncer,
     pgbouncer_target,
     check_importable,
+    compiled_snapshot,
     pgcat_binary,
     floor_target,
     pypool_target,
@@ -454,6 +455,7 @@ class Options:
     quick: bool
     pypool_src: Path
     baseline_src: Path | None
+    compiled: bool
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -480,6 +482,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--baseline-src", type=Path,
                    help="a second pypool tree (e.g. a worktree of the previous main) run as target "
                         "pypool-base next to pypool in every workload pypool runs, interleaved in the same rounds")
+    p.add_argument("--compiled", action="store_true",
+                   help="also run the --pypool-src tree with its hot path compiled (setup.py, needs mypy) as target "
+                        "pypool-compiled next to pypool in every workload pypool runs, interleaved in the same rounds")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
@@ -499,7 +504,7 @@ def parse_args(argv: list[str] | None) -> Options:
         rtt_queries=a.rtt_queries or (3000 if a.quick else 20000),
         memory_clients=a.memory_clients, results_dir=a.results_dir,
         chart=not a.no_chart, quick=a.quick, pypool_src=a.pypool_src.resolve(),
-        baseline_src=a.baseline_src.resolve() if a.baseline_src else None,
+        baseline_src=a.baseline_src.resolve() if a.baseline_src else None, compiled=a.compiled,
     )
 
 
@@ -512,7 +517,7 @@ def scram_verifier(primary: cluster.Node) -> str:
 
 def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.Node],
                   unavailable: dict[str, str], pypool_path: Path,
-                  baseline_path: Path | None = None) -> dict[str, Target]:
+                  baseline_path: Path | None = None, compiled_path: Path | None = None) -> dict[str, Target]:
     wanted = set(opts.targets)
     needed = {t for w in opts.workloads for t in BY_NAME[w].targets} & wanted
     cfg_args = dict(user=USER, password=PASSWORD, pool_size=opts.pool_size,
@@ -561,14 +566,16 @@ def build_targets(opts: Options, primary: cluster.Node, replicas: list[cluster.N
                 out[name] = pypool_target(name, "PgCat" + (" (R/W split)" if split else ""),
                                           database=opts.database, split=split, cfg_args=cfg_args,
                                           kind="pgcat", binary=binary)
-    if baseline_path is not None and "pypool" in needed:
-        broken = check_importable(baseline_path)
+    for name, path, label in (("pypool-base", baseline_path, f"pypool (baseline {opts.baseline_src})"),
+                              ("pypool-compiled", compiled_path, "pypool (compiled hot path)")):
+        if path is None or "pypool" not in needed:
+            continue
+        broken = check_importable(path)
         if broken:
-            unavailable["pypool-base"] = f"pypool from {opts.baseline_src} does not import: {broken}"
+            unavailable[name] = f"{label} does not import: {broken}"
         else:
-            out["pypool-base"] = pypool_target("pypool-base", f"pypool (baseline {opts.baseline_src.name})",
-                                               database=opts.database, split=False, cfg_args=cfg_args,
-                                               pypool_path=baseline_path)
+            out[name] = pypool_target(name, label, database=opts.database, split=False, cfg_args=cfg_args,
+                                      pypool_path=path)
     return out
 
 
@@ -630,11 +637,19 @@ def main(argv: list[str] | None = None) -> int:
     baseline_path = None
     if opts.baseline_src is not None:
         baseline_path, baseline_hash = snapshot_pypool(opts.baseline_src, scratch / "baseline")
-    targets = build_targets(opts, primary, replicas, unavailable, pypool_path, baseline_path)
+    compiled_path = None
+    if opts.compiled:
+        try:
+            compiled_path = compiled_snapshot(opts.pypool_src, scratch / "compiled")
+        except TargetError as exc:
+            unavailable["pypool-compiled"] = str(exc)
+    targets = build_targets(opts, primary, replicas, unavailable, pypool_path, baseline_path, compiled_path)
     meta = versions()
     meta["pypool"] = f"{opts.pypool_src}/pypool, snapshot sha256 {pypool_hash} (of its .py files)"
     if baseline_path is not None:
         meta["pypool-base"] = f"{opts.baseline_src}/pypool, snapshot sha256 {baseline_hash}"
+    if compiled_path is not None:
+        meta["pypool-compiled"] = f"the pypool snapshot {pypool_hash}, setup.py's COMPILED_MODULES built with mypyc"
     default_matrix = set(opts.workloads) == set(BY_NAME) and set(opts.targets) == set(ALL_TARGETS)
     mode = ("quick" if opts.quick else "full") if default_matrix else "partial matrix"
     meta.update(run_id=run_id, mode=mode, rounds=str(opts.rounds),
@@ -661,8 +676,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== round {rnd}/{opts.rounds} (loadavg {' '.join(load)})")
             for wl in pgbench_wls:
                 names = [n for n in wl.targets if n in opts.targets]
-                if "pypool" in names and "pypool-base" in targets:
-                    names.append("pypool-base")
+                if "pypool" in names:
+                    names += [n for n in ("pypool-base", "pypool-compiled") if n in targets or n in unavailable]
                 shift = (rnd - 1) % max(1, len(names))
                 for name in names[shift:] + names[:shift]:
                     row = Row(run_id, rnd, wl.name, name, started_at=now_iso(), clients=wl.clients)

@@ -289,14 +289,28 @@ def pypool_target(name: str, label: str, *, database: str, split: bool, cfg_args
 
 
 def snapshot_pypool(src: Path, dest: Path) -> tuple[Path, str]:
-    """Copy ``src/pypool`` to ``dest/pypool``; return (dest, short content hash of the .py files)."""
+    """Copy ``src/pypool`` to ``dest/pypool``, pure Python; return (dest, short content hash of the .py files)."""
     import hashlib
 
-    shutil.copytree(src / "pypool", dest / "pypool", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    # Not ``*.so``: a tree built with its hot path compiled (setup.py) keeps mypyc's shared library at its
+    # root, outside this copy; the compiled target builds its own.
+    shutil.copytree(src / "pypool", dest / "pypool", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     h = hashlib.sha256()
     for path in sorted((dest / "pypool").rglob("*.py")):
         h.update(str(path.relative_to(dest)).encode() + b"\0" + path.read_bytes())
     return dest, h.hexdigest()[:12]
+
+
+def compiled_snapshot(src: Path, dest: Path) -> Path:
+    """``src``'s pypool with its hot path compiled (setup.py, ``PYPOOL_COMPILE=1``) in ``dest``; raises TargetError."""
+    snapshot_pypool(src, dest)
+    for name in ("setup.py", "pyproject.toml", "README.md"):  # setuptools reads the metadata beside setup.py
+        shutil.copy2(src / name, dest / name)
+    build = subprocess.run([sys.executable, "setup.py", "--quiet", "build_ext", "--inplace"], cwd=dest,
+                           env=dict(os.environ, PYPOOL_COMPILE="1"), capture_output=True, text=True, timeout=900)
+    if build.returncode != 0:
+        raise TargetError(f"compiled build failed (pip install mypy?): {(build.stdout + build.stderr)[-400:]}")
+    return dest
 
 
 def check_importable(path: Path) -> str | None:

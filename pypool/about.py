@@ -11,7 +11,7 @@ from pypool import __version__
 
 
 def runtime() -> str:
-    """``Python 3.11.7, sqlglot 30.30.0 + sqlglotc, OpenSSL 3.0.19``: what a bug report needs beside the version."""
+    """``pure Python, Python 3.11.7, sqlglot 30.30.0 + sqlglotc, OpenSSL 3.0.19``: what a bug report needs beside the version."""
     try:
         sqlglot = importlib.metadata.version("sqlglot")
     except importlib.metadata.PackageNotFoundError:
@@ -19,7 +19,14 @@ def runtime() -> str:
     # sqlglotc (mypyc-compiled sqlglot) is optional: without it statements are classified more slowly.
     compiled = " + sqlglotc" if importlib.util.find_spec("sqlglotc") is not None else ""
     openssl = " ".join(ssl.OPENSSL_VERSION.split()[:2])
-    return f"Python {platform.python_version()}, sqlglot {sqlglot}{compiled}, {openssl}"
+    return f"{hot_path()}, Python {platform.python_version()}, sqlglot {sqlglot}{compiled}, {openssl}"
+
+
+def hot_path() -> str:
+    """Whether the relay's modules run compiled (setup.py, ``PYPOOL_COMPILE=1``) or as Python source."""
+    spec = importlib.util.find_spec("pypool.pool.server")
+    origin = spec.origin if spec is not None else None
+    return "pure Python" if origin is None or origin.endswith(".py") else "compiled hot path"
 
 
 def version_line() -> str:

@@ -42,7 +42,7 @@ class AdminConsole(Protocol):
     async def run(self) -> None: ...
 
 
-class ClientHost(SessionHost, Protocol):
+class ClientHost(SessionHost[ClientSession], Protocol):
     """What a client needs of the pooler it belongs to (pypool.app.Application)."""
 
     client_tls: Any

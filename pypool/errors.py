@@ -44,3 +44,14 @@ class LoginRefused(PoolerError):
     """Ends a login with an ErrorResponse: the limits, the access rules or the pool list turn it away."""
 
     severity = FATAL
+
+
+class ProtocolViolation(FixedCodeError):
+    """The peer sent bytes that cannot be a valid message. The text is safe to send to it.
+
+    Defined here, not in protocol/frames.py that raises it, because that module may be compiled
+    (setup.py) and a compiled subclass loses its class-level ``sqlstate``.
+    """
+
+    sqlstate = sqlstates.PROTOCOL_VIOLATION
+    severity = FATAL

@@ -52,58 +52,13 @@ class Listener(Protocol):
     def deliver_notification(self, message: bytes) -> None: ...
 
 
-class ListenerConnection(ServerConnection):
-    """A server connection that never relays: it only listens and hands notifications to its hub."""
-
-    hub: "ListenHub | None" = None
-
-    def _notification(self, payload: bytes) -> None:
-        try:
-            channel, _ = m.read_cstring(payload, 4)
-        except ProtocolViolation:
-            return
-        if self.hub is not None:
-            self.hub.deliver(channel, m.message(m.NOTIFICATION_RESPONSE, payload))
-
-    async def _read_message(self) -> tuple[int, bytes]:
-        while True:
-            tag, payload = await super()._read_message()
-            if tag != m.NOTIFICATION_RESPONSE:
-                return tag, payload
-            self._notification(payload)
-
-    async def query(self, sql: str) -> list[list[str | None]]:
-        try:
-            return await super().query(sql)
-        finally:
-            # A notification read together with the ReadyForQuery is still buffered, and no later
-            # read would hand it out (the connection is idle: data_received only drains new bytes).
-            self._drain_idle_messages()
-
-    def _drain_idle_messages(self) -> None:
-        try:
-            while (msg := self._buffer.next_message()) is not None:
-                tag, payload = msg
-                if tag == m.NOTIFICATION_RESPONSE:
-                    self._notification(payload)
-                elif tag == m.ERROR_RESPONSE:
-                    fields = m.parse_error_fields(payload)
-                    log.warning("listener connection %s reported %s: %s", self.label, fields.get("C"),
-                                fields.get("M"))
-                    self.close()
-                    return
-        except ProtocolViolation as exc:
-            log.warning("listener connection %s sent garbage (%s); closing it", self.label, exc)
-            self.close()
-
-
 class ListenHub:
     """The channels a pool's clients listen on, and the one connection that listens for them."""
 
     def __init__(self, group: "PoolGroup") -> None:
         self.group = group
         self.channels: dict[str, set[Listener]] = {}
-        self._conn: ListenerConnection | None = None
+        self._conn: ServerConnection | None = None  # the listener connection: never relays, only listens
         self._lock = asyncio.Lock()
         self.delivered = 0
 
@@ -148,7 +103,7 @@ class ListenHub:
             except ServerError as exc:
                 log.warning("listener: UNLISTEN failed: %s", exc)
 
-    async def _connection(self) -> ListenerConnection:
+    async def _connection(self) -> ServerConnection:
         if self._alive():
             return self._conn  # type: ignore[return-value]
         primary = self.group.primary
@@ -160,9 +115,8 @@ class ListenHub:
                         "sent meanwhile were missed", primary.label, len(self.channels))
         conn = await open_connection(primary.address, primary.credentials,
                                      {"application_name": "pypool listener"},
-                                     primary.settings.connect_timeout, factory=ListenerConnection)
-        assert isinstance(conn, ListenerConnection)
-        conn.hub = self
+                                     primary.settings.connect_timeout)
+        conn.on_notification = self._notification
         if self.channels:
             await conn.query("; ".join(f"LISTEN {quote_ident(n)}" for n in self.channels))
         self._conn = conn
@@ -185,6 +139,14 @@ class ListenHub:
         return conn is not None and not conn.closed and bool(self.channels) \
             and conn.address.host == host and conn.address.port == port
 
+    def _notification(self, payload: bytes) -> None:
+        """A NotificationResponse's payload, from the listener connection."""
+        try:
+            channel, _ = m.read_cstring(payload, 4)
+        except ProtocolViolation:
+            return
+        self.deliver(channel, m.message(m.NOTIFICATION_RESPONSE, payload))
+
     def deliver(self, channel: str, message: bytes) -> None:
         conn = self._conn
         if _senders and conn is not None:
@@ -201,7 +163,8 @@ class ListenHub:
         self.channels.clear()
 
 
-_hubs: "weakref.WeakKeyDictionary[PoolGroup, ListenHub]" = weakref.WeakKeyDictionary()
+# Every pool's hub, each held by its PoolGroup (``listen_hub``): a hub goes with its pool.
+_hubs: "weakref.WeakSet[ListenHub]" = weakref.WeakSet()
 
 
 # (host, port, backend PID) of a pooled server connection -> the process ID pypool gave the client
@@ -218,7 +181,7 @@ def note_sender(server: ServerConnection, process_id: int) -> None:
     connection's next check-in waits for every such listener (``_settle``).
     """
     host, port = server.address.host, server.address.port
-    if not any(hub.hears(host, port) for hub in list(_hubs.values())):
+    if not any(hub.hears(host, port) for hub in list(_hubs)):
         return
     _senders[(host, port, server.backend_pid)] = process_id
     server.settle = _settle
@@ -243,7 +206,7 @@ async def _settle_then(server: ServerConnection, checkin: Callable[[], None]) ->
     host, port = server.address.host, server.address.port
     try:
         # Never cancelled, not even past SETTLE_WAIT: a listener's conversation must not stop half-way.
-        barriers = [asyncio.ensure_future(hub.barrier()) for hub in list(_hubs.values()) if hub.hears(host, port)]
+        barriers = [asyncio.ensure_future(hub.barrier()) for hub in list(_hubs) if hub.hears(host, port)]
         for barrier in barriers:
             barrier.add_done_callback(lambda done: _report_barrier(server, done))
         if barriers:
@@ -254,7 +217,8 @@ async def _settle_then(server: ServerConnection, checkin: Callable[[], None]) ->
 
 
 def hub_for(group: "PoolGroup") -> ListenHub:
-    hub = _hubs.get(group)
+    hub = group.listen_hub
     if hub is None:
-        hub = _hubs[group] = ListenHub(group)
+        hub = group.listen_hub = ListenHub(group)
+        _hubs.add(hub)
     return hub

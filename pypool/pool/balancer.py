@@ -5,13 +5,20 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pypool.pool.pool import ServerPool
+from typing import Protocol, TypeVar
 
 MODES = ("random", "loc", "round_robin")
 _random = random.random  # one C call per pick; random.choice costs three Python frames
+
+
+class Candidate(Protocol):
+    """A server pool as the balancer sees it (pypool.pool.pool.ServerPool)."""
+
+    @property
+    def active(self) -> int: ...  # connections handed out
+
+
+C = TypeVar("C", bound=Candidate)
 
 
 class Balancer:
@@ -21,7 +28,7 @@ class Balancer:
         self.mode = mode
         self._counter = itertools.count()
 
-    def pick(self, candidates: Sequence["ServerPool"]) -> "ServerPool":
+    def pick(self, candidates: Sequence[C]) -> C:
         if len(candidates) == 1:
             return candidates[0]
         if self.mode == "loc":

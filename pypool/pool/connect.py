@@ -22,20 +22,19 @@ log = logging.getLogger("pypool.server")
 
 async def open_connection(address: "ServerAddress", credentials: Credentials,
                           startup_params: dict[str, str], timeout: float,
-                          tls: ssl.SSLContext | None = None,
-                          factory: type[ServerConnection] = ServerConnection) -> ServerConnection:
+                          tls: ssl.SSLContext | None = None) -> ServerConnection:
     """Connect (over TLS when ``tls`` is given) and log in within ``timeout`` seconds, or raise ServerError."""
     loop = asyncio.get_running_loop()
     label = f"{address.host}:{address.port}"
 
     async def _connect() -> ServerConnection:
         if tls is None:
-            _, conn = await loop.create_connection(lambda: factory(address, credentials),
+            _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials),
                                                    address.host, address.port)
         else:
             sock = await connect_tls(address.host, address.port, tls)
             try:
-                _, conn = await loop.create_connection(lambda: factory(address, credentials), sock=sock,
+                _, conn = await loop.create_connection(lambda: ServerConnection(address, credentials), sock=sock,
                                                        ssl=tls, server_hostname=address.host)
             except BaseException:
                 sock.close()

@@ -8,7 +8,7 @@ message passes through, is pypool/pool/server.py and has no coroutine.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
 
 from pypool import sqlstates
 from pypool.errors import PoolerError
@@ -38,6 +38,7 @@ class Conversation:
     requests: Any  # session.tracker.RequestTracker
     backend_pid: int
     backend_secret: int
+    on_notification: Callable[[bytes], None] | None
 
     @property
     def label(self) -> str:
@@ -49,10 +50,16 @@ class Conversation:
     def _note_parameter(self, payload: bytes) -> None:
         raise NotImplementedError
 
+    def _drain_idle_messages(self) -> None:
+        raise NotImplementedError
+
     async def _read_message(self) -> tuple[int, bytes]:
         while True:
             msg = self._buffer.next_message()
             if msg is not None:
+                if msg[0] == m.NOTIFICATION_RESPONSE and self.on_notification is not None:
+                    self.on_notification(msg[1])  # a listener connection's, between its replies
+                    continue
                 return msg
             if self.closed:
                 raise ServerError(f"server {self.label} closed the connection unexpectedly")
@@ -130,6 +137,10 @@ class Conversation:
             elif tag == m.READY_FOR_QUERY:
                 self.requests.status = payload[0]
                 self.reply_owed = False
+                if self.on_notification is not None:
+                    # A listener's notification read together with the ReadyForQuery is still buffered,
+                    # and no later read would hand it out (idle: data_received drains only new bytes).
+                    self._drain_idle_messages()
                 if error is not None:
                     raise ServerError(f"server {self.label}: {error.get('M')}", error)
                 return rows

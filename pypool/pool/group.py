@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pypool import sqlstates
 from pypool.causal.lsn import Position
@@ -83,6 +83,16 @@ WAITERS = (CallbackWaiter, CheckoutTask)  # what ``checkout_now`` returns when t
 CheckoutWaiter = CallbackWaiter | CheckoutTask
 
 
+def latest_group(group: "PoolGroup") -> "PoolGroup":
+    """The group that config reloads rebuilt ``group`` into (``successor``, followed); ``group`` if none."""
+    # One read of ``successor`` per step: the compiled build (setup.py) would take a narrowed second
+    # read (``while g.successor is not None: g = g.successor``) for a PoolGroup even after ``g`` changed.
+    successor = group.successor
+    while successor is not None:
+        group, successor = successor, successor.successor
+    return group
+
+
 def _override(user_value: int | None, pool_value: int) -> int:
     return pool_value if user_value is None else user_value
 
@@ -90,8 +100,7 @@ def _override(user_value: int | None, pool_value: int) -> int:
 class PoolGroup:
     def __init__(self, pool: "Pool", user: "User", general: "General", shard: int = 0,
                  commits: CommitLog | None = None) -> None:
-        """``commits``: the commit log of this pool's shard when its causal_reads is "global"
-        (``CommitLogs.for_shard``)."""
+        """``commits``: the commit log of this pool's shard when its causal_reads is "global" (CommitLogs.for_shard)."""
         self.config = pool
         self.user = user
         self.general = general
@@ -155,6 +164,7 @@ class PoolGroup:
         cap = pool.max_pinned_connections
         self.max_pinned = max(1, size // 2) if cap is None else min(cap, size)
         self._split_brain_logged = False
+        self.listen_hub: Any = None  # listen.hub_for's ListenHub, held here: compiled groups take no weakref
         self._candidates: dict[str, list[ServerPool]] = {}
         self.refresh_candidates()
 

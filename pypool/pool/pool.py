@@ -14,14 +14,13 @@ import collections
 import logging
 import ssl
 import time
-import weakref
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from pypool import sqlstates
-from pypool.errors import FixedCodeError
 from pypool.pool.connect import open_connection
+from pypool.pool.errors import HealthCheckFailed, PoolClosing, PoolRetired, PoolTimeout  # imported from here too
 from pypool.pool.server import IDLE, TESTED, Credentials, ServerConnection, ServerError
 
 if TYPE_CHECKING:
@@ -47,12 +46,6 @@ class PoolSettings:
     healthcheck_timeout: float = 1.0
     tls: ssl.SSLContext | None = None  # server_tls: encrypt connections to PostgreSQL
     statement_timeout: int = 0  # ms, the user's statement_timeout: a session default on every connection
-
-
-class PoolTimeout(FixedCodeError):
-    """No connection became free within checkout_timeout."""
-
-    sqlstate = sqlstates.TOO_MANY_CONNECTIONS
 
 
 class CallbackWaiter:
@@ -113,24 +106,6 @@ class CallbackWaiter:
         pool.stats.checkout_timeouts += 1
         pool.stats.checkout_wait_time += time.monotonic() - self.started
         self._loop.call_soon(self.on_error, pool.timeout_error())
-
-
-class PoolRetired(Exception):
-    """A config reload replaced this pool while a client waited in it: ask the new one.
-
-    Not a PoolerError: the client follows the reload and no one sees this error.
-    """
-
-
-class PoolClosing(ServerError):
-    """The shutdown drain closed this pool: it starts no transaction (57P01), only serves held BEGINs."""
-
-    def __init__(self, label: str) -> None:
-        super().__init__(f"pool for {label} is shutting down", {"C": sqlstates.ADMIN_SHUTDOWN})
-
-
-class HealthCheckFailed(ServerError):
-    """An idle connection failed its pre-checkout health check; it was closed."""
 
 
 # Fixed histogram bounds (seconds) for transaction time and checkout wait; the
@@ -221,7 +196,7 @@ class ServerPool:
         self.ban_duration = 0.0  # seconds
         self.paused = False  # admin PAUSE: no checkout until RESUME (connections in use carry on)
         self._resumed = asyncio.Event()
-        self.connections: weakref.WeakSet[ServerConnection] = weakref.WeakSet()  # open ones: SHOW SERVERS
+        self.connections: set[ServerConnection] = set()  # open ones (SHOW SERVERS); each leaves as it ends
         self._maintenance: asyncio.Task[None] | None = None
         self._connecting: set[asyncio.Task[None]] = set()
         self._stopping: list[asyncio.Task[None]] = []  # cancelled by ``close``
@@ -422,6 +397,7 @@ class ServerPool:
         conn.state = TESTED  # logged in, not yet idle or a client's
         conn.on_lost = self._on_lost
         conn.stats = self.stats
+        conn.listed_in = self.connections
         self.connections.add(conn)
         if self.settings.server_lifetime:
             conn.expires_at = conn.created_at + self.settings.server_lifetime

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Generic, Protocol, TypeVar
 
 from pypool import keepalive
 from pypool.pool.conversation import Conversation, ServerError  # ServerError: most modules import it from here
@@ -66,20 +66,36 @@ class ClientIO(Protocol):
     def resume_reading(self) -> None: ...
 
 
-class RelayTarget(Protocol):
-    """What a ServerConnection needs from the client it relays to (pypool.session.session.ClientSession)."""
+IO = TypeVar("IO", bound=ClientIO)
 
-    io: ClientIO  # ``io.write`` is read once per relayed chunk: the adapter binds it to its transport's
+
+class RelayTarget(Generic[IO]):
+    """What a ServerConnection relays to: a client's session (pypool.session.session.ClientSession), or a
+    stand-in that keeps the reply (pypool/session/shards.py).
+
+    A base class rather than a Protocol: in the compiled build (setup.py) the relay's calls into the
+    session are then direct calls and its attribute reads plain field reads, not Python lookups.
+    """
+
+    __slots__ = ("io", "hold_ready")
+
+    io: IO  # ``io.write`` is read once per relayed chunk: the adapter binds it to its transport's
     # The final ReadyForQuery ('I') of the transaction is not relayed but kept (``hold_ready_for_query``):
     # the client sends it after its follow-up (its own notifications delivered, the catalog check of
     # pypool/session/pinning.py, startup settings restored after a RESET).
     hold_ready: bool
 
-    def hold_ready_for_query(self, data: bytes, end: int) -> int: ...
+    def hold_ready_for_query(self, data: bytes, end: int) -> int:
+        raise NotImplementedError
 
-    def server_request_done(self, server: "ServerConnection") -> None: ...
-    def write_committed(self, server: "ServerConnection") -> None: ...
-    def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None: ...
+    def server_request_done(self, server: "ServerConnection") -> None:
+        raise NotImplementedError
+
+    def write_committed(self, server: "ServerConnection") -> None:
+        raise NotImplementedError
+
+    def server_lost(self, server: "ServerConnection", exc: Exception | None) -> None:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +113,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
                  "expires_at", "reading", "client", "requests", "replied", "_walker", "statements",
                  "reported_change", "track_commit", "settle", "reply_owed", "pool", "on_lost", "stats",
                  "query_count", "xact_count", "bytes_received", "bytes_sent", "xact_start", "query_start", "_folded",
-                 "__weakref__")  # __weakref__: ServerPool.connections is a WeakSet
+                 "listed_in", "on_notification")
 
     def __init__(self, address: "ServerAddress", credentials: Credentials) -> None:
         self.address = address
@@ -120,7 +136,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
         self.expires_at = float("inf")  # server_lifetime, set by the owning pool
         self.reading = ReadingPause()  # paused while the client reads slower than this server sends
         # Relay-mode state
-        self.client: RelayTarget | None = None
+        self.client: RelayTarget[ClientIO] | None = None
         self.requests = RequestTracker()  # what the attached client asked and is owed; the status byte
         self.replied = False  # any byte relayed to the client since attach
         self._walker = FrameWalker(1 << 31)  # the server's replies, while relaying
@@ -129,6 +145,9 @@ class ServerConnection(Conversation, asyncio.Protocol):
         self.reported_change = False  # a ParameterStatus was relayed to the attached client
         self.track_commit = False  # causal reads: tell the client (write_committed) before it sees the commit
         self.settle: "Settle | None" = None  # to run before it serves anyone else, then check it in (listen.py)
+        # A LISTEN hub's connection (pypool/listen.py) hands its NotificationResponse payloads here. A hook,
+        # not a subclass: in the compiled build (setup.py) a Python subclass of this class cannot be made.
+        self.on_notification: Callable[[bytes], None] | None = None
         # A query() whose ReadyForQuery has not been read (its caller was cancelled): the
         # connection's next reply is not for whoever uses it next.
         self.reply_owed = False
@@ -136,6 +155,9 @@ class ServerConnection(Conversation, asyncio.Protocol):
         self.on_lost: Any = None  # callback(ServerConnection) set by the owning pool
         # Statistics: plain ints read by SHOW and metrics, added to the pool's PoolStats once at the end (_fold).
         self.stats: Any = None  # PoolStats
+        # The owning pool's set of open connections (SHOW SERVERS), left in _fold. A set, not a WeakSet: the
+        # compiled build (setup.py) cannot be weakly referenced safely (mypyc drops its weakref slot as an object).
+        self.listed_in: set[ServerConnection] | None = None
         self.query_count = 0  # requests answered (ReadyForQuery)
         self.xact_count = 0  # transactions ended (ReadyForQuery 'I')
         self.bytes_received = 0
@@ -197,7 +219,7 @@ class ServerConnection(Conversation, asyncio.Protocol):
 
     # ---------------------------------------------------------------- relaying
 
-    def attach(self, client: RelayTarget) -> None:
+    def attach(self, client: RelayTarget[Any]) -> None:
         self.client = client
         self.state = ACTIVE
         # The client's first request starts with the attach: one clock read times both.
@@ -356,6 +378,9 @@ class ServerConnection(Conversation, asyncio.Protocol):
         if self._folded:
             return
         self._folded = True
+        if self.listed_in is not None:
+            self.listed_in.discard(self)
+            self.listed_in = None
         stats = self.stats
         if stats is not None:
             stats.query_count += self.query_count
@@ -383,6 +408,8 @@ class ServerConnection(Conversation, asyncio.Protocol):
                 tag, payload = msg
                 if tag == _S:
                     self._note_parameter(payload)
+                elif tag == m.NOTIFICATION_RESPONSE and self.on_notification is not None:
+                    self.on_notification(payload)
                 elif tag == m.ERROR_RESPONSE:
                     fields = m.parse_error_fields(payload)
                     log.warning("idle server %s reported %s: %s", self.label, fields.get("C"), fields.get("M"))

@@ -18,8 +18,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from pypool import sqlstates
-from pypool.errors import FATAL, FixedCodeError
+from pypool.errors import ProtocolViolation  # imported from here by most modules
 
 HEADER_SIZE = 5  # tag + int32 length
 # A message's length field at an offset, read in place: int.from_bytes needs a slice first, and the
@@ -34,13 +33,6 @@ CANCEL_REQUEST_CODE = 80877102
 # A startup packet larger than this is garbage, not a client (PostgreSQL uses 10000).
 MAX_STARTUP_PACKET = 10_000
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
-
-
-class ProtocolViolation(FixedCodeError):
-    """The peer sent bytes that cannot be a valid message. The text is safe to send to it."""
-
-    sqlstate = sqlstates.PROTOCOL_VIOLATION
-    severity = FATAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,13 +38,17 @@ from pypool.errors import FixedCodeError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import MessageBuffer
 
-__all__ = ["FanoutError", "FanoutPlan", "OrderKey", "merge", "FanoutCollector"]
+__all__ = ["FanoutError", "FanoutPlan", "FanoutRefused", "OrderKey", "merge", "FanoutCollector"]
 
 
 class FanoutError(FixedCodeError):
     """A read that cannot run on every shard and be merged exactly."""
 
     sqlstate = sqlstates.FEATURE_NOT_SUPPORTED
+
+
+class FanoutRefused(Exception):
+    """This request cannot run on every shard as sent; the text says why (pypool/session/shards.py)."""
 
 
 @dataclass(frozen=True, slots=True)

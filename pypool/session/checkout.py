@@ -12,7 +12,7 @@ waits in WAITING_FOR_REPLICA, in the checkout coroutine, for the group to say
 where it runs. A read with nothing to wait for costs one ``must_wait`` call.
 A transaction that may write on the primary is marked on its connection
 (``track_commit``) so that its end is noticed (``write_committed``).
-Mixed into ClientSession (pypool/session/session.py).
+Part of ClientSession's chain (pypool/session/base.py), after SessionPinning.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import time
 from pypool.causal.decide import Fail, UsePrimary
 from pypool.causal.requirement import GLOBAL, OFF, ClientCausal
 from pypool.errors import PoolerError
-from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup
+from pypool.pool.group import WAITERS, CheckoutAgain, CheckoutWaiter, PoolGroup, latest_group
 from pypool.pool.pool import PoolClosing, PoolRetired, ServerPool
 from pypool.pool.server import ServerConnection, ServerError
 from pypool import sqlstates
 from pypool.roles import ANY, PRIMARY, REPLICA
 from pypool.session import states
+from pypool.session.pinning import SessionPinning
 
 log = logging.getLogger("pypool.client")
 
@@ -41,7 +42,9 @@ def sqlstate_of(exc: Exception) -> str:
     return getattr(exc, "sqlstate", sqlstates.CONNECTION_FAILURE)
 
 
-class SessionCheckout:
+class SessionCheckout(SessionPinning):
+    __slots__ = ()
+
     def _begin_request(self, role: str) -> None:
         """Check out a connection for ``role`` for the request in ``_pending``: attach it, or wait.
 
@@ -218,7 +221,7 @@ class SessionCheckout:
                     self.set_state(states.WAITING)
                 server = await self._checkout_current(role, preferred)
                 self.set_state(states.SYNCING)
-            await self._sync_parameters(server)
+            await self.sync_parameters(server)
             if self._held_begin is not None:
                 await server.query(self._held_begin)
         except PoolerError as exc:  # PoolTimeout, ServerError, a causal read that timed out
@@ -252,13 +255,12 @@ class SessionCheckout:
         assert group is not None
         while True:
             if group.successor is not None:
-                while group.successor is not None:
-                    group = group.successor
-                self.group = group
-                self._router = self.app.routers.get(self.database, self._router)
+                self.group = group = latest_group(group)
+                router = self._router = self.app.routers.get(self.database, self._router)
                 self._session_mode = group.pool_mode == "session"
                 # A reload may have changed the pool's shards.
-                self.shard_groups = self.app.shard_groups(self.database, self.user) if self._router.sharded else ()
+                sharded = router is not None and router.sharded
+                self.shard_groups = self.app.shard_groups(self.database, self.user) if sharded else ()
                 self._join_causal(group)
                 preferred = None
             try:

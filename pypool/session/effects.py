@@ -4,7 +4,7 @@ Named prepared statements are renamed per server connection
 (pypool/session/prepared.py), SET/RESET/DISCARD and LISTEN are noted
 (pypool/session/session_state.py), the client's settings are synced onto each
 server connection it gets and read back after a transaction that changed them.
-Mixed into ClientSession (pypool/session/session.py) beside the relay (relay.py).
+The first of ClientSession's chain (pypool/session/base.py), on SessionBase.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pypool.causal.requirement import COMMIT_POSITION_QUERY
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.session import session_state as session
+from pypool.session.base import SessionBase
 from pypool.session.prepared import Rewriter, ServerStatements, names_statement
 from pypool.session import states
 
@@ -59,14 +60,13 @@ def needs_care(tag: int, data: bytes, start: int, end: int) -> bool:
     return names_statement(tag, data, start, end)
 
 
-class SessionEffects:
-    _needs_care = staticmethod(needs_care)
+def may_notify(tag: int, data: bytes, start: int, end: int) -> bool:
+    """A listening client's message that ``needs_care`` let through: might it NOTIFY (a look too)?"""
+    return (tag == _Q or tag == _P) and _NOTIFY.search(data, start, end) is not None
 
-    def _needs_care_listening(self, tag: int, data: bytes, start: int, end: int) -> bool:
-        """``_needs_care`` once the client listens: its NOTIFY statements need a look too."""
-        if needs_care(tag, data, start, end):
-            return True
-        return (tag == _Q or tag == _P) and _NOTIFY.search(data, start, end) is not None
+
+class SessionEffects(SessionBase):
+    __slots__ = ()
 
     def _forward_with_care(self, server: ServerConnection, data: bytes, pos: int, end: int) -> bool:
         """Send one whole Query/Parse/Bind/Describe/Close at ``data[pos:end]``, rewritten as needed.
@@ -229,7 +229,6 @@ class SessionEffects:
     async def _listen_then_resume(self, effects: session.Effects, resume: states.ClientState) -> None:
         """Make the pool's listener LISTEN before the client's LISTEN is answered, then go on."""
         hub = self._hub = listen.hub_for(self.group)  # type: ignore[arg-type]
-        self._needs_care = self._needs_care_listening  # type: ignore[method-assign]
         try:
             for op, channel in effects.listen:
                 if op == "LISTEN":
@@ -306,8 +305,9 @@ class SessionEffects:
         if self.statements is not None:
             self.statements.search_path = self._desired_settings.get("search_path", "")
 
-    async def _sync_parameters(self, server: ServerConnection) -> None:
-        """Make the server session carry this client's settings (and no other client's)."""
+    async def sync_parameters(self, server: ServerConnection) -> None:
+        """Make the server session carry this client's settings (and no other client's); the login too
+        (to learn how they are reported)."""
         statement = session.sync_statement(self._desired_settings, server.applied_parameters)
         if statement is not None:
             try:

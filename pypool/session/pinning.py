@@ -14,7 +14,7 @@ CLOSE, DEALLOCATE, the advisory unlock functions) make pypool ask again
 after their transaction. The transaction's final ReadyForQuery waits for the
 answer (``hold_ready``; the relay keeps it, ``_release_ready`` sends it), so the client's next statement already meets its
 new state. Clients that never pin pay two attribute tests per transaction.
-Mixed into ClientSession (pypool/session/session.py).
+Part of ClientSession's chain (pypool/session/base.py), after SessionEffects.
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from pypool import sqlstates
 from pypool.pool.server import ServerConnection, ServerError
 from pypool.session import session_state as session
 from pypool.session import states
+from pypool.session.effects import SessionEffects
 
 log = logging.getLogger("pypool.client")
 
 
-class SessionPinning:
+class SessionPinning(SessionEffects):
+    __slots__ = ()
+
     def _pinning_refusal(self, effects: session.Effects) -> str | None:
         """A statement may create or release state on its server connection: note it.
 

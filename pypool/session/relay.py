@@ -5,7 +5,8 @@ The hot path is a straight line: bytes in -> one frame walk (FrameWalker)
 reply -> one frame walk for ReadyForQuery -> ``server_request_done`` ->
 check-in. With no server attached the client's bytes wait in ``_pending``
 until the first message is whole and routed. What goes to the client goes
-through ``self.io`` (SessionIO). Mixed into ClientSession (pypool/session/session.py).
+through ``self.io`` (SessionIO). The last of ClientSession's chain (pypool/session/base.py), after
+SessionShards.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pypool.protocol import messages as m
 from pypool.protocol.frames import (ALL_TAGS, HEADER_SIZE, NO_TAGS, ProtocolViolation, first_message, length_at,
                                      tag_table)
 from pypool.session import states
+from pypool.session.effects import may_notify, needs_care
+from pypool.session.shards import SessionShards
 
 if TYPE_CHECKING:
     from pypool.routing.router import Decision
@@ -45,7 +48,9 @@ _CAREFUL_TAGS = tag_table((m.QUERY, m.PARSE, m.BIND, m.DESCRIBE, m.CLOSE))
 _IDLE = ord("I")
 
 
-class SessionRelay:
+class SessionRelay(SessionShards):
+    __slots__ = ()
+
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         """Relay client bytes to ``server``, telling its request tracker about each message."""
         n = len(data)
@@ -78,7 +83,8 @@ class SessionRelay:
                 if end < 0:
                     break
                 tag = data[pos]
-                if careful[tag] and self._needs_care(tag, data, pos + 5, end):
+                if careful[tag] and (needs_care(tag, data, pos + 5, end)
+                                     or self._hub is not None and may_notify(tag, data, pos + 5, end)):
                     if pos > start:
                         write(data[start:pos])
                     if parsed >= 0:
@@ -257,10 +263,6 @@ class SessionRelay:
         if server is None:
             return self._held_begin is not None or self.state is states.FANNED_OUT
         return server.requests.in_transaction
-
-    @property
-    def held_begin(self) -> str | None:
-        return self._held_begin
 
     def _ready_bytes(self) -> bytes:
         return m.ready_for_query(b"T" if self._held_begin is not None else b"I")

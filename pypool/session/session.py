@@ -3,9 +3,10 @@
 ``ClientSession`` is a client as the pooler knows it: its state (one
 ClientState, changed only in ``set_state``), identity, routing, named
 statements, settings, pin, causal-read state and SHOW CLIENTS statistics. Its
-behaviour is composed from one module per concern: the relay
-(pypool/session/relay.py), checkouts (checkout.py), what statements do to the
-session (effects.py), sharded pools (shards.py) and pinning (pinning.py).
+behaviour is built from one module per concern, a chain of subclasses over the
+declared attributes of pypool/session/base.py: what statements do to the
+session (effects.py), pinning (pinning.py), checkouts (checkout.py), sharded
+pools (shards.py) and the relay (relay.py).
 Everyone that holds a client (the client registry, SHOW CLIENTS, the
 idle-in-transaction reaper, shutdown, the LISTEN hub, the server connection it
 is attached to) holds its ClientSession.
@@ -20,174 +21,37 @@ objects, started with ``SessionIO.spawn``.
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING, Any, Coroutine, Protocol, Sequence
+from typing import TYPE_CHECKING
 
-from pypool import limits, listen, sqlstates
-from pypool.causal.pool_causal import CommitTicket
-from pypool.causal.requirement import ClientCausal
+from pypool import sqlstates
 from pypool.pool.server import ServerError
 from pypool.protocol import messages as m
-from pypool.protocol.frames import FrameWalker
-from pypool.routing.router import Router, RoutingState
 from pypool.session import states
-from pypool.session.checkout import SessionCheckout
-from pypool.session.effects import SessionEffects
-from pypool.session.pinning import SessionPinning
+from pypool.session.base import SessionHost, SessionIO, Spawned
 from pypool.session.prepared import ClientStatements
 from pypool.session.relay import SessionRelay
-from pypool.session.shards import SessionShards
-from pypool.session.states import ClientState, IllegalTransition
 
 if TYPE_CHECKING:
-    from pypool.pool.group import CheckoutTask, PoolGroup
-    from pypool.pool.pool import CallbackWaiter
+    from pypool.pool.group import PoolGroup
     from pypool.pool.server import ServerConnection
-    from pypool.routing.router import Decision
 
 __all__ = ["ClientSession", "SessionIO", "SessionHost", "Spawned"]
 
 log = logging.getLogger("pypool.client")
 
 
-class Spawned(Protocol):
-    """A coroutine started by ``SessionIO.spawn`` (an asyncio.Task)."""
+class ClientSession(SessionRelay):
+    """A logged-in (or logging-in) client as the pooler knows it; its attributes: pypool/session/base.py."""
 
-    def cancel(self) -> Any: ...
+    __slots__ = ()
 
-
-class SessionIO(Protocol):
-    """Everything a session does to the outside world; the asyncio adapter implements it.
-
-    ``write`` is read on every relayed reply (``ServerConnection._relay`` calls
-    ``client.io.write``): the adapter binds it to its transport's ``write``,
-    so no call layer is added.
-    """
-
-    def write(self, data: bytes) -> None:
-        """Send ``data`` to the client."""
-
-    def is_closing(self) -> bool:
-        """The client's connection is closing or closed: nothing more reaches it."""
-
-    def disconnect(self) -> None:
-        """Close the connection to the client (the session has let go of everything else)."""
-
-    def spawn(self, work: Coroutine[Any, Any, None]) -> Spawned:
-        """Run ``work`` in the background, kept referenced until it ends; ``cancel()`` stops it."""
-
-    def pause_reading(self) -> None:
-        """Stop reading the client: the server it sends to cannot take more (flow control)."""
-
-    def resume_reading(self) -> None:
-        """Read the client again."""
-
-
-class SessionHost(Protocol):
-    """What a session needs of the pooler it belongs to (pypool.app.Application)."""
-
-    config: Any
-    user_clients: limits.UserConnectionCounts
-    routers: dict[str, Router]
-
-    def client_disconnected(self, client: "ClientSession") -> None: ...
-    def route(self, client: "ClientSession", tag: int, payload: bytes,
-              params: Sequence[tuple[int, bytes | None]] | None = None) -> "Decision": ...
-    def shard_groups(self, database: str, user: str) -> tuple["PoolGroup", ...]: ...
-
-
-class ClientSession(SessionRelay, SessionCheckout, SessionEffects, SessionShards, SessionPinning):
-    # Slots for what __init__ sets: past 30 attributes an instance dict stops sharing its keys and is
-    # rebuilt as it grows (a third of a login's object set-up) and takes 1.5 KiB per client. The
-    # mixins have no __slots__, so a __dict__ remains for what they set (``_needs_care``).
-    __slots__ = (
-        "app", "io", "state", "peer", "counted_as", "user", "database", "group", "shard_groups", "_unnamed_parse",
-        "session_parameters", "process_id", "secret_key", "server", "_pending", "_checkout_task", "_queued",
-        "_queued_role", "_queued_ready", "_queued_failed", "_max_message", "_walker", "_discarding", "routing",
-        "_router", "_session_mode", "_parameters_key", "_held_begin", "_replay", "_causal_writes", "causal",
-        "_causal_by_shard", "_commit_ticket", "_asynchronous_commit", "statements", "_startup_settings",
-        "_desired_settings", "_settings_dirty", "_schema_changing", "_hub", "_listen_error", "_notifications",
-        "pin_reason", "hold_ready", "_held_ready", "own_notify_pid", "admin", "connected_at", "xact_count",
-        "query_count", "error_count", "wait_started", "max_wait",
-    )
-
-    def __init__(self, app: SessionHost, io: SessionIO, peer: str = "?") -> None:
-        self.app = app
-        self.io = io
-        self.state = states.STARTUP  # changed only by ``set_state``
-        self.peer = peer
-        self.counted_as: tuple[str, str] | None = None  # key in app.user_clients while logged in
-        self.user = ""
-        self.database = ""
-        self.group: PoolGroup | None = None  # of the shard the current request runs on
-        self.shard_groups: tuple[PoolGroup, ...] = ()  # a sharded pool's groups, by shard; () if unsharded
-        self._unnamed_parse: bytes | None = None  # sharded: the unnamed statement last described aside
-        self.session_parameters: dict[str, str] = {}
-        self.process_id = 0
-        self.secret_key = 0
-        self.server: ServerConnection | None = None
-        self._pending = bytearray()  # bytes received while no server is attached
-        self._checkout_task: Spawned | None = None
-        self._queued: CallbackWaiter | CheckoutTask | None = None  # waiting for ``_begin_request``'s checkout
-        self._queued_role = ""  # ... for this role
-        self._queued_ready = self._on_queued_ready  # bound once: passed on every checkout
+    def __init__(self, app: SessionHost["ClientSession"], io: SessionIO, peer: str = "?") -> None:
+        super().__init__(app, io, peer)
+        self._queued_ready = self._on_queued_ready
         self._queued_failed = self._on_queued_failed
-        self._max_message = app.config.general.max_message_size
-        self._walker = FrameWalker(self._max_message)  # the client's messages, relayed
-        self._discarding = False  # after an error we answered, drop messages until Sync
-        self.routing = RoutingState()
-        self._router: Router | None = None
-        self._session_mode = False
-        self._parameters_key: tuple[tuple[str, str], ...] = ()
-        self._held_begin: str | None = None  # a BEGIN answered locally, replayed on the server
-        self._replay: tuple[bytes, str, str | None] | None = None
-        # Causal reads (pypool.causal): whether its writes are tracked, what its reads on the current
-        # shard must see (None: nothing yet, or off), the same by shard (each shard's primary has its own
-        # WAL), the ticket of a write whose commit position is learnt once it is released.
-        self._causal_writes = False
-        self.causal: ClientCausal | None = None
-        self._causal_by_shard: dict[int, ClientCausal] = {}
-        self._commit_ticket: CommitTicket | None = None
-        self._asynchronous_commit = False  # its transaction ran SET LOCAL synchronous_commit = off
-        # Transaction mode: named statements (None in session mode), a message that needs
-        # rewriting and is not complete yet, session settings (see _set_settings), LISTEN.
-        self.statements: ClientStatements | None = None
-        self._startup_settings: dict[str, str] = {}
-        self._desired_settings: dict[str, str] = {}
-        self._settings_dirty = False
-        self._schema_changing = False  # DDL sent in the current transaction (see SessionEffects)
-        self._hub: listen.ListenHub | None = None
-        self._listen_error: str | None = None
-        self._notifications: list[bytes] = []
-        # Why this client holds (or, in its current transaction, reserved) one of its pool's
-        # pinnable server connections (pypool/session/pinning.py); None: it shares them all.
-        self.pin_reason: str | None = None
-        # The final ReadyForQuery of its transaction waits for pypool's follow-up (its own
-        # notifications delivered, the catalog check, the startup values set again):
-        # ServerConnection._relay keeps it in ``_held_ready``, ``_release_ready`` sends it.
-        self.hold_ready = False
-        self._held_ready: bytes | None = None
-        # A transaction of this listening client ran NOTIFY on this backend PID (it holds its
-        # ReadyForQuery until the listener has handed those notifications out).
-        self.own_notify_pid = 0
-        self.admin: Any = None  # the admin console (its ``busy``), when logged in to the admin database
-        # Statistics for SHOW CLIENTS (plain ints, read at scrape time).
-        self.connected_at = time.monotonic()
-        self.xact_count = 0
-        self.query_count = 0
-        self.error_count = 0
-        self.wait_started = 0.0  # monotonic start of the current checkout wait, 0 = not waiting
-        self.max_wait = 0.0  # seconds
 
     def __repr__(self) -> str:
         return f"<Client {self.user}@{self.database} from {self.peer}>"
-
-    def set_state(self, new: ClientState) -> None:
-        """The one place a client changes state; the transitions are listed in pypool/session/states.py."""
-        state = self.state
-        if new not in state.may_become and new is not state:
-            raise IllegalTransition(f"client {self.peer}: {state.name} -> {new.name}")
-        self.state = new
 
     # ------------------------------------------------------------------ input
 
@@ -233,8 +97,6 @@ class ClientSession(SessionRelay, SessionCheckout, SessionEffects, SessionShards
     def desired_settings(self) -> dict[str, str]:
         """The settings each server connection running its requests must carry."""
         return self._desired_settings
-
-    sync_parameters = SessionEffects._sync_parameters  # the login applies them to learn how they are reported
 
     def logged_in(self, early: bytes) -> None:
         """The login is done: IDLE, and the requests the client sent before its greeting (``early``) start."""

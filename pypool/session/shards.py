@@ -13,7 +13,7 @@ runs on a server of every shard at once and the replies are merged
 (FanoutCollector). A Parse/Describe batch ending in Flush (asyncpg prepares
 this way, the key's value comes in a later Bind) is described by one shard,
 so that the Bind starts a request of its own, routed by its values.
-Mixed into ClientSession (pypool/session/session.py).
+Part of ClientSession's chain (pypool/session/base.py), after SessionCheckout.
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ from typing import TYPE_CHECKING, Any, Coroutine
 
 from pypool import sqlstates
 from pypool.causal.decide import Fail
+from pypool.pool.group import latest_group
 from pypool.pool.pool import PoolRetired, PoolTimeout
-from pypool.pool.server import ClientIO, ServerConnection, ServerError
+from pypool.pool.server import ClientIO, RelayTarget, ServerConnection, ServerError
 from pypool.protocol import messages as m
 from pypool.protocol.frames import ProtocolViolation
-from pypool.routing.fanout import FanoutCollector, FanoutPlan
+from pypool.routing.fanout import FanoutCollector, FanoutPlan, FanoutRefused  # the tests import FanoutRefused here
 from pypool.roles import PRIMARY, REPLICA
 from pypool.routing.shard_key import bind_parameters
 from pypool.session.prepared import server_name
 from pypool.session import states
+from pypool.session.checkout import SessionCheckout
 
 if TYPE_CHECKING:
     from pypool.pool.group import PoolGroup
@@ -52,10 +54,6 @@ _FANOUT_EXTENDED = frozenset((m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.SYNC))
 
 
 _NO_BIND = object()  # a batch that ends without a Bind
-
-
-class FanoutRefused(Exception):
-    """This request cannot run on every shard as sent; the text says why."""
 
 
 def _messages(data: bytes | bytearray, start: int = 0):
@@ -119,14 +117,14 @@ def _parse(plan: FanoutPlan, parameter_types: bytes) -> bytes:
     return m.message(m.PARSE, b"\x00" + m.cstr(plan.shard_sql) + parameter_types)
 
 
-class _Aside:
+class _Aside(RelayTarget["_Aside"]):
     """Stands in for the client on a server running a request pypool answers itself: keeps the reply."""
 
-    __slots__ = ("io", "client_io", "reply", "done")
-    hold_ready = False  # RelayTarget: the whole reply, ReadyForQuery included, is kept
+    __slots__ = ("client_io", "reply", "done")
 
     def __init__(self, client_io: ClientIO) -> None:
         self.io = self  # the server's relay writes its replies to ``write``
+        self.hold_ready = False  # the whole reply, ReadyForQuery included, is kept
         self.client_io = client_io  # a server that cannot take more pauses the client
         self.reply = bytearray()
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -176,7 +174,9 @@ def _binds_unnamed(payload: bytes) -> bool:
     return 0 <= portal_end < len(payload) - 1 and payload[portal_end + 1] == 0
 
 
-class SessionShards:
+class SessionShards(SessionCheckout):
+    __slots__ = ()
+
     def _route_sharded(self, tag: int, payload: bytes) -> "Decision | None":
         """The decision for the request at the head of ``_pending``; None: wait for its Bind.
 
@@ -215,8 +215,7 @@ class SessionShards:
     def _shard_group(self, shard: int) -> "PoolGroup":
         group = self.shard_groups[shard]
         if group.successor is not None:  # a config reload rebuilt the pool
-            while group.successor is not None:
-                group = group.successor
+            group = latest_group(group)
             self.shard_groups = self.shard_groups[:shard] + (group,) + self.shard_groups[shard + 1:]
         return group
 
@@ -252,7 +251,7 @@ class SessionShards:
         clean = False
         ticket = None
         try:
-            await self._sync_parameters(server)
+            await self.sync_parameters(server)
             aside = _Aside(self.io)
             server.attach(aside)  # type: ignore[arg-type]
             for tag, _, _ in _messages(request):

@@ -82,7 +82,8 @@ def test_only_the_admin_credentials_get_in(pypool):
         with admin(pypool, database) as conn:
             [row] = show(conn, "VERSION")
             # "<name> <version>" first, as PgCat and PgBouncer answer (tools parse it), then the runtime.
-            assert re.fullmatch(rf"pypool {re.escape(__version__)} \(Python {platform.python_version()}, "
+            assert re.fullmatch(rf"pypool {re.escape(__version__)} \((pure Python|compiled hot path), "
+                                rf"Python {platform.python_version()}, "
                                 r"sqlglot \d+\.\d+\.\d+( \+ sqlglotc)?, OpenSSL \d[^,)]*\)", row["version"]), row
     # asyncpg reports the SQLSTATE of a failed login (psycopg only its text).
     assert login_error(pypool, ADMIN_USER, "not-the-admin-password", "pgcat")[0] == "28P01"

@@ -127,6 +127,7 @@ def idle_server(sp: ServerPool) -> ServerConnection:
     conn.applied_key = ()
     sp.idle.append(conn)
     sp.size += 1
+    conn.listed_in = sp.connections
     sp.connections.add(conn)
     return conn
 

@@ -5,30 +5,32 @@ from __future__ import annotations
 
 import asyncio
 
-from pypool.listen import ListenerConnection
-from pypool.pool.server import Credentials
+from pypool.pool.server import Credentials, ServerConnection
 from pypool.protocol import messages as m
 from tests.unit._fakes import Recorder, primary_only_app
 
 
 class RecordingHub:
+    """What a LISTEN hub is handed (``ServerConnection.on_notification``): each NotificationResponse."""
+
     def __init__(self) -> None:
         self.delivered: list[tuple[str, bytes]] = []
 
-    def deliver(self, channel: str, message: bytes) -> None:
-        self.delivered.append((channel, message))
+    def notification(self, payload: bytes) -> None:
+        channel, _ = m.read_cstring(payload, 4)
+        self.delivered.append((channel, m.message(m.NOTIFICATION_RESPONSE, payload)))
 
 
 def notification(pid: int, channel: bytes, payload: bytes) -> bytes:
     return m.message(m.NOTIFICATION_RESPONSE, pid.to_bytes(4, "big") + channel + b"\0" + payload + b"\0")
 
 
-def listener_connection() -> tuple[ListenerConnection, RecordingHub]:
+def listener_connection() -> tuple[ServerConnection, RecordingHub]:
     group = primary_only_app().groups[("postgres", "postgres", 0)]
-    conn = ListenerConnection(group.primary.address, Credentials("postgres", "x", "postgres"))
+    conn = ServerConnection(group.primary.address, Credentials("postgres", "x", "postgres"))
     conn.transport = Recorder()
     hub = RecordingHub()
-    conn.hub = hub  # type: ignore[assignment]
+    conn.on_notification = hub.notification  # as ListenHub sets it on its listener connection
     return conn, hub
 
 

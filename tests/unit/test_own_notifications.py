@@ -58,7 +58,6 @@ def setup():
     listener = hub._conn = FakeListenerConnection(hub, group.primary.address)
     hub.channels["own"] = {client}
     client._hub = hub
-    client._needs_care = client._needs_care_listening
     return client, server, listener
 
 

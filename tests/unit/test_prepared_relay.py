@@ -106,27 +106,27 @@ def test_error_before_an_injected_parse_leaves_the_statement_unprepared():
 
 def test_malformed_parse_and_bind_at_the_end_of_a_read_take_the_careful_path():
     """Found by the live-listener fuzzer: an empty Parse as the last bytes of a read raised IndexError."""
-    from pypool.session.session import ClientSession
+    from pypool.session.effects import needs_care
 
     empty_parse = b"P\x00\x00\x00\x04"
-    assert ClientSession._needs_care(ord("P"), empty_parse, 5, 5) is True
+    assert needs_care(ord("P"), empty_parse, 5, 5) is True
     short_bind = b"B\x00\x00\x00\x05\x00"  # an unnamed portal and nothing after it
-    assert ClientSession._needs_care(ord("B"), short_bind, 5, 6) is True
+    assert needs_care(ord("B"), short_bind, 5, 6) is True
     plain_bind = b"B\x00\x00\x00\x0c\x00\x00" + b"\x00" * 6  # unnamed portal, unnamed statement
-    assert ClientSession._needs_care(ord("B"), plain_bind, 5, len(plain_bind)) is False
+    assert needs_care(ord("B"), plain_bind, 5, len(plain_bind)) is False
 
 
 def test_an_unnamed_parse_of_a_plain_select_stays_on_the_fast_path():
     """pgbench -M extended: a ';' or any byte in the parameter types must not look like a second statement."""
-    from pypool.session.session import ClientSession
+    from pypool.session.effects import needs_care
 
     text = b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
     payload = b"\x00" + text + b"\x00" + (1).to_bytes(2, "big") + (23).to_bytes(4, "big")
     parse = b"P" + (4 + len(payload)).to_bytes(4, "big") + payload
-    assert ClientSession._needs_care(ord("P"), parse, 5, len(parse)) is False
+    assert needs_care(ord("P"), parse, 5, len(parse)) is False
     setting = b"\x00SET search_path TO app\x00\x00\x00"
     parse_set = b"P" + (4 + len(setting)).to_bytes(4, "big") + setting
-    assert ClientSession._needs_care(ord("P"), parse_set, 5, len(parse_set)) is True
+    assert needs_care(ord("P"), parse_set, 5, len(parse_set)) is True
 
 
 @pytest.mark.parametrize("target, careful", [
@@ -135,10 +135,10 @@ def test_an_unnamed_parse_of_a_plain_select_stays_on_the_fast_path():
     (b"Sstmt1\x00", True), (b"S", True),  # a named statement; a body too short to tell
 ])
 def test_a_describe_needs_care_only_for_a_named_statement(target, careful):
-    from pypool.session.session import ClientSession
+    from pypool.session.effects import needs_care
 
     describe = b"D" + (4 + len(target)).to_bytes(4, "big") + target
-    assert ClientSession._needs_care(ord("D"), describe, 5, len(describe)) is careful
+    assert needs_care(ord("D"), describe, 5, len(describe)) is careful
     assert prepared.names_statement(ord("D"), describe, 5, len(describe)) is careful
 
 
