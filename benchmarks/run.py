@@ -350,9 +350,10 @@ def run_pgbench(target: Target, wl: Workload, duration: float, scratch: Path, ro
         row.lat_p50_us, row.lat_p99_us = percentile(lat, 50), percentile(lat, 99)
     counted = sum(1 for end in ends if end >= since) if steady else row.transactions
     if cpu0 is not None and cpu1 is not None:
-        row.pooler_cpu_s = round(cpu1.total - cpu0.total, 3)
+        spent = cpu1.total - cpu0.total
+        row.pooler_cpu_s = round(spent, 3)
         if counted:
-            row.cpu_us_per_tx = round((cpu1.total - cpu0.total) / counted * 1e6, 2)
+            row.cpu_us_per_tx = round(spent / counted * 1e6, 2)
             row.sys_us_per_tx = round((cpu1.system - cpu0.system) / counted * 1e6, 2)
     problems = []
     if rc != 0:
@@ -393,8 +394,9 @@ def run_rtt(target: Target, queries: int, row: Row) -> Row:
     row.lat_p50_us = round(percentile(samples, 50) / 1000, 1)
     row.lat_p99_us = round(percentile(samples, 99) / 1000, 1)
     if cpu0 is not None and cpu1 is not None:
-        row.pooler_cpu_s = round(cpu1.total - cpu0.total, 3)
-        row.cpu_us_per_tx = round((cpu1.total - cpu0.total) / (len(samples) + 200) * 1e6, 2)
+        spent = cpu1.total - cpu0.total
+        row.pooler_cpu_s = round(spent, 3)
+        row.cpu_us_per_tx = round(spent / (len(samples) + 200) * 1e6, 2)
     return row
 
 

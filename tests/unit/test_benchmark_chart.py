@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.report import Summary, chart, cpu_by_clients, goals_section, label_layout, read_csv
+from benchmarks.report import Summary, chart, cpu_by_clients, goals_section, label_layout, markdown, read_csv
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
@@ -67,3 +67,14 @@ def test_targets_list_the_floor_relay_at_full_speed_as_context():
     assert "| select-c16 (context): uvloop relay (floor) TPS / PgBouncer's | 0.90 x | – |" in lines
     assert "| select-c16 (context): uvloop relay (floor) CPU per transaction / PgBouncer's | 1.25 x | – |" in lines
     assert "| select-ext-c16 (context): uvloop relay (floor) TPS / PgBouncer's | – | – |" in lines
+
+
+def test_the_report_shows_the_system_share_and_reads_runs_without_it():
+    from benchmarks.run import WORKLOADS
+
+    rows = [{**_row("select-c16", "pypool", 16, 30.0), "sys_us_per_tx": "9.5"},
+            _row("select-c16", "pgbouncer", 16, 12.0)]  # recorded before the column existed: no such key
+    text = markdown(rows, {}, WORKLOADS, "x.csv")
+    assert "| pooler CPU µs/tx | of it system |" in text
+    assert "| 30.0 | 9.5 |" in text
+    assert "| 12.0 | – |" in text
